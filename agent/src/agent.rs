@@ -1,0 +1,174 @@
+//! The agent process: opens the store, binds the mirror and the metrics/health endpoints, serves until the
+//! shutdown future resolves, then shuts down in order: readiness off, stop accepting, drain in-flight responses
+//! under the grace timeout, stop downloads and background tasks, flush the index.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use http::{StatusCode, header};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::mirror::{self, MirrorState};
+use crate::resolver::{Resolver, ResolverConfig};
+use crate::store::{Store, StoreError};
+use crate::upstream::Upstream;
+
+/// Why the agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The store could not be opened.
+    #[error("opening the store in {path}: {source}")]
+    Store {
+        /// The data directory.
+        path: std::path::PathBuf,
+        /// The error.
+        source: StoreError,
+    },
+    /// A listener could not be bound.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error("building the upstream client: {0}")]
+    Client(#[from] reqwest::Error),
+    /// A server failed.
+    #[error("serving: {0}")]
+    Serve(std::io::Error),
+}
+
+#[derive(Debug)]
+struct HealthState {
+    ready: AtomicBool,
+    registry: Registry,
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+    let data_dir = cfg.data_dir.clone();
+    let (store, rec) = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+        .await
+        .expect("the store-opening task does not panic")
+        .map_err(|source| AgentError::Store { path: cfg.data_dir.clone(), source })?;
+    tracing::info!(
+        blobs = rec.blobs,
+        dangling_records = rec.dangling_records,
+        orphan_files = rec.orphan_files,
+        partials = rec.partials,
+        "store opened and reconciled"
+    );
+    let store = Arc::new(store);
+    let mirror_listener = TcpListener::bind(cfg.listen).await.map_err(|source| AgentError::Bind {
+        what: "the mirror",
+        addr: cfg.listen,
+        source,
+    })?;
+    let metrics_listener = TcpListener::bind(cfg.metrics_listen).await.map_err(|source| AgentError::Bind {
+        what: "metrics",
+        addr: cfg.metrics_listen,
+        source,
+    })?;
+
+    let metrics = Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let upstream = Arc::new(Upstream::new(cfg.upstream.clone(), metrics.upstream.clone())?);
+    let resolver = Arc::new(Resolver::new(
+        store.clone(),
+        upstream,
+        ResolverConfig {
+            tag_ttl: cfg.tag_ttl,
+            auth_ttl: cfg.auth_ttl,
+            gc_high_bytes: cfg.gc_high_bytes,
+            gc_low_bytes: cfg.gc_low_bytes,
+        },
+        metrics.clone(),
+        tasks.clone(),
+        cancel.child_token(),
+    ));
+    resolver.maybe_gc();
+
+    let health = Arc::new(HealthState { ready: AtomicBool::new(false), registry });
+    let stop_accepting = CancellationToken::new();
+    let mirror_app = mirror::router(MirrorState { resolver, metrics });
+    let mirror_addr = mirror_listener.local_addr().map_err(AgentError::Serve)?;
+    let metrics_addr = metrics_listener.local_addr().map_err(AgentError::Serve)?;
+    let stop = stop_accepting.clone();
+    let mirror_server = axum::serve(mirror_listener, mirror_app).with_graceful_shutdown(stop.cancelled_owned());
+    let stop = stop_accepting.clone();
+    let health_server =
+        axum::serve(metrics_listener, health_router(health.clone())).with_graceful_shutdown(stop.cancelled_owned());
+    health.ready.store(true, Ordering::Release);
+    tracing::info!(%mirror_addr, %metrics_addr, "shoal agent ready");
+
+    let mirror_task = tokio::spawn(mirror_server.into_future());
+    let health_task = tokio::spawn(health_server.into_future());
+    shutdown.await;
+
+    tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining in-flight responses");
+    health.ready.store(false, Ordering::Release);
+    stop_accepting.cancel();
+    let drained = tokio::time::timeout(cfg.shutdown_grace, async {
+        let _ = mirror_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("grace period over: dropping the responses still in flight");
+    }
+    cancel.cancel();
+    tasks.close();
+    tasks.wait().await;
+    health_task.abort();
+    let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+    if let Ok(Err(e)) = flushed {
+        tracing::error!(error = %e, "flushing the index failed");
+    }
+    tracing::info!("shoal agent stopped");
+    Ok(())
+}
+
+fn health_router(state: Arc<HealthState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<Arc<HealthState>>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics_handler(State(s): State<Arc<HealthState>>) -> impl IntoResponse {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            out,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

@@ -1,0 +1,494 @@
+//! Configuration: a TOML file, `SHOAL_*` environment variables and command-line flags (in rising precedence),
+//! read into [`RawConfig`] and converted once into the typed [`Config`] the agent runs with. Every check happens
+//! in [`RawConfig::validate`], before any port is bound, and every error names the key and the reason.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::oci::RegistryHost;
+
+/// A configuration key that is missing, malformed or out of range.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown keys or wrong types (the message names the key).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key and position.
+        message: String,
+    },
+    /// A key has a value that does not make sense.
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// The key, as written in the file (`registries."docker.io".endpoint`).
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+/// The configuration as written: every field optional, so the file, the environment and the flags can be merged.
+/// The flag and env var of each key share its name (`disk_budget` is `--disk-budget` and `SHOAL_DISK_BUDGET`).
+#[derive(Debug, Default, Clone, Deserialize, Args)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address of the registry mirror that containerd talks to. Default `127.0.0.1:30020`.
+    #[arg(long, env = "SHOAL_LISTEN")]
+    pub listen: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`. Default `127.0.0.1:30021`.
+    #[arg(long, env = "SHOAL_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Where blobs and the index live. Default `./shoal-data`.
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Disk space the cache may use, e.g. `20GiB`. Default `10GiB`.
+    #[arg(long, env = "SHOAL_DISK_BUDGET")]
+    pub disk_budget: Option<String>,
+    /// Eviction starts when the cache exceeds this share of the budget. Default `0.9`.
+    #[arg(long, env = "SHOAL_GC_HIGH_WATERMARK")]
+    pub gc_high_watermark: Option<f64>,
+    /// Eviction stops when the cache is below this share of the budget. Default `0.8`.
+    #[arg(long, env = "SHOAL_GC_LOW_WATERMARK")]
+    pub gc_low_watermark: Option<f64>,
+    /// How long a tag → digest answer is used before asking upstream again, e.g. `30s`. Default `30s`.
+    #[arg(long, env = "SHOAL_TAG_TTL")]
+    pub tag_ttl: Option<String>,
+    /// How long a client's credentials, once accepted by upstream for a private repository, are trusted for
+    /// cached content of that repository. Default `60s`.
+    #[arg(long, env = "SHOAL_AUTH_TTL")]
+    pub auth_ttl: Option<String>,
+    /// How long in-flight responses may drain after SIGTERM. Keep it below the pod's grace period. Default `20s`.
+    #[arg(long, env = "SHOAL_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<String>,
+    /// Timeout for connecting to an upstream registry. Default `5s`.
+    #[arg(long, env = "SHOAL_UPSTREAM_CONNECT_TIMEOUT")]
+    pub upstream_connect_timeout: Option<String>,
+    /// Longest wait for upstream response headers, or between two chunks of a body. Default `30s`.
+    #[arg(long, env = "SHOAL_UPSTREAM_STALL_TIMEOUT")]
+    pub upstream_stall_timeout: Option<String>,
+    /// Attempts per upstream request on connection errors and 5xx answers (with backoff). Default `4`.
+    #[arg(long, env = "SHOAL_UPSTREAM_ATTEMPTS")]
+    pub upstream_attempts: Option<u32>,
+    /// Registry used when a request carries no `?ns=`. Default none (such requests get 404).
+    #[arg(long, env = "SHOAL_DEFAULT_REGISTRY")]
+    pub default_registry: Option<String>,
+    /// Whether registries absent from `registries` are proxied (over HTTPS). Default `true`.
+    #[arg(long, env = "SHOAL_ALLOW_UNLISTED_REGISTRIES")]
+    pub allow_unlisted_registries: Option<bool>,
+    /// Log format: `text` or `json`. Default `text`. The level comes from `SHOAL_LOG` (EnvFilter syntax).
+    #[arg(long, env = "SHOAL_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Per-registry settings, keyed by the host containerd names (`docker.io`, `127.0.0.1:5000`). As a flag or env
+    /// var: `HOST=ENDPOINT[;plain_http][;credentials_file=PATH]`, repeated or comma-separated.
+    #[arg(long = "registry", env = "SHOAL_REGISTRIES", value_delimiter = ',', value_parser = parse_registry_flag)]
+    #[serde(skip)]
+    pub registries: Vec<RegistryFlag>,
+    #[arg(skip)]
+    #[serde(rename = "registry", default)]
+    registry_tables: BTreeMap<String, RawRegistry>,
+}
+
+/// One registry given on the command line or in `SHOAL_REGISTRIES`.
+#[derive(Debug, Clone)]
+pub struct RegistryFlag {
+    host: String,
+    raw: RawRegistry,
+}
+
+fn parse_registry_flag(s: &str) -> Result<RegistryFlag, String> {
+    let mut parts = s.split(';');
+    let head = parts.next().unwrap_or_default();
+    let (host, endpoint) = match head.split_once('=') {
+        Some((h, e)) => (h, Some(e.to_owned())),
+        None => (head, None),
+    };
+    let mut raw = RawRegistry { endpoint, ..RawRegistry::default() };
+    for p in parts {
+        match p.split_once('=') {
+            None if p == "plain_http" => raw.plain_http = Some(true),
+            Some(("credentials_file", path)) => raw.credentials_file = Some(PathBuf::from(path)),
+            _ => return Err(format!("unknown registry option `{p}` (expected plain_http or credentials_file=PATH)")),
+        }
+    }
+    Ok(RegistryFlag { host: host.to_owned(), raw })
+}
+
+/// Settings of one upstream registry, `[registry."HOST"]` in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistry {
+    /// Base URL of the registry's API, e.g. `https://registry-1.docker.io`. Default `https://HOST`
+    /// (`http://HOST` with `plain_http`); `docker.io` maps to `https://registry-1.docker.io`.
+    pub endpoint: Option<String>,
+    /// Allow plain HTTP to this registry. Default `false`.
+    pub plain_http: Option<bool>,
+    /// A file holding `username:password` for Basic auth or the token flow. Default none (anonymous).
+    pub credentials_file: Option<PathBuf>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Credentials the agent itself presents to a registry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// One upstream registry, validated.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Base URL, no trailing slash.
+    pub endpoint: reqwest::Url,
+    /// Credentials from `credentials_file`.
+    pub credentials: Option<Credentials>,
+}
+
+/// Upstream client settings, validated.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest wait for headers or between body chunks.
+    pub stall_timeout: Duration,
+    /// Attempts per request (≥ 1).
+    pub attempts: u32,
+    /// Configured registries.
+    pub registries: BTreeMap<RegistryHost, RegistryConfig>,
+    /// Whether other registries are proxied over HTTPS.
+    pub allow_unlisted: bool,
+    /// Registry for requests without `?ns=`.
+    pub default_registry: Option<RegistryHost>,
+}
+
+/// The agent's configuration, validated: nothing in here can be invalid.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Mirror address.
+    pub listen: SocketAddr,
+    /// Metrics and health address.
+    pub metrics_listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Cache budget in bytes.
+    pub disk_budget: u64,
+    /// Eviction starts above this many bytes.
+    pub gc_high_bytes: u64,
+    /// Eviction stops below this many bytes.
+    pub gc_low_bytes: u64,
+    /// Tag cache TTL.
+    pub tag_ttl: Duration,
+    /// Trust period of accepted client credentials for private content.
+    pub auth_ttl: Duration,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Upstream client settings.
+    pub upstream: UpstreamConfig,
+}
+
+impl RawConfig {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Layers `self` (flags and env, higher precedence) over `file`.
+    pub fn over(self, file: Self) -> Self {
+        let mut registries = file.registries;
+        registries.extend(self.registries);
+        let mut registry_tables = file.registry_tables;
+        registry_tables.extend(self.registry_tables);
+        Self {
+            listen: self.listen.or(file.listen),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            data_dir: self.data_dir.or(file.data_dir),
+            disk_budget: self.disk_budget.or(file.disk_budget),
+            gc_high_watermark: self.gc_high_watermark.or(file.gc_high_watermark),
+            gc_low_watermark: self.gc_low_watermark.or(file.gc_low_watermark),
+            tag_ttl: self.tag_ttl.or(file.tag_ttl),
+            auth_ttl: self.auth_ttl.or(file.auth_ttl),
+            shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
+            upstream_connect_timeout: self.upstream_connect_timeout.or(file.upstream_connect_timeout),
+            upstream_stall_timeout: self.upstream_stall_timeout.or(file.upstream_stall_timeout),
+            upstream_attempts: self.upstream_attempts.or(file.upstream_attempts),
+            default_registry: self.default_registry.or(file.default_registry),
+            allow_unlisted_registries: self.allow_unlisted_registries.or(file.allow_unlisted_registries),
+            log_format: self.log_format.or(file.log_format),
+            registries,
+            registry_tables,
+        }
+    }
+
+    /// Checks every key and builds the runtime configuration.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen = parse_addr("listen", self.listen.as_deref().unwrap_or("127.0.0.1:30020"))?;
+        let metrics_listen = parse_addr("metrics_listen", self.metrics_listen.as_deref().unwrap_or("127.0.0.1:30021"))?;
+        if listen == metrics_listen && listen.port() != 0 {
+            return Err(invalid("metrics_listen", "must differ from `listen`"));
+        }
+        let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from("./shoal-data"));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let disk_budget =
+            parse_size(self.disk_budget.as_deref().unwrap_or("10GiB")).map_err(|r| invalid("disk_budget", r))?;
+        if disk_budget < 1 << 20 {
+            return Err(invalid("disk_budget", "must be at least 1MiB"));
+        }
+        let high = self.gc_high_watermark.unwrap_or(0.9);
+        let low = self.gc_low_watermark.unwrap_or(0.8);
+        if !(high > 0.0 && high <= 1.0) {
+            return Err(invalid("gc_high_watermark", "must be in (0, 1]"));
+        }
+        if !(low > 0.0 && low < high) {
+            return Err(invalid("gc_low_watermark", "must be in (0, gc_high_watermark)"));
+        }
+        let dur = |key: &str, v: &Option<String>, default: &str, min: Duration| -> Result<Duration, ConfigError> {
+            let d = humantime::parse_duration(v.as_deref().unwrap_or(default))
+                .map_err(|e| invalid(key, format!("not a duration like `30s`: {e}")))?;
+            if d < min {
+                return Err(invalid(key, format!("must be at least {}", humantime::format_duration(min))));
+            }
+            Ok(d)
+        };
+        let tag_ttl = dur("tag_ttl", &self.tag_ttl, "30s", Duration::ZERO)?;
+        let auth_ttl = dur("auth_ttl", &self.auth_ttl, "60s", Duration::ZERO)?;
+        let shutdown_grace = dur("shutdown_grace", &self.shutdown_grace, "20s", Duration::ZERO)?;
+        let connect_timeout =
+            dur("upstream_connect_timeout", &self.upstream_connect_timeout, "5s", Duration::from_millis(10))?;
+        let stall_timeout =
+            dur("upstream_stall_timeout", &self.upstream_stall_timeout, "30s", Duration::from_millis(10))?;
+        let attempts = self.upstream_attempts.unwrap_or(4);
+        if !(1..=20).contains(&attempts) {
+            return Err(invalid("upstream_attempts", "must be between 1 and 20"));
+        }
+        let log_format = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("log_format", format!("`{other}` is neither `text` nor `json`"))),
+        };
+        let default_registry = self
+            .default_registry
+            .as_deref()
+            .map(|h| RegistryHost::parse(h).map_err(|_| invalid("default_registry", "not a host[:port]")))
+            .transpose()?;
+
+        let mut registries = BTreeMap::new();
+        let tables = self.registry_tables.into_iter().map(|(h, r)| (h, r, true));
+        let flags = self.registries.into_iter().map(|f| (f.host, f.raw, false));
+        for (host, raw, from_file) in tables.chain(flags) {
+            let key = if from_file { format!("registry.\"{host}\"") } else { format!("registry `{host}`") };
+            let parsed = RegistryHost::parse(&host).map_err(|_| invalid(&key, "not a host[:port]"))?;
+            registries.insert(parsed.clone(), validate_registry(&key, &parsed, raw)?);
+        }
+        let docker = RegistryHost::parse("docker.io").expect("docker.io is a valid host");
+        if !registries.contains_key(&docker) {
+            let endpoint = reqwest::Url::parse("https://registry-1.docker.io").expect("a valid URL");
+            registries.insert(docker, RegistryConfig { endpoint, credentials: None });
+        }
+
+        Ok(Config {
+            listen,
+            metrics_listen,
+            data_dir,
+            disk_budget,
+            gc_high_bytes: (disk_budget as f64 * high) as u64,
+            gc_low_bytes: (disk_budget as f64 * low) as u64,
+            tag_ttl,
+            auth_ttl,
+            shutdown_grace,
+            log_format,
+            upstream: UpstreamConfig {
+                connect_timeout,
+                stall_timeout,
+                attempts,
+                registries,
+                allow_unlisted: self.allow_unlisted_registries.unwrap_or(true),
+                default_registry,
+            },
+        })
+    }
+}
+
+fn validate_registry(key: &str, host: &RegistryHost, raw: RawRegistry) -> Result<RegistryConfig, ConfigError> {
+    let plain_http = raw.plain_http.unwrap_or(false);
+    let endpoint = match raw.endpoint {
+        Some(e) => e,
+        None if host.as_str() == "docker.io" => "https://registry-1.docker.io".to_owned(),
+        None if plain_http => format!("http://{host}"),
+        None => format!("https://{host}"),
+    };
+    let url = reqwest::Url::parse(endpoint.trim_end_matches('/'))
+        .map_err(|e| invalid(format!("{key}.endpoint"), format!("not a URL: {e}")))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if plain_http => {}
+        "http" => return Err(invalid(format!("{key}.endpoint"), "is plain HTTP but `plain_http` is not set")),
+        s => return Err(invalid(format!("{key}.endpoint"), format!("scheme `{s}` is not http or https"))),
+    }
+    if url.host_str().is_none() || url.query().is_some() || !url.username().is_empty() {
+        return Err(invalid(format!("{key}.endpoint"), "must be scheme://host[:port][/path] without credentials"));
+    }
+    let credentials = raw
+        .credentials_file
+        .map(|path| read_credentials(&path).map_err(|r| invalid(format!("{key}.credentials_file"), r)))
+        .transpose()?;
+    Ok(RegistryConfig { endpoint: url, credentials })
+}
+
+fn read_credentials(path: &Path) -> Result<Credentials, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or_default().trim_end_matches('\r');
+    let (username, password) =
+        line.split_once(':').ok_or_else(|| format!("{} must hold `username:password`", path.display()))?;
+    if username.is_empty() {
+        return Err(format!("{}: empty username", path.display()));
+    }
+    Ok(Credentials { username: username.to_owned(), password: password.to_owned() })
+}
+
+fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse().map_err(|e| invalid(key, format!("`{v}` is not an address like 127.0.0.1:30020: {e}")))
+}
+
+/// Parses a size like `10GiB`, `500MB`, `4096` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a size like `20GiB`"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1000,
+        "KiB" => 1 << 10,
+        "M" | "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "G" | "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        "T" | "TB" => 1000u64.pow(4),
+        "TiB" => 1 << 40,
+        u => return Err(format!("unknown unit `{u}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+    };
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 / 2.0 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(toml: &str) -> Result<Config, String> {
+        RawConfig::from_toml(toml)?.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_work() {
+        let c = check("").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:30020");
+        assert_eq!(c.data_dir, PathBuf::from("./shoal-data"));
+        let docker = RegistryHost::parse("docker.io").unwrap();
+        assert_eq!(c.upstream.registries[&docker].endpoint.as_str(), "https://registry-1.docker.io/");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("listen = \"nope\"", "`listen`"),
+            ("disk_budget = \"12 parsecs\"", "`disk_budget`"),
+            ("tag_ttl = \"soon\"", "`tag_ttl`"),
+            ("gc_low_watermark = 0.95", "`gc_low_watermark`"),
+            ("log_format = \"xml\"", "`log_format`"),
+            ("[registry.\"r:5000\"]\nendpoint = \"http://r:5000\"", "registry.\"r:5000\".endpoint"),
+            ("[registry.\"r:5000\"]\nendpoint = \"ftp://r\"", "registry.\"r:5000\".endpoint"),
+            ("[registry.\"bad host\"]", "registry.\"bad host\""),
+            ("[registry.\"r\"]\ncredentials_file = \"/nonexistent\"", "credentials_file"),
+            ("bogus = 1", "bogus"),
+            ("listen = 5", "listen"),
+        ];
+        for (toml, key) in cases {
+            let err = check(toml).unwrap_err();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = RawConfig::from_toml("listen = \"127.0.0.1:1\"\ndisk_budget = \"1GiB\"").unwrap();
+        let flags = RawConfig { listen: Some("127.0.0.1:2".into()), ..RawConfig::default() };
+        let c = flags.over(file).validate().unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.disk_budget, 1 << 30);
+    }
+
+    #[test]
+    fn registry_flags_and_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let cred = dir.path().join("cred");
+        std::fs::write(&cred, "alice:s3cr:et\n").unwrap();
+        let flag = parse_registry_flag(&format!(
+            "127.0.0.1:5000=http://127.0.0.1:5000;plain_http;credentials_file={}",
+            cred.display()
+        ))
+        .unwrap();
+        let c = RawConfig { registries: vec![flag], ..RawConfig::default() }.validate().unwrap();
+        let r = &c.upstream.registries[&RegistryHost::parse("127.0.0.1:5000").unwrap()];
+        assert_eq!(r.credentials.as_ref().unwrap().password, "s3cr:et");
+        assert!(parse_registry_flag("x;bogus").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("1.5MiB"), Ok(3 << 19));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("1e99GiB").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

@@ -1,0 +1,48 @@
+//! The `shoal` command.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use shoal_agent::config::RawConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about = "A node-local, peer-to-peer registry mirror for containerd")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: the registry mirror containerd pulls through.
+    Agent {
+        /// TOML config file; flags and SHOAL_* env vars override its keys.
+        #[arg(long, env = "SHOAL_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: RawConfig,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let Command::Agent { config, settings } = Cli::parse().command;
+    let file = match &config {
+        Some(path) => RawConfig::from_file(path)?,
+        None => RawConfig::default(),
+    };
+    let cfg = settings.over(file).validate()?;
+    shoal_agent::init_tracing(cfg.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(shoal_agent::agent::run(cfg, shutdown_signal()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler succeeds on Unix");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,254 @@
+//! Prometheus metrics, one struct per subsystem, registered into a registry the caller owns. Label values come
+//! from small fixed sets (never a digest, a repository or an address).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Mirror routes.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Route {
+    /// `/v2/`
+    base,
+    /// `/v2/<name>/manifests/<ref>`
+    manifest,
+    /// `/v2/<name>/blobs/<digest>`
+    blob,
+    /// Anything else.
+    other,
+}
+
+/// Status classes.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum StatusClass {
+    /// 2xx
+    success,
+    /// 401
+    unauthorized,
+    /// 404
+    not_found,
+    /// Other 4xx
+    client_error,
+    /// 5xx
+    server_error,
+    /// The response body ended abnormally (verification failure, upstream gone).
+    aborted,
+}
+
+impl StatusClass {
+    /// Classifies an HTTP status.
+    pub fn of(status: http::StatusCode) -> Self {
+        match status.as_u16() {
+            200..=399 => Self::success,
+            401 => Self::unauthorized,
+            404 => Self::not_found,
+            400..=499 => Self::client_error,
+            _ => Self::server_error,
+        }
+    }
+}
+
+/// Labels of mirror requests.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route.
+    pub route: Route,
+    /// The outcome.
+    pub outcome: StatusClass,
+}
+
+/// Where served bytes came from.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Source {
+    /// A complete blob in the local store.
+    store,
+    /// A download from upstream in progress (stream-through).
+    upstream,
+}
+
+/// Labels with a source.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// The source.
+    pub source: Source,
+}
+
+/// Kinds of cache lookups.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum LookupKind {
+    /// A blob or manifest by digest.
+    digest,
+    /// A tag.
+    tag,
+}
+
+/// Cache lookup results.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum LookupResult {
+    /// Served from the store.
+    hit,
+    /// Joined a download already running on this node.
+    in_flight,
+    /// Had to go upstream.
+    miss,
+    /// A stale tag served because upstream was unreachable.
+    stale,
+}
+
+/// Labels of cache lookups.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    /// What was looked up.
+    pub kind: LookupKind,
+    /// How it went.
+    pub result: LookupResult,
+}
+
+/// Upstream request kinds.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum UpstreamKind {
+    /// Blob GET/HEAD.
+    blob,
+    /// Manifest GET/HEAD.
+    manifest,
+    /// Token endpoint.
+    token,
+}
+
+/// Upstream request outcomes.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum UpstreamOutcome {
+    /// 2xx.
+    ok,
+    /// 404.
+    not_found,
+    /// 401/403.
+    unauthorized,
+    /// 5xx or 429 (retried if attempts remain).
+    server_error,
+    /// Connection error or timeout (retried if attempts remain).
+    unreachable,
+    /// Another status.
+    other,
+}
+
+/// Labels of upstream requests.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// The request kind.
+    pub kind: UpstreamKind,
+    /// The outcome.
+    pub outcome: UpstreamOutcome,
+}
+
+/// Labels with only a kind.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The request kind.
+    pub kind: UpstreamKind,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.5, 12))
+}
+
+/// Mirror (HTTP surface) metrics.
+#[derive(Debug, Clone, Default)]
+pub struct MirrorMetrics {
+    /// Requests by route and outcome.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Body bytes sent to clients by source.
+    pub bytes_served: Family<SourceLabels, Counter>,
+    /// Cache lookups.
+    pub lookups: Family<LookupLabels, Counter>,
+}
+
+/// Upstream client metrics.
+#[derive(Debug, Clone)]
+pub struct UpstreamMetrics {
+    /// Requests by kind and outcome (every attempt counts).
+    pub requests: Family<UpstreamLabels, Counter>,
+    /// Time to response headers.
+    pub latency: Family<KindLabels, Histogram, fn() -> Histogram>,
+    /// Body bytes received.
+    pub bytes: Counter,
+}
+
+impl Default for UpstreamMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            bytes: Counter::default(),
+        }
+    }
+}
+
+/// Store metrics.
+#[derive(Debug, Clone, Default)]
+pub struct StoreMetrics {
+    /// Bytes of complete blobs on disk.
+    pub bytes: Gauge,
+    /// Complete blobs on disk.
+    pub blobs: Gauge,
+    /// Blobs evicted by GC.
+    pub evicted_blobs: Counter,
+    /// Bytes evicted by GC.
+    pub evicted_bytes: Counter,
+    /// Downloads whose content did not match the digest.
+    pub verify_failures: Counter,
+    /// Downloads committed.
+    pub commits: Counter,
+}
+
+/// All metrics of the agent.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// Mirror.
+    pub mirror: MirrorMetrics,
+    /// Upstream.
+    pub upstream: UpstreamMetrics,
+    /// Store.
+    pub store: StoreMetrics,
+}
+
+impl Metrics {
+    /// Registers every metric under the `shoal` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("shoal");
+        r.register("http_requests", "Mirror requests by route and outcome", self.mirror.requests.clone());
+        r.register(
+            "bytes_served",
+            "Blob and manifest bytes sent to clients, by source",
+            self.mirror.bytes_served.clone(),
+        );
+        r.register("cache_lookups", "Cache lookups by kind and result", self.mirror.lookups.clone());
+        r.register(
+            "upstream_requests",
+            "Upstream requests (each attempt) by kind and outcome",
+            self.upstream.requests.clone(),
+        );
+        r.register("upstream_latency_seconds", "Time to upstream response headers", self.upstream.latency.clone());
+        r.register("upstream_bytes", "Body bytes received from upstream", self.upstream.bytes.clone());
+        r.register("store_bytes", "Bytes of complete blobs on disk", self.store.bytes.clone());
+        r.register("store_blobs", "Complete blobs on disk", self.store.blobs.clone());
+        r.register("gc_evicted_blobs", "Blobs evicted by GC", self.store.evicted_blobs.clone());
+        r.register("gc_evicted_bytes", "Bytes evicted by GC", self.store.evicted_bytes.clone());
+        r.register(
+            "verify_failures",
+            "Downloads discarded because they did not match their digest",
+            self.store.verify_failures.clone(),
+        );
+        r.register("store_commits", "Downloads verified and committed", self.store.commits.clone());
+    }
+}

@@ -1,0 +1,191 @@
+//! The HTTP surface in-process: parsing, errors and ranges, with an upstream that cannot be reached.
+
+use super::*;
+use crate::config::RawConfig;
+use crate::store::{BlobMeta, LinkRecord, Store, now_secs};
+use crate::upstream::Upstream;
+use axum::body::to_bytes;
+use sha2::{Digest as _, Sha256};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    app: Router,
+    store: Arc<Store>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: every upstream request fails at once.
+    let raw = RawConfig::from_toml(
+        "upstream_attempts = 1\nupstream_connect_timeout = \"200ms\"\ndefault_registry = \"127.0.0.1:1\"\n\
+         [registry.\"127.0.0.1:1\"]\nplain_http = true\n",
+    )
+    .unwrap();
+    let cfg = raw.validate().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    let store = Arc::new(store);
+    let metrics = Metrics::default();
+    let upstream = Arc::new(Upstream::new(cfg.upstream.clone(), metrics.upstream.clone()).unwrap());
+    let resolver = Arc::new(Resolver::new(
+        store.clone(),
+        upstream,
+        crate::resolver::ResolverConfig {
+            tag_ttl: cfg.tag_ttl,
+            auth_ttl: cfg.auth_ttl,
+            gc_high_bytes: cfg.gc_high_bytes,
+            gc_low_bytes: cfg.gc_low_bytes,
+        },
+        metrics.clone(),
+        TaskTracker::new(),
+        CancellationToken::new(),
+    ));
+    Fixture { _dir: dir, app: router(MirrorState { resolver, metrics }), store }
+}
+
+fn put_public_blob(f: &Fixture, repo: &str, data: &[u8]) -> Digest {
+    let d = Digest::from_sha256(&Sha256::digest(data));
+    let (path, mut file) = f.store.create_partial(&d).unwrap();
+    crate::store::write_all(&mut file, data, &path).unwrap();
+    let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs() };
+    f.store.commit(&path, &file, &d, &meta).unwrap();
+    f.store.put_link(&format!("127.0.0.1:1/{repo}@{d}"), LinkRecord { public: true, at: now_secs() }).unwrap();
+    d
+}
+
+async fn call(app: &Router, method: &str, uri: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Vec<u8>) {
+    let mut b = http::Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = app.clone().oneshot(b.body(Body::empty()).unwrap()).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = to_bytes(body, usize::MAX).await.unwrap().to_vec();
+    (parts.status, parts.headers, body)
+}
+
+fn code(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).expect("error bodies are JSON");
+    v["errors"][0]["code"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn base_endpoint() {
+    let f = fixture();
+    let (s, h, _) = call(&f.app, "GET", "/v2/", &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["docker-distribution-api-version"], "registry/2.0");
+    assert_eq!(call(&f.app, "HEAD", "/v2", &[]).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bad_input_gets_4xx_json() {
+    let f = fixture();
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let cases: Vec<(String, StatusCode, &str)> = vec![
+        ("/v2/UPPER/manifests/latest".into(), StatusCode::BAD_REQUEST, "NAME_INVALID"),
+        ("/v2/a/../../etc/manifests/latest".into(), StatusCode::BAD_REQUEST, "NAME_INVALID"),
+        ("/v2/%2e%2e/%2e%2e/blobs/".to_owned() + &digest, StatusCode::BAD_REQUEST, "NAME_INVALID"),
+        ("/v2/a%2f..%2fb/blobs/".to_owned() + &digest, StatusCode::BAD_REQUEST, "NAME_INVALID"),
+        ("/v2//a/blobs/".to_owned() + &digest, StatusCode::BAD_REQUEST, "NAME_INVALID"),
+        ("/v2/a/blobs/sha256:xyz".into(), StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+        ("/v2/a/blobs/sha256:../../../etc/passwd".into(), StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+        ("/v2/a/blobs/latest".into(), StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+        ("/v2/a/manifests/-bad".into(), StatusCode::BAD_REQUEST, "TAG_INVALID"),
+        ("/v2/a/manifests/sha256:zz".into(), StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+        (format!("/v2/a/blobs/{digest}?ns=bad%2Fhost"), StatusCode::BAD_REQUEST, "NAME_INVALID"),
+        (format!("/v2/a/blobs/{digest}?ns=%zz"), StatusCode::BAD_REQUEST, "NAME_INVALID"),
+        ("/v2/_catalog".into(), StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+        ("/v2/a/tags/list".into(), StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+        ("/etc/passwd".into(), StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+    ];
+    for (uri, status, want) in cases {
+        let (s, h, body) = call(&f.app, "GET", &uri, &[]).await;
+        assert_eq!(s, status, "{uri}");
+        assert_eq!(h[header::CONTENT_TYPE], "application/json", "{uri}");
+        assert_eq!(code(&body), want, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn writes_are_refused() {
+    let f = fixture();
+    for (m, uri) in [
+        ("POST", "/v2/a/blobs/uploads/"),
+        ("PUT", "/v2/a/manifests/latest"),
+        ("DELETE", "/v2/a/manifests/latest"),
+        ("PATCH", "/v2/a/blobs/uploads/x"),
+        ("GET", "/v2/a/blobs/uploads/x"),
+    ] {
+        let (s, _, body) = call(&f.app, m, uri, &[]).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{m} {uri}");
+        assert_eq!(code(&body), "UNSUPPORTED");
+    }
+}
+
+#[tokio::test]
+async fn miss_with_upstream_down_is_a_fast_404() {
+    let f = fixture();
+    let digest = format!("sha256:{}", "b".repeat(64));
+    let (s, _, body) = call(&f.app, "GET", &format!("/v2/a/blobs/{digest}"), &[]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(code(&body), "BLOB_UNKNOWN");
+    let (s, _, body) = call(&f.app, "HEAD", "/v2/a/manifests/latest?ns=127.0.0.1%3A1", &[]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(body.is_empty() || code(&body) == "MANIFEST_UNKNOWN");
+}
+
+#[tokio::test]
+async fn cached_blob_ranges() {
+    let f = fixture();
+    let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    let d = put_public_blob(&f, "lib/x", &data);
+    let uri = format!("/v2/lib/x/blobs/{d}?ns=127.0.0.1:1");
+    let (s, h, body) = call(&f.app, "GET", &uri, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body, data);
+    assert_eq!(h["docker-content-digest"], d.as_str());
+    assert_eq!(h[header::CONTENT_LENGTH], "1000");
+
+    let (s, h, body) = call(&f.app, "HEAD", &uri, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h[header::CONTENT_LENGTH], "1000");
+    assert!(body.is_empty());
+
+    let (s, h, body) = call(&f.app, "GET", &uri, &[("range", "bytes=10-19")]).await;
+    assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(h[header::CONTENT_RANGE], "bytes 10-19/1000");
+    assert_eq!(body, &data[10..20]);
+
+    let (s, _, body) = call(&f.app, "GET", &uri, &[("range", "bytes=-5")]).await;
+    assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(body, &data[995..]);
+
+    for bad in ["bytes=1000-", "bytes=5-1", "lines=1-2", "bytes=0-1,4-5"] {
+        let (s, h, body) = call(&f.app, "GET", &uri, &[("range", bad)]).await;
+        assert_eq!(s, StatusCode::RANGE_NOT_SATISFIABLE, "{bad}");
+        assert_eq!(h[header::CONTENT_RANGE], "bytes */1000");
+        assert_eq!(code(&body), "RANGE_INVALID");
+    }
+}
+
+#[tokio::test]
+async fn private_content_is_not_served_without_upstream_consent() {
+    let f = fixture();
+    let data = b"secret layer";
+    let d = Digest::from_sha256(&Sha256::digest(data));
+    let (path, mut file) = f.store.create_partial(&d).unwrap();
+    crate::store::write_all(&mut file, data, &path).unwrap();
+    let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs() };
+    f.store.commit(&path, &file, &d, &meta).unwrap();
+    f.store.put_link(&format!("127.0.0.1:1/private/x@{d}"), LinkRecord { public: false, at: now_secs() }).unwrap();
+    // Upstream cannot confirm anyone: neither an anonymous client nor one with unknown credentials gets it.
+    for auth in [None, Some("Basic Zm9vOmJhcg==")] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let (s, _, body) = call(&f.app, "GET", &format!("/v2/private/x/blobs/{d}"), &headers).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_ne!(body, data);
+    }
+}

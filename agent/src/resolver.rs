@@ -1,0 +1,830 @@
+//! The resolver: the one place that decides where a manifest's or blob's bytes come from, in order: the local
+//! store, a download already running on this node, then upstream.
+//!
+//! A download from upstream is a single flight per digest: the first request starts it as a tracked task that
+//! writes a partial file while hashing; every request for the same digest (the first included) reads that file
+//! as it grows, through a [`watch`] channel of progress. Readers never get a blob's last byte before its sha256
+//! matched and it was committed, so a client of a blob that fails verification sees its response cut short.
+//!
+//! Access to cached content follows upstream's word: content fetched without a client's credentials is public;
+//! content a client's credentials were needed for is served from the cache only after upstream accepted that
+//! client's credentials for that repository (cached for `auth_ttl`).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::io::{self, SeekFrom};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{HeaderValue, header};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::metrics::{LookupKind, LookupLabels, LookupResult, Metrics, Source, SourceLabels};
+use crate::oci::{Digest, Reference, RegistryHost, RepoName};
+use crate::store::{BlobMeta, LinkRecord, Store, StoreError, TagRecord, now_secs};
+use crate::upstream::{Request, Target, Upstream, UpstreamError};
+
+/// Largest manifest accepted from upstream (the distribution spec suggests 4 MiB).
+pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+/// Read size when serving a blob.
+const READ_CHUNK: usize = 256 << 10;
+
+/// Why a manifest or blob cannot be served. Every variant is decided before the first byte is sent.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    /// Neither the cache nor upstream has it.
+    #[error("not found")]
+    NotFound,
+    /// Upstream wants the client to authenticate; its challenge goes back to the client.
+    #[error("authentication required")]
+    Unauthorized {
+        /// Upstream's `WWW-Authenticate`.
+        challenge: Option<HeaderValue>,
+    },
+    /// Upstream refused the client's credentials.
+    #[error("access denied by upstream")]
+    Denied,
+    /// This agent cannot serve it now (upstream unreachable, registry not allowed, a local failure): the client
+    /// should go to the next host.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<UpstreamError> for ResolveError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::NotFound => Self::NotFound,
+            UpstreamError::Unauthorized { challenge } => Self::Unauthorized { challenge },
+            UpstreamError::Denied => Self::Denied,
+            e @ (UpstreamError::NotAllowed(_) | UpstreamError::Unreachable(_) | UpstreamError::Status(_)) => {
+                Self::Unavailable(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ResolveError {
+    fn from(e: StoreError) -> Self {
+        Self::Unavailable(format!("store: {e}"))
+    }
+}
+
+/// Manifest or blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/manifests/<digest>`
+    Manifest,
+    /// `/blobs/<digest>`
+    Blob,
+}
+
+/// Who asks, for what repository: the identity that access decisions are made for.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The registry (containerd's `ns`).
+    pub registry: RegistryHost,
+    /// The repository.
+    pub repo: RepoName,
+    /// The client's `Authorization`, if any.
+    pub auth: Option<HeaderValue>,
+    /// The client's `Accept`, for manifests.
+    pub accept: Option<HeaderValue>,
+}
+
+impl Client {
+    fn repo_key(&self) -> String {
+        format!("{}/{}", self.registry, self.repo)
+    }
+}
+
+/// Resolver settings.
+#[derive(Debug, Clone)]
+pub struct ResolverConfig {
+    /// Tag cache TTL.
+    pub tag_ttl: Duration,
+    /// Trust period of accepted client credentials.
+    pub auth_ttl: Duration,
+    /// Start GC above this many bytes.
+    pub gc_high_bytes: u64,
+    /// GC down to this many bytes.
+    pub gc_low_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Running,
+    Done,
+    Failed(ResolveError),
+}
+
+#[derive(Debug, Clone)]
+struct Progress {
+    /// The partial file, once created.
+    partial: Option<PathBuf>,
+    /// Size and media type, once upstream answered.
+    header: Option<(Option<u64>, Option<String>)>,
+    /// Bytes written to the partial file.
+    written: u64,
+    state: State,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    repo_key: String,
+    cred: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Download {
+    origin: Origin,
+    progress: watch::Sender<Progress>,
+}
+
+/// The resolver, shared by every request.
+#[derive(Debug)]
+pub struct Resolver {
+    store: Arc<Store>,
+    upstream: Arc<Upstream>,
+    cfg: ResolverConfig,
+    metrics: Metrics,
+    downloads: Mutex<HashMap<Digest, Arc<Download>>>,
+    in_use: Arc<Mutex<HashMap<Digest, usize>>>,
+    /// (credential hash, registry/repo) → when upstream last accepted it.
+    accepted: Mutex<HashMap<(u64, String), Instant>>,
+    cred_hasher: std::hash::RandomState,
+    gc_running: AtomicBool,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().expect("resolver locks are never poisoned: no code panics while holding one")
+}
+
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ResolveError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ResolveError::Unavailable(format!("blocking task failed: {e}")))?
+        .map_err(ResolveError::from)
+}
+
+/// A manifest or blob ready to be streamed.
+#[derive(Debug)]
+pub struct Opened {
+    /// Its digest.
+    pub digest: Digest,
+    /// Size, if known (always, except for a download whose upstream sent no length).
+    pub size: Option<u64>,
+    /// Media type as upstream gave it.
+    pub media_type: Option<String>,
+    source: OpenedSource,
+    _guard: InUse,
+}
+
+#[derive(Debug)]
+enum OpenedSource {
+    /// Headers only (a HEAD answered by upstream).
+    HeadOnly,
+    Stored(PathBuf),
+    InFlight {
+        rx: watch::Receiver<Progress>,
+        final_path: PathBuf,
+    },
+}
+
+/// Keeps a digest out of GC while it is being served.
+#[derive(Debug)]
+struct InUse {
+    digest: Digest,
+    map: Arc<Mutex<HashMap<Digest, usize>>>,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut m = lock(&self.map);
+        if let Some(n) = m.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.digest);
+            }
+        }
+    }
+}
+
+impl Resolver {
+    /// Creates the resolver. Downloads run as tasks of `tasks` and stop when `cancel` fires.
+    pub fn new(
+        store: Arc<Store>,
+        upstream: Arc<Upstream>,
+        cfg: ResolverConfig,
+        metrics: Metrics,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            upstream,
+            cfg,
+            metrics,
+            downloads: Mutex::default(),
+            in_use: Arc::default(),
+            accepted: Mutex::default(),
+            cred_hasher: std::hash::RandomState::new(),
+            gc_running: AtomicBool::new(false),
+            tasks,
+            cancel,
+        }
+    }
+
+    /// The upstream client.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    fn lookup(&self, kind: LookupKind, result: LookupResult) {
+        self.metrics.mirror.lookups.get_or_create(&LookupLabels { kind, result }).inc();
+    }
+
+    fn origin(&self, c: &Client) -> Origin {
+        Origin { repo_key: c.repo_key(), cred: c.auth.as_ref().map(|a| self.cred_hasher.hash_one(a.as_bytes())) }
+    }
+
+    fn guard(&self, digest: &Digest) -> InUse {
+        *lock(&self.in_use).entry(digest.clone()).or_default() += 1;
+        InUse { digest: digest.clone(), map: self.in_use.clone() }
+    }
+
+    /// Resolves a tag to a manifest digest: from the cache within the TTL, else from upstream (recording the
+    /// answer), else, when upstream is unreachable, from the last known answer.
+    pub async fn resolve_tag(&self, client: &Client, tag: &str) -> Result<Digest, ResolveError> {
+        let key = format!("{}:{tag}", client.repo_key());
+        let store = self.store.clone();
+        let k = key.clone();
+        let cached = blocking(move || store.tag(&k)).await.unwrap_or(None);
+        let origin = self.origin(client);
+        if let Some(c) = &cached {
+            let fresh = now_secs().saturating_sub(c.fetched_at) < self.cfg.tag_ttl.as_secs();
+            let allowed = c.public || self.accepted_recently(&origin, self.cfg.auth_ttl);
+            if fresh && allowed && self.cached_manifest_acceptable(client, &c.digest).await {
+                self.lookup(LookupKind::tag, LookupResult::hit);
+                return Ok(c.digest.clone());
+            }
+        }
+        let reference = Reference::Tag(tag.to_owned());
+        let req = Request {
+            registry: &client.registry,
+            repo: &client.repo,
+            target: Target::Manifest(&reference),
+            head: true,
+            accept: client.accept.as_ref(),
+            client_auth: client.auth.as_ref(),
+            offset: 0,
+        };
+        match self.upstream.send(req).await {
+            Ok(resp) => {
+                let digest = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|s| Digest::parse(s).ok());
+                let Some(digest) = digest else {
+                    // Without the header the only way is to fetch by tag and hash; leave that to upstream itself.
+                    return Err(ResolveError::Unavailable("upstream sent no valid Docker-Content-Digest".into()));
+                };
+                self.lookup(LookupKind::tag, LookupResult::miss);
+                let public = client.auth.is_none();
+                self.note_accepted(&origin);
+                let rec = TagRecord { digest: digest.clone(), fetched_at: now_secs(), public };
+                let link = format!("{}@{digest}", client.repo_key());
+                let store = self.store.clone();
+                blocking(move || {
+                    store.put_tag(&key, &rec)?;
+                    store.put_link(&link, LinkRecord { public, at: now_secs() })
+                })
+                .await?;
+                Ok(digest)
+            }
+            Err(UpstreamError::Unreachable(reason)) => match cached {
+                Some(c) if c.public || self.accepted_ever(&origin) => {
+                    tracing::warn!(%reason, tag, "upstream unreachable: serving the last known digest of the tag");
+                    self.lookup(LookupKind::tag, LookupResult::stale);
+                    Ok(c.digest)
+                }
+                _ => Err(ResolveError::Unavailable(reason)),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn cached_manifest_acceptable(&self, client: &Client, digest: &Digest) -> bool {
+        let store = self.store.clone();
+        let d = digest.clone();
+        let Ok(Some(meta)) = blocking(move || store.blob(&d)).await else { return false };
+        accepts(client.accept.as_ref(), meta.media_type.as_deref())
+    }
+
+    fn note_accepted(&self, origin: &Origin) {
+        if let Some(c) = origin.cred {
+            lock(&self.accepted).insert((c, origin.repo_key.clone()), Instant::now());
+        }
+    }
+
+    fn accepted_recently(&self, origin: &Origin, within: Duration) -> bool {
+        origin.cred.is_some_and(|c| {
+            lock(&self.accepted).get(&(c, origin.repo_key.clone())).is_some_and(|t| t.elapsed() < within)
+        })
+    }
+
+    fn accepted_ever(&self, origin: &Origin) -> bool {
+        origin.cred.is_some_and(|c| lock(&self.accepted).contains_key(&(c, origin.repo_key.clone())))
+    }
+
+    /// Checks that `client` may be given `digest` from the cache: the repository is known to serve it publicly,
+    /// or upstream accepts the client's credentials for it now (or did within `auth_ttl`).
+    async fn authorize(&self, client: &Client, digest: &Digest, kind: Kind) -> Result<(), ResolveError> {
+        let link_key = format!("{}@{digest}", client.repo_key());
+        let store = self.store.clone();
+        let lk = link_key.clone();
+        let link = blocking(move || store.link(&lk)).await.unwrap_or(None);
+        if link.is_some_and(|l| l.public) {
+            return Ok(());
+        }
+        let origin = self.origin(client);
+        if link.is_some() && self.accepted_recently(&origin, self.cfg.auth_ttl) {
+            return Ok(());
+        }
+        let reference = Reference::Digest(digest.clone());
+        let target = match kind {
+            Kind::Blob => Target::Blob(digest),
+            Kind::Manifest => Target::Manifest(&reference),
+        };
+        let req = Request {
+            registry: &client.registry,
+            repo: &client.repo,
+            target,
+            head: true,
+            accept: client.accept.as_ref(),
+            client_auth: client.auth.as_ref(),
+            offset: 0,
+        };
+        match self.upstream.send(req).await {
+            Ok(_) => {
+                self.note_accepted(&origin);
+                let public = client.auth.is_none();
+                let store = self.store.clone();
+                blocking(move || store.put_link(&link_key, LinkRecord { public, at: now_secs() })).await?;
+                Ok(())
+            }
+            Err(UpstreamError::Unreachable(_)) if link.is_some() && self.accepted_ever(&origin) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Opens a blob or a manifest by digest for streaming: from the store, a running download, or a new
+    /// download from upstream.
+    ///
+    /// A `head` request for a blob that is neither stored nor in flight asks upstream for the headers only: a
+    /// client checking that a blob exists does not start a download. (Manifests are fetched even for HEAD:
+    /// containerd HEADs a tag and GETs the manifest right after, and it must be cached to pull offline.)
+    pub async fn open(
+        self: &Arc<Self>,
+        client: &Client,
+        digest: &Digest,
+        kind: Kind,
+        head: bool,
+    ) -> Result<Opened, ResolveError> {
+        if !digest.is_sha256() {
+            // Not verifiable here: let the client get it from upstream itself.
+            return Err(ResolveError::Unavailable(format!("{digest}: only sha256 content is cached")));
+        }
+        let guard = self.guard(digest);
+        let store = self.store.clone();
+        let d = digest.clone();
+        if let Some(meta) = blocking(move || store.blob(&d)).await? {
+            self.authorize(client, digest, kind).await?;
+            self.lookup(LookupKind::digest, LookupResult::hit);
+            let store = self.store.clone();
+            let d = digest.clone();
+            // Best effort: an LRU timestamp that failed to update is not worth failing a request for.
+            drop(tokio::task::spawn_blocking(move || store.touch(&d)));
+            return Ok(Opened {
+                digest: digest.clone(),
+                size: Some(meta.size),
+                media_type: meta.media_type,
+                source: OpenedSource::Stored(self.store.blob_path(digest)),
+                _guard: guard,
+            });
+        }
+        let origin = self.origin(client);
+        let found = {
+            let mut map = lock(&self.downloads);
+            match map.get(digest) {
+                Some(dl) => Some((dl.clone(), false)),
+                None if head && kind == Kind::Blob => None,
+                None => {
+                    let progress =
+                        watch::Sender::new(Progress { partial: None, header: None, written: 0, state: State::Running });
+                    let dl = Arc::new(Download { origin: origin.clone(), progress });
+                    map.insert(digest.clone(), dl.clone());
+                    Some((dl, true))
+                }
+            }
+        };
+        let Some((dl, started)) = found else {
+            return self.head_upstream(client, digest, guard).await;
+        };
+        if started {
+            self.lookup(LookupKind::digest, LookupResult::miss);
+            let this = self.clone();
+            let (client, digest, dl) = (client.clone(), digest.clone(), dl.clone());
+            let span = tracing::info_span!("download", %digest, registry = %client.registry, repo = %client.repo);
+            self.tasks.spawn(this.run_download(client, digest, kind, dl).instrument(span));
+        } else {
+            self.lookup(LookupKind::digest, LookupResult::in_flight);
+            if dl.origin != origin {
+                self.authorize(client, digest, kind).await?;
+            }
+        }
+        let mut rx = dl.progress.subscribe();
+        let p = rx
+            // An empty blob is answered only once verified: with no bytes to hold back, its headers are all of it.
+            .wait_for(|p| p.header.as_ref().is_some_and(|h| h.0 != Some(0)) || !matches!(p.state, State::Running))
+            .await
+            .map_err(|_| ResolveError::Unavailable("download ended".into()))?
+            .clone();
+        if let State::Failed(e) = p.state {
+            return Err(e);
+        }
+        let (size, media_type) = p.header.unwrap_or((None, None));
+        Ok(Opened {
+            digest: digest.clone(),
+            size,
+            media_type,
+            source: OpenedSource::InFlight { rx, final_path: self.store.blob_path(digest) },
+            _guard: guard,
+        })
+    }
+
+    async fn head_upstream(&self, client: &Client, digest: &Digest, guard: InUse) -> Result<Opened, ResolveError> {
+        let req = Request {
+            registry: &client.registry,
+            repo: &client.repo,
+            target: Target::Blob(digest),
+            head: true,
+            accept: None,
+            client_auth: client.auth.as_ref(),
+            offset: 0,
+        };
+        let resp = self.upstream.send(req).await?;
+        let media_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // reqwest reports no length for HEAD bodies; the header carries the blob's size.
+        let size =
+            resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        Ok(Opened { digest: digest.clone(), size, media_type, source: OpenedSource::HeadOnly, _guard: guard })
+    }
+
+    async fn run_download(self: Arc<Self>, client: Client, digest: Digest, kind: Kind, dl: Arc<Download>) {
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = self.download_impl(&client, &digest, kind, &dl) => r,
+            () = self.cancel.cancelled() => Err(ResolveError::Unavailable("agent shutting down".into())),
+        };
+        {
+            let mut map = lock(&self.downloads);
+            if map.get(&digest).is_some_and(|d| Arc::ptr_eq(d, &dl)) {
+                map.remove(&digest);
+            }
+        }
+        let state = match result {
+            Ok(()) => {
+                tracing::info!(bytes = dl.progress.borrow().written, elapsed = ?started.elapsed(), "download committed");
+                State::Done
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "download failed");
+                State::Failed(e)
+            }
+        };
+        dl.progress.send_modify(|p| p.state = state);
+        self.maybe_gc();
+    }
+
+    async fn download_impl(
+        &self,
+        client: &Client,
+        digest: &Digest,
+        kind: Kind,
+        dl: &Download,
+    ) -> Result<(), ResolveError> {
+        // A download that finished between the caller's store lookup and this one's start: nothing to fetch.
+        let store = self.store.clone();
+        let d = digest.clone();
+        if let Some(meta) = blocking(move || store.blob(&d)).await? {
+            dl.progress.send_modify(|p| {
+                p.written = meta.size;
+                p.header = Some((Some(meta.size), meta.media_type));
+            });
+            return Ok(());
+        }
+        let reference = Reference::Digest(digest.clone());
+        let target = match kind {
+            Kind::Blob => Target::Blob(digest),
+            Kind::Manifest => Target::Manifest(&reference),
+        };
+        let mut req = Request {
+            registry: &client.registry,
+            repo: &client.repo,
+            target,
+            head: false,
+            accept: client.accept.as_ref(),
+            client_auth: client.auth.as_ref(),
+            offset: 0,
+        };
+        let resp = self.upstream.send(req).await?;
+        let size = resp.content_length();
+        let media_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        if kind == Kind::Manifest && size.is_none_or(|s| s > MAX_MANIFEST_SIZE) {
+            return Err(ResolveError::Unavailable(format!(
+                "manifest size {size:?} is over {MAX_MANIFEST_SIZE} bytes or unknown"
+            )));
+        }
+        let store = self.store.clone();
+        let d = digest.clone();
+        let (partial, file) = blocking(move || store.create_partial(&d)).await?;
+        // The file is removed on failure; on success the commit has renamed it and this finds nothing.
+        let _cleanup = RemoveOnDrop(partial.clone());
+        dl.progress.send_modify(|p| {
+            p.partial = Some(partial.clone());
+            p.header = Some((size, media_type.clone()));
+        });
+        let origin = self.origin(client);
+        self.note_accepted(&origin);
+
+        let mut writer = Some((file, Sha256::new()));
+        let mut written = 0u64;
+        let mut resumes = 0;
+        let mut resp = resp;
+        let stall = self.upstream.stall_timeout();
+        'body: loop {
+            // Bytes already written that a resumed response repeats (a registry that ignored our Range).
+            let mut skip = 0u64;
+            if written > 0 && resp.status() != http::StatusCode::PARTIAL_CONTENT {
+                skip = written;
+            }
+            let mut body = resp.bytes_stream().ready_chunks(64);
+            let broken = loop {
+                let next = match tokio::time::timeout(stall, body.next()).await {
+                    Err(_) => break format!("no data for {stall:?}"),
+                    Ok(None) => break String::new(),
+                    Ok(Some(chunks)) => chunks,
+                };
+                let mut batch = Vec::with_capacity(next.len());
+                let mut err = None;
+                for c in next {
+                    match c {
+                        Ok(mut b) => {
+                            let n = b.len() as u64;
+                            if skip > 0 {
+                                let drop_n = skip.min(n);
+                                let _ = b.split_to(drop_n as usize);
+                                skip -= drop_n;
+                            }
+                            if !b.is_empty() {
+                                batch.push(b);
+                            }
+                        }
+                        Err(e) => {
+                            err = Some(crate::upstream::error_chain(&e));
+                            break;
+                        }
+                    }
+                }
+                let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
+                if size.is_some_and(|s| written + n > s) {
+                    return Err(ResolveError::Unavailable("upstream sent more bytes than it announced".into()));
+                }
+                if n > 0 {
+                    let (mut file, mut hasher) = writer.take().expect("the writer is put back after every batch");
+                    let path = partial.clone();
+                    let (file, hasher) = blocking(move || {
+                        for b in &batch {
+                            hasher.update(b);
+                            crate::store::write_all(&mut file, b, &path)?;
+                        }
+                        Ok((file, hasher))
+                    })
+                    .await?;
+                    writer = Some((file, hasher));
+                    written += n;
+                    self.upstream.count_bytes(n);
+                    dl.progress.send_modify(|p| p.written = written);
+                }
+                if let Some(e) = err {
+                    break e;
+                }
+            };
+            let complete = match size {
+                Some(s) => written == s,
+                None => broken.is_empty(),
+            };
+            if complete {
+                break 'body;
+            }
+            let reason = if broken.is_empty() { "body ended early".to_owned() } else { broken };
+            resumes += 1;
+            if resumes > 5 {
+                return Err(ResolveError::Unavailable(format!("upstream body broke {resumes} times: {reason}")));
+            }
+            tracing::info!(offset = written, %reason, "upstream body broke; resuming");
+            req.offset = written;
+            resp = self.upstream.send(req).await?;
+        }
+
+        let (file, hasher) = writer.take().expect("the writer is put back after every batch");
+        let actual = Digest::from_sha256(&hasher.finalize());
+        if actual != *digest {
+            self.metrics.store.verify_failures.inc();
+            return Err(ResolveError::Unavailable(format!("content does not match its digest (got {actual})")));
+        }
+        let meta = BlobMeta { size: written, media_type, last_access: now_secs() };
+        let store = self.store.clone();
+        let d = digest.clone();
+        let link = format!("{}@{digest}", client.repo_key());
+        let public = client.auth.is_none();
+        blocking(move || {
+            store.commit(&partial, &file, &d, &meta)?;
+            store.put_link(&link, LinkRecord { public, at: now_secs() })
+        })
+        .await?;
+        self.metrics.store.commits.inc();
+        self.update_store_gauges();
+        Ok(())
+    }
+
+    fn update_store_gauges(&self) {
+        self.metrics.store.bytes.set(self.store.bytes() as i64);
+        self.metrics.store.blobs.set(self.store.blob_count() as i64);
+    }
+
+    /// Starts a GC pass if the store is above its high watermark and none is running.
+    pub fn maybe_gc(self: &Arc<Self>) {
+        self.update_store_gauges();
+        if self.store.bytes() <= self.cfg.gc_high_bytes || self.gc_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let mut keep: HashSet<Digest> = lock(&this.in_use).keys().cloned().collect();
+            keep.extend(lock(&this.downloads).keys().cloned());
+            let store = this.store.clone();
+            let target = this.cfg.gc_low_bytes;
+            match blocking(move || store.evict_to(target, &keep)).await {
+                Ok((n, bytes)) => {
+                    tracing::info!(blobs = n, bytes, "GC evicted least recently used blobs");
+                    this.metrics.store.evicted_blobs.inc_by(n);
+                    this.metrics.store.evicted_bytes.inc_by(bytes);
+                }
+                Err(e) => tracing::error!(error = %e, "GC failed"),
+            }
+            this.update_store_gauges();
+            this.gc_running.store(false, Ordering::Release);
+        });
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Whether an `Accept` header admits a media type (no header, or no known type, admits everything).
+fn accepts(accept: Option<&HeaderValue>, media_type: Option<&str>) -> bool {
+    let (Some(accept), Some(mt)) = (accept.and_then(|a| a.to_str().ok()), media_type) else { return true };
+    accept.split(',').map(|p| p.split(';').next().unwrap_or_default().trim()).any(|a| a == mt || a == "*/*")
+}
+
+impl Opened {
+    /// Streams bytes `[start, end)`. A download's bytes are sent as they arrive, but never its last byte before
+    /// the download was verified; if it fails, the stream ends with an error.
+    pub fn stream(
+        self,
+        start: u64,
+        end: u64,
+        metrics: &Metrics,
+    ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let source = match &self.source {
+            OpenedSource::Stored(_) | OpenedSource::HeadOnly => Source::store,
+            OpenedSource::InFlight { .. } => Source::upstream,
+        };
+        let counter = metrics.mirror.bytes_served.get_or_create(&SourceLabels { source }).clone();
+        let reader = Reader { opened: self, file: None, pos: start, end };
+        futures_util::stream::unfold(reader, move |mut r| {
+            let counter = counter.clone();
+            async move {
+                match r.next_chunk().await {
+                    Ok(None) => None,
+                    Ok(Some(b)) => {
+                        counter.inc_by(b.len() as u64);
+                        Some((Ok(b), r))
+                    }
+                    Err(e) => {
+                        // End the stream after the error.
+                        r.pos = r.end;
+                        Some((Err(e), r))
+                    }
+                }
+            }
+        })
+    }
+}
+
+struct Reader {
+    opened: Opened,
+    file: Option<tokio::fs::File>,
+    pos: u64,
+    end: u64,
+}
+
+impl Reader {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if self.pos >= self.end {
+            return Ok(None);
+        }
+        let (avail, path) = match &mut self.opened.source {
+            OpenedSource::HeadOnly => return Ok(None),
+            OpenedSource::Stored(path) => (self.end, path.clone()),
+            OpenedSource::InFlight { rx, final_path } => loop {
+                let p = rx.borrow_and_update().clone();
+                let avail = match &p.state {
+                    State::Failed(e) => return Err(io::Error::other(e.to_string())),
+                    State::Done if p.written <= self.pos => return Ok(None),
+                    State::Done => p.written,
+                    State::Running => match p.header.as_ref().and_then(|h| h.0) {
+                        Some(size) => p.written.min(size.saturating_sub(1)),
+                        None => p.written.saturating_sub(1),
+                    },
+                };
+                if avail > self.pos {
+                    let path = match (&p.state, p.partial) {
+                        (State::Running, Some(partial)) => partial,
+                        _ => final_path.clone(),
+                    };
+                    break (avail.min(self.end), path);
+                }
+                // A closed channel still has its final state to look at: check it once more before giving up.
+                if rx.changed().await.is_err() && matches!(rx.borrow().state, State::Running) {
+                    return Err(io::Error::other("download vanished"));
+                }
+            },
+        };
+        if self.file.is_none() {
+            let mut f = tokio::fs::File::open(&path).await?;
+            f.seek(SeekFrom::Start(self.pos)).await?;
+            self.file = Some(f);
+        }
+        let file = self.file.as_mut().expect("opened just above");
+        let want = (avail - self.pos).min(READ_CHUNK as u64) as usize;
+        let mut buf = BytesMut::zeroed(want);
+        let mut filled = 0;
+        while filled < want {
+            let n = file.read(&mut buf[filled..]).await?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file shorter than recorded"));
+            }
+            filled += n;
+        }
+        self.pos += want as u64;
+        Ok(Some(buf.freeze()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_matching() {
+        let h = HeaderValue::from_static(
+            "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json;q=0.9",
+        );
+        assert!(accepts(Some(&h), Some("application/vnd.docker.distribution.manifest.v2+json")));
+        assert!(!accepts(Some(&h), Some("application/vnd.docker.distribution.manifest.list.v2+json")));
+        assert!(accepts(None, Some("x")));
+        assert!(accepts(Some(&HeaderValue::from_static("*/*")), Some("x")));
+    }
+}

@@ -1,0 +1,440 @@
+//! The node's blob store: verified blob files on disk and a rocksdb index beside them.
+//!
+//! ```text
+//! <data_dir>/blobs/sha256/<xx>/<hex>   complete blobs, each verified against its name before it got there
+//! <data_dir>/partial/<hex>.<n>         downloads in progress (removed on start: they cannot be trusted)
+//! <data_dir>/index/                    rocksdb: column families `blobs`, `tags`, `links`
+//! ```
+//!
+//! A blob becomes visible only by an atomic rename after its sha256 matched, and is recorded in the index after
+//! the rename; on start, [`Store::open`] reconciles the two: index records without a file of the right size go,
+//! files without a record (a crash between rename and record) go, partials go. Every method here blocks (file
+//! system and rocksdb): async callers run them on the blocking pool.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options};
+use serde::{Deserialize, Serialize};
+
+use crate::oci::Digest;
+
+const CF_BLOBS: &str = "blobs";
+const CF_TAGS: &str = "tags";
+const CF_LINKS: &str = "links";
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// rocksdb failed.
+    #[error("index: {0}")]
+    Index(#[from] rocksdb::Error),
+    /// An index record could not be decoded (it is then treated as absent and rewritten).
+    #[error("index record for {key}: {source}")]
+    Record {
+        /// The record's key.
+        key: String,
+        /// The decoding error.
+        source: serde_json::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { op, path: path.to_owned(), source }
+}
+
+/// What the index knows about a complete blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobMeta {
+    /// Size in bytes.
+    pub size: u64,
+    /// The media type upstream gave (manifests need it back; layers may have none).
+    pub media_type: Option<String>,
+    /// Last time it was served, seconds since the epoch (the LRU order).
+    pub last_access: u64,
+}
+
+/// A tag's last known answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    /// The manifest digest the tag pointed to.
+    pub digest: Digest,
+    /// When upstream said so, seconds since the epoch.
+    pub fetched_at: u64,
+    /// Whether it was resolved without a client's credentials (anyone may be given it).
+    pub public: bool,
+}
+
+/// Evidence that a digest is served by a repository upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRecord {
+    /// Whether upstream served it without a client's credentials (so any client may get it from the cache).
+    pub public: bool,
+    /// When this was learnt, seconds since the epoch.
+    pub at: u64,
+}
+
+/// Counts from a start-up reconciliation.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Blobs kept.
+    pub blobs: u64,
+    /// Index records dropped because their file was missing or the wrong size.
+    pub dangling_records: u64,
+    /// Files deleted because the index did not know them.
+    pub orphan_files: u64,
+    /// Partial downloads deleted.
+    pub partials: u64,
+}
+
+/// The blob store. Shared behind an `Arc`; all methods take `&self`.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    db: DB,
+    bytes: AtomicU64,
+    blobs: AtomicU64,
+    partial_seq: AtomicU64,
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `root` and reconciles files with the index.
+    pub fn open(root: &Path) -> Result<(Self, Reconciled), StoreError> {
+        for dir in ["blobs/sha256", "partial", "index"] {
+            let p = root.join(dir);
+            fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        }
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_keep_log_file_num(3);
+        opts.set_max_log_file_size(1 << 20);
+        let cfs = [CF_BLOBS, CF_TAGS, CF_LINKS].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, root.join("index"), cfs)?;
+        let store = Self {
+            root: root.to_owned(),
+            db,
+            bytes: AtomicU64::new(0),
+            blobs: AtomicU64::new(0),
+            partial_seq: AtomicU64::new(0),
+        };
+        let rec = store.reconcile()?;
+        Ok((store, rec))
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created in Store::open")
+    }
+
+    /// Where a complete blob lives.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root.join("blobs/sha256").join(&hex[..2]).join(hex)
+    }
+
+    fn reconcile(&self) -> Result<Reconciled, StoreError> {
+        let mut rec = Reconciled::default();
+        let partial = self.root.join("partial");
+        for entry in fs::read_dir(&partial).map_err(io_err("list", &partial))? {
+            let entry = entry.map_err(io_err("list", &partial))?;
+            remove_path(&entry.path())?;
+            rec.partials += 1;
+        }
+        let mut known = HashSet::new();
+        let mut dangling = Vec::new();
+        let (mut bytes, mut blobs) = (0, 0);
+        for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let meta = serde_json::from_slice::<BlobMeta>(&v).ok();
+            let digest = Digest::parse(&key).ok().filter(Digest::is_sha256);
+            let ok = match (&digest, &meta) {
+                (Some(d), Some(m)) => {
+                    fs::metadata(self.blob_path(d)).is_ok_and(|fm| fm.is_file() && fm.len() == m.size)
+                }
+                _ => false,
+            };
+            if ok {
+                known.insert(key);
+                bytes += meta.map_or(0, |m| m.size);
+                blobs += 1;
+            } else {
+                dangling.push(k);
+            }
+        }
+        for k in &dangling {
+            self.db.delete_cf(self.cf(CF_BLOBS), k)?;
+        }
+        rec.dangling_records = dangling.len() as u64;
+        let base = self.root.join("blobs/sha256");
+        for shard in fs::read_dir(&base).map_err(io_err("list", &base))? {
+            let shard = shard.map_err(io_err("list", &base))?.path();
+            if !shard.is_dir() {
+                remove_path(&shard)?;
+                rec.orphan_files += 1;
+                continue;
+            }
+            for f in fs::read_dir(&shard).map_err(io_err("list", &shard))? {
+                let f = f.map_err(io_err("list", &shard))?.path();
+                let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                if !known.contains(&format!("sha256:{name}")) {
+                    remove_path(&f)?;
+                    rec.orphan_files += 1;
+                }
+            }
+        }
+        rec.blobs = blobs;
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.blobs.store(blobs, Ordering::Relaxed);
+        Ok(rec)
+    }
+
+    /// Creates a new partial file for a download of `digest`.
+    pub fn create_partial(&self, digest: &Digest) -> Result<(PathBuf, File), StoreError> {
+        let n = self.partial_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.root.join("partial").join(format!("{}.{n}", digest.hex()));
+        let file =
+            File::options().create_new(true).read(true).write(true).open(&path).map_err(io_err("create", &path))?;
+        Ok((path, file))
+    }
+
+    /// Makes a verified partial file a complete blob: fsync, rename into place, fsync the directory, record it.
+    /// The caller has checked the file's sha256 against `digest`.
+    pub fn commit(&self, partial: &Path, file: &File, digest: &Digest, meta: &BlobMeta) -> Result<(), StoreError> {
+        file.sync_all().map_err(io_err("fsync", partial))?;
+        let dest = self.blob_path(digest);
+        let shard = dest.parent().expect("a blob path has a shard directory");
+        fs::create_dir_all(shard).map_err(io_err("create", shard))?;
+        let existed = dest.exists();
+        fs::rename(partial, &dest).map_err(io_err("rename", partial))?;
+        File::open(shard).and_then(|d| d.sync_all()).map_err(io_err("fsync", shard))?;
+        let value = serde_json::to_vec(meta).expect("BlobMeta serializes");
+        self.db.put_cf(self.cf(CF_BLOBS), digest.as_str(), value)?;
+        if !existed {
+            self.bytes.fetch_add(meta.size, Ordering::Relaxed);
+            self.blobs.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The index record of a complete blob.
+    pub fn blob(&self, digest: &Digest) -> Result<Option<BlobMeta>, StoreError> {
+        self.get(CF_BLOBS, digest.as_str())
+    }
+
+    /// Records that a blob was just served (its place in the LRU order).
+    pub fn touch(&self, digest: &Digest) -> Result<(), StoreError> {
+        if let Some(mut meta) = self.blob(digest)? {
+            let now = now_secs();
+            // One write per second per blob at most: enough precision for LRU.
+            if meta.last_access != now {
+                meta.last_access = now;
+                self.put(CF_BLOBS, digest.as_str(), &meta)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A tag's last known answer. `key` is `registry/repo:tag`.
+    pub fn tag(&self, key: &str) -> Result<Option<TagRecord>, StoreError> {
+        self.get(CF_TAGS, key)
+    }
+
+    /// Records a tag's answer.
+    pub fn put_tag(&self, key: &str, rec: &TagRecord) -> Result<(), StoreError> {
+        self.put(CF_TAGS, key, rec)
+    }
+
+    /// What is known of `digest` in a repository. `key` is `registry/repo@digest`.
+    pub fn link(&self, key: &str) -> Result<Option<LinkRecord>, StoreError> {
+        self.get(CF_LINKS, key)
+    }
+
+    /// Records that a repository serves a digest; a public record is never downgraded to a private one.
+    pub fn put_link(&self, key: &str, rec: LinkRecord) -> Result<(), StoreError> {
+        if !rec.public && self.link(key)?.is_some_and(|l| l.public) {
+            return Ok(());
+        }
+        self.put(CF_LINKS, key, &rec)
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(&self, cf: &str, key: &str) -> Result<Option<T>, StoreError> {
+        match self.db.get_cf(self.cf(cf), key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|source| StoreError::Record { key: key.to_owned(), source }),
+        }
+    }
+
+    fn put<T: Serialize>(&self, cf: &str, key: &str, value: &T) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(value).expect("index records serialize");
+        self.db.put_cf(self.cf(cf), key, v)?;
+        Ok(())
+    }
+
+    /// Bytes of complete blobs on disk.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Number of complete blobs.
+    pub fn blob_count(&self) -> u64 {
+        self.blobs.load(Ordering::Relaxed)
+    }
+
+    /// Evicts least-recently-used blobs, skipping `in_use`, until at most `target` bytes remain. Returns the
+    /// number of blobs and bytes evicted.
+    pub fn evict_to(&self, target: u64, in_use: &HashSet<Digest>) -> Result<(u64, u64), StoreError> {
+        if self.bytes() <= target {
+            return Ok((0, 0));
+        }
+        let mut all = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
+            let (k, v) = item?;
+            let (Ok(d), Ok(m)) = (Digest::parse(&String::from_utf8_lossy(&k)), serde_json::from_slice::<BlobMeta>(&v))
+            else {
+                continue;
+            };
+            if !in_use.contains(&d) {
+                all.push((m.last_access, m.size, d));
+            }
+        }
+        all.sort();
+        let (mut n, mut freed) = (0, 0);
+        for (_, size, d) in all {
+            if self.bytes() <= target {
+                break;
+            }
+            // Index first: a crash after this leaves an orphan file, which start-up removes.
+            self.db.delete_cf(self.cf(CF_BLOBS), d.as_str())?;
+            let path = self.blob_path(&d);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::Io { op: "remove", path, source: e }),
+            }
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
+            self.blobs.fetch_sub(1, Ordering::Relaxed);
+            n += 1;
+            freed += size;
+        }
+        Ok((n, freed))
+    }
+
+    /// Flushes the index's memtables to disk (at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn remove_path(p: &Path) -> Result<(), StoreError> {
+    let r = if p.is_dir() { fs::remove_dir_all(p) } else { fs::remove_file(p) };
+    r.map_err(io_err("remove", p))
+}
+
+/// Writes all of `buf` to `file` (a helper for the blocking download writer).
+pub fn write_all(file: &mut File, buf: &[u8], path: &Path) -> Result<(), StoreError> {
+    file.write_all(buf).map_err(io_err("write", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest as _, Sha256};
+
+    fn put_blob(store: &Store, data: &[u8]) -> Digest {
+        let d = Digest::from_sha256(&Sha256::digest(data));
+        let (path, mut file) = store.create_partial(&d).unwrap();
+        write_all(&mut file, data, &path).unwrap();
+        let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs() };
+        store.commit(&path, &file, &d, &meta).unwrap();
+        d
+    }
+
+    #[test]
+    fn commit_reopen_and_reconcile() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b);
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            a = put_blob(&store, b"hello");
+            b = put_blob(&store, b"world!");
+            assert_eq!(store.bytes(), 11);
+            // A partial left behind, an orphan file, and a record whose file vanished.
+            let (_p, _f) = store.create_partial(&a).unwrap();
+            let orphan = Digest::from_sha256(&Sha256::digest(b"orphan"));
+            let op = store.blob_path(&orphan);
+            fs::create_dir_all(op.parent().unwrap()).unwrap();
+            fs::write(&op, b"orphan").unwrap();
+            fs::remove_file(store.blob_path(&b)).unwrap();
+        }
+        let (store, rec) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec, Reconciled { blobs: 1, dangling_records: 1, orphan_files: 1, partials: 1 });
+        assert!(store.blob(&a).unwrap().is_some());
+        assert!(store.blob(&b).unwrap().is_none());
+        assert_eq!(store.bytes(), 5);
+    }
+
+    #[test]
+    fn truncated_file_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let a;
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            a = put_blob(&store, b"hello");
+            fs::write(store.blob_path(&a), b"hel").unwrap();
+        }
+        let (store, rec) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec.dangling_records, 1);
+        assert!(store.blob(&a).unwrap().is_none());
+        assert!(!store.blob_path(&a).exists());
+    }
+
+    #[test]
+    fn evicts_lru_but_not_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let ds: Vec<_> = (0..4u8).map(|i| put_blob(&store, &[i; 100])).collect();
+        for (i, d) in ds.iter().enumerate() {
+            let mut m = store.blob(d).unwrap().unwrap();
+            m.last_access = i as u64;
+            store.put(CF_BLOBS, d.as_str(), &m).unwrap();
+        }
+        let in_use = HashSet::from([ds[0].clone()]);
+        assert_eq!(store.evict_to(200, &in_use).unwrap(), (2, 200));
+        assert!(store.blob(&ds[0]).unwrap().is_some());
+        assert!(store.blob(&ds[1]).unwrap().is_none());
+        assert!(store.blob(&ds[2]).unwrap().is_none());
+        assert!(store.blob(&ds[3]).unwrap().is_some());
+    }
+
+    #[test]
+    fn public_links_stay_public() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        store.put_link("r/x@d", LinkRecord { public: true, at: 1 }).unwrap();
+        store.put_link("r/x@d", LinkRecord { public: false, at: 2 }).unwrap();
+        assert!(store.link("r/x@d").unwrap().unwrap().public);
+    }
+}

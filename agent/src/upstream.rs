@@ -1,0 +1,402 @@
+//! The upstream registry client: one place that knows how to ask a registry for a manifest or a blob.
+//!
+//! - Auth: a client's own `Authorization` is forwarded as is, and a 401 then goes back to the client with the
+//!   registry's challenge. Without one, the agent follows the challenge itself: the Bearer token flow (anonymous
+//!   or with the registry's configured credentials; tokens cached per repository until they expire) or Basic.
+//! - Redirects (registries send blobs to object storage) are followed by hand, and credentials are sent to the
+//!   registry's own origin only.
+//! - Connection errors, timeouts, 429 and 5xx are retried with jittered exponential backoff; the caller resumes
+//!   broken bodies with a `Range` from the offset it reached.
+
+pub mod challenge;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use http::{HeaderValue, Method, StatusCode, header};
+use reqwest::Url;
+
+use crate::config::{Credentials, RegistryConfig, UpstreamConfig};
+use crate::metrics::{KindLabels, UpstreamKind, UpstreamLabels, UpstreamMetrics, UpstreamOutcome};
+use crate::oci::{Digest, Reference, RegistryHost, RepoName};
+
+const MAX_REDIRECTS: usize = 5;
+
+/// Why an upstream request did not produce a usable response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The registry is not configured and unlisted registries are refused.
+    #[error("registry {0} is not configured and unlisted registries are not allowed")]
+    NotAllowed(RegistryHost),
+    /// The registry says the manifest or blob does not exist.
+    #[error("not found upstream")]
+    NotFound,
+    /// The registry wants credentials; `challenge` is its `WWW-Authenticate`, to pass back to the client.
+    #[error("upstream requires authentication")]
+    Unauthorized {
+        /// The registry's challenge.
+        challenge: Option<HeaderValue>,
+    },
+    /// The registry refused the credentials (403).
+    #[error("upstream denied access")]
+    Denied,
+    /// Connection errors, timeouts or 5xx/429 answers, after every attempt.
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// Another unexpected status.
+    #[error("upstream answered {0}")]
+    Status(StatusCode),
+}
+
+/// What to fetch.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// A blob by digest.
+    Blob(&'a Digest),
+    /// A manifest by tag or digest.
+    Manifest(&'a Reference),
+}
+
+/// One request to an upstream registry.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The registry (containerd's `ns`).
+    pub registry: &'a RegistryHost,
+    /// The repository.
+    pub repo: &'a RepoName,
+    /// Manifest or blob.
+    pub target: Target<'a>,
+    /// HEAD instead of GET.
+    pub head: bool,
+    /// The client's `Accept`, passed through for manifests.
+    pub accept: Option<&'a HeaderValue>,
+    /// The client's `Authorization`, forwarded as is.
+    pub client_auth: Option<&'a HeaderValue>,
+    /// Ask for the body from this offset on (`Range: bytes=N-`).
+    pub offset: u64,
+}
+
+struct CachedAuth {
+    value: HeaderValue,
+    expires: Option<Instant>,
+}
+
+/// The upstream client, shared by every request.
+#[derive(Debug)]
+pub struct Upstream {
+    http: reqwest::Client,
+    cfg: UpstreamConfig,
+    auth: Mutex<HashMap<(RegistryHost, String), CachedAuth>>,
+    metrics: UpstreamMetrics,
+}
+
+impl std::fmt::Debug for CachedAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedAuth").field("expires", &self.expires).finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Builds the client.
+    pub fn new(cfg: UpstreamConfig, metrics: UpstreamMetrics) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .build()?;
+        Ok(Self { http, cfg, auth: Mutex::new(HashMap::new()), metrics })
+    }
+
+    /// The longest wait for response headers or between two body chunks.
+    pub fn stall_timeout(&self) -> Duration {
+        self.cfg.stall_timeout
+    }
+
+    /// The registry used when a request names none.
+    pub fn default_registry(&self) -> Option<&RegistryHost> {
+        self.cfg.default_registry.as_ref()
+    }
+
+    fn registry(&self, host: &RegistryHost) -> Result<RegistryConfig, UpstreamError> {
+        if let Some(r) = self.cfg.registries.get(host) {
+            return Ok(r.clone());
+        }
+        if !self.cfg.allow_unlisted {
+            return Err(UpstreamError::NotAllowed(host.clone()));
+        }
+        let endpoint = Url::parse(&format!("https://{host}")).map_err(|_| UpstreamError::NotAllowed(host.clone()))?;
+        Ok(RegistryConfig { endpoint, credentials: None })
+    }
+
+    /// Sends a request, following auth challenges, redirects and retries. Returns a 2xx response (200, or 206
+    /// when `offset` > 0 and the registry honoured it).
+    pub async fn send(&self, req: Request<'_>) -> Result<reqwest::Response, UpstreamError> {
+        let reg = self.registry(req.registry)?;
+        let (kind, path) = match req.target {
+            Target::Blob(d) => (UpstreamKind::blob, format!("blobs/{d}")),
+            Target::Manifest(r) => (UpstreamKind::manifest, format!("manifests/{}", r.as_str())),
+        };
+        let base = reg.endpoint.as_str().trim_end_matches('/');
+        let url = Url::parse(&format!("{base}/v2/{}/{path}", req.repo))
+            .map_err(|e| UpstreamError::Unreachable(format!("bad upstream URL: {e}")))?;
+        let cache_key = (req.registry.clone(), req.repo.as_str().to_owned());
+        let mut auth = match req.client_auth {
+            Some(a) => Some(a.clone()),
+            None => self.cached_auth(&cache_key),
+        };
+        let mut tried_challenge = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let result = self.send_following_redirects(&reg, &url, &req, auth.as_ref()).await;
+            self.metrics.latency.get_or_create(&KindLabels { kind }).observe(started.elapsed().as_secs_f64());
+            let retry_reason = match result {
+                Err(e) => {
+                    self.count(kind, UpstreamOutcome::unreachable);
+                    e
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    match status {
+                        s if s.is_success() => {
+                            self.count(kind, UpstreamOutcome::ok);
+                            return Ok(resp);
+                        }
+                        StatusCode::UNAUTHORIZED => {
+                            self.count(kind, UpstreamOutcome::unauthorized);
+                            let challenge = resp.headers().get(header::WWW_AUTHENTICATE).cloned();
+                            if req.client_auth.is_some() || tried_challenge {
+                                return Err(UpstreamError::Unauthorized { challenge });
+                            }
+                            tried_challenge = true;
+                            match self.answer_challenge(&reg, req.registry, req.repo, challenge.as_ref()).await? {
+                                Some(a) => {
+                                    auth = Some(a);
+                                    attempt -= 1;
+                                    continue;
+                                }
+                                None => return Err(UpstreamError::Unauthorized { challenge }),
+                            }
+                        }
+                        StatusCode::FORBIDDEN => {
+                            self.count(kind, UpstreamOutcome::unauthorized);
+                            return Err(UpstreamError::Denied);
+                        }
+                        StatusCode::NOT_FOUND => {
+                            self.count(kind, UpstreamOutcome::not_found);
+                            return Err(UpstreamError::NotFound);
+                        }
+                        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                            self.count(kind, UpstreamOutcome::server_error);
+                            format!("status {s}")
+                        }
+                        s => {
+                            self.count(kind, UpstreamOutcome::other);
+                            return Err(UpstreamError::Status(s));
+                        }
+                    }
+                }
+            };
+            if attempt >= self.cfg.attempts {
+                return Err(UpstreamError::Unreachable(retry_reason));
+            }
+            tracing::debug!(%url, attempt, reason = %retry_reason, "retrying upstream request");
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    fn count(&self, kind: UpstreamKind, outcome: UpstreamOutcome) {
+        self.metrics.requests.get_or_create(&UpstreamLabels { kind, outcome }).inc();
+    }
+
+    /// Counts body bytes received from upstream.
+    pub fn count_bytes(&self, n: u64) {
+        self.metrics.bytes.inc_by(n);
+    }
+
+    async fn send_following_redirects(
+        &self,
+        reg: &RegistryConfig,
+        url: &Url,
+        req: &Request<'_>,
+        auth: Option<&HeaderValue>,
+    ) -> Result<reqwest::Response, String> {
+        let method = if req.head { Method::HEAD } else { Method::GET };
+        let mut url = url.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let same_origin = url.origin() == reg.endpoint.origin();
+            let mut rb = self.http.request(method.clone(), url.clone());
+            if let (Some(a), true) = (auth, same_origin) {
+                rb = rb.header(header::AUTHORIZATION, a.clone());
+            }
+            if let (Some(accept), Target::Manifest(_)) = (req.accept, req.target) {
+                rb = rb.header(header::ACCEPT, accept.clone());
+            }
+            if req.offset > 0 {
+                rb = rb.header(header::RANGE, format!("bytes={}-", req.offset));
+            }
+            let resp = tokio::time::timeout(self.cfg.stall_timeout, rb.send())
+                .await
+                .map_err(|_| {
+                    format!(
+                        "no response from {} within {:?}",
+                        url.origin().ascii_serialization(),
+                        self.cfg.stall_timeout
+                    )
+                })?
+                .map_err(|e| error_chain(&e))?;
+            if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
+                return Ok(resp);
+            }
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .ok_or_else(|| format!("redirect {} without Location", resp.status()))?;
+            let next = url.join(location).map_err(|e| format!("bad redirect Location: {e}"))?;
+            if !matches!(next.scheme(), "http" | "https") || (url.scheme() == "https" && next.scheme() == "http") {
+                return Err(format!("refusing redirect to {}", next.scheme()));
+            }
+            url = next;
+        }
+        Err(format!("more than {MAX_REDIRECTS} redirects"))
+    }
+
+    fn cached_auth(&self, key: &(RegistryHost, String)) -> Option<HeaderValue> {
+        let mut map = self.auth.lock().expect("auth cache lock is never poisoned: no panics while held");
+        match map.get(key) {
+            Some(a) if a.expires.is_none_or(|e| e > Instant::now()) => Some(a.value.clone()),
+            Some(_) => {
+                map.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Answers a challenge with the agent's own identity (anonymous or configured credentials). `None` when the
+    /// agent cannot: the client must authenticate itself.
+    async fn answer_challenge(
+        &self,
+        reg: &RegistryConfig,
+        host: &RegistryHost,
+        repo: &RepoName,
+        challenge: Option<&HeaderValue>,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let Some(c) = challenge.and_then(|v| v.to_str().ok()).and_then(challenge::parse) else {
+            return Ok(None);
+        };
+        let key = (host.clone(), repo.as_str().to_owned());
+        let value = match c.scheme.as_str() {
+            "basic" => match &reg.credentials {
+                Some(creds) => CachedAuth { value: basic(creds), expires: None },
+                None => return Ok(None),
+            },
+            "bearer" => {
+                let Some(realm) = c.params.get("realm") else { return Ok(None) };
+                let scope = format!("repository:{repo}:pull");
+                match self.fetch_token(reg, realm, c.params.get("service"), &scope).await? {
+                    Some(t) => t,
+                    None => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        };
+        let header = value.value.clone();
+        self.auth.lock().expect("auth cache lock is never poisoned: no panics while held").insert(key, value);
+        Ok(Some(header))
+    }
+
+    async fn fetch_token(
+        &self,
+        reg: &RegistryConfig,
+        realm: &str,
+        service: Option<&String>,
+        scope: &str,
+    ) -> Result<Option<CachedAuth>, UpstreamError> {
+        let Ok(mut url) = Url::parse(realm) else { return Ok(None) };
+        if !matches!(url.scheme(), "https" | "http") {
+            return Ok(None);
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+        }
+        let mut rb = self.http.get(url.clone());
+        // Credentials go to the token realm only over TLS, or over plain HTTP when the registry itself is.
+        if let Some(creds) = &reg.credentials
+            && (url.scheme() == "https" || reg.endpoint.scheme() == "http")
+        {
+            rb = rb.header(header::AUTHORIZATION, basic(creds));
+        }
+        let started = Instant::now();
+        let resp = tokio::time::timeout(self.cfg.stall_timeout, rb.send()).await;
+        self.metrics
+            .latency
+            .get_or_create(&KindLabels { kind: UpstreamKind::token })
+            .observe(started.elapsed().as_secs_f64());
+        let resp = match resp {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.count(UpstreamKind::token, UpstreamOutcome::unreachable);
+                return Err(UpstreamError::Unreachable(format!("token endpoint: {}", error_chain(&e))));
+            }
+            Err(_) => {
+                self.count(UpstreamKind::token, UpstreamOutcome::unreachable);
+                return Err(UpstreamError::Unreachable("token endpoint timed out".into()));
+            }
+        };
+        if !resp.status().is_success() {
+            self.count(UpstreamKind::token, UpstreamOutcome::unauthorized);
+            return Ok(None);
+        }
+        self.count(UpstreamKind::token, UpstreamOutcome::ok);
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let body = resp.bytes().await.map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        let Ok(t) = serde_json::from_slice::<TokenResponse>(&body) else { return Ok(None) };
+        let Some(token) = t.token.or(t.access_token).filter(|t| !t.is_empty()) else { return Ok(None) };
+        let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}")) else { return Ok(None) };
+        // The spec's default lifetime is 60 s; renew a little early.
+        let life = Duration::from_secs(t.expires_in.unwrap_or(60).clamp(10, 3600));
+        Ok(Some(CachedAuth { value, expires: Some(Instant::now() + life - Duration::from_secs(5)) }))
+    }
+}
+
+fn basic(creds: &Credentials) -> HeaderValue {
+    let raw = format!("{}:{}", creds.username, creds.password);
+    let mut v = HeaderValue::from_str(&format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw)))
+        .expect("base64 is a valid header value");
+    v.set_sensitive(true);
+    v
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = 100u64 << attempt.min(6);
+    Duration::from_millis(base / 2 + rand::random_range(0..=base / 2))
+}
+
+/// The error and its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,311 @@
+//! Child processes of the testbed: `shoal agent` and `containerd` (+ `ctr`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sha2::Digest as _;
+
+use crate::{free_port, shoal_bin, wait_for};
+
+/// Builds an [`Agent`].
+#[derive(Debug, Default)]
+pub struct AgentBuilder {
+    lines: Vec<String>,
+    registries: Vec<String>,
+}
+
+impl AgentBuilder {
+    /// Proxies `host` over plain HTTP (to `http://host`).
+    pub fn registry(mut self, host: &str) -> Self {
+        self.registries.push(format!("[registry.\"{host}\"]\nplain_http = true\n"));
+        self
+    }
+
+    /// Proxies `host` over plain HTTP with credentials from a file holding `user:password`.
+    pub fn registry_with_credentials(mut self, host: &str, credentials_file: &Path) -> Self {
+        self.registries.push(format!(
+            "[registry.\"{host}\"]\nplain_http = true\ncredentials_file = \"{}\"\n",
+            credentials_file.display()
+        ));
+        self
+    }
+
+    /// Adds a top-level config line, e.g. `("tag_ttl", "\"1s\"")` (the value in TOML syntax).
+    pub fn setting(mut self, key: &str, toml_value: &str) -> Self {
+        self.lines.push(format!("{key} = {toml_value}"));
+        self
+    }
+
+    /// Starts the agent and waits until it is ready.
+    pub async fn start(self) -> Result<Agent> {
+        let dir = tempfile::Builder::new().prefix("shoal-agent").tempdir()?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let data_dir = dir.path().join("data");
+        let mut config = format!(
+            "listen = \"{addr}\"\nmetrics_listen = \"{metrics_addr}\"\ndata_dir = \"{}\"\nupstream_connect_timeout = \"1s\"\nupstream_stall_timeout = \"5s\"\nupstream_attempts = 2\nshutdown_grace = \"5s\"\n",
+            data_dir.display()
+        );
+        for l in &self.lines {
+            config.push_str(l);
+            config.push('\n');
+        }
+        for r in &self.registries {
+            config.push_str(r);
+        }
+        let config_path = dir.path().join("shoal.toml");
+        std::fs::write(&config_path, config)?;
+        let mut agent = Agent { child: None, dir, addr, metrics_addr, config_path, http: reqwest::Client::new() };
+        agent.spawn().await?;
+        Ok(agent)
+    }
+}
+
+/// A running `shoal agent`.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<tokio::process::Child>,
+    dir: tempfile::TempDir,
+    /// Mirror address.
+    pub addr: SocketAddr,
+    /// Metrics address.
+    pub metrics_addr: SocketAddr,
+    config_path: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Agent {
+    /// A builder.
+    pub fn builder() -> AgentBuilder {
+        AgentBuilder::default()
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let child = tokio::process::Command::new(shoal_bin()?)
+            .arg("agent")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("SHOAL_LOG", "info,shoal_agent=debug")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting shoal agent")?;
+        self.child = Some(child);
+        let url = format!("http://{}/readyz", self.metrics_addr);
+        let http = self.http.clone();
+        let res = wait_for("the agent to be ready", Duration::from_secs(30), async || {
+            http.get(&url).send().await.is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        if res.is_err() {
+            bail!("agent did not become ready; log:\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// `http://ADDR`, the mirror's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self.http.get(format!("http://{}/metrics", self.metrics_addr)).send().await?.text().await?)
+    }
+
+    /// Sum of the samples of metric `name` (the full sample name, e.g. `shoal_bytes_served_total`) whose labels
+    /// contain every one of `labels` (e.g. `source="upstream"`).
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> Result<f64> {
+        let text = self.metrics().await?;
+        let mut sum = 0.0;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap_or((line, "0"));
+            let (n, l) = series.split_once('{').unwrap_or((series, ""));
+            if n == name && labels.iter().all(|want| l.contains(want)) {
+                sum += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        Ok(sum)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// SIGKILL, no cleanup.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (at most `timeout`).
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("agent not running")?;
+        let pid = c.id().context("agent already reaped")?;
+        kill(Pid::from_raw(pid as i32), Signal::SIGTERM)?;
+        Ok(tokio::time::timeout(timeout, c.wait()).await.context("agent did not exit after SIGTERM")??)
+    }
+
+    /// Starts the agent again with the same config, ports and data.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await;
+        self.spawn().await
+    }
+}
+
+/// What `ctr images pull` did.
+#[derive(Debug)]
+pub struct PullOutput {
+    /// Whether it exited 0.
+    pub success: bool,
+    /// Its combined output.
+    pub output: String,
+}
+
+/// A `containerd` daemon with its own root, state and socket, and a hosts dir for `ctr --hosts-dir`.
+#[derive(Debug)]
+pub struct Containerd {
+    child: Option<tokio::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    /// Starts containerd and waits for its socket.
+    pub async fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("shoal-ctrd").tempdir()?;
+        let d = dir.path();
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{ttrpc}"
+[debug]
+  level = "warn"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("c.sock").display(),
+            ttrpc = d.join("t.sock").display(),
+        );
+        std::fs::write(d.join("config.toml"), config)?;
+        std::fs::create_dir_all(d.join("hosts"))?;
+        let log = std::fs::File::create(d.join("containerd.log"))?;
+        let child = tokio::process::Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting containerd (Debian package containerd)")?;
+        let me = Self { child: Some(child), dir };
+        let sock = me.socket();
+        wait_for("containerd's socket", Duration::from_secs(30), async || {
+            tokio::net::UnixStream::connect(&sock).await.is_ok()
+        })
+        .await?;
+        Ok(me)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
+
+    /// The hosts dir passed to `ctr --hosts-dir`.
+    pub fn hosts_dir(&self) -> PathBuf {
+        self.dir.path().join("hosts")
+    }
+
+    /// Writes `hosts.toml` for `registry` (`127.0.0.1:PORT`): the mirror first when given (`http://ADDR`), the
+    /// registry itself as the fallback `server`.
+    pub fn configure_host(&self, registry: &str, mirror: Option<&str>) -> Result<()> {
+        let dir = self.hosts_dir().join(registry);
+        std::fs::create_dir_all(&dir)?;
+        let mut toml = format!("server = \"http://{registry}\"\n");
+        if let Some(m) = mirror {
+            toml.push_str(&format!("\n[host.\"{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"));
+        }
+        std::fs::write(dir.join("hosts.toml"), toml)?;
+        Ok(())
+    }
+
+    async fn ctr(&self, args: &[&str]) -> Result<std::process::Output> {
+        let out = tokio::process::Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "shoal-test"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running ctr")?;
+        Ok(out)
+    }
+
+    /// `ctr images pull` through the hosts dir, with the native snapshotter. `extra` adds flags such as
+    /// `--all-platforms`.
+    pub async fn pull(&self, reference: &str, user: Option<&str>, extra: &[&str]) -> Result<PullOutput> {
+        let hosts = self.hosts_dir();
+        let hosts = hosts.to_str().context("hosts dir path is UTF-8")?;
+        let mut args = vec!["images", "pull", "--hosts-dir", hosts, "--snapshotter", "native"];
+        if let Some(u) = user {
+            args.extend(["--user", u]);
+        }
+        args.extend(extra);
+        args.push(reference);
+        let out = self.ctr(&args).await?;
+        let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        Ok(PullOutput { success: out.status.success(), output })
+    }
+
+    /// Whether containerd's content store holds `digest` with exactly those bytes.
+    pub async fn has_verified(&self, digest: &str) -> Result<bool> {
+        let out = self.ctr(&["content", "get", digest]).await?;
+        if !out.status.success() {
+            return Ok(false);
+        }
+        let got = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&out.stdout)));
+        Ok(got == digest)
+    }
+
+    /// Directory of containerd's files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.start_kill();
+        }
+        // Snapshots of the native snapshotter are plain directories; unmount nothing, just let TempDir remove them.
+    }
+}

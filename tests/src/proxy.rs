@@ -1,0 +1,160 @@
+//! An HTTP hop in front of the upstream registry: counts every request by method and path, and injects faults
+//! into blob bodies (a lying upstream, a crawling one).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use futures_util::StreamExt;
+
+/// What the proxy does to blob GET bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Pass through untouched.
+    None,
+    /// Flip the bits of the first byte of every blob body (an upstream serving bytes that do not match).
+    CorruptBlobs,
+    /// Send blob bodies at about this many bytes per second.
+    Throttle(u64),
+}
+
+#[derive(Debug)]
+struct Shared {
+    target: SocketAddr,
+    client: reqwest::Client,
+    counts: Mutex<HashMap<String, usize>>,
+    fault: Mutex<Fault>,
+    stopped: Arc<AtomicBool>,
+}
+
+/// The counting proxy. Stops when dropped.
+#[derive(Debug)]
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts a proxy on a free loopback port forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> Result<Self> {
+        Self::start_on(0, target).await
+    }
+
+    /// Starts a proxy on `port` (0 for any) forwarding to `target`.
+    pub async fn start_on(port: u16, target: SocketAddr) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            target,
+            client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).no_proxy().build()?,
+            counts: Mutex::default(),
+            fault: Mutex::new(Fault::None),
+            stopped: Arc::default(),
+        });
+        let app = axum::Router::new().fallback(forward).with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, shared, task: Some(task) })
+    }
+
+    /// `127.0.0.1:PORT`, the registry host name clients use.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The socket address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sets the fault mode for later requests.
+    pub fn set_fault(&self, f: Fault) {
+        *self.shared.fault.lock().expect("proxy lock") = f;
+    }
+
+    /// Requests seen whose `METHOD path` ends with `suffix`, e.g. `GET` and `/blobs/sha256:…`.
+    pub fn count(&self, method: &str, suffix: &str) -> usize {
+        let counts = self.shared.counts.lock().expect("proxy lock");
+        counts.iter().filter(|(k, _)| k.starts_with(method) && k.ends_with(suffix)).map(|(_, n)| n).sum()
+    }
+
+    /// All counts, `METHOD path` → n.
+    pub fn counts(&self) -> HashMap<String, usize> {
+        self.shared.counts.lock().expect("proxy lock").clone()
+    }
+
+    /// Forgets the counts.
+    pub fn reset_counts(&self) {
+        self.shared.counts.lock().expect("proxy lock").clear();
+    }
+
+    /// Stops listening and cuts every body in flight.
+    pub fn stop(&mut self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    *s.counts.lock().expect("proxy lock").entry(format!("{method} {path}")).or_default() += 1;
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let mut rb = s.client.request(method.clone(), format!("http://{}{pq}", s.target));
+    for (k, v) in req.headers() {
+        if k != http::header::HOST {
+            rb = rb.header(k, v);
+        }
+    }
+    let body = axum::body::to_bytes(req.into_body(), 64 << 20).await.unwrap_or_default();
+    let resp = match rb.body(body).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            return Response::builder().status(502).body(Body::from(e.to_string())).expect("a valid response");
+        }
+    };
+    let mut out = Response::builder().status(resp.status());
+    for (k, v) in resp.headers() {
+        out = out.header(k, v);
+    }
+    let is_blob = method == http::Method::GET && path.contains("/blobs/sha256:");
+    let fault = if is_blob { *s.fault.lock().expect("proxy lock") } else { Fault::None };
+    let stopped = s.stopped.clone();
+    let mut first = true;
+    let stream = resp.bytes_stream().then(move |chunk| {
+        let stopped = stopped.clone();
+        let corrupt = fault == Fault::CorruptBlobs && std::mem::take(&mut first);
+        async move {
+            if stopped.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("proxy stopped"));
+            }
+            let mut chunk = chunk.map_err(std::io::Error::other)?;
+            if corrupt && !chunk.is_empty() {
+                let mut v = chunk.to_vec();
+                v[0] ^= 0xff;
+                chunk = v.into();
+            }
+            if let Fault::Throttle(bps) = fault {
+                tokio::time::sleep(Duration::from_secs_f64(chunk.len() as f64 / bps as f64)).await;
+            }
+            Ok::<_, std::io::Error>(chunk)
+        }
+    });
+    out.body(Body::from_stream(stream)).expect("a valid response")
+}

@@ -1,0 +1,308 @@
+//! End to end on one node: a real containerd pulls through a real `shoal agent` from a real `docker-registry`.
+//!
+//! Upstream is reached through the testbed's counting [`Proxy`], so each test can say how many times upstream
+//! was asked for each blob, and make upstream lie or crawl.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use futures_util::StreamExt;
+use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
+use shoal_testbed::{Agent, Containerd, Fault, Proxy, Registry, sha256_digest};
+
+/// Upstream registry + counting proxy + an agent that proxies the proxy's host.
+struct Node {
+    registry: Registry,
+    proxy: Proxy,
+    agent: Agent,
+}
+
+async fn node_with(
+    registry: Registry,
+    configure: impl FnOnce(shoal_testbed::AgentBuilder) -> shoal_testbed::AgentBuilder,
+) -> Result<Node> {
+    let proxy = Proxy::start(registry.addr()).await?;
+    let agent = configure(Agent::builder().registry(&proxy.host())).start().await?;
+    Ok(Node { registry, proxy, agent })
+}
+
+async fn node() -> Result<Node> {
+    node_with(Registry::start().await?, |b| b).await
+}
+
+async fn containerd_for(node: &Node) -> Result<Containerd> {
+    let c = Containerd::start().await?;
+    c.configure_host(&node.proxy.host(), Some(&node.agent.url()))?;
+    Ok(c)
+}
+
+fn blob_url(node: &Node, repo: &str, digest: &str) -> String {
+    format!("{}/v2/{repo}/blobs/{digest}?ns={}", node.agent.url(), node.proxy.host())
+}
+
+async fn assert_pulled(c: &Containerd, artifact: &Artifact) -> Result<()> {
+    for b in artifact.all_blobs() {
+        assert!(c.has_verified(&b.digest).await?, "containerd lacks a verified {}", b.digest);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn cold_pull_fetches_each_blob_once_then_pulls_offline() -> Result<()> {
+    let mut n = node().await?;
+    let image = Artifact::Image(Image::random(&[300_000, 2_000_000, 50_000], 1, "amd64", Compression::Gzip)?);
+    push(&image, &n.registry.host(), "team/app", "v1", None, Format::Oci)?;
+    n.proxy.reset_counts();
+
+    let reference = format!("{}/team/app:v1", n.proxy.host());
+    let c1 = containerd_for(&n).await?;
+    let out = c1.pull(&reference, None, &[]).await?;
+    assert!(out.success, "pull failed: {}\nagent log:\n{}", out.output, n.agent.log());
+    assert_pulled(&c1, &image).await?;
+
+    // Every blob was fetched from upstream exactly once, and everything the client got came through the agent.
+    for b in image.all_blobs() {
+        assert_eq!(n.proxy.count("GET", &format!("/blobs/{}", b.digest)), 1, "upstream GETs of {}", b.digest);
+    }
+    let served = n.agent.metric("shoal_bytes_served_total", &["source=\"upstream\""]).await?;
+    assert!(served >= image.all_blobs().iter().map(|b| b.data.len()).sum::<usize>() as f64, "served {served}");
+
+    // Upstream gone: a second containerd with a fresh root pulls the same tag from the cache alone.
+    n.proxy.stop();
+    n.registry.stop().await;
+    let c2 = containerd_for(&n).await?;
+    let out = c2.pull(&reference, None, &[]).await?;
+    assert!(out.success, "offline pull failed: {}\nagent log:\n{}", out.output, n.agent.log());
+    assert_pulled(&c2, &image).await?;
+    assert!(n.agent.metric("shoal_cache_lookups_total", &["kind=\"tag\"", "result=\"stale\""]).await? >= 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_cold_clients_share_one_upstream_fetch() -> Result<()> {
+    let n = node().await?;
+    let image = Artifact::Image(Image::random(&[64 << 20], 3, "amd64", Compression::None)?);
+    push(&image, &n.registry.host(), "big/blob", "v1", None, Format::Oci)?;
+    n.proxy.reset_counts();
+    let layer = image.all_blobs()[1].clone();
+    let url = blob_url(&n, "big/blob", &layer.digest);
+
+    let http = reqwest::Client::new();
+    let gets = (0..8).map(|_| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let resp = http.get(&url).send().await?;
+            anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+            Ok::<_, anyhow::Error>(resp.bytes().await?)
+        }
+    });
+    let bodies = futures_util::future::join_all(gets).await;
+    for b in bodies {
+        assert_eq!(sha256_digest(&b?), layer.digest);
+    }
+    assert_eq!(n.proxy.count("GET", &format!("/blobs/{}", layer.digest)), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigkill_mid_download_leaves_nothing_partial() -> Result<()> {
+    let mut n = node().await?;
+    let image = Artifact::Image(Image::random(&[8 << 20], 4, "amd64", Compression::None)?);
+    push(&image, &n.registry.host(), "crash/me", "v1", None, Format::Oci)?;
+    let layer = image.all_blobs()[1].clone();
+    // Upstream crawls, so the download is surely in progress when the agent dies.
+    n.proxy.set_fault(Fault::Throttle(2 << 20));
+    let resp = reqwest::get(blob_url(&n, "crash/me", &layer.digest)).await?;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut got = 0usize;
+    while got < 1 << 20 {
+        got += body.next().await.expect("body continues")?.len();
+    }
+    n.agent.kill().await;
+    let mut rest_ok = true;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => got += c.len(),
+            Err(_) => {
+                rest_ok = false;
+                break;
+            }
+        }
+    }
+    assert!(!rest_ok || got < layer.data.len(), "the killed agent delivered a whole body");
+
+    n.agent.restart().await?;
+    let partial_dir = n.agent.data_dir().join("partial");
+    assert_eq!(std::fs::read_dir(&partial_dir)?.count(), 0, "partials survive a restart");
+    assert!(!n.agent.data_dir().join("blobs/sha256").join(&layer.digest[7..9]).join(&layer.digest[7..]).exists());
+    assert!(n.agent.log().contains("partials=1"), "restart did not reconcile the partial:\n{}", n.agent.log());
+
+    n.proxy.set_fault(Fault::None);
+    let c = containerd_for(&n).await?;
+    let out = c.pull(&format!("{}/crash/me:v1", n.proxy.host()), None, &[]).await?;
+    assert!(out.success, "pull after restart failed: {}", out.output);
+    assert_pulled(&c, &image).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn lying_upstream_is_never_cached_or_fully_served() -> Result<()> {
+    let n = node().await?;
+    let image = Artifact::Image(Image::random(&[3 << 20], 5, "amd64", Compression::None)?);
+    push(&image, &n.registry.host(), "liar/img", "v1", None, Format::Oci)?;
+    let layer = image.all_blobs()[1].clone();
+    let url = blob_url(&n, "liar/img", &layer.digest);
+
+    n.proxy.set_fault(Fault::CorruptBlobs);
+    let resp = reqwest::get(&url).await?;
+    // The agent only knows the content is wrong at the end: the body must then break, never complete.
+    let body = resp.bytes().await;
+    match body {
+        Ok(b) => panic!("a corrupt blob was delivered whole ({} bytes)", b.len()),
+        Err(e) => assert!(e.is_body() || e.is_decode() || e.is_request(), "unexpected error {e}"),
+    }
+    assert_eq!(n.agent.metric("shoal_verify_failures_total", &[]).await?, 1.0);
+    assert_eq!(n.agent.metric("shoal_store_blobs", &[]).await?, 0.0);
+
+    n.proxy.set_fault(Fault::None);
+    let body = reqwest::get(&url).await?.bytes().await?;
+    assert_eq!(sha256_digest(&body), layer.digest);
+    assert_eq!(n.agent.metric("shoal_store_commits_total", &[]).await?, 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn private_registry_needs_the_clients_credentials() -> Result<()> {
+    let n = node_with(Registry::start_private("alice", "wonderland").await?, |b| b).await?;
+    let image = Artifact::Image(Image::random(&[400_000, 100_000], 6, "amd64", Compression::Gzip)?);
+    push(&image, &n.registry.host(), "private/app", "v1", n.registry.creds_arg().as_deref(), Format::Oci)?;
+    let reference = format!("{}/private/app:v1", n.proxy.host());
+
+    let c1 = containerd_for(&n).await?;
+    let out = c1.pull(&reference, Some("alice:wonderland"), &[]).await?;
+    assert!(out.success, "authenticated pull failed: {}\n{}", out.output, n.agent.log());
+    assert_pulled(&c1, &image).await?;
+    assert!(n.agent.metric("shoal_bytes_served_total", &["source=\"upstream\""]).await? > 0.0);
+
+    // Cached now; a client without credentials, or with wrong ones, gets the registry's challenge, not the bytes.
+    let layer = image.all_blobs()[1].clone();
+    let url = blob_url(&n, "private/app", &layer.digest);
+    let http = reqwest::Client::new();
+    for auth in [None, Some(("alice", "guess"))] {
+        let mut rb = http.get(&url);
+        if let Some((u, p)) = auth {
+            rb = rb.basic_auth(u, Some(p));
+        }
+        let resp = rb.send().await?;
+        assert_eq!(resp.status(), 401, "auth {auth:?}");
+        assert!(resp.headers().get("www-authenticate").is_some_and(|v| v.to_str().unwrap_or("").starts_with("Basic")));
+        let body = resp.bytes().await?;
+        assert!(String::from_utf8_lossy(&body).contains("UNAUTHORIZED"));
+    }
+    let tag_url = format!("{}/v2/private/app/manifests/v1?ns={}", n.agent.url(), n.proxy.host());
+    assert_eq!(http.head(&tag_url).send().await?.status(), 401);
+
+    // The right credentials get the cached bytes.
+    let body = http.get(&url).basic_auth("alice", Some("wonderland")).send().await?.bytes().await?;
+    assert_eq!(sha256_digest(&body), layer.digest);
+
+    // And containerd without credentials cannot pull through the mirror (nor from upstream directly).
+    let c2 = containerd_for(&n).await?;
+    let out = c2.pull(&reference, None, &[]).await?;
+    assert!(!out.success, "an unauthenticated pull succeeded");
+    Ok(())
+}
+
+#[tokio::test]
+async fn multi_platform_indexes_and_docker_manifests_pull() -> Result<()> {
+    let n = node().await?;
+    let oci_index = Artifact::multi_platform(&[200_000, 30_000], 7, &["amd64", "arm64"])?;
+    push(&oci_index, &n.registry.host(), "multi/oci", "v1", None, Format::Oci)?;
+    let docker_list = Artifact::multi_platform(&[150_000], 8, &["amd64", "arm64"])?;
+    let list_digest = push(&docker_list, &n.registry.host(), "multi/docker", "v1", None, Format::DockerV2S2)?;
+    let docker_single = Artifact::Image(Image::random(&[120_000], 9, "amd64", Compression::Gzip)?);
+    push(&docker_single, &n.registry.host(), "single/docker", "v1", None, Format::DockerV2S2)?;
+
+    let http = reqwest::Client::new();
+    let accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+                  application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+    let url = format!("{}/v2/multi/docker/manifests/v1?ns={}", n.agent.url(), n.proxy.host());
+    let resp = http.get(&url).header("accept", accept).send().await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/vnd.docker.distribution.manifest.list.v2+json");
+    assert_eq!(resp.headers()["docker-content-digest"], list_digest.as_str());
+    assert_eq!(sha256_digest(&resp.bytes().await?), list_digest);
+
+    let c = containerd_for(&n).await?;
+    for (reference, all) in [("multi/oci:v1", true), ("multi/docker:v1", true), ("single/docker:v1", false)] {
+        let extra: &[&str] = if all { &["--all-platforms"] } else { &[] };
+        let out = c.pull(&format!("{}/{reference}", n.proxy.host()), None, extra).await?;
+        assert!(out.success, "{reference}: {}\n{}", out.output, n.agent.log());
+    }
+    assert_pulled(&c, &oci_index).await?;
+    // Converted images have new manifest and config digests; their layers are the same bytes.
+    for a in [&docker_list, &docker_single] {
+        for b in a.all_blobs().iter().filter(|b| b.media_type.contains("layer")) {
+            assert!(c.has_verified(&b.digest).await?, "missing layer {}", b.digest);
+        }
+    }
+    assert_eq!(n.agent.metric("shoal_verify_failures_total", &[]).await?, 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_input_gets_4xx_json_from_the_real_process() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut n = node().await?;
+    let digest = format!("sha256:{}", "c".repeat(64));
+    let cases = [
+        ("GET", "/v2/Bad/Name/manifests/latest".to_owned(), 400, "NAME_INVALID"),
+        ("GET", "/v2/../../../etc/passwd/blobs/".to_owned() + &digest, 400, "NAME_INVALID"),
+        ("GET", "/v2/a/%2e%2e/%2e%2e/blobs/".to_owned() + &digest, 400, "NAME_INVALID"),
+        ("GET", "/v2/a/..%2f..%2fdata/blobs/".to_owned() + &digest, 400, "NAME_INVALID"),
+        ("GET", "/v2/a/blobs/sha256:%2e%2e%2f%2e%2e".to_owned(), 400, "DIGEST_INVALID"),
+        ("GET", "/v2/a/blobs/sha256:1234".to_owned(), 400, "DIGEST_INVALID"),
+        ("HEAD", "/v2/a/manifests/.hidden".to_owned(), 400, ""),
+        ("PUT", "/v2/a/manifests/latest".to_owned(), 405, "UNSUPPORTED"),
+        ("POST", "/v2/a/blobs/uploads/".to_owned(), 405, "UNSUPPORTED"),
+        ("DELETE", "/v2/a/blobs/".to_owned() + &digest, 405, "UNSUPPORTED"),
+        ("GET", format!("/v2/a/blobs/{digest}?ns=evil%2F..%2Fhost"), 400, "NAME_INVALID"),
+        ("GET", format!("/v2/a/blobs/{digest}?ns={}", n.proxy.host()), 404, "BLOB_UNKNOWN"),
+    ];
+    for (method, path, status, code) in cases {
+        let mut s = tokio::net::TcpStream::connect(n.agent.addr).await?;
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await?;
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.starts_with(&format!("HTTP/1.1 {status}")), "{method} {path}: {resp}");
+        assert!(resp.contains(code), "{method} {path}: {resp}");
+        if method != "HEAD" {
+            assert!(resp.to_ascii_lowercase().contains("content-type: application/json"), "{method} {path}: {resp}");
+        }
+    }
+
+    // Ranges on a cached blob: satisfiable, suffix, and the unsatisfiable and malformed ones.
+    let image = Artifact::Image(Image::random(&[10_000], 10, "amd64", Compression::None)?);
+    push(&image, &n.registry.host(), "r/x", "v1", None, Format::Oci)?;
+    let layer = image.all_blobs()[1].clone();
+    let url = blob_url(&n, "r/x", &layer.digest);
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(&url).send().await?.bytes().await?.len(), layer.data.len());
+    let resp = http.get(&url).header("range", "bytes=100-199").send().await?;
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.headers()["content-range"], format!("bytes 100-199/{}", layer.data.len()).as_str());
+    assert_eq!(resp.bytes().await?, layer.data[100..200]);
+    for bad in ["bytes=999999-", "bytes=9-3", "pages=1-2"] {
+        let resp = http.get(&url).header("range", bad).send().await?;
+        assert_eq!(resp.status(), 416, "{bad}");
+    }
+
+    // Still alive and healthy, and SIGTERM ends it cleanly.
+    assert_eq!(reqwest::get(format!("http://{}/healthz", n.agent.metrics_addr)).await?.status(), 200);
+    assert!(n.agent.metric("shoal_http_requests_total", &["outcome=\"server_error\""]).await? == 0.0);
+    let status = n.agent.terminate(Duration::from_secs(10)).await?;
+    assert!(status.success(), "agent exited with {status}");
+    Ok(())
+}
