@@ -324,10 +324,10 @@ impl RawConfig {
             registries.insert(parsed.clone(), validate_registry(&key, &parsed, raw)?);
         }
         let docker = RegistryHost::parse("docker.io").expect("docker.io is a valid host");
-        if !registries.contains_key(&docker) {
-            let endpoint = reqwest::Url::parse("https://registry-1.docker.io").expect("a valid URL");
-            registries.insert(docker, RegistryConfig { endpoint, credentials: None });
-        }
+        registries.entry(docker).or_insert_with(|| RegistryConfig {
+            endpoint: reqwest::Url::parse("https://registry-1.docker.io").expect("a valid URL"),
+            credentials: None,
+        });
 
         Ok(Config {
             listen,

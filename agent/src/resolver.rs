@@ -449,7 +449,7 @@ impl Resolver {
             self.lookup(LookupKind::digest, LookupResult::miss);
             let this = self.clone();
             let (client, digest, dl) = (client.clone(), digest.clone(), dl.clone());
-            let span = tracing::info_span!("download", %digest, registry = %client.registry, repo = %client.repo);
+            let span = tracing::info_span!(parent: None, "download", %digest, registry = %client.registry, repo = %client.repo);
             self.tasks.spawn(this.run_download(client, digest, kind, dl).instrument(span));
         } else {
             self.lookup(LookupKind::digest, LookupResult::in_flight);
@@ -793,7 +793,18 @@ impl Reader {
             },
         };
         if self.file.is_none() {
-            let mut f = tokio::fs::File::open(&path).await?;
+            let mut f = match tokio::fs::File::open(&path).await {
+                Ok(f) => f,
+                // The partial was renamed into the store between the progress update and this open: the
+                // committed blob is the same bytes. (A failed download's partial is gone too; then this fails.)
+                Err(e) if e.kind() == io::ErrorKind::NotFound => match &self.opened.source {
+                    OpenedSource::InFlight { final_path, .. } if *final_path != path => {
+                        tokio::fs::File::open(final_path).await?
+                    }
+                    _ => return Err(e),
+                },
+                Err(e) => return Err(e),
+            };
             f.seek(SeekFrom::Start(self.pos)).await?;
             self.file = Some(f);
         }

@@ -211,9 +211,11 @@ pub fn push(
     if matches!(artifact, Artifact::Index { .. }) {
         cmd.arg("--all");
     }
-    if format == Format::DockerV2S2 {
-        cmd.args(["--format", "v2s2"]);
-    }
+    match format {
+        // Without this, skopeo compresses plain-tar layers and rewrites the manifest: tests need the bytes they built.
+        Format::Oci => cmd.arg("--preserve-digests"),
+        Format::DockerV2S2 => cmd.args(["--format", "v2s2"]),
+    };
     if let Some(c) = creds {
         cmd.args(["--dest-creds", c]);
     }

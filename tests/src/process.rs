@@ -176,6 +176,15 @@ impl Agent {
     }
 }
 
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Failing tests show the agent's log: set SHOAL_TEST_LOGS=1 (or it is shown on a panic).
+        if std::thread::panicking() || std::env::var_os("SHOAL_TEST_LOGS").is_some() {
+            eprintln!("---- agent {} log ----\n{}", self.addr, self.log());
+        }
+    }
+}
+
 /// What `ctr images pull` did.
 #[derive(Debug)]
 pub struct PullOutput {

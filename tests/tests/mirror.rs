@@ -49,7 +49,8 @@ async fn assert_pulled(c: &Containerd, artifact: &Artifact) -> Result<()> {
 
 #[tokio::test]
 async fn cold_pull_fetches_each_blob_once_then_pulls_offline() -> Result<()> {
-    let mut n = node().await?;
+    // Tags always revalidated: the offline pull must take the stale-if-error path.
+    let mut n = node_with(Registry::start().await?, |b| b.setting("tag_ttl", "\"0s\"")).await?;
     let image = Artifact::Image(Image::random(&[300_000, 2_000_000, 50_000], 1, "amd64", Compression::Gzip)?);
     push(&image, &n.registry.host(), "team/app", "v1", None, Format::Oci)?;
     n.proxy.reset_counts();
