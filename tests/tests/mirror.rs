@@ -307,3 +307,52 @@ async fn bad_input_gets_4xx_json_from_the_real_process() -> Result<()> {
     assert!(status.success(), "agent exited with {status}");
     Ok(())
 }
+
+#[tokio::test]
+async fn gc_evicts_least_recently_used_but_never_a_blob_being_served() -> Result<()> {
+    let n = node_with(Registry::start().await?, |b| {
+        b.setting("disk_budget", "\"40MiB\"").setting("gc_high_watermark", "0.9").setting("gc_low_watermark", "0.5")
+    })
+    .await?;
+    let image = Artifact::Image(Image::random(&[16 << 20, 16 << 20, 16 << 20], 11, "amd64", Compression::None)?);
+    push(&image, &n.registry.host(), "gc/img", "v1", None, Format::Oci)?;
+    let blobs = image.all_blobs();
+    let (a, b, c) = (blobs[1].clone(), blobs[2].clone(), blobs[3].clone());
+    let http = reqwest::Client::new();
+
+    // `a` is cached, then held open by a client that reads a little and stalls.
+    let body = http.get(blob_url(&n, "gc/img", &a.digest)).send().await?.bytes().await?;
+    assert_eq!(sha256_digest(&body), a.digest);
+    let resp = http.get(blob_url(&n, "gc/img", &a.digest)).send().await?;
+    let mut held = resp.bytes_stream();
+    let mut held_bytes = held.next().await.expect("a first chunk")?.to_vec();
+
+    // `b` and `c` push the store over 90% of the budget: GC must evict down to 50%, and `a` is the least
+    // recently used, but in use.
+    for blob in [&b, &c] {
+        let body = http.get(blob_url(&n, "gc/img", &blob.digest)).send().await?.bytes().await?;
+        assert_eq!(sha256_digest(&body), blob.digest);
+    }
+    shoal_testbed::wait_for("a GC pass", Duration::from_secs(10), async || {
+        n.agent.metric("shoal_gc_evicted_blobs_total", &[]).await.unwrap_or(0.0) >= 1.0
+    })
+    .await?;
+    let path = |d: &str| n.agent.data_dir().join("blobs/sha256").join(&d[7..9]).join(&d[7..]);
+    assert!(path(&a.digest).exists(), "the blob being served was evicted");
+    // Blobs still being streamed when GC ran were kept too, so the store ends below the high watermark, not
+    // necessarily the low one.
+    assert!(n.agent.metric("shoal_store_bytes", &[]).await? <= (40 << 20) as f64 * 0.9);
+
+    // The held response still completes with the right bytes.
+    while let Some(chunk) = held.next().await {
+        held_bytes.extend_from_slice(&chunk?);
+    }
+    assert_eq!(sha256_digest(&held_bytes), a.digest);
+
+    // Whatever was evicted is fetched again on demand.
+    for blob in [&a, &b, &c] {
+        let body = http.get(blob_url(&n, "gc/img", &blob.digest)).send().await?.bytes().await?;
+        assert_eq!(sha256_digest(&body), blob.digest);
+    }
+    Ok(())
+}
