@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
-use std::io::{self, SeekFrom};
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{HeaderValue, header};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,7 +35,7 @@ use crate::upstream::{Request, Target, Upstream, UpstreamError};
 /// Largest manifest accepted from upstream (the distribution spec suggests 4 MiB).
 pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
 /// Read size when serving a blob.
-const READ_CHUNK: usize = 256 << 10;
+const READ_CHUNK: usize = 512 << 10;
 
 /// Why a manifest or blob cannot be served. Every variant is decided before the first byte is sent.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -755,7 +754,7 @@ impl Opened {
 
 struct Reader {
     opened: Opened,
-    file: Option<tokio::fs::File>,
+    file: Option<Arc<std::fs::File>>,
     pos: u64,
     end: u64,
 }
@@ -792,35 +791,47 @@ impl Reader {
                 }
             },
         };
-        if self.file.is_none() {
-            let mut f = match tokio::fs::File::open(&path).await {
-                Ok(f) => f,
-                // The partial was renamed into the store between the progress update and this open: the
-                // committed blob is the same bytes. (A failed download's partial is gone too; then this fails.)
-                Err(e) if e.kind() == io::ErrorKind::NotFound => match &self.opened.source {
-                    OpenedSource::InFlight { final_path, .. } if *final_path != path => {
-                        tokio::fs::File::open(final_path).await?
-                    }
-                    _ => return Err(e),
-                },
-                Err(e) => return Err(e),
-            };
-            f.seek(SeekFrom::Start(self.pos)).await?;
-            self.file = Some(f);
-        }
-        let file = self.file.as_mut().expect("opened just above");
-        let want = (avail - self.pos).min(READ_CHUNK as u64) as usize;
-        let mut buf = BytesMut::zeroed(want);
-        let mut filled = 0;
-        while filled < want {
-            let n = file.read(&mut buf[filled..]).await?;
-            if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file shorter than recorded"));
+        let file = match &self.file {
+            Some(f) => f.clone(),
+            None => {
+                let fallback = match &self.opened.source {
+                    OpenedSource::InFlight { final_path, .. } if *final_path != path => Some(final_path.clone()),
+                    _ => None,
+                };
+                let f = tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
+                    // The partial was renamed into the store between the progress update and this open: the
+                    // committed blob is the same bytes. (A failed download's partial is gone too; then this fails.)
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => match fallback {
+                        Some(p) => std::fs::File::open(p),
+                        None => Err(e),
+                    },
+                    r => r,
+                })
+                .await
+                .map_err(io::Error::other)??;
+                let f = Arc::new(f);
+                self.file = Some(f.clone());
+                f
             }
-            filled += n;
-        }
+        };
+        let want = (avail - self.pos).min(READ_CHUNK as u64) as usize;
+        let pos = self.pos;
+        // One positioned read straight into the buffer that goes to the socket, off the async workers.
+        let buf = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
+            let mut buf = BytesMut::zeroed(want);
+            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, pos).map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "blob file shorter than recorded")
+                } else {
+                    e
+                }
+            })?;
+            Ok(buf.freeze())
+        })
+        .await
+        .map_err(io::Error::other)??;
         self.pos += want as u64;
-        Ok(Some(buf.freeze()))
+        Ok(Some(buf))
     }
 }
 
