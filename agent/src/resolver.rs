@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderValue, header};
 use sha2::{Digest as _, Sha256};
@@ -102,6 +102,27 @@ pub struct Client {
 impl Client {
     fn repo_key(&self) -> String {
         format!("{}/{}", self.registry, self.repo)
+    }
+
+    /// An upstream request on this client's behalf (its `Accept` and `Authorization`).
+    fn request<'a>(&'a self, target: Target<'a>, head: bool) -> Request<'a> {
+        Request {
+            registry: &self.registry,
+            repo: &self.repo,
+            target,
+            head,
+            accept: self.accept.as_ref(),
+            client_auth: self.auth.as_ref(),
+            offset: 0,
+        }
+    }
+}
+
+/// What to ask upstream for, for a digest of this kind.
+fn target<'a>(kind: Kind, digest: &'a Digest, reference: &'a Reference) -> Target<'a> {
+    match kind {
+        Kind::Blob => Target::Blob(digest),
+        Kind::Manifest => Target::Manifest(reference),
     }
 }
 
@@ -282,15 +303,7 @@ impl Resolver {
             }
         }
         let reference = Reference::Tag(tag.to_owned());
-        let req = Request {
-            registry: &client.registry,
-            repo: &client.repo,
-            target: Target::Manifest(&reference),
-            head: true,
-            accept: client.accept.as_ref(),
-            client_auth: client.auth.as_ref(),
-            offset: 0,
-        };
+        let req = client.request(Target::Manifest(&reference), true);
         match self.upstream.send(req).await {
             Ok(resp) => {
                 let digest = resp
@@ -365,19 +378,8 @@ impl Resolver {
             return Ok(());
         }
         let reference = Reference::Digest(digest.clone());
-        let target = match kind {
-            Kind::Blob => Target::Blob(digest),
-            Kind::Manifest => Target::Manifest(&reference),
-        };
-        let req = Request {
-            registry: &client.registry,
-            repo: &client.repo,
-            target,
-            head: true,
-            accept: client.accept.as_ref(),
-            client_auth: client.auth.as_ref(),
-            offset: 0,
-        };
+        let target = target(kind, digest, &reference);
+        let req = client.request(target, true);
         match self.upstream.send(req).await {
             Ok(_) => {
                 self.note_accepted(&origin);
@@ -477,15 +479,7 @@ impl Resolver {
     }
 
     async fn head_upstream(&self, client: &Client, digest: &Digest, guard: InUse) -> Result<Opened, ResolveError> {
-        let req = Request {
-            registry: &client.registry,
-            repo: &client.repo,
-            target: Target::Blob(digest),
-            head: true,
-            accept: None,
-            client_auth: client.auth.as_ref(),
-            offset: 0,
-        };
+        let req = client.request(Target::Blob(digest), true);
         let resp = self.upstream.send(req).await?;
         let media_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         // reqwest reports no length for HEAD bodies; the header carries the blob's size.
@@ -538,19 +532,8 @@ impl Resolver {
             return Ok(());
         }
         let reference = Reference::Digest(digest.clone());
-        let target = match kind {
-            Kind::Blob => Target::Blob(digest),
-            Kind::Manifest => Target::Manifest(&reference),
-        };
-        let mut req = Request {
-            registry: &client.registry,
-            repo: &client.repo,
-            target,
-            head: false,
-            accept: client.accept.as_ref(),
-            client_auth: client.auth.as_ref(),
-            offset: 0,
-        };
+        let target = target(kind, digest, &reference);
+        let mut req = client.request(target, false);
         let resp = self.upstream.send(req).await?;
         let size = resp.content_length();
         let media_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -798,14 +781,20 @@ impl Reader {
                     OpenedSource::InFlight { final_path, .. } if *final_path != path => Some(final_path.clone()),
                     _ => None,
                 };
-                let f = tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
-                    // The partial was renamed into the store between the progress update and this open: the
-                    // committed blob is the same bytes. (A failed download's partial is gone too; then this fails.)
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => match fallback {
-                        Some(p) => std::fs::File::open(p),
-                        None => Err(e),
-                    },
-                    r => r,
+                let start = self.pos;
+                let f = tokio::task::spawn_blocking(move || {
+                    let mut f = match std::fs::File::open(&path) {
+                        // The partial was renamed into the store between the progress update and this open: the
+                        // committed blob is the same bytes. (A failed download's partial is gone too; then this
+                        // fails.)
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => match fallback {
+                            Some(p) => std::fs::File::open(p),
+                            None => Err(e),
+                        },
+                        r => r,
+                    }?;
+                    io::Seek::seek(&mut f, io::SeekFrom::Start(start))?;
+                    Ok::<_, io::Error>(f)
                 })
                 .await
                 .map_err(io::Error::other)??;
@@ -815,18 +804,15 @@ impl Reader {
             }
         };
         let want = (avail - self.pos).min(READ_CHUNK as u64) as usize;
-        let pos = self.pos;
-        // One positioned read straight into the buffer that goes to the socket, off the async workers.
+        // Read straight into the buffer that goes to the socket (uninitialised capacity: no zeroing), off the
+        // async workers. Each reader has its own file, and one read in flight, so the file offset is its cursor.
         let buf = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
-            let mut buf = BytesMut::zeroed(want);
-            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, pos).map_err(|e| {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "blob file shorter than recorded")
-                } else {
-                    e
-                }
-            })?;
-            Ok(buf.freeze())
+            let mut buf = Vec::with_capacity(want);
+            io::Read::read_to_end(&mut io::Read::take(&*file, want as u64), &mut buf)?;
+            if buf.len() < want {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file shorter than recorded"));
+            }
+            Ok(Bytes::from(buf))
         })
         .await
         .map_err(io::Error::other)??;

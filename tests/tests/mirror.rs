@@ -212,6 +212,19 @@ async fn private_registry_needs_the_clients_credentials() -> Result<()> {
     let c2 = containerd_for(&n).await?;
     let out = c2.pull(&reference, None, &[]).await?;
     assert!(!out.success, "an unauthenticated pull succeeded");
+
+    // An agent given the registry's credentials by its operator (a node-wide pull secret) answers the Basic
+    // challenge itself: its clients need none.
+    let dir = tempfile::tempdir()?;
+    let creds = dir.path().join("creds");
+    std::fs::write(&creds, "alice:wonderland\n")?;
+    let agent = Agent::builder().registry_with_credentials(&n.proxy.host(), &creds).start().await?;
+    let c3 = Containerd::start().await?;
+    c3.configure_host(&n.proxy.host(), Some(&agent.url()))?;
+    let out = c3.pull(&reference, None, &[]).await?;
+    assert!(out.success, "pull with the agent's own credentials failed: {}\n{}", out.output, agent.log());
+    assert_pulled(&c3, &image).await?;
+    assert!(agent.metric("shoal_bytes_served_total", &[]).await? > 0.0);
     Ok(())
 }
 

@@ -45,13 +45,14 @@ fn fixture() -> Fixture {
     Fixture { _dir: dir, app: router(MirrorState { resolver, metrics }), store }
 }
 
-fn put_public_blob(f: &Fixture, repo: &str, data: &[u8]) -> Digest {
+/// Stores a blob as if downloaded for `repo`, publicly or with a client's credentials.
+fn put_blob(f: &Fixture, repo: &str, data: &[u8], public: bool) -> Digest {
     let d = Digest::from_sha256(&Sha256::digest(data));
     let (path, mut file) = f.store.create_partial(&d).unwrap();
     crate::store::write_all(&mut file, data, &path).unwrap();
     let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs() };
     f.store.commit(&path, &file, &d, &meta).unwrap();
-    f.store.put_link(&format!("127.0.0.1:1/{repo}@{d}"), LinkRecord { public: true, at: now_secs() }).unwrap();
+    f.store.put_link(&format!("127.0.0.1:1/{repo}@{d}"), LinkRecord { public, at: now_secs() }).unwrap();
     d
 }
 
@@ -141,7 +142,7 @@ async fn miss_with_upstream_down_is_a_fast_404() {
 async fn cached_blob_ranges() {
     let f = fixture();
     let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
-    let d = put_public_blob(&f, "lib/x", &data);
+    let d = put_blob(&f, "lib/x", &data, true);
     let uri = format!("/v2/lib/x/blobs/{d}?ns=127.0.0.1:1");
     let (s, h, body) = call(&f.app, "GET", &uri, &[]).await;
     assert_eq!(s, StatusCode::OK);
@@ -175,12 +176,7 @@ async fn cached_blob_ranges() {
 async fn private_content_is_not_served_without_upstream_consent() {
     let f = fixture();
     let data = b"secret layer";
-    let d = Digest::from_sha256(&Sha256::digest(data));
-    let (path, mut file) = f.store.create_partial(&d).unwrap();
-    crate::store::write_all(&mut file, data, &path).unwrap();
-    let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs() };
-    f.store.commit(&path, &file, &d, &meta).unwrap();
-    f.store.put_link(&format!("127.0.0.1:1/private/x@{d}"), LinkRecord { public: false, at: now_secs() }).unwrap();
+    let d = put_blob(&f, "private/x", data, false);
     // Upstream cannot confirm anyone: neither an anonymous client nor one with unknown credentials gets it.
     for auth in [None, Some("Basic Zm9vOmJhcg==")] {
         let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
