@@ -154,6 +154,8 @@ struct Progress {
     header: Option<(Option<u64>, Option<String>)>,
     /// Bytes written to the partial file.
     written: u64,
+    /// The sha256 matched: every byte may be sent, while the commit (fsync, rename, record) is still running.
+    verified: bool,
     state: State,
 }
 
@@ -435,8 +437,13 @@ impl Resolver {
                 Some(dl) => Some((dl.clone(), false)),
                 None if head && kind == Kind::Blob => None,
                 None => {
-                    let progress =
-                        watch::Sender::new(Progress { partial: None, header: None, written: 0, state: State::Running });
+                    let progress = watch::Sender::new(Progress {
+                        partial: None,
+                        header: None,
+                        written: 0,
+                        verified: false,
+                        state: State::Running,
+                    });
                     let dl = Arc::new(Download { origin: origin.clone(), progress });
                     map.insert(digest.clone(), dl.clone());
                     Some((dl, true))
@@ -461,7 +468,9 @@ impl Resolver {
         let mut rx = dl.progress.subscribe();
         let p = rx
             // An empty blob is answered only once verified: with no bytes to hold back, its headers are all of it.
-            .wait_for(|p| p.header.as_ref().is_some_and(|h| h.0 != Some(0)) || !matches!(p.state, State::Running))
+            .wait_for(|p| {
+                p.header.as_ref().is_some_and(|h| h.0 != Some(0)) || p.verified || !matches!(p.state, State::Running)
+            })
             .await
             .map_err(|_| ResolveError::Unavailable("download ended".into()))?
             .clone();
@@ -527,6 +536,7 @@ impl Resolver {
         if let Some(meta) = blocking(move || store.blob(&d)).await? {
             dl.progress.send_modify(|p| {
                 p.written = meta.size;
+                p.verified = true;
                 p.header = Some((Some(meta.size), meta.media_type));
             });
             return Ok(());
@@ -640,6 +650,9 @@ impl Resolver {
             self.metrics.store.verify_failures.inc();
             return Err(ResolveError::Unavailable(format!("content does not match its digest (got {actual})")));
         }
+        // Clients get their last byte now; the fsync of a large blob must not delay them (a crash before the
+        // commit only loses the cached copy, never serves a wrong byte).
+        dl.progress.send_modify(|p| p.verified = true);
         let meta = BlobMeta { size: written, media_type, last_access: now_secs() };
         let store = self.store.clone();
         let d = digest.clone();
@@ -754,8 +767,9 @@ impl Reader {
                 let p = rx.borrow_and_update().clone();
                 let avail = match &p.state {
                     State::Failed(e) => return Err(io::Error::other(e.to_string())),
-                    State::Done if p.written <= self.pos => return Ok(None),
+                    State::Done | State::Running if p.verified && p.written <= self.pos => return Ok(None),
                     State::Done => p.written,
+                    State::Running if p.verified => p.written,
                     State::Running => match p.header.as_ref().and_then(|h| h.0) {
                         Some(size) => p.written.min(size.saturating_sub(1)),
                         None => p.written.saturating_sub(1),
