@@ -25,7 +25,18 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause chain; no backtrace for an operator's mistake.
+            eprintln!("shoal: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let Command::Agent { config, settings } = Cli::parse().command;
     let file = match &config {
         Some(path) => RawConfig::from_file(path)?,

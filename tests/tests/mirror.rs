@@ -369,3 +369,31 @@ async fn gc_evicts_least_recently_used_but_never_a_blob_being_served() -> Result
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn bad_config_fails_before_binding_and_names_the_key() -> Result<()> {
+    let port = shoal_testbed::free_port()?;
+    let dir = tempfile::tempdir()?;
+    let cases: [(&[&str], &str); 3] = [
+        (&["--disk-budget", "12parsecs"], "disk_budget"),
+        (&["--tag-ttl", "soon"], "tag_ttl"),
+        (&["--registry", "r:5000=http://r:5000"], "plain_http"),
+    ];
+    for (args, key) in cases {
+        let out = tokio::process::Command::new(shoal_testbed::shoal_bin()?)
+            .arg("agent")
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(args)
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(stderr.contains(key), "{args:?}: {stderr}");
+        assert!(!stderr.contains("backtrace"), "{args:?}: {stderr}");
+        // Nothing was bound, nothing was created.
+        std::net::TcpListener::bind(("127.0.0.1", port))?;
+        assert!(!dir.path().join("data").exists());
+    }
+    Ok(())
+}
