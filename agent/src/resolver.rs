@@ -34,8 +34,12 @@ use crate::upstream::{Request, Target, Upstream, UpstreamError};
 
 /// Largest manifest accepted from upstream (the distribution spec suggests 4 MiB).
 pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
-/// Read size when serving a blob.
-const READ_CHUNK: usize = 512 << 10;
+/// Read size when serving a stored blob: large reads halve the per-chunk overhead (measured: 2 MiB served a
+/// cached 1 GiB blob ~25 % faster than 512 KiB), at one such buffer per active response.
+const STORED_CHUNK: usize = 2 << 20;
+/// Read size when following a download: smaller, so bytes reach the client as they arrive (measured: 2 MiB made
+/// cold pulls ~5–10 % slower than 512 KiB).
+const STREAM_CHUNK: usize = 512 << 10;
 
 /// Why a manifest or blob cannot be served. Every variant is decided before the first byte is sent.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -817,7 +821,11 @@ impl Reader {
                 f
             }
         };
-        let want = (avail - self.pos).min(READ_CHUNK as u64) as usize;
+        let max = match self.opened.source {
+            OpenedSource::Stored(_) => STORED_CHUNK,
+            _ => STREAM_CHUNK,
+        };
+        let want = (avail - self.pos).min(max as u64) as usize;
         // Read straight into the buffer that goes to the socket (uninitialised capacity: no zeroing), off the
         // async workers. Each reader has its own file, and one read in flight, so the file offset is its cursor.
         let buf = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {

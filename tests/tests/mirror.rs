@@ -169,7 +169,11 @@ async fn lying_upstream_is_never_cached_or_fully_served() -> Result<()> {
     n.proxy.set_fault(Fault::None);
     let body = reqwest::get(&url).await?.bytes().await?;
     assert_eq!(sha256_digest(&body), layer.digest);
-    assert_eq!(n.agent.metric("shoal_store_commits_total", &[]).await?, 1.0);
+    // The client gets its last byte once the hash matched; the commit (fsync, rename, record) follows.
+    shoal_testbed::wait_for("the commit", Duration::from_secs(10), async || {
+        n.agent.metric("shoal_store_commits_total", &[]).await.unwrap_or(0.0) == 1.0
+    })
+    .await?;
     Ok(())
 }
 
