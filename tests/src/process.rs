@@ -48,9 +48,21 @@ impl AgentBuilder {
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let data_dir = dir.path().join("data");
         let mut config = format!(
-            "listen = \"{addr}\"\nmetrics_listen = \"{metrics_addr}\"\ndata_dir = \"{}\"\nupstream_connect_timeout = \"1s\"\nupstream_stall_timeout = \"5s\"\nupstream_attempts = 2\nshutdown_grace = \"5s\"\n",
+            "listen = \"{addr}\"\nmetrics_listen = \"{metrics_addr}\"\ndata_dir = \"{}\"\n",
             data_dir.display()
         );
+        // Testbed defaults, unless the test set the key itself.
+        let defaults = [
+            ("upstream_connect_timeout", "\"1s\""),
+            ("upstream_stall_timeout", "\"5s\""),
+            ("upstream_attempts", "2"),
+            ("shutdown_grace", "\"5s\""),
+        ];
+        for (key, value) in defaults {
+            if !self.lines.iter().any(|l| l.starts_with(&format!("{key} ="))) {
+                config.push_str(&format!("{key} = {value}\n"));
+            }
+        }
         for l in &self.lines {
             config.push_str(l);
             config.push('\n');
@@ -100,11 +112,15 @@ impl Agent {
         self.child = Some(child);
         let url = format!("http://{}/readyz", self.metrics_addr);
         let http = self.http.clone();
+        let child = self.child.as_mut().expect("spawned just above");
         let res = wait_for("the agent to be ready", Duration::from_secs(30), async || {
-            http.get(&url).send().await.is_ok_and(|r| r.status().is_success())
+            // An agent that exited (a bad config) will never be ready: stop waiting.
+            matches!(child.try_wait(), Ok(Some(_)))
+                || http.get(&url).send().await.is_ok_and(|r| r.status().is_success())
         })
         .await;
-        if res.is_err() {
+        let exited = matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
+        if res.is_err() || exited {
             bail!("agent did not become ready; log:\n{}", self.log());
         }
         Ok(())

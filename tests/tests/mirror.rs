@@ -401,3 +401,23 @@ async fn bad_config_fails_before_binding_and_names_the_key() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stalled_upstream_ends_in_an_error_not_a_hang() -> Result<()> {
+    let n = node_with(Registry::start().await?, |b| b.setting("upstream_stall_timeout", "\"500ms\"")).await?;
+    let image = Artifact::Image(Image::random(&[1 << 20], 12, "amd64", Compression::None)?);
+    push(&image, &n.registry.host(), "stall/img", "v1", None, Format::Oci)?;
+    let layer = image.all_blobs()[1].clone();
+    // Headers come at once, then the body never moves.
+    n.proxy.set_fault(Fault::Throttle(1));
+    let started = std::time::Instant::now();
+    let resp = reqwest::get(blob_url(&n, "stall/img", &layer.digest)).await?;
+    let outcome = tokio::time::timeout(Duration::from_secs(60), resp.bytes()).await;
+    let body = outcome.expect("the client hung on a stalled upstream");
+    assert!(body.is_err(), "a stalled download was delivered whole");
+    // Every resume attempt stalled too; the agent gave up after a bounded number of them.
+    assert!(n.proxy.count("GET", &format!("/blobs/{}", layer.digest)) >= 2);
+    assert!(n.agent.log().contains("download failed"), "{}", n.agent.log());
+    eprintln!("stalled download failed after {:?}", started.elapsed());
+    Ok(())
+}
