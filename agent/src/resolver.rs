@@ -4,7 +4,8 @@
 //! A download from upstream is a single flight per digest: the first request starts it as a tracked task that
 //! writes a partial file while hashing; every request for the same digest (the first included) reads that file
 //! as it grows, through a [`watch`] channel of progress. Readers never get a blob's last byte before its sha256
-//! matched and it was committed, so a client of a blob that fails verification sees its response cut short.
+//! matched (the commit — fsync, rename, index record — follows), so a client of a blob that fails verification
+//! sees its response cut short.
 //!
 //! Access to cached content follows upstream's word: content fetched without a client's credentials is public;
 //! content a client's credentials were needed for is served from the cache only after upstream accepted that
