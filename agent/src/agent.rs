@@ -1,6 +1,7 @@
-//! The agent process: opens the store, binds the mirror and the metrics/health endpoints, serves until the
-//! shutdown future resolves, then shuts down in order: readiness off, stop accepting, drain in-flight responses
-//! under the grace timeout, stop downloads and background tasks, flush the index.
+//! The agent process: opens the store, binds the mirror, the metrics/health endpoints and (with a cluster secret)
+//! the mesh's gossip and transfer endpoints, serves until the shutdown future resolves, then shuts down in order:
+//! readiness off, stop accepting, drain in-flight responses under the grace timeout, stop downloads and background
+//! tasks (gossip announces the leave), close the QUIC endpoint, flush the index.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::mirror::{self, MirrorState};
 use crate::resolver::{Resolver, ResolverConfig};
@@ -50,6 +52,9 @@ pub enum AgentError {
     /// A server failed.
     #[error("serving: {0}")]
     Serve(std::io::Error),
+    /// The mesh could not start.
+    #[error("starting the mesh: {0}")]
+    Mesh(#[from] crate::mesh::MeshError),
 }
 
 #[derive(Debug)]
@@ -60,6 +65,8 @@ struct HealthState {
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+    // libp2p enables both of rustls' providers; the process uses one (a second call keeps the first).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let data_dir = cfg.data_dir.clone();
     let (store, rec) = tokio::task::spawn_blocking(move || Store::open(&data_dir))
         .await
@@ -90,7 +97,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let upstream = Arc::new(Upstream::new(cfg.upstream.clone(), metrics.upstream.clone())?);
-    let resolver = Arc::new(Resolver::new(
+    let mesh = match &cfg.mesh {
+        Some(m) => Some(Mesh::start(m, &cfg.data_dir, metrics.clone(), &tasks, &cancel)?),
+        None => None,
+    };
+    let resolver = Resolver::new(
         store.clone(),
         upstream,
         ResolverConfig {
@@ -102,8 +113,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         metrics.clone(),
         tasks.clone(),
         cancel.child_token(),
-    ));
+        mesh.clone(),
+    );
     resolver.maybe_gc();
+    if let Err(e) = resolver.announce_stored().await {
+        tracing::warn!(error = %e, "could not list the store for the mesh: peers learn of its blobs later");
+    }
 
     let health = Arc::new(HealthState { ready: AtomicBool::new(false), registry });
     let stop_accepting = CancellationToken::new();
@@ -115,8 +130,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let stop = stop_accepting.clone();
     let health_server =
         axum::serve(metrics_listener, health_router(health.clone())).with_graceful_shutdown(stop.cancelled_owned());
-    health.ready.store(true, Ordering::Release);
-    tracing::info!(%mirror_addr, %metrics_addr, "shoal agent ready");
+    match (&mesh, &cfg.mesh) {
+        (Some(mesh), Some(mc)) => {
+            // Ready once another member is seen, or after a while alone (the first node of a cluster).
+            let (mesh, health, wait) = (mesh.clone(), health.clone(), mc.suspect_after);
+            tasks.spawn(async move {
+                let joined = mesh.joined(wait).await;
+                health.ready.store(true, Ordering::Release);
+                tracing::info!(%mirror_addr, %metrics_addr, joined, "shoal agent ready");
+            });
+        }
+        _ => {
+            health.ready.store(true, Ordering::Release);
+            tracing::info!(%mirror_addr, %metrics_addr, "shoal agent ready");
+        }
+    }
 
     let mirror_task = tokio::spawn(mirror_server.into_future());
     let health_task = tokio::spawn(health_server.into_future());
@@ -133,6 +161,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         tracing::warn!("grace period over: dropping the responses still in flight");
     }
     cancel.cancel();
+    if let Some(mesh) = &mesh {
+        mesh.close().await;
+    }
     tasks.close();
     tasks.wait().await;
     health_task.abort();

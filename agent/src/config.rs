@@ -104,6 +104,53 @@ pub struct RawConfig {
     #[arg(skip)]
     #[serde(rename = "registry", default)]
     registry_tables: BTreeMap<String, RawRegistry>,
+    /// A file holding the cluster's shared secret (at least 16 bytes; in Kubernetes a mounted Secret). Setting it
+    /// turns the peer mesh on; only nodes with the same secret can join it or exchange bytes. Default none (no
+    /// mesh: a node-local mirror only).
+    #[arg(long, env = "SHOAL_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Address of the gossip listener (TCP). Default `0.0.0.0:30023`.
+    #[arg(long, env = "SHOAL_GOSSIP_LISTEN")]
+    pub gossip_listen: Option<String>,
+    /// Address of the transfer endpoint (QUIC, UDP). Default `0.0.0.0:30024`.
+    #[arg(long, env = "SHOAL_TRANSFER_LISTEN")]
+    pub transfer_listen: Option<String>,
+    /// The IP other nodes reach this one at (in Kubernetes the node's IP). Required when a mesh listener binds an
+    /// unspecified address (`0.0.0.0`); defaults to the listeners' own IP otherwise.
+    #[arg(long, env = "SHOAL_ADVERTISE_IP")]
+    pub advertise_ip: Option<String>,
+    /// Where to find other members: `host:port` of their gossip listeners, names resolved again every few
+    /// seconds (in Kubernetes the agents' headless Service), repeated or comma-separated. Default none.
+    #[arg(long, env = "SHOAL_BOOTSTRAP", value_delimiter = ',')]
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    /// Also discover members on the local network by mDNS. Default `false`.
+    #[arg(long, env = "SHOAL_MDNS")]
+    pub mdns: Option<bool>,
+    /// This node's zone: digests get a home per zone. Default `default`.
+    #[arg(long, env = "SHOAL_ZONE")]
+    pub zone: Option<String>,
+    /// How often a member announces itself. Default `1s`.
+    #[arg(long, env = "SHOAL_GOSSIP_INTERVAL")]
+    pub gossip_interval: Option<String>,
+    /// A member not heard from for this long is suspect (no longer a home or source). Default `3s`.
+    #[arg(long, env = "SHOAL_SUSPECT_AFTER")]
+    pub suspect_after: Option<String>,
+    /// A member not heard from for this long is dead (forgotten by the directory). Default `6s`.
+    #[arg(long, env = "SHOAL_DEAD_AFTER")]
+    pub dead_after: Option<String>,
+    /// Pieces this node uploads to peers at once; further requests are told to ask elsewhere. Default `16`.
+    #[arg(long, env = "SHOAL_MAX_UPLOADS")]
+    pub max_uploads: Option<u32>,
+    /// Upload bandwidth cap towards peers per second, e.g. `200MiB`; `0` for none. Default `0`.
+    #[arg(long, env = "SHOAL_UPLOAD_RATE")]
+    pub upload_rate: Option<String>,
+    /// Longest wait for a peer's answer or its next bytes before the piece is fetched elsewhere. Default `5s`.
+    #[arg(long, env = "SHOAL_PEER_STALL_TIMEOUT")]
+    pub peer_stall_timeout: Option<String>,
+    /// How long a peer whose data failed a check is not asked for anything. Default `5m`.
+    #[arg(long, env = "SHOAL_PEER_QUARANTINE")]
+    pub peer_quarantine: Option<String>,
 }
 
 /// One registry given on the command line or in `SHOAL_REGISTRIES`.
@@ -219,6 +266,51 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Upstream client settings.
     pub upstream: UpstreamConfig,
+    /// The peer mesh, when a cluster secret is configured.
+    pub mesh: Option<MeshConfig>,
+}
+
+/// The cluster's shared secret (never printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterSecret(pub Vec<u8>);
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(..)")
+    }
+}
+
+/// Peer mesh settings, validated.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// The shared secret.
+    pub secret: ClusterSecret,
+    /// Gossip listener (TCP).
+    pub gossip_listen: SocketAddr,
+    /// Transfer endpoint (UDP).
+    pub transfer_listen: SocketAddr,
+    /// The IP announced to other members.
+    pub advertise_ip: std::net::IpAddr,
+    /// `host:port` entries to dial.
+    pub bootstrap: Vec<String>,
+    /// mDNS discovery.
+    pub mdns: bool,
+    /// This node's zone.
+    pub zone: String,
+    /// Announcement period.
+    pub gossip_interval: Duration,
+    /// Silence after which a member is suspect.
+    pub suspect_after: Duration,
+    /// Silence after which a member is dead.
+    pub dead_after: Duration,
+    /// Concurrent piece uploads.
+    pub max_uploads: usize,
+    /// Upload cap in bytes per second (`None`: no cap).
+    pub upload_rate: Option<u64>,
+    /// Wait for a peer's answer or next bytes.
+    pub peer_stall_timeout: Duration,
+    /// Quarantine of a peer whose data failed a check.
+    pub peer_quarantine: Duration,
 }
 
 impl RawConfig {
@@ -258,6 +350,20 @@ impl RawConfig {
             log_format: self.log_format.or(file.log_format),
             registries,
             registry_tables,
+            cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
+            gossip_listen: self.gossip_listen.or(file.gossip_listen),
+            transfer_listen: self.transfer_listen.or(file.transfer_listen),
+            advertise_ip: self.advertise_ip.or(file.advertise_ip),
+            bootstrap: if self.bootstrap.is_empty() { file.bootstrap } else { self.bootstrap },
+            mdns: self.mdns.or(file.mdns),
+            zone: self.zone.or(file.zone),
+            gossip_interval: self.gossip_interval.or(file.gossip_interval),
+            suspect_after: self.suspect_after.or(file.suspect_after),
+            dead_after: self.dead_after.or(file.dead_after),
+            max_uploads: self.max_uploads.or(file.max_uploads),
+            upload_rate: self.upload_rate.or(file.upload_rate),
+            peer_stall_timeout: self.peer_stall_timeout.or(file.peer_stall_timeout),
+            peer_quarantine: self.peer_quarantine.or(file.peer_quarantine),
         }
     }
 
@@ -268,7 +374,7 @@ impl RawConfig {
         if listen == metrics_listen && listen.port() != 0 {
             return Err(invalid("metrics_listen", "must differ from `listen`"));
         }
-        let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from("./shoal-data"));
+        let data_dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from("./shoal-data"));
         if data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
@@ -294,6 +400,7 @@ impl RawConfig {
             Ok(d)
         };
         let tag_ttl = dur("tag_ttl", &self.tag_ttl, "30s", Duration::ZERO)?;
+        let mesh = self.validate_mesh(&dur)?;
         let auth_ttl = dur("auth_ttl", &self.auth_ttl, "60s", Duration::ZERO)?;
         let shutdown_grace = dur("shutdown_grace", &self.shutdown_grace, "20s", Duration::ZERO)?;
         let connect_timeout =
@@ -348,8 +455,101 @@ impl RawConfig {
                 allow_unlisted: self.allow_unlisted_registries.unwrap_or(true),
                 default_registry,
             },
+            mesh,
         })
     }
+
+    fn validate_mesh(
+        &self,
+        dur: &impl Fn(&str, &Option<String>, &str, Duration) -> Result<Duration, ConfigError>,
+    ) -> Result<Option<MeshConfig>, ConfigError> {
+        let Some(path) = &self.cluster_secret_file else {
+            for (key, set) in [
+                ("gossip_listen", self.gossip_listen.is_some()),
+                ("transfer_listen", self.transfer_listen.is_some()),
+                ("bootstrap", !self.bootstrap.is_empty()),
+            ] {
+                if set {
+                    return Err(invalid(key, "the mesh needs `cluster_secret_file` as well"));
+                }
+            }
+            return Ok(None);
+        };
+        let secret = read_secret(path).map_err(|r| invalid("cluster_secret_file", r))?;
+        let gossip_listen = parse_addr("gossip_listen", self.gossip_listen.as_deref().unwrap_or("0.0.0.0:30023"))?;
+        let transfer_listen =
+            parse_addr("transfer_listen", self.transfer_listen.as_deref().unwrap_or("0.0.0.0:30024"))?;
+        let advertise_ip = match &self.advertise_ip {
+            Some(ip) => {
+                let ip: std::net::IpAddr =
+                    ip.parse().map_err(|e| invalid("advertise_ip", format!("`{ip}` is not an IP address: {e}")))?;
+                if ip.is_unspecified() {
+                    return Err(invalid("advertise_ip", "must be an address other nodes can reach, not 0.0.0.0"));
+                }
+                ip
+            }
+            None if transfer_listen.ip().is_unspecified() || gossip_listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    "advertise_ip",
+                    "required when `gossip_listen` or `transfer_listen` binds an unspecified address",
+                ));
+            }
+            None => transfer_listen.ip(),
+        };
+        for b in &self.bootstrap {
+            let ok = b.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(invalid("bootstrap", format!("`{b}` is not host:port")));
+            }
+        }
+        let zone = self.zone.clone().unwrap_or_else(|| "default".to_owned());
+        if zone.is_empty() || zone.len() > 63 || !zone.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(invalid("zone", "must be 1-63 characters of [A-Za-z0-9._-]"));
+        }
+        let gossip_interval = dur("gossip_interval", &self.gossip_interval, "1s", Duration::from_millis(100))?;
+        let suspect_after = dur("suspect_after", &self.suspect_after, "3s", Duration::from_millis(200))?;
+        let dead_after = dur("dead_after", &self.dead_after, "6s", Duration::from_millis(300))?;
+        if suspect_after <= gossip_interval {
+            return Err(invalid("suspect_after", "must be longer than `gossip_interval`"));
+        }
+        if dead_after <= suspect_after {
+            return Err(invalid("dead_after", "must be longer than `suspect_after`"));
+        }
+        let max_uploads = self.max_uploads.unwrap_or(16);
+        if !(1..=1024).contains(&max_uploads) {
+            return Err(invalid("max_uploads", "must be between 1 and 1024"));
+        }
+        let upload_rate =
+            parse_size(self.upload_rate.as_deref().unwrap_or("0")).map_err(|r| invalid("upload_rate", r))?;
+        if upload_rate != 0 && upload_rate < 64 << 10 {
+            return Err(invalid("upload_rate", "must be 0 (no cap) or at least 64KiB"));
+        }
+        Ok(Some(MeshConfig {
+            secret,
+            gossip_listen,
+            transfer_listen,
+            advertise_ip,
+            bootstrap: self.bootstrap.clone(),
+            mdns: self.mdns.unwrap_or(false),
+            zone,
+            gossip_interval,
+            suspect_after,
+            dead_after,
+            max_uploads: max_uploads as usize,
+            upload_rate: (upload_rate > 0).then_some(upload_rate),
+            peer_stall_timeout: dur("peer_stall_timeout", &self.peer_stall_timeout, "5s", Duration::from_millis(50))?,
+            peer_quarantine: dur("peer_quarantine", &self.peer_quarantine, "5m", Duration::ZERO)?,
+        }))
+    }
+}
+
+fn read_secret(path: &Path) -> Result<ClusterSecret, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let trimmed = bytes.trim_ascii();
+    if trimmed.len() < 16 {
+        return Err(format!("{} holds {} bytes; a cluster secret needs at least 16", path.display(), trimmed.len()));
+    }
+    Ok(ClusterSecret(trimmed.to_vec()))
 }
 
 fn validate_registry(key: &str, host: &RegistryHost, raw: RawRegistry) -> Result<RegistryConfig, ConfigError> {

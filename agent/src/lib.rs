@@ -1,19 +1,23 @@
-//! Shoal's agent: a containerd registry mirror that caches on the node's disk.
+//! Shoal's agent: a containerd registry mirror that caches on the node's disk and shares it with its peers.
 //!
 //! Data flows from containerd's HTTP request in [`mirror`] (parsing with [`oci`]), to the [`resolver`], which
-//! serves from the [`store`] or streams a single download per digest from [`upstream`] into the store while
-//! clients read it. [`config`] turns the file, env and flags into typed settings; [`agent`] wires it all up and
+//! serves from the [`store`], or streams a single download per digest into the store while clients read it: from
+//! peers that hold it (found and fetched through the [`mesh`], bytes over [`transfer`], checked piece by piece, see
+//! [`pieces`]), else from [`upstream`]. [`config`] turns the file, env and flags into typed settings; [`agent`] wires it all up and
 //! shuts it down in order; [`metrics`] holds the Prometheus metrics of every subsystem.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod agent;
 pub mod config;
+pub mod mesh;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
+pub mod pieces;
 pub mod resolver;
 pub mod store;
+pub mod transfer;
 pub mod upstream;
 
 /// Sets up logging once: `SHOAL_LOG` (EnvFilter syntax, default `info`), text or JSON lines on stderr.

@@ -68,8 +68,8 @@ pub struct RequestLabels {
 pub enum Source {
     /// A complete blob in the local store.
     store,
-    /// A download from upstream in progress (stream-through).
-    upstream,
+    /// A download in progress (stream-through), from upstream or from peers.
+    download,
 }
 
 /// Labels with a source.
@@ -211,6 +211,69 @@ pub struct StoreMetrics {
     pub commits: Counter,
 }
 
+/// Member states as this node sees them.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum PeerState {
+    /// Announced itself recently.
+    alive,
+    /// Silent for `suspect_after`: no longer a home or a source.
+    suspect,
+    /// Silent for `dead_after`, or left.
+    dead,
+}
+
+/// Labels with a peer state.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerStateLabels {
+    /// The state.
+    pub state: PeerState,
+}
+
+/// Why a transfer from or to a peer failed.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TransferFailure {
+    /// No connection could be made or kept (including a failed handshake).
+    connect,
+    /// The peer did not answer or stopped sending within the stall timeout.
+    stall,
+    /// A piece did not match its blake3 hash.
+    hash_mismatch,
+    /// The peer broke the protocol (bad frame, wrong length).
+    protocol,
+    /// The peer answered with an error (not held, busy).
+    refused,
+    /// Bytes from peers made up a blob whose sha256 did not match.
+    digest_mismatch,
+}
+
+/// Labels with a transfer failure reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// The reason.
+    pub reason: TransferFailure,
+}
+
+/// Peer mesh metrics.
+#[derive(Debug, Clone, Default)]
+pub struct MeshMetrics {
+    /// Known members (other than this node) by state.
+    pub peers: Family<PeerStateLabels, Gauge>,
+    /// Piece bytes uploaded to peers.
+    pub bytes_sent: Counter,
+    /// Piece bytes received from peers (verified against their blake3 hash).
+    pub bytes_received: Counter,
+    /// Failed piece transfers and handshakes, by reason.
+    pub failures: Family<FailureLabels, Counter>,
+    /// Peers in quarantine now.
+    pub quarantined: Gauge,
+    /// Piece requests refused because the upload limit was reached.
+    pub uploads_refused: Counter,
+    /// Blobs this node is home for, as known to its directory.
+    pub directory_digests: Gauge,
+}
+
 /// All metrics of the agent.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
@@ -220,6 +283,8 @@ pub struct Metrics {
     pub upstream: UpstreamMetrics,
     /// Store.
     pub store: StoreMetrics,
+    /// Peer mesh.
+    pub mesh: MeshMetrics,
 }
 
 impl Metrics {
@@ -250,5 +315,24 @@ impl Metrics {
             self.store.verify_failures.clone(),
         );
         r.register("store_commits", "Downloads verified and committed", self.store.commits.clone());
+        r.register("peers", "Known members other than this node, by state", self.mesh.peers.clone());
+        r.register("peer_sent_bytes", "Piece bytes uploaded to peers", self.mesh.bytes_sent.clone());
+        r.register(
+            "peer_received_bytes",
+            "Piece bytes received from peers and verified against their hash",
+            self.mesh.bytes_received.clone(),
+        );
+        r.register("peer_transfer_failures", "Failed peer transfers by reason", self.mesh.failures.clone());
+        r.register(
+            "peers_quarantined",
+            "Peers quarantined after their data failed a check",
+            self.mesh.quarantined.clone(),
+        );
+        r.register(
+            "peer_uploads_refused",
+            "Piece requests refused because the upload limit was reached",
+            self.mesh.uploads_refused.clone(),
+        );
+        r.register("directory_digests", "Digests this node is the home of", self.mesh.directory_digests.clone());
     }
 }

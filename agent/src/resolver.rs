@@ -1,9 +1,12 @@
 //! The resolver: the one place that decides where a manifest's or blob's bytes come from, in order: the local
-//! store, a download already running on this node, then upstream.
+//! store, a download already running on this node, peers that hold it (through the [`Mesh`]), then upstream.
 //!
-//! A download from upstream is a single flight per digest: the first request starts it as a tracked task that
-//! writes a partial file while hashing; every request for the same digest (the first included) reads that file
-//! as it grows, through a [`watch`] channel of progress. Readers never get a blob's last byte before its sha256
+//! A download is a single flight per digest: the first request starts it as a tracked task that writes a partial
+//! file while hashing (sha256 for the digest, BLAKE3 per piece for serving peers); every request for the same
+//! digest (the first included) reads that file as it grows, through a [`watch`] channel of progress. The bytes
+//! come from peers first, piece by piece in order, each piece checked against its hash before it is written; a
+//! peer that fails or stalls is left for the next holder, and when no holder is left the download continues from
+//! upstream at the same offset. Readers never get a blob's last byte before its sha256
 //! matched (the commit — fsync, rename, index record — follows), so a client of a blob that fails verification
 //! sees its response cut short.
 //!
@@ -28,9 +31,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::metrics::{LookupKind, LookupLabels, LookupResult, Metrics, Source, SourceLabels};
+use crate::mesh::{Holding, Located, Mesh, Piece, PieceRefusal, PieceSource};
+use crate::metrics::{LookupKind, LookupLabels, LookupResult, Metrics, Source, SourceLabels, TransferFailure};
 use crate::oci::{Digest, Reference, RegistryHost, RepoName};
+use crate::pieces::{PieceHasher, PieceTable, piece_count, piece_index, piece_range, piece_size};
 use crate::store::{BlobMeta, LinkRecord, Store, StoreError, TagRecord, now_secs};
+use crate::transfer::FetchError;
 use crate::upstream::{Request, Target, Upstream, UpstreamError};
 
 /// Largest manifest accepted from upstream (the distribution spec suggests 4 MiB).
@@ -174,6 +180,8 @@ struct Origin {
 struct Download {
     origin: Origin,
     progress: watch::Sender<Progress>,
+    /// Piece size and the hashes of the pieces written so far (for serving peers while the download runs).
+    pieces: Mutex<Option<(u32, Vec<[u8; 32]>)>>,
 }
 
 /// The resolver, shared by every request.
@@ -191,6 +199,7 @@ pub struct Resolver {
     gc_running: AtomicBool,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    mesh: Option<Arc<Mesh>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -251,7 +260,8 @@ impl Drop for InUse {
 }
 
 impl Resolver {
-    /// Creates the resolver. Downloads run as tasks of `tasks` and stop when `cancel` fires.
+    /// Creates the resolver. Downloads run as tasks of `tasks` and stop when `cancel` fires. With a mesh, it
+    /// looks for peers before upstream, and serves peers' piece requests.
     pub fn new(
         store: Arc<Store>,
         upstream: Arc<Upstream>,
@@ -259,8 +269,9 @@ impl Resolver {
         metrics: Metrics,
         tasks: TaskTracker,
         cancel: CancellationToken,
-    ) -> Self {
-        Self {
+        mesh: Option<Arc<Mesh>>,
+    ) -> Arc<Self> {
+        let this = Arc::new(Self {
             store,
             upstream,
             cfg,
@@ -272,7 +283,30 @@ impl Resolver {
             gc_running: AtomicBool::new(false),
             tasks,
             cancel,
+            mesh,
+        });
+        if let Some(m) = &this.mesh {
+            let weak: std::sync::Weak<dyn PieceSource> = Arc::downgrade(&this) as _;
+            m.set_piece_source(weak);
         }
+        this
+    }
+
+    /// Tells the mesh about every blob in the store (at start).
+    pub async fn announce_stored(&self) -> Result<(), ResolveError> {
+        let Some(mesh) = &self.mesh else { return Ok(()) };
+        let store = self.store.clone();
+        for (digest, meta) in blocking(move || store.list_blobs()).await? {
+            mesh.hold(Holding {
+                digest,
+                size: meta.size,
+                media_type: meta.media_type,
+                complete: true,
+                public: meta.public,
+                removed: false,
+            });
+        }
+        Ok(())
     }
 
     /// The upstream client.
@@ -449,7 +483,7 @@ impl Resolver {
                         verified: false,
                         state: State::Running,
                     });
-                    let dl = Arc::new(Download { origin: origin.clone(), progress });
+                    let dl = Arc::new(Download { origin: origin.clone(), progress, pieces: Mutex::new(None) });
                     map.insert(digest.clone(), dl.clone());
                     Some((dl, true))
                 }
@@ -494,7 +528,25 @@ impl Resolver {
 
     async fn head_upstream(&self, client: &Client, digest: &Digest, guard: InUse) -> Result<Opened, ResolveError> {
         let req = client.request(Target::Blob(digest), true);
-        let resp = self.upstream.send(req).await?;
+        let resp = match self.upstream.send(req).await {
+            Ok(r) => r,
+            // Upstream cannot say: peers can, for content anyone may have.
+            Err(UpstreamError::Unreachable(reason)) => {
+                let loc = match &self.mesh {
+                    Some(m) => m.locate(digest).await.filter(|l| l.holders.iter().any(|(_, s)| s.public)),
+                    None => None,
+                };
+                let Some(loc) = loc else { return Err(ResolveError::Unavailable(reason)) };
+                return Ok(Opened {
+                    digest: digest.clone(),
+                    size: Some(loc.size),
+                    media_type: loc.media_type,
+                    source: OpenedSource::HeadOnly,
+                    _guard: guard,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let media_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         // reqwest reports no length for HEAD bodies; the header carries the blob's size.
         let size =
@@ -549,9 +601,19 @@ impl Resolver {
         let reference = Reference::Digest(digest.clone());
         let target = target(kind, digest, &reference);
         let mut req = client.request(target, false);
-        let resp = self.upstream.send(req).await?;
-        let size = resp.content_length();
-        let media_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let peers = self.usable_peers(client, digest, kind).await?;
+        let mut first_resp = None;
+        let (size, media_type) = match &peers {
+            Some(loc) => (Some(loc.size), loc.media_type.clone()),
+            None => {
+                let resp = self.upstream.send(req).await?;
+                let size = resp.content_length();
+                let mt = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                first_resp = Some(resp);
+                self.note_accepted(&self.origin(client));
+                (size, mt)
+            }
+        };
         if kind == Kind::Manifest && size.is_none_or(|s| s > MAX_MANIFEST_SIZE) {
             return Err(ResolveError::Unavailable(format!(
                 "manifest size {size:?} is over {MAX_MANIFEST_SIZE} bytes or unknown"
@@ -566,19 +628,187 @@ impl Resolver {
             p.partial = Some(partial.clone());
             p.header = Some((size, media_type.clone()));
         });
-        let origin = self.origin(client);
-        self.note_accepted(&origin);
+        let public = client.auth.is_none();
+        let holding = |complete: bool, removed: bool| Holding {
+            digest: digest.clone(),
+            size: size.unwrap_or_default(),
+            media_type: media_type.clone(),
+            complete,
+            public,
+            removed,
+        };
+        // Peers may fetch what is already here while the rest arrives (only with a known size: pieces need it).
+        if let (Some(mesh), Some(_)) = (&self.mesh, size) {
+            mesh.hold(holding(false, false));
+        }
+        let mut sink = Sink::new(file, partial.clone(), size, dl);
+        let result = self.fill(client, digest, &mut req, &mut sink, peers, first_resp).await;
+        if let Err(e) = result {
+            if let (Some(mesh), Some(_)) = (&self.mesh, size) {
+                mesh.hold(holding(false, true));
+            }
+            return Err(e);
+        }
+        let Sink { writer, written, pieces, peers_used, .. } = sink;
+        let (file, hasher) = writer.expect("the writer is put back after every batch");
+        let actual = Digest::from_sha256(&hasher.finalize());
+        if actual != *digest {
+            self.metrics.store.verify_failures.inc();
+            if let Some(mesh) = &self.mesh {
+                for p in &peers_used {
+                    self.metrics
+                        .mesh
+                        .failures
+                        .get_or_create(&crate::metrics::FailureLabels { reason: TransferFailure::digest_mismatch })
+                        .inc();
+                    mesh.quarantine(*p, "its pieces made up a blob that does not match its digest");
+                }
+                if size.is_some() {
+                    mesh.hold(holding(false, true));
+                }
+            }
+            return Err(ResolveError::Unavailable(format!("content does not match its digest (got {actual})")));
+        }
+        // Clients get their last byte now; the fsync of a large blob must not delay them (a crash before the
+        // commit only loses the cached copy, never serves a wrong byte).
+        dl.progress.send_modify(|p| p.verified = true);
+        let table = pieces.map(|h| h.finish(written));
+        let meta = BlobMeta { size: written, media_type: media_type.clone(), last_access: now_secs(), public };
+        let store = self.store.clone();
+        let d = digest.clone();
+        let link = format!("{}@{digest}", client.repo_key());
+        blocking(move || {
+            store.commit(&partial, &file, &d, &meta, table.as_ref())?;
+            store.put_link(&link, LinkRecord { public, at: now_secs() })
+        })
+        .await?;
+        if let Some(mesh) = &self.mesh {
+            let mut h = holding(true, false);
+            h.size = written;
+            mesh.hold(h);
+        }
+        self.metrics.store.commits.inc();
+        self.update_store_gauges();
+        Ok(())
+    }
 
-        let mut writer = Some((file, Sha256::new()));
-        let mut written = 0u64;
+    /// Holders this client may be given bytes from. A client without credentials gets public copies only; a
+    /// client with credentials gets any copy once upstream accepted them for this repository (or public copies
+    /// only, when upstream cannot be asked).
+    async fn usable_peers(
+        &self,
+        client: &Client,
+        digest: &Digest,
+        kind: Kind,
+    ) -> Result<Option<Located>, ResolveError> {
+        let Some(mesh) = &self.mesh else { return Ok(None) };
+        let Some(mut loc) = mesh.locate(digest).await else { return Ok(None) };
+        let private_ok = match (&client.auth, self.authorize(client, digest, kind).await) {
+            (None, _) => false,
+            (Some(_), Ok(())) => true,
+            (Some(_), Err(ResolveError::Unavailable(_))) => false,
+            (Some(_), Err(e)) => return Err(e),
+        };
+        loc.holders.retain(|(_, s)| s.public || private_ok);
+        Ok((!loc.holders.is_empty()).then_some(loc))
+    }
+
+    /// Writes the blob into `sink`: from peers while they deliver, then from upstream from where they stopped.
+    async fn fill(
+        &self,
+        client: &Client,
+        digest: &Digest,
+        req: &mut Request<'_>,
+        sink: &mut Sink<'_>,
+        peers: Option<Located>,
+        first_resp: Option<reqwest::Response>,
+    ) -> Result<(), ResolveError> {
+        if let (Some(loc), Some(mesh)) = (peers, &self.mesh) {
+            self.fill_from_peers(mesh, digest, sink, &loc).await?;
+            if sink.complete() {
+                return Ok(());
+            }
+            tracing::info!(offset = sink.written, "no peer could finish the blob: continuing from upstream");
+        }
+        let resp = match first_resp {
+            Some(r) => r,
+            None => {
+                req.offset = sink.written;
+                let r = self.upstream.send(*req).await?;
+                self.note_accepted(&self.origin(client));
+                r
+            }
+        };
+        self.fill_from_upstream(req, sink, resp).await
+    }
+
+    async fn fill_from_peers(
+        &self,
+        mesh: &Mesh,
+        digest: &Digest,
+        sink: &mut Sink<'_>,
+        loc: &Located,
+    ) -> Result<(), ResolveError> {
+        let size = loc.size;
+        let piece = piece_size(size);
+        let count = piece_count(size, piece);
+        let window = ((8u64 << 20) / u64::from(piece)).clamp(4, 16) as usize;
+        // Not-yet-written pieces of a partial holder are waited for as long as its own upstream may stall.
+        let not_ready_budget = self.upstream.stall_timeout();
+        for (peer, state) in &loc.holders {
+            if sink.written % u64::from(piece) != 0 || sink.complete() {
+                break;
+            }
+            if mesh.is_quarantined(peer) {
+                continue;
+            }
+            let span = tracing::info_span!("peer", %peer, complete = state.complete);
+            let mut inflight = futures_util::stream::FuturesOrdered::new();
+            let mut next = sink.written / u64::from(piece);
+            let stop = async {
+                loop {
+                    while inflight.len() < window && next < count {
+                        let (offset, len) = piece_range(size, piece, next);
+                        inflight.push_back(fetch_when_ready(mesh, *peer, digest, offset, len as u32, not_ready_budget));
+                        next += 1;
+                    }
+                    match inflight.next().await {
+                        None => return Ok(None),
+                        Some(Ok(bytes)) => {
+                            sink.peers_used.insert(*peer);
+                            sink.write(vec![bytes]).await?;
+                        }
+                        Some(Err(e)) => return Ok(Some(e)),
+                    }
+                }
+            }
+            .instrument(span)
+            .await;
+            match stop {
+                Err(e) => return Err(e),
+                Ok(None) => return Ok(()),
+                Ok(Some(e)) => {
+                    tracing::info!(%peer, offset = sink.written, error = %e, "peer failed; trying the next source")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn fill_from_upstream(
+        &self,
+        req: &mut Request<'_>,
+        sink: &mut Sink<'_>,
+        mut resp: reqwest::Response,
+    ) -> Result<(), ResolveError> {
+        let size = sink.size;
         let mut resumes = 0;
-        let mut resp = resp;
         let stall = self.upstream.stall_timeout();
-        'body: loop {
+        loop {
             // Bytes already written that a resumed response repeats (a registry that ignored our Range).
             let mut skip = 0u64;
-            if written > 0 && resp.status() != http::StatusCode::PARTIAL_CONTENT {
-                skip = written;
+            if sink.written > 0 && resp.status() != http::StatusCode::PARTIAL_CONTENT {
+                skip = sink.written;
             }
             let mut body = resp.bytes_stream().ready_chunks(64);
             let broken = loop {
@@ -609,68 +839,74 @@ impl Resolver {
                     }
                 }
                 let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
-                if size.is_some_and(|s| written + n > s) {
+                if size.is_some_and(|s| sink.written + n > s) {
                     return Err(ResolveError::Unavailable("upstream sent more bytes than it announced".into()));
                 }
                 if n > 0 {
-                    let (mut file, mut hasher) = writer.take().expect("the writer is put back after every batch");
-                    let path = partial.clone();
-                    let (file, hasher) = blocking(move || {
-                        for b in &batch {
-                            hasher.update(b);
-                            crate::store::write_all(&mut file, b, &path)?;
-                        }
-                        Ok((file, hasher))
-                    })
-                    .await?;
-                    writer = Some((file, hasher));
-                    written += n;
+                    sink.write(batch).await?;
                     self.upstream.count_bytes(n);
-                    dl.progress.send_modify(|p| p.written = written);
                 }
                 if let Some(e) = err {
                     break e;
                 }
             };
             let complete = match size {
-                Some(s) => written == s,
+                Some(_) => sink.complete(),
                 None => broken.is_empty(),
             };
             if complete {
-                break 'body;
+                return Ok(());
             }
             let reason = if broken.is_empty() { "body ended early".to_owned() } else { broken };
             resumes += 1;
             if resumes > 5 {
                 return Err(ResolveError::Unavailable(format!("upstream body broke {resumes} times: {reason}")));
             }
-            tracing::info!(offset = written, %reason, "upstream body broke; resuming");
-            req.offset = written;
-            resp = self.upstream.send(req).await?;
+            tracing::info!(offset = sink.written, %reason, "upstream body broke; resuming");
+            req.offset = sink.written;
+            resp = self.upstream.send(*req).await?;
         }
+    }
 
-        let (file, hasher) = writer.take().expect("the writer is put back after every batch");
-        let actual = Digest::from_sha256(&hasher.finalize());
-        if actual != *digest {
-            self.metrics.store.verify_failures.inc();
-            return Err(ResolveError::Unavailable(format!("content does not match its digest (got {actual})")));
-        }
-        // Clients get their last byte now; the fsync of a large blob must not delay them (a crash before the
-        // commit only loses the cached copy, never serves a wrong byte).
-        dl.progress.send_modify(|p| p.verified = true);
-        let meta = BlobMeta { size: written, media_type, last_access: now_secs() };
+    /// Reads a piece of a stored blob or of a running download, with the hash recorded when it was written.
+    async fn read_piece(self: Arc<Self>, digest: Digest, offset: u64, len: u32) -> Result<Piece, PieceRefusal> {
+        let internal = |e: ResolveError| PieceRefusal::Internal(e.to_string());
+        let _guard = self.guard(&digest);
         let store = self.store.clone();
         let d = digest.clone();
-        let link = format!("{}@{digest}", client.repo_key());
-        let public = client.auth.is_none();
-        blocking(move || {
-            store.commit(&partial, &file, &d, &meta)?;
-            store.put_link(&link, LinkRecord { public, at: now_secs() })
-        })
-        .await?;
-        self.metrics.store.commits.inc();
-        self.update_store_gauges();
-        Ok(())
+        if let Some(meta) = blocking(move || store.blob(&d)).await.map_err(internal)? {
+            let store = self.store.clone();
+            let d = digest.clone();
+            let size = meta.size;
+            let table = blocking(move || match store.pieces(&d)? {
+                Some(t) => Ok(t),
+                // Committed before piece hashes were recorded: hash the verified file once and keep the table.
+                None => {
+                    let t = hash_file(&store.blob_path(&d), size)?;
+                    store.put_pieces(&d, &t)?;
+                    Ok(t)
+                }
+            })
+            .await
+            .map_err(internal)?;
+            let hash = table
+                .hash_of(offset, u64::from(len))
+                .ok_or_else(|| PieceRefusal::BadRequest(format!("[{offset}, +{len}) is not a piece")))?;
+            let data = read_range(self.store.blob_path(&digest), None, offset, len).await?;
+            return Ok(Piece { data, hash, blob_size: meta.size });
+        }
+        let dl = lock(&self.downloads).get(&digest).cloned().ok_or(PieceRefusal::NotFound)?;
+        let p = dl.progress.borrow().clone();
+        let (Some(partial), Some((Some(size), _))) = (p.partial, p.header) else { return Err(PieceRefusal::NotReady) };
+        let hash = {
+            let pieces = lock(&dl.pieces);
+            let Some((piece, hashes)) = pieces.as_ref() else { return Err(PieceRefusal::NotReady) };
+            let i = piece_index(size, *piece, offset, u64::from(len))
+                .ok_or_else(|| PieceRefusal::BadRequest(format!("[{offset}, +{len}) is not a piece")))?;
+            *hashes.get(i).ok_or(PieceRefusal::NotReady)?
+        };
+        let data = read_range(partial, Some(self.store.blob_path(&digest)), offset, len).await?;
+        Ok(Piece { data, hash, blob_size: size })
     }
 
     fn update_store_gauges(&self) {
@@ -691,16 +927,152 @@ impl Resolver {
             let store = this.store.clone();
             let target = this.cfg.gc_low_bytes;
             match blocking(move || store.evict_to(target, &keep)).await {
-                Ok((n, bytes)) => {
-                    tracing::info!(blobs = n, bytes, "GC evicted least recently used blobs");
-                    this.metrics.store.evicted_blobs.inc_by(n);
+                Ok((evicted, bytes)) => {
+                    tracing::info!(blobs = evicted.len(), bytes, "GC evicted least recently used blobs");
+                    this.metrics.store.evicted_blobs.inc_by(evicted.len() as u64);
                     this.metrics.store.evicted_bytes.inc_by(bytes);
+                    if let Some(mesh) = &this.mesh {
+                        for digest in evicted {
+                            mesh.hold(Holding {
+                                digest,
+                                size: 0,
+                                media_type: None,
+                                complete: false,
+                                public: false,
+                                removed: true,
+                            });
+                        }
+                    }
                 }
                 Err(e) => tracing::error!(error = %e, "GC failed"),
             }
             this.update_store_gauges();
             this.gc_running.store(false, Ordering::Release);
         });
+    }
+}
+
+impl PieceSource for Resolver {
+    fn piece(
+        self: Arc<Self>,
+        digest: Digest,
+        offset: u64,
+        len: u32,
+    ) -> futures_util::future::BoxFuture<'static, Result<Piece, PieceRefusal>> {
+        Box::pin(self.read_piece(digest, offset, len))
+    }
+}
+
+/// Fetches a piece, waiting (up to `budget`) while a partial holder does not have it yet.
+async fn fetch_when_ready(
+    mesh: &Mesh,
+    peer: libp2p::PeerId,
+    digest: &Digest,
+    offset: u64,
+    len: u32,
+    budget: Duration,
+) -> Result<Bytes, FetchError> {
+    let deadline = Instant::now() + budget;
+    loop {
+        match mesh.fetch_piece(peer, digest, offset, len).await {
+            Err(FetchError::Refused { code: shoal_proto::peer::error::Code::NotReady, .. })
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` of `path` (or of `fallback` if `path` was renamed away meanwhile).
+async fn read_range(path: PathBuf, fallback: Option<PathBuf>, offset: u64, len: u32) -> Result<Bytes, PieceRefusal> {
+    tokio::task::spawn_blocking(move || {
+        let mut f = match std::fs::File::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && fallback.is_some() => {
+                std::fs::File::open(fallback.as_ref().expect("checked"))
+            }
+            r => r,
+        }?;
+        io::Seek::seek(&mut f, io::SeekFrom::Start(offset))?;
+        let mut buf = vec![0u8; len as usize];
+        io::Read::read_exact(&mut f, &mut buf)?;
+        Ok::<_, io::Error>(Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| PieceRefusal::Internal(e.to_string()))?
+    .map_err(|e| PieceRefusal::Internal(format!("read: {e}")))
+}
+
+/// Computes the piece table of a stored file.
+fn hash_file(path: &std::path::Path, size: u64) -> Result<PieceTable, StoreError> {
+    let io_err = |source| StoreError::Io { op: "read", path: path.to_owned(), source };
+    let mut f = std::fs::File::open(path).map_err(io_err)?;
+    let mut h = PieceHasher::new(piece_size(size));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = io::Read::read(&mut f, &mut buf).map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish(size))
+}
+
+/// Where a download's bytes go: the partial file, the sha256, the piece hashes, and the progress readers follow.
+struct Sink<'a> {
+    dl: &'a Download,
+    path: PathBuf,
+    writer: Option<(std::fs::File, Sha256)>,
+    pieces: Option<PieceHasher>,
+    written: u64,
+    size: Option<u64>,
+    peers_used: HashSet<libp2p::PeerId>,
+}
+
+impl<'a> Sink<'a> {
+    fn new(file: std::fs::File, path: PathBuf, size: Option<u64>, dl: &'a Download) -> Self {
+        let pieces = size.map(|s| PieceHasher::new(piece_size(s)));
+        if let Some(h) = &pieces {
+            *lock(&dl.pieces) = Some((h.piece(), Vec::new()));
+        }
+        Self { dl, path, writer: Some((file, Sha256::new())), pieces, written: 0, size, peers_used: HashSet::new() }
+    }
+
+    fn complete(&self) -> bool {
+        self.size.is_some_and(|s| self.written == s)
+    }
+
+    /// Hashes and writes a batch off the async workers, then tells readers and the piece table.
+    async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), ResolveError> {
+        let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
+        let (mut file, mut hasher) = self.writer.take().expect("the writer is put back after every batch");
+        let mut pieces = self.pieces.take();
+        let path = self.path.clone();
+        let (file, hasher, pieces) = blocking(move || {
+            for b in &batch {
+                hasher.update(b);
+                if let Some(p) = &mut pieces {
+                    p.update(b);
+                }
+                crate::store::write_all(&mut file, b, &path)?;
+            }
+            Ok((file, hasher, pieces))
+        })
+        .await?;
+        self.writer = Some((file, hasher));
+        self.written += n;
+        if let Some(p) = &pieces {
+            let mut shared = lock(&self.dl.pieces);
+            if let Some((_, hashes)) = shared.as_mut() {
+                hashes.extend_from_slice(&p.hashes()[hashes.len()..]);
+            }
+        }
+        self.pieces = pieces;
+        let written = self.written;
+        self.dl.progress.send_modify(|p| p.written = written);
+        Ok(())
     }
 }
 
@@ -729,7 +1101,7 @@ impl Opened {
     ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
         let source = match &self.source {
             OpenedSource::Stored(_) | OpenedSource::HeadOnly => Source::store,
-            OpenedSource::InFlight { .. } => Source::upstream,
+            OpenedSource::InFlight { .. } => Source::download,
         };
         let counter = metrics.mirror.bytes_served.get_or_create(&SourceLabels { source }).clone();
         let reader = Reader { opened: self, file: None, pos: start, end };

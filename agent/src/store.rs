@@ -3,8 +3,11 @@
 //! ```text
 //! <data_dir>/blobs/sha256/<xx>/<hex>   complete blobs, each verified against its name before it got there
 //! <data_dir>/partial/<hex>.<n>         downloads in progress (removed on start: they cannot be trusted)
-//! <data_dir>/index/                    rocksdb: column families `blobs`, `tags`, `links`
+//! <data_dir>/index/                    rocksdb: column families `blobs`, `tags`, `links`, `pieces`
 //! ```
+//!
+//! `pieces` holds each complete blob's piece hashes (see [`crate::pieces`]) as they were computed when its bytes
+//! were first written here, for serving the blob to peers.
 //!
 //! A blob becomes visible only by an atomic rename after its sha256 matched, and is recorded in the index after
 //! the rename; on start, [`Store::open`] reconciles the two: index records without a file of the right size go,
@@ -22,10 +25,12 @@ use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options};
 use serde::{Deserialize, Serialize};
 
 use crate::oci::Digest;
+use crate::pieces::PieceTable;
 
 const CF_BLOBS: &str = "blobs";
 const CF_TAGS: &str = "tags";
 const CF_LINKS: &str = "links";
+const CF_PIECES: &str = "pieces";
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +71,9 @@ pub struct BlobMeta {
     pub media_type: Option<String>,
     /// Last time it was served, seconds since the epoch (the LRU order).
     pub last_access: u64,
+    /// Whether it was fetched without a client's credentials (peers may give it to anyone).
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// A tag's last known answer.
@@ -128,7 +136,7 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(3);
         opts.set_max_log_file_size(1 << 20);
-        let cfs = [CF_BLOBS, CF_TAGS, CF_LINKS].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let cfs = [CF_BLOBS, CF_TAGS, CF_LINKS, CF_PIECES].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, root.join("index"), cfs)?;
         let store = Self {
             root: root.to_owned(),
@@ -183,6 +191,7 @@ impl Store {
         }
         for k in &dangling {
             self.db.delete_cf(self.cf(CF_BLOBS), k)?;
+            self.db.delete_cf(self.cf(CF_PIECES), k)?;
         }
         rec.dangling_records = dangling.len() as u64;
         let base = self.root.join("blobs/sha256");
@@ -219,8 +228,19 @@ impl Store {
 
     /// Makes a verified partial file a complete blob: fsync, rename into place, fsync the directory, record it.
     /// The caller has checked the file's sha256 against `digest`.
-    pub fn commit(&self, partial: &Path, file: &File, digest: &Digest, meta: &BlobMeta) -> Result<(), StoreError> {
+    /// Its piece hashes go into the index first, so a recorded blob always has them.
+    pub fn commit(
+        &self,
+        partial: &Path,
+        file: &File,
+        digest: &Digest,
+        meta: &BlobMeta,
+        pieces: Option<&PieceTable>,
+    ) -> Result<(), StoreError> {
         file.sync_all().map_err(io_err("fsync", partial))?;
+        if let Some(p) = pieces {
+            self.db.put_cf(self.cf(CF_PIECES), digest.as_str(), p.encode())?;
+        }
         let dest = self.blob_path(digest);
         let shard = dest.parent().expect("a blob path has a shard directory");
         fs::create_dir_all(shard).map_err(io_err("create", shard))?;
@@ -239,6 +259,31 @@ impl Store {
     /// The index record of a complete blob.
     pub fn blob(&self, digest: &Digest) -> Result<Option<BlobMeta>, StoreError> {
         self.get(CF_BLOBS, digest.as_str())
+    }
+
+    /// A complete blob's piece hashes, if recorded (blobs committed before pieces existed have none).
+    pub fn pieces(&self, digest: &Digest) -> Result<Option<PieceTable>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_PIECES), digest.as_str())?.and_then(|v| PieceTable::decode(&v)))
+    }
+
+    /// Records a complete blob's piece hashes (computed from its verified file).
+    pub fn put_pieces(&self, digest: &Digest, table: &PieceTable) -> Result<(), StoreError> {
+        self.db.put_cf(self.cf(CF_PIECES), digest.as_str(), table.encode())?;
+        Ok(())
+    }
+
+    /// Every complete blob with its record.
+    pub fn list_blobs(&self) -> Result<Vec<(Digest, BlobMeta)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
+            let (k, v) = item?;
+            if let (Ok(d), Ok(m)) =
+                (Digest::parse(&String::from_utf8_lossy(&k)), serde_json::from_slice::<BlobMeta>(&v))
+            {
+                out.push((d, m));
+            }
+        }
+        Ok(out)
     }
 
     /// Records that a blob was just served (its place in the LRU order).
@@ -303,10 +348,10 @@ impl Store {
     }
 
     /// Evicts least-recently-used blobs, skipping `in_use`, until at most `target` bytes remain. Returns the
-    /// number of blobs and bytes evicted.
-    pub fn evict_to(&self, target: u64, in_use: &HashSet<Digest>) -> Result<(u64, u64), StoreError> {
+    /// evicted blobs and the bytes freed.
+    pub fn evict_to(&self, target: u64, in_use: &HashSet<Digest>) -> Result<(Vec<Digest>, u64), StoreError> {
         if self.bytes() <= target {
-            return Ok((0, 0));
+            return Ok((Vec::new(), 0));
         }
         let mut all = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
@@ -320,13 +365,14 @@ impl Store {
             }
         }
         all.sort();
-        let (mut n, mut freed) = (0, 0);
+        let (mut evicted, mut freed) = (Vec::new(), 0);
         for (_, size, d) in all {
             if self.bytes() <= target {
                 break;
             }
             // Index first: a crash after this leaves an orphan file, which start-up removes.
             self.db.delete_cf(self.cf(CF_BLOBS), d.as_str())?;
+            self.db.delete_cf(self.cf(CF_PIECES), d.as_str())?;
             let path = self.blob_path(&d);
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -335,10 +381,10 @@ impl Store {
             }
             self.bytes.fetch_sub(size, Ordering::Relaxed);
             self.blobs.fetch_sub(1, Ordering::Relaxed);
-            n += 1;
             freed += size;
+            evicted.push(d);
         }
-        Ok((n, freed))
+        Ok((evicted, freed))
     }
 
     /// Flushes the index's memtables to disk (at shutdown).
@@ -367,8 +413,10 @@ mod tests {
         let d = Digest::from_sha256(&Sha256::digest(data));
         let (path, mut file) = store.create_partial(&d).unwrap();
         write_all(&mut file, data, &path).unwrap();
-        let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs() };
-        store.commit(&path, &file, &d, &meta).unwrap();
+        let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs(), public: true };
+        let mut h = crate::pieces::PieceHasher::new(crate::pieces::MIN_PIECE);
+        h.update(data);
+        store.commit(&path, &file, &d, &meta, Some(&h.finish(data.len() as u64))).unwrap();
         d
     }
 
@@ -422,7 +470,9 @@ mod tests {
             store.put(CF_BLOBS, d.as_str(), &m).unwrap();
         }
         let in_use = HashSet::from([ds[0].clone()]);
-        assert_eq!(store.evict_to(200, &in_use).unwrap(), (2, 200));
+        assert_eq!(store.evict_to(200, &in_use).unwrap(), (vec![ds[1].clone(), ds[2].clone()], 200));
+        assert!(store.pieces(&ds[1]).unwrap().is_none());
+        assert!(store.pieces(&ds[0]).unwrap().is_some());
         assert!(store.blob(&ds[0]).unwrap().is_some());
         assert!(store.blob(&ds[1]).unwrap().is_none());
         assert!(store.blob(&ds[2]).unwrap().is_none());

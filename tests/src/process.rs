@@ -17,6 +17,7 @@ use crate::{free_port, shoal_bin, wait_for};
 pub struct AgentBuilder {
     lines: Vec<String>,
     registries: Vec<String>,
+    gossip: Option<SocketAddr>,
 }
 
 impl AgentBuilder {
@@ -41,6 +42,25 @@ impl AgentBuilder {
         self
     }
 
+    /// Joins the peer mesh with the secret in `secret_file`, listening on `ip` (a distinct 127.0.0.x per agent),
+    /// bootstrapping from `bootstrap` (gossip addresses of other agents). Liveness timing is shortened for tests
+    /// (announce every 250ms, suspect after 1s, dead after 2s) unless the test sets those keys.
+    pub fn mesh(mut self, secret_file: &Path, ip: std::net::Ipv4Addr, bootstrap: &[SocketAddr]) -> Self {
+        let gossip = SocketAddr::new(ip.into(), free_port().unwrap_or(0));
+        self.gossip = Some(gossip);
+        let list: Vec<String> = bootstrap.iter().map(|a| format!("\"{a}\"")).collect();
+        self.lines.push(format!("cluster_secret_file = \"{}\"", secret_file.display()));
+        self.lines.push(format!("gossip_listen = \"{gossip}\""));
+        self.lines.push(format!("transfer_listen = \"{ip}:0\""));
+        self.lines.push(format!("bootstrap = [{}]", list.join(", ")));
+        for (key, value) in [("gossip_interval", "\"250ms\""), ("suspect_after", "\"1s\""), ("dead_after", "\"2s\"")] {
+            if !self.lines.iter().any(|l| l.starts_with(&format!("{key} ="))) {
+                self.lines.push(format!("{key} = {value}"));
+            }
+        }
+        self
+    }
+
     /// Starts the agent and waits until it is ready.
     pub async fn start(self) -> Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent").tempdir()?;
@@ -57,8 +77,12 @@ impl AgentBuilder {
             ("upstream_stall_timeout", "\"5s\""),
             ("upstream_attempts", "2"),
             ("shutdown_grace", "\"5s\""),
+            ("peer_stall_timeout", "\"2s\""),
         ];
         for (key, value) in defaults {
+            if key == "peer_stall_timeout" && self.gossip.is_none() {
+                continue;
+            }
             if !self.lines.iter().any(|l| l.starts_with(&format!("{key} ="))) {
                 config.push_str(&format!("{key} = {value}\n"));
             }
@@ -72,7 +96,15 @@ impl AgentBuilder {
         }
         let config_path = dir.path().join("shoal.toml");
         std::fs::write(&config_path, config)?;
-        let mut agent = Agent { child: None, dir, addr, metrics_addr, config_path, http: reqwest::Client::new() };
+        let mut agent = Agent {
+            child: None,
+            dir,
+            addr,
+            metrics_addr,
+            gossip_addr: self.gossip,
+            config_path,
+            http: reqwest::Client::new(),
+        };
         agent.spawn().await?;
         Ok(agent)
     }
@@ -87,6 +119,8 @@ pub struct Agent {
     pub addr: SocketAddr,
     /// Metrics address.
     pub metrics_addr: SocketAddr,
+    /// Gossip address, when in a mesh.
+    pub gossip_addr: Option<SocketAddr>,
     config_path: PathBuf,
     http: reqwest::Client,
 }
@@ -151,7 +185,7 @@ impl Agent {
     }
 
     /// Sum of the samples of metric `name` (the full sample name, e.g. `shoal_bytes_served_total`) whose labels
-    /// contain every one of `labels` (e.g. `source="upstream"`).
+    /// contain every one of `labels` (e.g. `source="download"`).
     pub async fn metric(&self, name: &str, labels: &[&str]) -> Result<f64> {
         let text = self.metrics().await?;
         let mut sum = 0.0;

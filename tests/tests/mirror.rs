@@ -65,7 +65,7 @@ async fn cold_pull_fetches_each_blob_once_then_pulls_offline() -> Result<()> {
     for b in image.all_blobs() {
         assert_eq!(n.proxy.count("GET", &format!("/blobs/{}", b.digest)), 1, "upstream GETs of {}", b.digest);
     }
-    let served = n.agent.metric("shoal_bytes_served_total", &["source=\"upstream\""]).await?;
+    let served = n.agent.metric("shoal_bytes_served_total", &["source=\"download\""]).await?;
     assert!(served >= image.all_blobs().iter().map(|b| b.data.len()).sum::<usize>() as f64, "served {served}");
 
     // Upstream gone: a second containerd with a fresh root pulls the same tag from the cache alone.
@@ -188,7 +188,7 @@ async fn private_registry_needs_the_clients_credentials() -> Result<()> {
     let out = c1.pull(&reference, Some("alice:wonderland"), &[]).await?;
     assert!(out.success, "authenticated pull failed: {}\n{}", out.output, n.agent.log());
     assert_pulled(&c1, &image).await?;
-    assert!(n.agent.metric("shoal_bytes_served_total", &["source=\"upstream\""]).await? > 0.0);
+    assert!(n.agent.metric("shoal_bytes_served_total", &["source=\"download\""]).await? > 0.0);
 
     // Cached now; a client without credentials, or with wrong ones, gets the registry's challenge, not the bytes.
     let layer = image.all_blobs()[1].clone();

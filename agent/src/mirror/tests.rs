@@ -29,7 +29,7 @@ fn fixture() -> Fixture {
     let store = Arc::new(store);
     let metrics = Metrics::default();
     let upstream = Arc::new(Upstream::new(cfg.upstream.clone(), metrics.upstream.clone()).unwrap());
-    let resolver = Arc::new(Resolver::new(
+    let resolver = Resolver::new(
         store.clone(),
         upstream,
         crate::resolver::ResolverConfig {
@@ -41,7 +41,8 @@ fn fixture() -> Fixture {
         metrics.clone(),
         TaskTracker::new(),
         CancellationToken::new(),
-    ));
+        None,
+    );
     Fixture { _dir: dir, app: router(MirrorState { resolver, metrics }), store }
 }
 
@@ -50,8 +51,8 @@ fn put_blob(f: &Fixture, repo: &str, data: &[u8], public: bool) -> Digest {
     let d = Digest::from_sha256(&Sha256::digest(data));
     let (path, mut file) = f.store.create_partial(&d).unwrap();
     crate::store::write_all(&mut file, data, &path).unwrap();
-    let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs() };
-    f.store.commit(&path, &file, &d, &meta).unwrap();
+    let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs(), public: true };
+    f.store.commit(&path, &file, &d, &meta, None).unwrap();
     f.store.put_link(&format!("127.0.0.1:1/{repo}@{d}"), LinkRecord { public, at: now_secs() }).unwrap();
     d
 }

@@ -5,6 +5,12 @@
 //!    containerd each run, runs alternate).
 //! 2. Hit throughput: a cached blob served by Shoal vs the same blob served by `docker-registry` from its own
 //!    storage (runs alternate, same client).
+//!
+//! `shoal-bench mesh [--blob-mib 1024] [--runs 3] [--out docs/benchmarks/mesh]`
+//! One blob node to node: a fresh agent B fetches it from agent A over the mesh (QUIC), vs a fresh agent B
+//! fetching it from `docker-registry` over plain HTTP/TCP. Both B's write, hash and stream the blob to the same
+//! client the same way, so the difference is the transport. Reports throughput and CPU seconds per GiB of the
+//! sender and receiver processes together (A + B, or docker-registry + B).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,10 +18,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
 use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
-use shoal_testbed::{Agent, Containerd, Registry};
+use shoal_testbed::{Agent, Containerd, Registry, cpu_seconds, wait_for};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bench {
+    Mirror,
+    Mesh,
+}
 
 #[derive(Debug)]
 struct Args {
+    bench: Bench,
     blob_mib: usize,
     image_mib: usize,
     runs: usize,
@@ -28,13 +41,14 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        Some("mirror") => {}
+    let bench = match args.next().as_deref() {
+        Some("mirror") => Bench::Mirror,
+        Some("mesh") => Bench::Mesh,
         _ => bail!(
-            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]"
+            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]"
         ),
-    }
-    let mut a = Args { blob_mib: 1024, image_mib: 256, runs: 3, out: None, cold_only: false, hit_only: false };
+    };
+    let mut a = Args { bench, blob_mib: 1024, image_mib: 256, runs: 3, out: None, cold_only: false, hit_only: false };
     while let Some(flag) = args.next() {
         if flag == "--cold-only" || flag == "--hit-only" {
             a.cold_only |= flag == "--cold-only";
@@ -90,6 +104,10 @@ async fn main() -> Result<()> {
     let mut rows = Vec::new();
 
     let registry = Registry::start().await?;
+    if args.bench == Bench::Mesh {
+        mesh_transfer(&args, &registry, &mut rows).await?;
+        return finish(&rows, &args);
+    }
     // Cold pulls first, each part after a sync: the hit part leaves gigabytes of dirty pages whose writeback
     // would otherwise land on the cold pulls' fsyncs (ext4 data=ordered ties them together).
     if !args.hit_only {
@@ -101,13 +119,93 @@ async fn main() -> Result<()> {
         hit_throughput(&args, &registry, &mut rows).await?;
     }
 
-    let table = render_table(&rows, &args);
+    finish(&rows, &args)
+}
+
+fn finish(rows: &[Row], args: &Args) -> Result<()> {
+    let table = render_table(rows, args);
     println!("{table}");
     if let Some(prefix) = &args.out {
         std::fs::write(prefix.with_extension("md"), &table)?;
-        std::fs::write(prefix.with_extension("svg"), render_svg(&rows))?;
+        std::fs::write(prefix.with_extension("svg"), render_svg(rows))?;
         eprintln!("wrote {}.md and .svg", prefix.display());
     }
+    Ok(())
+}
+
+/// Streams `url` to the end while measuring the CPU time of `pids`; returns (MiB/s, CPU seconds per GiB).
+async fn measured(http: &reqwest::Client, url: &str, expect: usize, pids: &[u32]) -> Result<(f64, f64)> {
+    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>();
+    let before = cpu(pids)?;
+    let took = download(http, url, expect).await?;
+    let used = cpu(pids)? - before;
+    let gib = expect as f64 / (1u64 << 30) as f64;
+    Ok((expect as f64 / (1 << 20) as f64 / took.as_secs_f64(), used / gib))
+}
+
+/// One blob agent to agent over the mesh vs from docker-registry over HTTP/TCP, each into a fresh agent.
+async fn mesh_transfer(args: &Args, registry: &Registry, rows: &mut Vec<Row>) -> Result<()> {
+    eprintln!("building a {} MiB blob…", args.blob_mib);
+    let big = Artifact::Image(Image::random(&[args.blob_mib << 20], 44, "amd64", Compression::None)?);
+    push(&big, &registry.host(), "bench/mesh", "v1", None, Format::Oci)?;
+    let layer = big.all_blobs()[1].clone();
+    let size = layer.data.len();
+    drop(big);
+    let dir = tempfile::Builder::new().prefix("shoal-bench").tempdir()?;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, format!("{:032x}", rand::random::<u128>()))?;
+    let reg_pid = registry.pid().context("registry not running")?;
+    let builder = || Agent::builder().registry(&registry.host()).setting("disk_budget", "\"64GiB\"");
+    let a = builder().mesh(&secret, std::net::Ipv4Addr::new(127, 0, 0, 2), &[]).start().await?;
+    let http = reqwest::Client::new();
+    let url = |agent: &Agent| format!("{}/v2/bench/mesh/blobs/{}?ns={}", agent.url(), layer.digest, registry.host());
+    download(&http, &url(&a), size).await?; // A holds it now
+    let a_pid = a.pid().context("agent A not running")?;
+    let bootstrap = [a.gossip_addr.context("A is in a mesh")?];
+    let (mut tput_m, mut tput_t, mut cpu_m, mut cpu_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        std::process::Command::new("sync").status()?;
+        let b = builder().start().await?;
+        let (t, c) = measured(&http, &url(&b), size, &[reg_pid, b.pid().context("B not running")?]).await?;
+        anyhow::ensure!(b.metric("shoal_upstream_bytes_total", &[]).await? >= size as f64, "B did not use upstream");
+        tput_t.push(t);
+        cpu_t.push(c);
+        drop(b);
+
+        std::process::Command::new("sync").status()?;
+        let b = builder().mesh(&secret, std::net::Ipv4Addr::new(127, 0, 0, 3 + run as u8), &bootstrap).start().await?;
+        wait_for("B to see A", Duration::from_secs(15), async || {
+            b.metric("shoal_peers", &["state=\"alive\""]).await.unwrap_or(0.0) >= 1.0
+        })
+        .await?;
+        // The holding reaches its home within a flush period.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (t, c) = measured(&http, &url(&b), size, &[a_pid, b.pid().context("B not running")?]).await?;
+        let from_peers = b.metric("shoal_peer_received_bytes_total", &[]).await?;
+        anyhow::ensure!(from_peers >= size as f64, "B got only {from_peers} bytes from A");
+        tput_m.push(t);
+        cpu_m.push(c);
+        eprintln!(
+            "mesh run {run}: TCP {:.0} MiB/s ({:.2} CPU s/GiB), mesh {:.0} MiB/s ({:.2} CPU s/GiB)",
+            tput_t[run], cpu_t[run], tput_m[run], cpu_m[run]
+        );
+    }
+    rows.push(Row {
+        name: "blob node to node, throughput",
+        unit: "MiB/s",
+        shoal: tput_m,
+        baseline: tput_t,
+        baseline_name: "HTTP/TCP from docker-registry",
+        higher_is_better: true,
+    });
+    rows.push(Row {
+        name: "blob node to node, sender + receiver CPU",
+        unit: "CPU s/GiB",
+        shoal: cpu_m,
+        baseline: cpu_t,
+        baseline_name: "HTTP/TCP from docker-registry",
+        higher_is_better: false,
+    });
     Ok(())
 }
 
@@ -181,13 +279,17 @@ async fn hit_throughput(args: &Args, registry: &Registry, rows: &mut Vec<Row>) -
 }
 
 fn render_table(rows: &[Row], args: &Args) -> String {
-    let mut t = format!(
-        "Runs per contender: {} (alternating), blob {} MiB, image {} MiB in 4 layers, loopback, {} cores.\n\n",
-        args.runs,
-        args.blob_mib,
-        args.image_mib,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut t = match args.bench {
+        Bench::Mirror => format!(
+            "Runs per contender: {} (alternating), blob {} MiB, image {} MiB in 4 layers, loopback, {cores} cores.\n\n",
+            args.runs, args.blob_mib, args.image_mib,
+        ),
+        Bench::Mesh => format!(
+            "Runs per contender: {} (alternating), blob {} MiB into a fresh agent each run, loopback, {cores} cores.\n\n",
+            args.runs, args.blob_mib,
+        ),
+    };
     t.push_str("| measure | Shoal (median) | baseline | baseline (median) | ratio Shoal/baseline | all Shoal runs | all baseline runs |\n");
     t.push_str("|---|---|---|---|---|---|---|\n");
     for r in rows {

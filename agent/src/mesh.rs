@@ -1,0 +1,524 @@
+//! The peer mesh: membership (gossip), each digest's home and its directory, and piece transfers between
+//! members.
+//!
+//! A node tells each digest's home what it holds ([`Mesh::hold`]: downloads started, blobs committed or evicted);
+//! an announcer task batches these to the homes, and when membership changes (homes move) it announces everything
+//! again to the new homes. A node that misses a blob asks the digest's home ([`Mesh::locate`]) and fetches pieces
+//! from the holders ([`Mesh::fetch_piece`]); a holder whose piece fails its hash is quarantined. The node answers
+//! the same requests from peers (the [`Service`] impl), reading pieces through a [`PieceSource`] (the resolver).
+
+pub mod directory;
+mod gossip;
+pub mod members;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use libp2p::{PeerId, identity};
+use shoal_proto::peer::{self, error::Code, request, response};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use directory::{HolderState, Holding, Located};
+pub use members::{Liveness, MemberInfo, MembersView, home};
+
+use crate::config::MeshConfig;
+use crate::metrics::{FailureLabels, Metrics, TransferFailure};
+use crate::oci::Digest;
+use crate::transfer::{FetchError, Service, Transfer, TransferError, respond, respond_error};
+
+/// Announcements sent to one home in one message, at most.
+const ANNOUNCE_BATCH: usize = 2000;
+/// How often pending announcements are sent.
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
+/// Everything is announced again this often, repairing homes that lost track (anti-entropy).
+const REANNOUNCE_EVERY: Duration = Duration::from_secs(60);
+/// Bytes written to a peer per rate-limiter grant.
+const UPLOAD_CHUNK: usize = 256 << 10;
+
+/// The mesh could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The node key could not be read or written.
+    #[error("node key {path}: {reason}")]
+    Key {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The transfer endpoint failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// Gossip failed.
+    #[error(transparent)]
+    Gossip(#[from] gossip::GossipError),
+}
+
+/// A piece read for a peer.
+#[derive(Debug, Clone)]
+pub struct Piece {
+    /// Its bytes.
+    pub data: Bytes,
+    /// Its hash, as recorded when the bytes were written here.
+    pub hash: [u8; 32],
+    /// The blob's size.
+    pub blob_size: u64,
+}
+
+/// Why a piece cannot be given.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PieceRefusal {
+    /// Not held.
+    #[error("not held")]
+    NotFound,
+    /// Being downloaded; this piece is not there yet.
+    #[error("not downloaded yet")]
+    NotReady,
+    /// Not a piece of this blob.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// A local failure.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Where pieces come from when peers ask (the resolver: store and running downloads).
+pub trait PieceSource: Send + Sync + 'static {
+    /// Reads piece `[offset, offset + len)` of `digest`.
+    fn piece(self: Arc<Self>, digest: Digest, offset: u64, len: u32)
+    -> BoxFuture<'static, Result<Piece, PieceRefusal>>;
+}
+
+/// A token bucket capping upload bandwidth.
+#[derive(Debug)]
+struct RateLimiter {
+    rate: f64,
+    state: tokio::sync::Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    async fn take(&self, n: usize) {
+        let mut s = self.state.lock().await;
+        let now = Instant::now();
+        // At most a quarter second of burst.
+        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.rate / 4.0);
+        s.1 = now;
+        s.0 -= n as f64;
+        if s.0 < 0.0 {
+            // Holding the lock while waiting queues the other uploads behind this one: the cap is shared.
+            tokio::time::sleep(Duration::from_secs_f64(-s.0 / self.rate)).await;
+        }
+    }
+}
+
+/// The mesh, shared by the resolver and the transfer server.
+#[derive(Debug)]
+pub struct Mesh {
+    me: PeerId,
+    cfg: MeshConfig,
+    view: watch::Receiver<Arc<MembersView>>,
+    transfer: Arc<Transfer>,
+    directory: Mutex<directory::Directory>,
+    quarantine: Mutex<HashMap<PeerId, Instant>>,
+    holdings: mpsc::UnboundedSender<Holding>,
+    source: OnceLock<Weak<dyn PieceSource>>,
+    uploads: Arc<Semaphore>,
+    limiter: Option<RateLimiter>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for dyn PieceSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PieceSource")
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().expect("mesh locks are never poisoned: no code panics while holding one")
+}
+
+/// Loads this node's identity from `path`, creating it on first start.
+fn node_key(path: &Path) -> Result<identity::Keypair, MeshError> {
+    let err = |reason: String| MeshError::Key { path: path.to_owned(), reason };
+    match std::fs::read(path) {
+        Ok(b) => identity::Keypair::from_protobuf_encoding(&b).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let kp = identity::Keypair::generate_ed25519();
+            let bytes = kp.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
+            let tmp = path.with_extension("tmp");
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(|e| err(e.to_string()))?;
+                f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(|e| err(e.to_string()))?;
+            }
+            std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
+            Ok(kp)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+impl Mesh {
+    /// Binds the transfer endpoint and the gossip listener and starts the mesh's tasks. Nothing is served to peers
+    /// until [`Mesh::set_piece_source`] is called.
+    pub fn start(
+        cfg: &MeshConfig,
+        data_dir: &Path,
+        metrics: Metrics,
+        tasks: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Result<Arc<Self>, MeshError> {
+        let keypair = node_key(&data_dir.join("node.key"))?;
+        let me = keypair.public().to_peer_id();
+        let transfer = Arc::new(Transfer::bind(cfg.transfer_listen, me, &cfg.secret, cfg.peer_stall_timeout)?);
+        let bound = transfer.local_addr().map_err(|e| TransferError::Bind { addr: cfg.transfer_listen, source: e })?;
+        let transfer_addr = SocketAddr::new(cfg.advertise_ip, bound.port());
+        let initial = MembersView { me, zone: cfg.zone.clone(), members: Vec::new() };
+        let (view_tx, view) = watch::channel(Arc::new(initial));
+        let gossip = gossip::Gossip::new(cfg, keypair, transfer_addr, view_tx, metrics.clone())?;
+        let (holdings, rx) = mpsc::unbounded_channel();
+        let limiter = cfg
+            .upload_rate
+            .map(|r| RateLimiter { rate: r as f64, state: tokio::sync::Mutex::new((0.0, Instant::now())) });
+        let mesh = Arc::new(Self {
+            me,
+            cfg: cfg.clone(),
+            view,
+            transfer: transfer.clone(),
+            directory: Mutex::default(),
+            quarantine: Mutex::default(),
+            holdings,
+            source: OnceLock::new(),
+            uploads: Arc::new(Semaphore::new(cfg.max_uploads)),
+            limiter,
+            metrics,
+        });
+        tracing::info!(peer_id = %me, zone = %cfg.zone, gossip = %cfg.gossip_listen, transfer = %transfer_addr, "mesh started");
+        tasks.spawn(gossip.run(cancel.child_token()));
+        tasks.spawn(transfer.serve(mesh.clone(), tasks.clone(), cancel.child_token()));
+        tasks.spawn(mesh.clone().announce_loop(rx, cancel.child_token()));
+        Ok(mesh)
+    }
+
+    /// Sets where pieces asked for by peers are read from.
+    pub fn set_piece_source(&self, source: Weak<dyn PieceSource>) {
+        let _ = self.source.set(source);
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> PeerId {
+        self.me
+    }
+
+    /// The current membership.
+    pub fn view(&self) -> Arc<MembersView> {
+        self.view.borrow().clone()
+    }
+
+    /// Waits until at least one other member is alive, or `within` passed. Returns whether one is.
+    pub async fn joined(&self, within: Duration) -> bool {
+        let mut rx = self.view.clone();
+        tokio::time::timeout(within, rx.wait_for(|v| v.members.iter().any(|(_, s)| *s == Liveness::Alive)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Records what this node holds; the digest's home is told shortly.
+    pub fn hold(&self, h: Holding) {
+        let _ = self.holdings.send(h);
+    }
+
+    /// Asks the digest's home who holds it. `None` when nobody usable does or the home cannot be asked.
+    pub async fn locate(&self, digest: &Digest) -> Option<Located> {
+        let view = self.view();
+        let home = view.home(digest);
+        let usable = |p: &PeerId| view.is_alive(p) && !self.is_quarantined(p);
+        if home == self.me {
+            return lock(&self.directory).locate(digest, &self.me, usable);
+        }
+        let addr = view.transfer_addr(&home)?;
+        let req = request::Kind::Locate(peer::Locate { digest: digest.to_string() });
+        match self.transfer.call(home, addr, req).await {
+            Ok(response::Kind::Located(l)) => {
+                let holders: Vec<(PeerId, HolderState)> = l
+                    .holders
+                    .iter()
+                    .filter_map(|h| {
+                        let id = PeerId::from_bytes(&h.peer_id).ok()?;
+                        (id != self.me && usable(&id))
+                            .then_some((id, HolderState { complete: h.complete, public: h.public }))
+                    })
+                    .take(directory::MAX_LOCATED)
+                    .collect();
+                (!holders.is_empty()).then_some(Located { size: l.size, media_type: l.media_type, holders })
+            }
+            Ok(_) => {
+                self.failure(TransferFailure::protocol);
+                None
+            }
+            Err(FetchError::Refused { code: Code::NotFound, .. }) => None,
+            Err(e) => {
+                self.count_failure(&e);
+                tracing::debug!(%home, error = %e, "home could not be asked");
+                None
+            }
+        }
+    }
+
+    fn failure(&self, reason: TransferFailure) {
+        self.metrics.mesh.failures.get_or_create(&FailureLabels { reason }).inc();
+    }
+
+    fn count_failure(&self, e: &FetchError) {
+        self.failure(match e {
+            FetchError::Connect(_) => TransferFailure::connect,
+            FetchError::Stall(_) => TransferFailure::stall,
+            FetchError::Protocol(_) => TransferFailure::protocol,
+            FetchError::Refused { .. } => TransferFailure::refused,
+            FetchError::HashMismatch => TransferFailure::hash_mismatch,
+        });
+    }
+
+    /// Fetches one piece from `peer`, checked against its hash. A peer whose piece fails the check is quarantined.
+    pub async fn fetch_piece(&self, peer: PeerId, digest: &Digest, offset: u64, len: u32) -> Result<Bytes, FetchError> {
+        let Some(addr) = self.view().transfer_addr(&peer) else {
+            return Err(FetchError::Connect(format!("{peer} is not an alive member")));
+        };
+        match self.transfer.get_piece(peer, addr, digest, offset, len).await {
+            Ok(b) => {
+                self.metrics.mesh.bytes_received.inc_by(b.len() as u64);
+                Ok(b)
+            }
+            Err(e) => {
+                // A piece not there yet is not a failure of the peer; the caller waits for it.
+                if !matches!(e, FetchError::Refused { code: Code::NotReady, .. }) {
+                    self.count_failure(&e);
+                }
+                if matches!(e, FetchError::HashMismatch) {
+                    self.quarantine(peer, "a piece failed its blake3 check");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Keeps `peer` out of every choice of source or home for the quarantine period.
+    pub fn quarantine(&self, peer: PeerId, reason: &str) {
+        tracing::warn!(%peer, reason, until = ?self.cfg.peer_quarantine, "peer quarantined");
+        let mut q = lock(&self.quarantine);
+        q.insert(peer, Instant::now() + self.cfg.peer_quarantine);
+        self.metrics.mesh.quarantined.set(q.len() as i64);
+    }
+
+    /// Whether `peer` is in quarantine.
+    pub fn is_quarantined(&self, peer: &PeerId) -> bool {
+        let mut q = lock(&self.quarantine);
+        let now = Instant::now();
+        let before = q.len();
+        q.retain(|_, until| *until > now);
+        if q.len() != before {
+            self.metrics.mesh.quarantined.set(q.len() as i64);
+        }
+        q.contains_key(peer)
+    }
+
+    /// Says goodbye: closes the transfer endpoint (gossip announces the leave itself when cancelled).
+    pub async fn close(&self) {
+        self.transfer.close().await;
+    }
+
+    async fn announce_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Holding>, cancel: CancellationToken) {
+        let mut held: HashMap<Digest, Holding> = HashMap::new();
+        let mut pending: Vec<Holding> = Vec::new();
+        let mut view = self.view.clone();
+        let mut epoch = view.borrow().epoch();
+        let mut flush = tokio::time::interval(ANNOUNCE_EVERY);
+        let mut full = tokio::time::interval(REANNOUNCE_EVERY);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                h = rx.recv() => {
+                    let Some(h) = h else { return };
+                    if h.removed { held.remove(&h.digest); } else { held.insert(h.digest.clone(), h.clone()); }
+                    pending.push(h);
+                }
+                r = view.changed() => {
+                    if r.is_err() { return; }
+                    let v = view.borrow_and_update().clone();
+                    let e = v.epoch();
+                    let alive = |p: &PeerId| v.members.iter().any(|(i, s)| i.id == *p && *s != Liveness::Dead);
+                    let me = self.me;
+                    let mut dir = lock(&self.directory);
+                    dir.prune(|p| *p == me || alive(p));
+                    self.metrics.mesh.directory_digests.set(dir.len() as i64);
+                    drop(dir);
+                    if e != epoch {
+                        // Homes may have moved: tell every current home what this node holds.
+                        epoch = e;
+                        pending = held.values().cloned().collect();
+                    }
+                }
+                _ = full.tick() => pending = held.values().cloned().collect(),
+                _ = flush.tick() => {
+                    if !pending.is_empty() {
+                        let batch = std::mem::take(&mut pending);
+                        let failed = self.send_announcements(batch).await;
+                        // Retried once the next flush comes; a later full announcement covers the rest.
+                        pending.extend(failed.into_iter().filter(|h| held.contains_key(&h.digest) || h.removed));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends holdings to their homes; returns those that could not be delivered.
+    async fn send_announcements(&self, batch: Vec<Holding>) -> Vec<Holding> {
+        let view = self.view();
+        let mut by_home: HashMap<PeerId, Vec<Holding>> = HashMap::new();
+        for h in batch {
+            by_home.entry(view.home(&h.digest)).or_default().push(h);
+        }
+        let mut failed = Vec::new();
+        for (home, hs) in by_home {
+            if home == self.me {
+                let mut dir = lock(&self.directory);
+                for h in &hs {
+                    dir.apply(self.me, h);
+                }
+                self.metrics.mesh.directory_digests.set(dir.len() as i64);
+                continue;
+            }
+            let Some(addr) = view.transfer_addr(&home) else {
+                failed.extend(hs);
+                continue;
+            };
+            for chunk in hs.chunks(ANNOUNCE_BATCH) {
+                let req =
+                    request::Kind::Announce(peer::Announce { holdings: chunk.iter().map(Holding::to_wire).collect() });
+                if let Err(e) = self.transfer.call(home, addr, req).await {
+                    self.count_failure(&e);
+                    tracing::debug!(%home, error = %e, "announcement not delivered");
+                    failed.extend(chunk.iter().cloned());
+                }
+            }
+        }
+        failed
+    }
+
+    fn apply_announcement(&self, peer: PeerId, a: peer::Announce) {
+        let mut dir = lock(&self.directory);
+        for h in a.holdings.into_iter().take(ANNOUNCE_BATCH) {
+            match Holding::from_wire(h) {
+                Ok(h) => {
+                    if !dir.apply(peer, &h) {
+                        tracing::warn!("directory full: announcement dropped");
+                        break;
+                    }
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "bad announcement ignored"),
+            }
+        }
+        self.metrics.mesh.directory_digests.set(dir.len() as i64);
+    }
+
+    async fn serve_piece(&self, send: &mut quinn::SendStream, p: peer::GetPiece) {
+        let Ok(digest) = Digest::parse(&p.digest) else {
+            return respond_error(send, Code::BadRequest, "bad digest").await;
+        };
+        let Some(source) = self.source.get().and_then(Weak::upgrade) else {
+            return respond_error(send, Code::NotFound, "not serving").await;
+        };
+        let Ok(_permit) = self.uploads.clone().try_acquire_owned() else {
+            self.metrics.mesh.uploads_refused.inc();
+            return respond_error(send, Code::Busy, "upload limit reached").await;
+        };
+        let piece = match source.piece(digest, p.offset, p.length).await {
+            Ok(piece) => piece,
+            Err(e) => {
+                let code = match e {
+                    PieceRefusal::NotFound => Code::NotFound,
+                    PieceRefusal::NotReady => Code::NotReady,
+                    PieceRefusal::BadRequest(_) => Code::BadRequest,
+                    PieceRefusal::Internal(_) => Code::Internal,
+                };
+                return respond_error(send, code, e.to_string()).await;
+            }
+        };
+        let header = peer::PieceHeader {
+            length: piece.data.len() as u32,
+            blake3: piece.hash.to_vec(),
+            blob_size: piece.blob_size,
+        };
+        let frame = crate::transfer::encode_frame(&peer::Response { kind: Some(response::Kind::Piece(header)) });
+        if send.write_all(&frame).await.is_err() {
+            return;
+        }
+        for chunk in piece.data.chunks(UPLOAD_CHUNK) {
+            if let Some(l) = &self.limiter {
+                l.take(chunk.len()).await;
+            }
+            if send.write_all(chunk).await.is_err() {
+                return;
+            }
+            self.metrics.mesh.bytes_sent.inc_by(chunk.len() as u64);
+        }
+        let _ = send.finish();
+    }
+}
+
+impl Service for Mesh {
+    fn handle(
+        self: Arc<Self>,
+        peer: PeerId,
+        req: request::Kind,
+        mut send: quinn::SendStream,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            match req {
+                request::Kind::Announce(a) => {
+                    self.apply_announcement(peer, a);
+                    respond(&mut send, response::Kind::Announced(peer::AnnounceAck {})).await;
+                }
+                request::Kind::Locate(l) => {
+                    let Ok(digest) = Digest::parse(&l.digest) else {
+                        return respond_error(&mut send, Code::BadRequest, "bad digest").await;
+                    };
+                    let view = self.view();
+                    let found = lock(&self.directory).locate(&digest, &peer, |p| *p == self.me || view.is_alive(p));
+                    match found {
+                        Some(loc) => {
+                            let holders = loc
+                                .holders
+                                .iter()
+                                .map(|(p, s)| peer::Holder {
+                                    peer_id: p.to_bytes(),
+                                    complete: s.complete,
+                                    public: s.public,
+                                })
+                                .collect();
+                            let l = peer::Located { size: loc.size, media_type: loc.media_type, holders };
+                            respond(&mut send, response::Kind::Located(l)).await;
+                        }
+                        None => respond_error(&mut send, Code::NotFound, "no holder known").await,
+                    }
+                }
+                request::Kind::GetPiece(p) => self.serve_piece(&mut send, p).await,
+                request::Kind::Hello(_) => respond_error(&mut send, Code::BadRequest, "already authenticated").await,
+            }
+        })
+    }
+}

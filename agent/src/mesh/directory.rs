@@ -1,0 +1,238 @@
+//! The directory a home node keeps for the digests homed on it: who holds each one, completely or in part.
+//! Holders tell it (announcements); requesters ask it (locate). Sans-IO and bounded: a member cannot make it grow
+//! without limit, however many announcements it sends.
+
+use std::collections::HashMap;
+
+use libp2p::PeerId;
+
+use crate::oci::Digest;
+
+/// Digests one home keeps track of, at most (an entry is ~200 bytes: ~200 MiB at the limit).
+pub const MAX_DIGESTS: usize = 1 << 20;
+/// Holders remembered per digest, at most: complete holders displace partial ones.
+pub const MAX_HOLDERS: usize = 64;
+/// Holders returned by one locate.
+pub const MAX_LOCATED: usize = 16;
+/// Longest media type accepted.
+const MAX_MEDIA_TYPE: usize = 255;
+
+/// One announcement, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    /// The digest (sha256).
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Its media type.
+    pub media_type: Option<String>,
+    /// Held completely and verified.
+    pub complete: bool,
+    /// Fetched without a client's credentials.
+    pub public: bool,
+    /// No longer held.
+    pub removed: bool,
+}
+
+impl Holding {
+    /// Checks a wire announcement.
+    pub fn from_wire(h: shoal_proto::peer::Holding) -> Result<Self, String> {
+        let digest = Digest::parse(&h.digest).map_err(|e| format!("digest: {e}"))?;
+        if !digest.is_sha256() {
+            return Err("digest: only sha256".into());
+        }
+        if h.media_type.as_ref().is_some_and(|m| m.len() > MAX_MEDIA_TYPE || m.contains(['\r', '\n'])) {
+            return Err("media type: too long or not one line".into());
+        }
+        Ok(Self {
+            digest,
+            size: h.size,
+            media_type: h.media_type,
+            complete: h.complete,
+            public: h.public,
+            removed: h.removed,
+        })
+    }
+
+    /// The wire form.
+    pub fn to_wire(&self) -> shoal_proto::peer::Holding {
+        shoal_proto::peer::Holding {
+            digest: self.digest.to_string(),
+            size: self.size,
+            media_type: self.media_type.clone(),
+            complete: self.complete,
+            public: self.public,
+            removed: self.removed,
+        }
+    }
+}
+
+/// A holder of a digest as the directory knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HolderState {
+    /// Complete and verified.
+    pub complete: bool,
+    /// Fetched without credentials.
+    pub public: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    size: u64,
+    media_type: Option<String>,
+    holders: HashMap<PeerId, HolderState>,
+}
+
+/// The answer to a locate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    /// The blob's size.
+    pub size: u64,
+    /// Its media type.
+    pub media_type: Option<String>,
+    /// Holders, complete ones first.
+    pub holders: Vec<(PeerId, HolderState)>,
+}
+
+/// The directory.
+#[derive(Debug, Default)]
+pub struct Directory {
+    entries: HashMap<Digest, Entry>,
+}
+
+impl Directory {
+    /// Records what `from` says it holds. Returns false if the directory is full and the announcement was dropped.
+    pub fn apply(&mut self, from: PeerId, h: &Holding) -> bool {
+        if h.removed {
+            if let Some(e) = self.entries.get_mut(&h.digest) {
+                e.holders.remove(&from);
+                if e.holders.is_empty() {
+                    self.entries.remove(&h.digest);
+                }
+            }
+            return true;
+        }
+        if !self.entries.contains_key(&h.digest) && self.entries.len() >= MAX_DIGESTS {
+            return false;
+        }
+        let e = self.entries.entry(h.digest.clone()).or_insert_with(|| Entry {
+            size: h.size,
+            media_type: h.media_type.clone(),
+            holders: HashMap::new(),
+        });
+        // A complete holder has verified size and bytes: its word wins over a partial holder's.
+        let only_partials = e.holders.values().all(|s| !s.complete);
+        if h.complete && only_partials {
+            e.size = h.size;
+            e.media_type.clone_from(&h.media_type);
+        } else if h.size != e.size {
+            // Disagreeing with what complete holders verified: not a holder of this digest's bytes.
+            return true;
+        }
+        let state = HolderState { complete: h.complete, public: h.public };
+        if !e.holders.contains_key(&from) && e.holders.len() >= MAX_HOLDERS {
+            let victim = e.holders.iter().find(|(_, s)| !s.complete).map(|(p, _)| *p);
+            match victim {
+                Some(v) if h.complete => {
+                    e.holders.remove(&v);
+                }
+                _ => return true,
+            }
+        }
+        e.holders.insert(from, state);
+        true
+    }
+
+    /// Who holds `digest`, among members `usable` accepts, `asker` left out; complete holders first.
+    pub fn locate(&self, digest: &Digest, asker: &PeerId, usable: impl Fn(&PeerId) -> bool) -> Option<Located> {
+        let e = self.entries.get(digest)?;
+        let mut holders: Vec<_> =
+            e.holders.iter().filter(|(p, _)| *p != asker && usable(p)).map(|(p, s)| (*p, *s)).collect();
+        if holders.is_empty() {
+            return None;
+        }
+        holders.sort_by_key(|(p, s)| (!s.complete, p.to_bytes()));
+        holders.truncate(MAX_LOCATED);
+        Some(Located { size: e.size, media_type: e.media_type.clone(), holders })
+    }
+
+    /// Forgets holders `keep` rejects (members that died), and digests left without holders.
+    pub fn prune(&mut self, keep: impl Fn(&PeerId) -> bool) {
+        self.entries.retain(|_, e| {
+            e.holders.retain(|p, _| keep(p));
+            !e.holders.is_empty()
+        });
+    }
+
+    /// Digests known.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is known.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Digest as _;
+
+    fn d(n: u8) -> Digest {
+        Digest::from_sha256(&sha2::Sha256::digest([n]))
+    }
+
+    fn h(n: u8, size: u64, complete: bool) -> Holding {
+        Holding { digest: d(n), size, media_type: None, complete, public: true, removed: false }
+    }
+
+    #[test]
+    fn holders_come_and_go() {
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut dir = Directory::default();
+        assert!(dir.apply(a, &h(1, 10, false)));
+        assert!(dir.apply(b, &h(1, 10, true)));
+        let loc = dir.locate(&d(1), &c, |_| true).unwrap();
+        assert_eq!(loc.holders[0].0, b, "complete holders first");
+        assert_eq!(loc.holders.len(), 2);
+        // The asker is not told about itself; unusable members are left out.
+        assert_eq!(dir.locate(&d(1), &b, |_| true).unwrap().holders.len(), 1);
+        assert!(dir.locate(&d(1), &c, |p| *p == c).is_none());
+        // A holder with another size than the verified one is ignored.
+        assert!(dir.apply(c, &h(1, 11, true)));
+        assert_eq!(dir.locate(&d(1), &a, |_| true).unwrap().holders.len(), 1);
+        let mut gone = h(1, 10, true);
+        gone.removed = true;
+        dir.apply(b, &gone);
+        dir.prune(|p| *p != a);
+        assert!(dir.is_empty());
+    }
+
+    #[test]
+    fn wire_input_is_checked() {
+        let mut w = h(1, 5, true).to_wire();
+        assert_eq!(Holding::from_wire(w.clone()).unwrap(), h(1, 5, true));
+        w.digest = "sha256:../../etc".into();
+        assert!(Holding::from_wire(w.clone()).is_err());
+        w.digest = d(1).to_string();
+        w.media_type = Some("x".repeat(300));
+        assert!(Holding::from_wire(w).is_err());
+    }
+
+    #[test]
+    fn holders_per_digest_are_bounded_and_complete_ones_displace_partial_ones() {
+        let mut dir = Directory::default();
+        for _ in 0..MAX_HOLDERS + 10 {
+            dir.apply(PeerId::random(), &h(1, 10, false));
+        }
+        let complete = PeerId::random();
+        dir.apply(complete, &h(1, 10, true));
+        let me = PeerId::random();
+        let loc = dir.locate(&d(1), &me, |_| true).unwrap();
+        assert_eq!(loc.holders[0].0, complete);
+        assert_eq!(loc.holders.len(), MAX_LOCATED);
+        assert_eq!(dir.entries[&d(1)].holders.len(), MAX_HOLDERS);
+    }
+}

@@ -1,0 +1,270 @@
+//! End to end across nodes: several real `shoal agent` processes (each on its own 127.0.0.x address) form a mesh
+//! over real gossip (TCP) and real QUIC, in front of a real `docker-registry` behind the counting proxy.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use futures_util::StreamExt;
+use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
+use shoal_testbed::{Agent, AgentBuilder, Containerd, Proxy, Registry, sha256_digest, wait_for};
+
+/// Upstream, a proxy in front of it, and a cluster secret.
+struct Cluster {
+    registry: Registry,
+    proxy: Proxy,
+    dir: tempfile::TempDir,
+    secret: PathBuf,
+}
+
+impl Cluster {
+    async fn start() -> Result<Self> {
+        let registry = Registry::start().await?;
+        let proxy = Proxy::start(registry.addr()).await?;
+        let dir = tempfile::Builder::new().prefix("shoal-cluster").tempdir()?;
+        let secret = write_secret(&dir, "secret", &format!("{:032x}", rand::random::<u128>()))?;
+        Ok(Self { registry, proxy, dir, secret })
+    }
+
+    /// An agent in the mesh on `127.0.0.<n>`, bootstrapping from `peers`.
+    fn agent(&self, n: u8, peers: &[&Agent]) -> AgentBuilder {
+        let bootstrap: Vec<_> = peers.iter().filter_map(|a| a.gossip_addr).collect();
+        Agent::builder().registry(&self.proxy.host()).mesh(&self.secret, Ipv4Addr::new(127, 0, 0, n), &bootstrap)
+    }
+
+    fn blob_url(&self, agent: &Agent, repo: &str, digest: &str) -> String {
+        format!("{}/v2/{repo}/blobs/{digest}?ns={}", agent.url(), self.proxy.host())
+    }
+
+    async fn stop_upstream(&mut self) {
+        self.proxy.stop();
+        self.registry.stop().await;
+    }
+}
+
+fn write_secret(dir: &tempfile::TempDir, name: &str, value: &str) -> Result<PathBuf> {
+    let p = dir.path().join(name);
+    std::fs::write(&p, value)?;
+    Ok(p)
+}
+
+async fn alive(agent: &Agent) -> f64 {
+    agent.metric("shoal_peers", &["state=\"alive\""]).await.unwrap_or(-1.0)
+}
+
+/// Waits until every agent sees `n` alive peers.
+async fn wait_alive(agents: &[&Agent], n: f64, within: Duration) -> Result<()> {
+    wait_for(&format!("every agent to see {n} alive peers"), within, async || {
+        for a in agents {
+            if alive(a).await != n {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+}
+
+/// Waits until the homes, together, know at least `n` digests.
+async fn wait_directory(agents: &[&Agent], n: f64) -> Result<()> {
+    wait_for("the homes to learn the holdings", Duration::from_secs(10), async || {
+        let mut sum = 0.0;
+        for a in agents {
+            sum += a.metric("shoal_directory_digests", &[]).await.unwrap_or(0.0);
+        }
+        sum >= n
+    })
+    .await
+}
+
+async fn get(url: &str) -> Result<(u16, Vec<u8>)> {
+    let resp = reqwest::get(url).await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn a_node_pulls_every_layer_from_a_peer_when_upstream_is_gone() -> Result<()> {
+    let mut cl = Cluster::start().await?;
+    let image = Artifact::Image(Image::random(&[3 << 20, 1 << 20, 200_000], 11, "amd64", Compression::Gzip)?);
+    let digest = push(&image, &cl.registry.host(), "team/app", "v1", None, Format::Oci)?;
+    let a = cl.agent(21, &[]).start().await?;
+    let b = cl.agent(22, &[&a]).start().await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
+
+    let ca = Containerd::start().await?;
+    ca.configure_host(&cl.proxy.host(), Some(&a.url()))?;
+    let out = ca.pull(&format!("{}/team/app:v1", cl.proxy.host()), None, &[]).await?;
+    assert!(out.success, "pull on A failed: {}\n{}", out.output, a.log());
+    let blobs = image.all_blobs();
+    wait_directory(&[&a, &b], blobs.len() as f64).await?;
+
+    cl.stop_upstream().await;
+    let cb = Containerd::start().await?;
+    cb.configure_host(&cl.proxy.host(), Some(&b.url()))?;
+    let out = cb.pull(&format!("{}/team/app@{digest}", cl.proxy.host()), None, &[]).await?;
+    assert!(out.success, "pull on B failed: {}\nB:\n{}\nA:\n{}", out.output, b.log(), a.log());
+    for blob in &blobs {
+        assert!(cb.has_verified(&blob.digest).await?, "B's containerd lacks a verified {}", blob.digest);
+    }
+    // Every byte B's containerd got came from A over QUIC; none from upstream.
+    let total: usize = blobs.iter().map(|b| b.data.len()).sum();
+    let received = b.metric("shoal_peer_received_bytes_total", &[]).await?;
+    assert!(received >= total as f64, "B received {received} bytes from peers, the image has {total}");
+    assert!(a.metric("shoal_peer_sent_bytes_total", &[]).await? >= total as f64);
+    assert_eq!(b.metric("shoal_upstream_bytes_total", &[]).await?, 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn five_agents_see_each_other_mark_the_dead_and_take_back_the_restarted() -> Result<()> {
+    let cl = Cluster::start().await?;
+    let first = cl.agent(31, &[]).start().await?;
+    let mut agents = vec![first];
+    for n in 32..36 {
+        let a = cl.agent(n, &[&agents[0]]).start().await?;
+        agents.push(a);
+    }
+    let all: Vec<&Agent> = agents.iter().collect();
+    wait_alive(&all, 4.0, Duration::from_secs(20)).await?;
+
+    agents[2].kill().await;
+    let rest: Vec<&Agent> = agents.iter().enumerate().filter(|(i, _)| *i != 2).map(|(_, a)| a).collect();
+    // dead_after is 2s in the testbed: well within this.
+    wait_for("the others to mark the killed agent dead", Duration::from_secs(10), async || {
+        for a in &rest {
+            if alive(a).await != 3.0 || a.metric("shoal_peers", &["state=\"dead\""]).await.unwrap_or(0.0) != 1.0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await?;
+
+    agents[2].restart().await?;
+    let all: Vec<&Agent> = agents.iter().collect();
+    wait_alive(&all, 4.0, Duration::from_secs(20)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_without_the_secret_gets_no_membership_and_no_bytes() -> Result<()> {
+    let mut cl = Cluster::start().await?;
+    let image = Artifact::Image(Image::random(&[2 << 20], 12, "amd64", Compression::None)?);
+    push(&image, &cl.registry.host(), "secret/app", "v1", None, Format::Oci)?;
+    let layer = image.all_blobs()[1].clone();
+    let a = cl.agent(41, &[]).start().await?;
+    let b = cl.agent(42, &[&a]).start().await?;
+    let wrong = write_secret(&cl.dir, "wrong", "not the cluster's secret at all")?;
+    let bootstrap = [a.gossip_addr.expect("in a mesh")];
+    let intruder = Agent::builder()
+        .registry(&cl.proxy.host())
+        .mesh(&wrong, Ipv4Addr::new(127, 0, 0, 43), &bootstrap)
+        .start()
+        .await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
+
+    let (status, body) = get(&cl.blob_url(&a, "secret/app", &layer.digest)).await?;
+    assert_eq!(status, 200);
+    assert_eq!(sha256_digest(&body), layer.digest);
+    wait_directory(&[&a, &b], 1.0).await?;
+    // Several gossip rounds and redials later, the intruder is still alone and nobody counts it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(alive(&a).await, 1.0);
+    assert_eq!(alive(&b).await, 1.0);
+    for state in ["alive", "suspect", "dead"] {
+        assert_eq!(intruder.metric("shoal_peers", &[&format!("state=\"{state}\"")]).await?, 0.0);
+    }
+    cl.stop_upstream().await;
+    let (status, _) = get(&cl.blob_url(&intruder, "secret/app", &layer.digest)).await?;
+    assert_ne!(status, 200, "the intruder got the blob");
+    assert_eq!(intruder.metric("shoal_peer_received_bytes_total", &[]).await?, 0.0);
+    assert_eq!(a.metric("shoal_peer_sent_bytes_total", &[]).await?, 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_peer_killed_mid_transfer_is_replaced_by_another_holder() -> Result<()> {
+    let cl = Cluster::start().await?;
+    let image = Artifact::Image(Image::random(&[256 << 20], 13, "amd64", Compression::None)?);
+    push(&image, &cl.registry.host(), "big/layer", "v1", None, Format::Oci)?;
+    let layer = image.all_blobs()[1].clone();
+    // Uploads capped so the transfer is surely running when the serving peer dies.
+    let capped = |b: AgentBuilder| b.setting("upload_rate", "\"48MiB\"");
+    let mut a = capped(cl.agent(51, &[])).start().await?;
+    let mut b = capped(cl.agent(52, &[&a])).start().await?;
+    let c = cl.agent(53, &[&a]).start().await?;
+    wait_alive(&[&a, &b, &c], 2.0, Duration::from_secs(15)).await?;
+    let url = |agent: &Agent| cl.blob_url(agent, "big/layer", &layer.digest);
+
+    // A from upstream, then B from A: two complete holders, one upstream fetch.
+    let (status, body) = get(&url(&a)).await?;
+    assert_eq!((status, sha256_digest(&body)), (200, layer.digest.clone()));
+    drop(body);
+    wait_directory(&[&a, &b, &c], 2.0).await?;
+    let (status, body) = get(&url(&b)).await?;
+    assert_eq!((status, sha256_digest(&body)), (200, layer.digest.clone()));
+    drop(body);
+    // B's commit announcement reaches the home within a flush period (200ms).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let sent_before =
+        [a.metric("shoal_peer_sent_bytes_total", &[]).await?, b.metric("shoal_peer_sent_bytes_total", &[]).await?];
+    let resp = reqwest::get(url(&c)).await?;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut hasher_input = Vec::with_capacity(layer.data.len());
+    while hasher_input.len() < 32 << 20 {
+        hasher_input.extend_from_slice(&stream.next().await.expect("body continues")?);
+    }
+    // Kill whichever holder is serving C now.
+    let sent_a = a.metric("shoal_peer_sent_bytes_total", &[]).await? - sent_before[0];
+    let sent_b = b.metric("shoal_peer_sent_bytes_total", &[]).await? - sent_before[1];
+    assert!(sent_a + sent_b > 0.0, "C is not being served by a peer");
+    if sent_a >= sent_b {
+        a.kill().await
+    } else {
+        b.kill().await
+    }
+    while let Some(chunk) = stream.next().await {
+        hasher_input.extend_from_slice(&chunk?);
+    }
+    assert_eq!(sha256_digest(&hasher_input), layer.digest, "C's body is not the layer");
+    // The rest came from the surviving holder, not from upstream.
+    assert_eq!(cl.proxy.count("GET", &format!("/blobs/{}", layer.digest)), 1);
+    assert_eq!(c.metric("shoal_upstream_bytes_total", &[]).await?, 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_peer_serving_corrupt_pieces_is_quarantined_and_the_pull_completes() -> Result<()> {
+    let cl = Cluster::start().await?;
+    let image = Artifact::Image(Image::random(&[8 << 20], 14, "amd64", Compression::None)?);
+    push(&image, &cl.registry.host(), "rot/app", "v1", None, Format::Oci)?;
+    let layer = image.all_blobs()[1].clone();
+    let a = cl.agent(61, &[]).start().await?;
+    let b = cl.agent(62, &[&a]).start().await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
+    let (status, _) = get(&cl.blob_url(&a, "rot/app", &layer.digest)).await?;
+    assert_eq!(status, 200);
+    wait_directory(&[&a, &b], 1.0).await?;
+
+    // Bit rot on A's disk, after A verified and hashed the blob.
+    let hex = layer.digest.trim_start_matches("sha256:");
+    let path = a.data_dir().join("blobs/sha256").join(&hex[..2]).join(hex);
+    let mut bytes = std::fs::read(&path)?;
+    bytes[5 << 20] ^= 0x40;
+    std::fs::write(&path, bytes)?;
+
+    let (status, body) = get(&cl.blob_url(&b, "rot/app", &layer.digest)).await?;
+    assert_eq!(status, 200, "{}", b.log());
+    assert_eq!(sha256_digest(&body), layer.digest);
+    assert!(b.metric("shoal_peer_transfer_failures_total", &["reason=\"hash_mismatch\""]).await? >= 1.0);
+    assert_eq!(b.metric("shoal_peers_quarantined", &[]).await?, 1.0);
+    // The pieces before the rotten one came from A; the rest from upstream, resumed at that offset.
+    assert!(b.metric("shoal_peer_received_bytes_total", &[]).await? >= (4 << 20) as f64);
+    let from_upstream = b.metric("shoal_upstream_bytes_total", &[]).await?;
+    assert!(from_upstream > 0.0 && from_upstream < layer.data.len() as f64, "upstream sent {from_upstream}");
+    Ok(())
+}
