@@ -682,6 +682,41 @@ mod tests {
     }
 
     #[test]
+    fn mesh_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tiny\n").unwrap();
+        let with = |rest: &str| format!("cluster_secret_file = \"{}\"\n{rest}", secret.display());
+        let c = check(&with("advertise_ip = \"10.0.0.5\"")).unwrap();
+        let m = c.mesh.unwrap();
+        assert_eq!(m.secret.0, b"0123456789abcdef0123456789abcdef");
+        assert_eq!(m.gossip_listen.port(), 30023);
+        assert_eq!((m.suspect_after, m.dead_after), (Duration::from_secs(3), Duration::from_secs(6)));
+        assert!(format!("{m:?}").contains("ClusterSecret(..)"), "the secret is never printed");
+        assert!(check("").unwrap().mesh.is_none());
+        let cases = [
+            ("bootstrap = [\"a:1\"]".to_owned(), "`bootstrap`"),
+            (format!("cluster_secret_file = \"{}\"", short.display()), "`cluster_secret_file`"),
+            (with(""), "`advertise_ip`"),
+            (with("advertise_ip = \"0.0.0.0\""), "`advertise_ip`"),
+            (
+                with("gossip_listen = \"127.0.0.1:1\"\ntransfer_listen = \"127.0.0.1:2\"\nbootstrap = [\"nohost\"]"),
+                "`bootstrap`",
+            ),
+            (with("advertise_ip = \"10.0.0.5\"\nzone = \"a zone\""), "`zone`"),
+            (with("advertise_ip = \"10.0.0.5\"\ndead_after = \"2s\""), "`dead_after`"),
+            (with("advertise_ip = \"10.0.0.5\"\nmax_uploads = 0"), "`max_uploads`"),
+            (with("advertise_ip = \"10.0.0.5\"\nupload_rate = \"1KiB\""), "`upload_rate`"),
+        ];
+        for (toml, key) in cases {
+            let err = check(&toml).unwrap_err();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("10GiB"), Ok(10 << 30));
         assert_eq!(parse_size("1.5MiB"), Ok(3 << 19));

@@ -27,7 +27,7 @@ pub fn piece_count(size: u64, piece: u32) -> u64 {
 /// The piece index of `[offset, offset + len)` if that is exactly one piece of a blob of `size` bytes.
 pub fn piece_index(size: u64, piece: u32, offset: u64, len: u64) -> Option<usize> {
     let piece = u64::from(piece);
-    if piece == 0 || offset % piece != 0 || offset >= size {
+    if piece == 0 || !offset.is_multiple_of(piece) || offset >= size {
         return None;
     }
     let expect = piece.min(size - offset);
@@ -186,7 +186,7 @@ mod tests {
                     prop_assert!(offset + len <= size && len > 0);
                 }
                 None => {
-                    let aligned = offset % u64::from(piece) == 0 && offset < size;
+                    let aligned = offset.is_multiple_of(u64::from(piece)) && offset < size;
                     prop_assert!(!aligned || len != u64::from(piece).min(size - offset));
                 }
             }

@@ -756,7 +756,7 @@ impl Resolver {
         // Not-yet-written pieces of a partial holder are waited for as long as its own upstream may stall.
         let not_ready_budget = self.upstream.stall_timeout();
         for (peer, state) in &loc.holders {
-            if sink.written % u64::from(piece) != 0 || sink.complete() {
+            if !sink.written.is_multiple_of(u64::from(piece)) || sink.complete() {
                 break;
             }
             if mesh.is_quarantined(peer) {

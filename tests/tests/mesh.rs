@@ -202,7 +202,7 @@ async fn a_peer_killed_mid_transfer_is_replaced_by_another_holder() -> Result<()
     let (status, body) = get(&url(&a)).await?;
     assert_eq!((status, sha256_digest(&body)), (200, layer.digest.clone()));
     drop(body);
-    wait_directory(&[&a, &b, &c], 2.0).await?;
+    wait_directory(&[&a, &b, &c], 1.0).await?;
     let (status, body) = get(&url(&b)).await?;
     assert_eq!((status, sha256_digest(&body)), (200, layer.digest.clone()));
     drop(body);

@@ -211,10 +211,10 @@ impl Gossip {
     fn publish(&mut self, leaving: bool) {
         let data = if leaving { self.leaving.clone() } else { self.announcement.clone() };
         // With no peer subscribed yet there is nobody to tell: not an error.
-        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), data) {
-            if !matches!(e, gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate) {
-                tracing::debug!(error = %e, "gossip publish failed");
-            }
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), data)
+            && !matches!(e, gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate)
+        {
+            tracing::debug!(error = %e, "gossip publish failed");
         }
     }
 
@@ -274,11 +274,11 @@ impl Gossip {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
                 self.on_announcement(message);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                if info.protocol_version != PROTOCOL_VERSION {
-                    tracing::warn!(%peer_id, version = %info.protocol_version, "peer speaks another protocol version");
-                    let _ = self.swarm.disconnect_peer_id(peer_id);
-                }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
+                if info.protocol_version != PROTOCOL_VERSION =>
+            {
+                tracing::warn!(%peer_id, version = %info.protocol_version, "peer speaks another protocol version");
+                let _ = self.swarm.disconnect_peer_id(peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
