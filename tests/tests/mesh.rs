@@ -20,7 +20,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Result<Self> {
-        let registry = Registry::start().await?;
+        Self::with(Registry::start().await?).await
+    }
+
+    async fn with(registry: Registry) -> Result<Self> {
         let proxy = Proxy::start(registry.addr()).await?;
         let dir = tempfile::Builder::new().prefix("shoal-cluster").tempdir()?;
         let secret = write_secret(&dir, "secret", &format!("{:032x}", rand::random::<u128>()))?;
@@ -266,5 +269,45 @@ async fn a_peer_serving_corrupt_pieces_is_quarantined_and_the_pull_completes() -
     assert!(b.metric("shoal_peer_received_bytes_total", &[]).await? >= (4 << 20) as f64);
     let from_upstream = b.metric("shoal_upstream_bytes_total", &[]).await?;
     assert!(from_upstream > 0.0 && from_upstream < layer.data.len() as f64, "upstream sent {from_upstream}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_private_layer_held_by_a_peer_goes_only_to_clients_upstream_accepts() -> Result<()> {
+    let mut cl = Cluster::with(Registry::start_private("alice", "wonderland").await?).await?;
+    let image = Artifact::Image(Image::random(&[1 << 20], 15, "amd64", Compression::None)?);
+    push(&image, &cl.registry.host(), "private/app", "v1", cl.registry.creds_arg().as_deref(), Format::Oci)?;
+    let layer = image.all_blobs()[1].clone();
+    let a = cl.agent(71, &[]).start().await?;
+    let b = cl.agent(72, &[&a]).start().await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
+    let http = reqwest::Client::new();
+    let (url_a, url_b) = (cl.blob_url(&a, "private/app", &layer.digest), cl.blob_url(&b, "private/app", &layer.digest));
+
+    // A fetches it with alice's credentials: a private holding.
+    let body = http.get(&url_a).basic_auth("alice", Some("wonderland")).send().await?.bytes().await?;
+    assert_eq!(sha256_digest(&body), layer.digest);
+    wait_directory(&[&a, &b], 1.0).await?;
+
+    // On B, a client without credentials gets upstream's challenge, a wrong password is refused: no peer bytes.
+    assert_eq!(http.get(&url_b).send().await?.status(), 401);
+    assert_eq!(http.get(&url_b).basic_auth("alice", Some("guess")).send().await?.status(), 401);
+    assert_eq!(b.metric("shoal_peer_received_bytes_total", &[]).await?, 0.0);
+
+    // Alice, accepted by upstream, gets A's copy over the mesh, not a second upstream download.
+    let upstream_gets = cl.proxy.count("GET", &format!("/blobs/{}", layer.digest));
+    let body = http.get(&url_b).basic_auth("alice", Some("wonderland")).send().await?.bytes().await?;
+    assert_eq!(sha256_digest(&body), layer.digest);
+    assert!(b.metric("shoal_peer_received_bytes_total", &[]).await? >= layer.data.len() as f64);
+    assert_eq!(cl.proxy.count("GET", &format!("/blobs/{}", layer.digest)), upstream_gets);
+
+    // With upstream gone, nobody on a third node gets the private copy: it cannot be checked.
+    let c = cl.agent(73, &[&a]).start().await?;
+    wait_alive(&[&a, &b, &c], 2.0, Duration::from_secs(15)).await?;
+    cl.stop_upstream().await;
+    let url_c = cl.blob_url(&c, "private/app", &layer.digest);
+    assert_ne!(http.get(&url_c).send().await?.status(), 200);
+    assert_ne!(http.get(&url_c).basic_auth("alice", Some("wonderland")).send().await?.status(), 200);
+    assert_eq!(c.metric("shoal_peer_received_bytes_total", &[]).await?, 0.0);
     Ok(())
 }
