@@ -2,8 +2,9 @@
 //! and yamux; identify to check the protocol version; gossipsub to spread every member's signed announcement;
 //! optionally mDNS. Runs as one actor task owning the swarm; publishes the member table through a `watch`.
 //!
-//! Bootstrap addresses are resolved again every few seconds and dialled while not connected, and so are members
-//! that went silent, so a restarted node rejoins and a healed partition merges by itself.
+//! Bootstrap addresses are resolved again every few seconds and dialled while not connected, and so is every known
+//! member this node has no connection to: members end up directly connected to each other (no node is a hub whose
+//! death cuts the others apart), a restarted node rejoins and a healed partition merges by itself.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -233,7 +234,7 @@ impl Gossip {
         self.view.send_replace(Arc::new(view));
     }
 
-    /// Dials bootstrap addresses and silent members this node is not connected to.
+    /// Dials bootstrap addresses and members this node is not connected to.
     async fn redial(&mut self) {
         let mut targets: Vec<Multiaddr> = Vec::new();
         for entry in &self.cfg.bootstrap {
@@ -251,7 +252,9 @@ impl Gossip {
                 covered.extend(info.gossip_addrs.iter().cloned());
             }
         }
-        for state in [Liveness::Suspect, Liveness::Dead] {
+        // Every member, alive or silent, gets a direct connection: gossip then does not depend on any one node
+        // (the bootstrap node dying must not cut the others apart), and silent members are retried.
+        for state in [Liveness::Alive, Liveness::Suspect, Liveness::Dead] {
             for info in self.table.in_state(state) {
                 if !self.connected.contains(&info.id) {
                     targets.extend(info.gossip_addrs.iter().cloned());
