@@ -31,7 +31,7 @@ pub use members::{Liveness, MemberInfo, MembersView, home};
 use crate::config::MeshConfig;
 use crate::metrics::{FailureLabels, Metrics, TransferFailure};
 use crate::oci::Digest;
-use crate::transfer::{FetchError, Service, Transfer, TransferError, respond, respond_error};
+use crate::transfer::{FetchError, Service, Transfer, TransferError, VerifiedPiece, respond, respond_error};
 
 /// Announcements sent to one home in one message, at most.
 const ANNOUNCE_BATCH: usize = 2000;
@@ -294,14 +294,20 @@ impl Mesh {
     }
 
     /// Fetches one piece from `peer`, checked against its hash. A peer whose piece fails the check is quarantined.
-    pub async fn fetch_piece(&self, peer: PeerId, digest: &Digest, offset: u64, len: u32) -> Result<Bytes, FetchError> {
+    pub async fn fetch_piece(
+        &self,
+        peer: PeerId,
+        digest: &Digest,
+        offset: u64,
+        len: u32,
+    ) -> Result<VerifiedPiece, FetchError> {
         let Some(addr) = self.view().transfer_addr(&peer) else {
             return Err(FetchError::Connect(format!("{peer} is not an alive member")));
         };
         match self.transfer.get_piece(peer, addr, digest, offset, len).await {
-            Ok(b) => {
-                self.metrics.mesh.bytes_received.inc_by(b.len() as u64);
-                Ok(b)
+            Ok(p) => {
+                self.metrics.mesh.bytes_received.inc_by(p.len());
+                Ok(p)
             }
             Err(e) => {
                 // A piece not there yet is not a failure of the peer; the caller waits for it.
@@ -467,14 +473,19 @@ impl Mesh {
         if send.write_all(&frame).await.is_err() {
             return;
         }
-        for chunk in piece.data.chunks(UPLOAD_CHUNK) {
+        let mut at = 0;
+        while at < piece.data.len() {
+            // Slices of the read buffer go to quinn as they are: no copy.
+            let chunk = piece.data.slice(at..(at + UPLOAD_CHUNK).min(piece.data.len()));
+            at += chunk.len();
             if let Some(l) = &self.limiter {
                 l.take(chunk.len()).await;
             }
-            if send.write_all(chunk).await.is_err() {
+            let n = chunk.len() as u64;
+            if send.write_chunk(chunk).await.is_err() {
                 return;
             }
-            self.metrics.mesh.bytes_sent.inc_by(chunk.len() as u64);
+            self.metrics.mesh.bytes_sent.inc_by(n);
         }
         let _ = send.finish();
     }

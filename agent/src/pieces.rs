@@ -120,6 +120,19 @@ impl PieceHasher {
         }
     }
 
+    /// Records the next piece's hash without hashing it (it was checked on receipt), if the hasher is at a piece
+    /// boundary and `len` is that piece's full length in a blob of `size` bytes. Returns whether it did; if not,
+    /// the bytes must be fed to [`PieceHasher::update`].
+    pub fn push_verified(&mut self, hash: [u8; 32], len: u64, size: Option<u64>) -> bool {
+        let offset = self.hashes.len() as u64 * u64::from(self.piece);
+        let Some(size) = size else { return false };
+        if self.in_current != 0 || piece_index(size, self.piece, offset, len).is_none() {
+            return false;
+        }
+        self.hashes.push(hash);
+        true
+    }
+
     /// Hashes of the pieces completed so far.
     pub fn hashes(&self) -> &[[u8; 32]] {
         &self.hashes
@@ -146,6 +159,24 @@ mod tests {
         assert_eq!(piece_size(256 << 20), 256 << 10);
         assert_eq!(piece_size(1 << 30), 1 << 20);
         assert_eq!(piece_size(100 << 30), MAX_PIECE);
+    }
+
+    #[test]
+    fn verified_pieces_take_their_hash_only_at_a_boundary() {
+        let data: Vec<u8> = (0..(MIN_PIECE as usize * 2 + 1000)).map(|i| (i * 7) as u8).collect();
+        let size = Some(data.len() as u64);
+        let p = MIN_PIECE as usize;
+        let mut whole = PieceHasher::new(MIN_PIECE);
+        whole.update(&data);
+        let expect = whole.finish(data.len() as u64);
+        let mut h = PieceHasher::new(MIN_PIECE);
+        assert!(h.push_verified(expect.hashes[0], p as u64, size));
+        // Not a whole piece, or not at a boundary: refused, the bytes get hashed instead.
+        assert!(!h.push_verified(expect.hashes[1], 10, size));
+        h.update(&data[p..p + 10]);
+        assert!(!h.push_verified(expect.hashes[1], p as u64, size));
+        h.update(&data[p + 10..]);
+        assert_eq!(h.finish(data.len() as u64), expect);
     }
 
     proptest! {

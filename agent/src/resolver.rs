@@ -36,7 +36,7 @@ use crate::metrics::{LookupKind, LookupLabels, LookupResult, Metrics, Source, So
 use crate::oci::{Digest, Reference, RegistryHost, RepoName};
 use crate::pieces::{PieceHasher, PieceTable, piece_count, piece_index, piece_range, piece_size};
 use crate::store::{BlobMeta, LinkRecord, Store, StoreError, TagRecord, now_secs};
-use crate::transfer::FetchError;
+use crate::transfer::{FetchError, VerifiedPiece};
 use crate::upstream::{Request, Target, Upstream, UpstreamError};
 
 /// Largest manifest accepted from upstream (the distribution spec suggests 4 MiB).
@@ -774,9 +774,9 @@ impl Resolver {
                     }
                     match inflight.next().await {
                         None => return Ok(None),
-                        Some(Ok(bytes)) => {
+                        Some(Ok(piece)) => {
                             sink.peers_used.insert(*peer);
-                            sink.write(vec![bytes]).await?;
+                            sink.write_piece(piece).await?;
                         }
                         Some(Err(e)) => return Ok(Some(e)),
                     }
@@ -971,7 +971,7 @@ async fn fetch_when_ready(
     offset: u64,
     len: u32,
     budget: Duration,
-) -> Result<Bytes, FetchError> {
+) -> Result<VerifiedPiece, FetchError> {
     let deadline = Instant::now() + budget;
     loop {
         match mesh.fetch_piece(peer, digest, offset, len).await {
@@ -995,8 +995,11 @@ async fn read_range(path: PathBuf, fallback: Option<PathBuf>, offset: u64, len: 
             r => r,
         }?;
         io::Seek::seek(&mut f, io::SeekFrom::Start(offset))?;
-        let mut buf = vec![0u8; len as usize];
-        io::Read::read_exact(&mut f, &mut buf)?;
+        let mut buf = Vec::with_capacity(len as usize);
+        io::Read::read_to_end(&mut io::Read::take(&mut f, u64::from(len)), &mut buf)?;
+        if buf.len() < len as usize {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than the piece"));
+        }
         Ok::<_, io::Error>(Bytes::from(buf))
     })
     .await
@@ -1044,8 +1047,20 @@ impl<'a> Sink<'a> {
         self.size.is_some_and(|s| self.written == s)
     }
 
+    /// Writes a piece whose hash was checked on receipt: its hash goes into the table as is (when it is exactly
+    /// the next piece), saving a second BLAKE3 pass.
+    async fn write_piece(&mut self, piece: VerifiedPiece) -> Result<(), ResolveError> {
+        let len = piece.len();
+        let aligned = self.pieces.as_mut().is_some_and(|p| p.push_verified(piece.hash, len, self.size));
+        self.write_impl(piece.chunks, !aligned).await
+    }
+
     /// Hashes and writes a batch off the async workers, then tells readers and the piece table.
     async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), ResolveError> {
+        self.write_impl(batch, true).await
+    }
+
+    async fn write_impl(&mut self, batch: Vec<Bytes>, piece_hash: bool) -> Result<(), ResolveError> {
         let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
         let (mut file, mut hasher) = self.writer.take().expect("the writer is put back after every batch");
         let mut pieces = self.pieces.take();
@@ -1053,7 +1068,7 @@ impl<'a> Sink<'a> {
         let (file, hasher, pieces) = blocking(move || {
             for b in &batch {
                 hasher.update(b);
-                if let Some(p) = &mut pieces {
+                if let Some(p) = pieces.as_mut().filter(|_| piece_hash) {
                     p.update(b);
                 }
                 crate::store::write_all(&mut file, b, &path)?;

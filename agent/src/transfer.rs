@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use libp2p::PeerId;
 use prost::Message;
@@ -102,6 +102,27 @@ pub enum FetchError {
     /// The piece's bytes do not match the hash the peer sent with them.
     #[error("piece does not match its blake3 hash")]
     HashMismatch,
+}
+
+/// A piece that matched the hash its holder sent: its bytes as they arrived, and that hash.
+#[derive(Debug, Clone)]
+pub struct VerifiedPiece {
+    /// The bytes, in order.
+    pub chunks: Vec<Bytes>,
+    /// Their BLAKE3 hash.
+    pub hash: [u8; 32],
+}
+
+impl VerifiedPiece {
+    /// Its length.
+    pub fn len(&self) -> u64 {
+        self.chunks.iter().map(|c| c.len() as u64).sum()
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Serves the streams of authenticated peers.
@@ -366,7 +387,7 @@ impl Transfer {
         digest: &Digest,
         offset: u64,
         len: u32,
-    ) -> Result<Bytes, FetchError> {
+    ) -> Result<VerifiedPiece, FetchError> {
         let r = self.get_piece_impl(peer, addr, digest, offset, len).await;
         if matches!(r, Err(FetchError::Stall(_) | FetchError::Protocol(_))) {
             self.forget(&peer);
@@ -381,7 +402,7 @@ impl Transfer {
         digest: &Digest,
         offset: u64,
         len: u32,
-    ) -> Result<Bytes, FetchError> {
+    ) -> Result<VerifiedPiece, FetchError> {
         if len > MAX_PIECE {
             return Err(FetchError::Protocol(format!("piece of {len} bytes asked for")));
         }
@@ -409,18 +430,25 @@ impl Transfer {
         let Ok(expected) = <[u8; 32]>::try_from(header.blake3.as_slice()) else {
             return Err(proto("piece hash is not 32 bytes".into()));
         };
-        let mut buf = BytesMut::with_capacity(len as usize);
-        while buf.len() < len as usize {
-            let want = len as usize - buf.len();
+        // Kept as quinn hands the chunks over (no copy into one buffer), hashed as they arrive.
+        let mut chunks = Vec::new();
+        let mut got = 0usize;
+        let mut hasher = blake3::Hasher::new();
+        while got < len as usize {
+            let want = len as usize - got;
             match timed(stall, recv.read_chunk(want, true)).await?.map_err(|e| proto(e.to_string()))? {
-                Some(chunk) => buf.extend_from_slice(&chunk.bytes),
-                None => return Err(proto(format!("piece ended after {} of {len} bytes", buf.len()))),
+                Some(chunk) => {
+                    got += chunk.bytes.len();
+                    hasher.update(&chunk.bytes);
+                    chunks.push(chunk.bytes);
+                }
+                None => return Err(proto(format!("piece ended after {got} of {len} bytes"))),
             }
         }
-        if blake3::hash(&buf) != blake3::Hash::from_bytes(expected) {
+        if hasher.finalize() != blake3::Hash::from_bytes(expected) {
             return Err(FetchError::HashMismatch);
         }
-        Ok(buf.freeze())
+        Ok(VerifiedPiece { chunks, hash: expected })
     }
 
     /// Closes every connection and waits (bounded) for the peers to be told.
