@@ -39,6 +39,8 @@ const ANNOUNCE_BATCH: usize = 2000;
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
 /// Everything is announced again this often, repairing homes that lost track (anti-entropy).
 const REANNOUNCE_EVERY: Duration = Duration::from_secs(60);
+/// Longest wait for a home's answer to a locate (connection included).
+const LOCATE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bytes written to a peer per rate-limiter grant.
 const UPLOAD_CHUNK: usize = 256 << 10;
 
@@ -252,7 +254,13 @@ impl Mesh {
         }
         let addr = view.transfer_addr(&home)?;
         let req = request::Kind::Locate(peer::Locate { digest: digest.to_string() });
-        match self.transfer.call(home, addr, req).await {
+        // A locate is on every miss's path: a home that died but is not suspect yet must not hold the client up
+        // for the whole stall timeout.
+        let answer =
+            tokio::time::timeout(LOCATE_TIMEOUT.min(self.cfg.peer_stall_timeout), self.transfer.call(home, addr, req))
+                .await
+                .unwrap_or(Err(FetchError::Stall(LOCATE_TIMEOUT)));
+        match answer {
             Ok(response::Kind::Located(l)) => {
                 let holders: Vec<(PeerId, HolderState)> = l
                     .holders
