@@ -347,7 +347,11 @@ impl Transfer {
 
     /// Sends one request and reads its answer (announce, locate).
     pub async fn call(&self, peer: PeerId, addr: SocketAddr, req: request::Kind) -> Result<response::Kind, FetchError> {
-        let r = self.call_impl(peer, addr, req).await;
+        self.settle(peer, self.call_impl(peer, addr, req).await)
+    }
+
+    /// A connection that stalled or broke the protocol is not reused: the next request connects anew.
+    fn settle<T>(&self, peer: PeerId, r: Result<T, FetchError>) -> Result<T, FetchError> {
         if matches!(r, Err(FetchError::Stall(_) | FetchError::Protocol(_))) {
             self.forget(&peer);
         }
@@ -388,11 +392,7 @@ impl Transfer {
         offset: u64,
         len: u32,
     ) -> Result<VerifiedPiece, FetchError> {
-        let r = self.get_piece_impl(peer, addr, digest, offset, len).await;
-        if matches!(r, Err(FetchError::Stall(_) | FetchError::Protocol(_))) {
-            self.forget(&peer);
-        }
-        r
+        self.settle(peer, self.get_piece_impl(peer, addr, digest, offset, len).await)
     }
 
     async fn get_piece_impl(
