@@ -378,13 +378,15 @@ impl Mesh {
                     let me = self.me;
                     let mut dir = lock(&self.directory);
                     dir.prune(|p| *p == me || alive(p));
-                    self.metrics.mesh.directory_digests.set(dir.len() as i64);
-                    drop(dir);
                     if e != epoch {
-                        // Homes may have moved: tell every current home what this node holds.
+                        // Homes may have moved: what is homed elsewhere now is told to the new home by its holders,
+                        // this node included.
+                        dir.keep_homed(|d| v.home(d) == me);
                         epoch = e;
                         pending = held.values().cloned().collect();
                     }
+                    self.directory_gauges(&dir);
+                    drop(dir);
                 }
                 _ = full.tick() => pending = held.values().cloned().collect(),
                 _ = flush.tick() => {
@@ -413,7 +415,7 @@ impl Mesh {
                 for h in &hs {
                     dir.apply(self.me, h);
                 }
-                self.metrics.mesh.directory_digests.set(dir.len() as i64);
+                self.directory_gauges(&dir);
                 continue;
             }
             let Some(addr) = view.transfer_addr(&home) else {
@@ -446,7 +448,12 @@ impl Mesh {
                 Err(e) => tracing::debug!(%peer, error = %e, "bad announcement ignored"),
             }
         }
+        self.directory_gauges(&dir);
+    }
+
+    fn directory_gauges(&self, dir: &directory::Directory) {
         self.metrics.mesh.directory_digests.set(dir.len() as i64);
+        self.metrics.mesh.directory_holders.set(dir.holders() as i64);
     }
 
     async fn serve_piece(&self, send: &mut quinn::SendStream, p: peer::GetPiece) {

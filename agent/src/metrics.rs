@@ -272,6 +272,10 @@ pub struct MeshMetrics {
     pub uploads_refused: Counter,
     /// Blobs this node is home for, as known to its directory.
     pub directory_digests: Gauge,
+    /// Holder entries in this node's directory (over all its digests).
+    pub directory_holders: Gauge,
+    /// Incoming gossip connections refused (a wrong or missing cluster secret fails here).
+    pub gossip_refused: Counter,
 }
 
 /// All metrics of the agent.
@@ -334,5 +338,11 @@ impl Metrics {
             self.mesh.uploads_refused.clone(),
         );
         r.register("directory_digests", "Digests this node is the home of", self.mesh.directory_digests.clone());
+        r.register("directory_holders", "Holders known to this node's directory", self.mesh.directory_holders.clone());
+        r.register(
+            "gossip_refused_connections",
+            "Incoming gossip connections refused (wrong or missing cluster secret, bad handshake)",
+            self.mesh.gossip_refused.clone(),
+        );
     }
 }

@@ -172,8 +172,12 @@ async fn an_agent_without_the_secret_gets_no_membership_and_no_bytes() -> Result
     assert_eq!(status, 200);
     assert_eq!(sha256_digest(&body), layer.digest);
     wait_directory(&[&a, &b], 1.0).await?;
-    // Several gossip rounds and redials later, the intruder is still alone and nobody counts it.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The intruder dials A at start and again at each redial round: once A has turned it away twice, it has had
+    // its chances; it is still alone and nobody counts it.
+    wait_for("A to refuse the intruder twice", Duration::from_secs(15), async || {
+        a.metric("shoal_gossip_refused_connections_total", &[]).await.unwrap_or(0.0) >= 2.0
+    })
+    .await?;
     assert_eq!(alive(&a).await, 1.0);
     assert_eq!(alive(&b).await, 1.0);
     for state in ["alive", "suspect", "dead"] {
@@ -209,8 +213,15 @@ async fn a_peer_killed_mid_transfer_is_replaced_by_another_holder() -> Result<()
     let (status, body) = get(&url(&b)).await?;
     assert_eq!((status, sha256_digest(&body)), (200, layer.digest.clone()));
     drop(body);
-    // B's commit announcement reaches the home within a flush period (200ms).
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // B's commit announcement reached the home: it knows two holders.
+    wait_for("the home to know both holders", Duration::from_secs(10), async || {
+        let mut holders = 0.0;
+        for agent in [&a, &b, &c] {
+            holders += agent.metric("shoal_directory_holders", &[]).await.unwrap_or(0.0);
+        }
+        holders >= 2.0
+    })
+    .await?;
 
     let sent_before =
         [a.metric("shoal_peer_sent_bytes_total", &[]).await?, b.metric("shoal_peer_sent_bytes_total", &[]).await?];

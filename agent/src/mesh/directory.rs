@@ -98,6 +98,8 @@ pub struct Located {
 #[derive(Debug, Default)]
 pub struct Directory {
     entries: HashMap<Digest, Entry>,
+    /// Holder entries over all digests (kept as they change: counting them would walk the whole map).
+    holders: usize,
 }
 
 impl Directory {
@@ -105,7 +107,7 @@ impl Directory {
     pub fn apply(&mut self, from: PeerId, h: &Holding) -> bool {
         if h.removed {
             if let Some(e) = self.entries.get_mut(&h.digest) {
-                e.holders.remove(&from);
+                self.holders -= usize::from(e.holders.remove(&from).is_some());
                 if e.holders.is_empty() {
                     self.entries.remove(&h.digest);
                 }
@@ -135,11 +137,12 @@ impl Directory {
             match victim {
                 Some(v) if h.complete => {
                     e.holders.remove(&v);
+                    self.holders -= 1;
                 }
                 _ => return true,
             }
         }
-        e.holders.insert(from, state);
+        self.holders += usize::from(e.holders.insert(from, state).is_none());
         true
     }
 
@@ -158,10 +161,31 @@ impl Directory {
 
     /// Forgets holders `keep` rejects (members that died), and digests left without holders.
     pub fn prune(&mut self, keep: impl Fn(&PeerId) -> bool) {
+        let mut holders = 0;
         self.entries.retain(|_, e| {
             e.holders.retain(|p, _| keep(p));
+            holders += e.holders.len();
             !e.holders.is_empty()
         });
+        self.holders = holders;
+    }
+
+    /// Forgets the digests `homed_here` rejects: after a membership change their holders tell the new home.
+    pub fn keep_homed(&mut self, homed_here: impl Fn(&Digest) -> bool) {
+        let mut holders = 0;
+        self.entries.retain(|d, e| {
+            let keep = homed_here(d);
+            if keep {
+                holders += e.holders.len();
+            }
+            keep
+        });
+        self.holders = holders;
+    }
+
+    /// Holder entries over all digests.
+    pub fn holders(&self) -> usize {
+        self.holders
     }
 
     /// Digests known.
@@ -199,6 +223,7 @@ mod tests {
         assert_eq!(loc.holders.len(), 2);
         // The asker is not told about itself; unusable members are left out.
         assert_eq!(dir.locate(&d(1), &b, |_| true).unwrap().holders.len(), 1);
+        assert_eq!(dir.holders(), 2);
         assert!(dir.locate(&d(1), &c, |p| *p == c).is_none());
         // A holder with another size than the verified one is ignored.
         assert!(dir.apply(c, &h(1, 11, true)));
@@ -206,8 +231,14 @@ mod tests {
         let mut gone = h(1, 10, true);
         gone.removed = true;
         dir.apply(b, &gone);
+        assert_eq!(dir.holders(), 1);
         dir.prune(|p| *p != a);
         assert!(dir.is_empty());
+        assert_eq!(dir.holders(), 0);
+        dir.apply(a, &h(2, 1, true));
+        dir.apply(b, &h(3, 1, true));
+        dir.keep_homed(|x| *x == d(3));
+        assert_eq!((dir.len(), dir.holders()), (1, 1));
     }
 
     #[test]
@@ -234,5 +265,6 @@ mod tests {
         assert_eq!(loc.holders[0].0, complete);
         assert_eq!(loc.holders.len(), MAX_LOCATED);
         assert_eq!(dir.entries[&d(1)].holders.len(), MAX_HOLDERS);
+        assert_eq!(dir.holders(), MAX_HOLDERS);
     }
 }

@@ -298,6 +298,7 @@ impl Gossip {
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
                 // A node without the secret fails here (pnet or noise).
+                self.metrics.mesh.gossip_refused.inc();
                 tracing::debug!(from = %send_back_addr, error = %error, "incoming gossip connection refused");
             }
             SwarmEvent::ListenerError { error, .. } => tracing::error!(error = %error, "gossip listener failed"),

@@ -174,12 +174,18 @@ async fn mesh_transfer(args: &Args, registry: &Registry, rows: &mut Vec<Row>) ->
 
         std::process::Command::new("sync").status()?;
         let b = builder().mesh(&secret, std::net::Ipv4Addr::new(127, 0, 0, 3 + run as u8), &bootstrap).start().await?;
-        wait_for("B to see A", Duration::from_secs(15), async || {
-            b.metric("shoal_peers", &["state=\"alive\""]).await.unwrap_or(0.0) >= 1.0
+        wait_for("A and B to see each other", Duration::from_secs(15), async || {
+            a.metric("shoal_peers", &["state=\"alive\""]).await.unwrap_or(0.0) >= 1.0
+                && b.metric("shoal_peers", &["state=\"alive\""]).await.unwrap_or(0.0) >= 1.0
         })
         .await?;
-        // The holding reaches its home within a flush period.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A's holding is known to the blob's home (A, or B once A re-announced to it).
+        wait_for("the home to know A's holding", Duration::from_secs(10), async || {
+            a.metric("shoal_directory_holders", &[]).await.unwrap_or(0.0)
+                + b.metric("shoal_directory_holders", &[]).await.unwrap_or(0.0)
+                >= 1.0
+        })
+        .await?;
         let (t, c) = measured(&http, &url(&b), size, &[a_pid, b.pid().context("B not running")?]).await?;
         let from_peers = b.metric("shoal_peer_received_bytes_total", &[]).await?;
         anyhow::ensure!(from_peers >= size as f64, "B got only {from_peers} bytes from A");
