@@ -30,7 +30,7 @@ pub use members::{Liveness, MemberInfo, MembersView, home};
 
 use crate::config::MeshConfig;
 use crate::metrics::{FailureLabels, Metrics, TransferFailure};
-use crate::oci::Digest;
+use crate::oci::{Digest, Reference, RegistryHost, RepoName};
 use crate::transfer::{FetchError, Service, Transfer, TransferError, VerifiedPiece, respond, respond_error};
 
 /// Announcements sent to one home in one message, at most.
@@ -91,11 +91,118 @@ pub enum PieceRefusal {
     Internal(String),
 }
 
-/// Where pieces come from when peers ask (the resolver: store and running downloads).
-pub trait PieceSource: Send + Sync + 'static {
-    /// Reads piece `[offset, offset + len)` of `digest`.
-    fn piece(self: Arc<Self>, digest: Digest, offset: u64, len: u32)
-    -> BoxFuture<'static, Result<Piece, PieceRefusal>>;
+/// What a member asks a home to fetch on its client's behalf (checked from the wire).
+#[derive(Debug, Clone)]
+pub struct Order {
+    /// The registry the client named.
+    pub registry: RegistryHost,
+    /// The repository.
+    pub repo: RepoName,
+    /// A manifest (else a blob).
+    pub manifest: bool,
+    /// The client's `Authorization`.
+    pub auth: Option<http::HeaderValue>,
+    /// The client's `Accept`.
+    pub accept: Option<http::HeaderValue>,
+}
+
+/// Longest forwarded header value accepted.
+const MAX_FORWARDED_HEADER: usize = 8 << 10;
+
+impl Order {
+    /// Checks a wire order.
+    pub fn from_wire(o: peer::FetchOrder) -> Result<Self, String> {
+        let registry = RegistryHost::parse(&o.registry).map_err(|e| format!("registry: {e}"))?;
+        let repo = RepoName::parse(&o.repository).map_err(|e| format!("repository: {e}"))?;
+        let header = |v: Option<Vec<u8>>, what: &str| -> Result<Option<http::HeaderValue>, String> {
+            v.map(|b| {
+                if b.len() > MAX_FORWARDED_HEADER {
+                    return Err(format!("{what}: longer than {MAX_FORWARDED_HEADER} bytes"));
+                }
+                http::HeaderValue::from_bytes(&b).map_err(|_| format!("{what}: not a header value"))
+            })
+            .transpose()
+        };
+        Ok(Self {
+            registry,
+            repo,
+            manifest: o.manifest,
+            auth: header(o.authorization, "authorization")?,
+            accept: header(o.accept.map(String::into_bytes), "accept")?,
+        })
+    }
+
+    /// The wire form.
+    pub fn to_wire(&self) -> peer::FetchOrder {
+        peer::FetchOrder {
+            registry: self.registry.to_string(),
+            repository: self.repo.to_string(),
+            manifest: self.manifest,
+            authorization: self.auth.as_ref().map(|a| a.as_bytes().to_vec()),
+            accept: self.accept.as_ref().and_then(|a| a.to_str().ok()).map(str::to_owned),
+        }
+    }
+}
+
+/// What a home's own fetch (or copy) of a digest looks like, once its size is known.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Size.
+    pub size: u64,
+    /// Media type.
+    pub media_type: Option<String>,
+    /// Held completely already.
+    pub complete: bool,
+    /// Fetched without credentials.
+    pub public: bool,
+    /// This call started the download.
+    pub started: bool,
+}
+
+/// A tag's answer: the digest and when upstream gave it (so a member's cache does not outlive the home's TTL).
+#[derive(Debug, Clone)]
+pub struct TagAnswer {
+    /// The manifest digest.
+    pub digest: Digest,
+    /// Seconds since the epoch when upstream answered.
+    pub fetched_at: u64,
+    /// The manifest's media type.
+    pub media_type: Option<String>,
+}
+
+/// What this node does for peers (the resolver: its store and running downloads, and its upstream client).
+pub trait Local: Send + Sync + 'static {
+    /// Reads piece `[offset, offset + len)` of `digest`, waiting up to `wait` for it if it is being downloaded.
+    fn piece(
+        self: Arc<Self>,
+        digest: Digest,
+        offset: u64,
+        len: u32,
+        wait: Duration,
+    ) -> BoxFuture<'static, Result<Piece, PieceRefusal>>;
+
+    /// Makes sure this node holds or downloads `digest` (as the home, for the asker's client), and returns once
+    /// its size is known. The error is upstream's (or the store's) answer, for the log.
+    fn fetch(self: Arc<Self>, digest: Digest, order: Order) -> BoxFuture<'static, Result<Fetched, String>>;
+
+    /// Resolves a tag for the asker's client (as the tag's home).
+    fn resolve_tag(self: Arc<Self>, order: Order, tag: String) -> BoxFuture<'static, Result<TagAnswer, String>>;
+}
+
+/// One group of sources for a download, tried in order.
+#[derive(Debug, Clone)]
+pub struct Tier {
+    /// The holders and the blob's size.
+    pub located: Located,
+    /// Partial holders are followed (they are ahead, fed by someone fetching from outside): wait for pieces they
+    /// do not have yet. Otherwise take only what they have and move on.
+    pub follow: bool,
+}
+
+/// The home of a tag: the home of the digest of `registry/repo:tag`.
+pub fn tag_key(registry: &RegistryHost, repo: &RepoName, tag: &str) -> Digest {
+    use sha2::Digest as _;
+    Digest::from_sha256(&sha2::Sha256::digest(format!("{registry}/{repo}:{tag}").as_bytes()))
 }
 
 /// A token bucket capping upload bandwidth.
@@ -130,15 +237,15 @@ pub struct Mesh {
     directory: Mutex<directory::Directory>,
     quarantine: Mutex<HashMap<PeerId, Instant>>,
     holdings: mpsc::UnboundedSender<Holding>,
-    source: OnceLock<Weak<dyn PieceSource>>,
+    source: OnceLock<Weak<dyn Local>>,
     uploads: Arc<Semaphore>,
     limiter: Option<RateLimiter>,
     metrics: Metrics,
 }
 
-impl std::fmt::Debug for dyn PieceSource {
+impl std::fmt::Debug for dyn Local {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PieceSource")
+        f.write_str("Local")
     }
 }
 
@@ -216,9 +323,13 @@ impl Mesh {
         Ok(mesh)
     }
 
-    /// Sets where pieces asked for by peers are read from.
-    pub fn set_piece_source(&self, source: Weak<dyn PieceSource>) {
+    /// Sets what serves peers' requests (pieces, fetches as a home, tags).
+    pub fn set_local(&self, source: Weak<dyn Local>) {
         let _ = self.source.set(source);
+    }
+
+    fn local(&self) -> Option<Arc<dyn Local>> {
+        self.source.get().and_then(Weak::upgrade)
     }
 
     /// This node's id.
@@ -239,27 +350,61 @@ impl Mesh {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Records what this node holds; the digest's home is told shortly.
+    /// Records what this node holds; the digest's home is told shortly (at once when it is this node).
     pub fn hold(&self, h: Holding) {
+        if self.view().home(&h.digest) == self.me {
+            let mut dir = lock(&self.directory);
+            dir.apply(self.me, &h);
+            self.directory_gauges(&dir);
+        }
         let _ = self.holdings.send(h);
     }
 
-    /// Asks the digest's home who holds it. `None` when nobody usable does or the home cannot be asked.
+    /// Asks the digest's home who holds it (complete holders first). `None` when nobody usable does or the home
+    /// cannot be asked.
     pub async fn locate(&self, digest: &Digest) -> Option<Located> {
         let view = self.view();
         let home = view.home(digest);
-        let usable = |p: &PeerId| view.is_alive(p) && !self.is_quarantined(p);
         if home == self.me {
+            let usable = |p: &PeerId| view.is_alive(p) && !self.is_quarantined(p);
             return lock(&self.directory).locate(digest, &self.me, usable);
         }
-        let addr = view.transfer_addr(&home)?;
-        let req = request::Kind::Locate(peer::Locate { digest: digest.to_string() });
-        // A locate is on every miss's path: a home that died but is not suspect yet must not hold the client up
-        // for the whole stall timeout.
-        let answer =
-            tokio::time::timeout(LOCATE_TIMEOUT.min(self.cfg.peer_stall_timeout), self.transfer.call(home, addr, req))
-                .await
-                .unwrap_or(Err(FetchError::Stall(LOCATE_TIMEOUT)));
+        self.locate_at(home, digest, None, LOCATE_TIMEOUT).await.ok().flatten()
+    }
+
+    /// Asks `home` about `digest`; with an order, as a member about to download it (the home fetches it if
+    /// nobody has it). `Err` when the home could not be asked (as opposed to "nobody usable holds it").
+    async fn locate_at(
+        &self,
+        home: PeerId,
+        digest: &Digest,
+        order: Option<&Order>,
+        within: Duration,
+    ) -> Result<Option<Located>, FetchError> {
+        let view = self.view();
+        let Some(addr) = view.transfer_addr(&home) else {
+            return Err(FetchError::Connect(format!("{home} is not an alive member")));
+        };
+        let req = request::Kind::Locate(peer::Locate { digest: digest.to_string(), fetch: order.map(Order::to_wire) });
+        // A locate is on every miss's path: a home that died but is not dead in the view yet must not hold the
+        // client up. Without an order the answer is immediate; with one the home first gets the size (from
+        // upstream, possibly): wait for that, but stop as soon as the home stops looking alive.
+        let answer = match order {
+            None => tokio::time::timeout(
+                LOCATE_TIMEOUT.min(self.cfg.peer_stall_timeout),
+                self.transfer.call(home, addr, req),
+            )
+            .await
+            .unwrap_or(Err(FetchError::Stall(LOCATE_TIMEOUT))),
+            Some(_) => {
+                let mut rx = self.view.clone();
+                tokio::select! {
+                    r = self.transfer.call_within(home, addr, req, within) => r,
+                    _ = rx.wait_for(|v| !v.is_alive(&home)) => Err(FetchError::Connect(format!("{home} stopped looking alive"))),
+                }
+            }
+        };
+        let usable = |p: &PeerId| *p != self.me && view.is_alive(p) && !self.is_quarantined(p);
         match answer {
             Ok(response::Kind::Located(l)) => {
                 let holders: Vec<(PeerId, HolderState)> = l
@@ -267,21 +412,131 @@ impl Mesh {
                     .iter()
                     .filter_map(|h| {
                         let id = PeerId::from_bytes(&h.peer_id).ok()?;
-                        (id != self.me && usable(&id))
-                            .then_some((id, HolderState { complete: h.complete, public: h.public }))
+                        usable(&id).then_some((id, HolderState { complete: h.complete, public: h.public }))
                     })
                     .take(directory::MAX_LOCATED)
                     .collect();
-                (!holders.is_empty()).then_some(Located { size: l.size, media_type: l.media_type, holders })
+                Ok((!holders.is_empty()).then_some(Located { size: l.size, media_type: l.media_type, holders }))
             }
+            Ok(_) => {
+                self.failure(TransferFailure::protocol);
+                Err(FetchError::Protocol("answer to a locate is not a location".into()))
+            }
+            Err(FetchError::Refused { code: Code::NotFound | Code::Unavailable, message }) => {
+                tracing::debug!(%home, %digest, message, "home has no source");
+                Ok(None)
+            }
+            Err(e) => {
+                self.count_failure(&e);
+                tracing::debug!(%home, error = %e, "home could not be asked");
+                Err(e)
+            }
+        }
+    }
+
+    /// Where to download `digest` from, for a client this `order` describes: tiers of sources to try in turn
+    /// before upstream. On a member that is not the digest's home: what the home answered (it starts the zone's
+    /// one download if nobody has it). On the home: complete holders in the zone; what partial holders have
+    /// (after the previous home died); then another zone: the digest's home zone's home (which fetches it for the
+    /// cluster), or, in the home zone, complete holders in other zones. Empty: go upstream.
+    /// `within` bounds the wait for a home that fetches from upstream first.
+    pub async fn sources(&self, digest: &Digest, order: &Order, within: Duration) -> Vec<Tier> {
+        let mut view = self.view();
+        let mut home = view.home(digest);
+        // A home that cannot be reached is asked again once membership moved the digest to another home.
+        for attempt in 0..2 {
+            if home == self.me {
+                break;
+            }
+            match self.locate_at(home, digest, Some(order), within).await {
+                Ok(Some(located)) => return vec![Tier { located, follow: true }],
+                Ok(None) => return Vec::new(),
+                Err(_) if attempt == 0 => {
+                    let mut rx = self.view.clone();
+                    let moved =
+                        tokio::time::timeout(self.cfg.dead_after * 2, rx.wait_for(|v| v.home(digest) != home)).await;
+                    if moved.is_err() {
+                        return Vec::new();
+                    }
+                    view = self.view();
+                    home = view.home(digest);
+                }
+                Err(_) => return Vec::new(),
+            }
+        }
+        if home != self.me {
+            return Vec::new();
+        }
+        let usable = |p: &PeerId| view.is_alive(p) && !self.is_quarantined(p);
+        let mut tiers = Vec::new();
+        let local = lock(&self.directory).locate(digest, &self.me, usable);
+        if let Some(loc) = local {
+            let (complete, partial): (Vec<_>, Vec<_>) = loc.holders.iter().partition(|(_, s)| s.complete);
+            if !complete.is_empty() {
+                return vec![Tier { located: Located { holders: complete, ..loc }, follow: false }];
+            }
+            tiers.push(Tier { located: Located { holders: partial, ..loc }, follow: false });
+        }
+        let home_zone = view.home_zone(digest);
+        if home_zone != view.zone {
+            if let Some(h) = view.home_in(&home_zone, digest)
+                && let Ok(Some(located)) = self.locate_at(h, digest, Some(order), within).await
+            {
+                tiers.push(Tier { located, follow: true });
+            }
+        } else {
+            let asks = view
+                .zones()
+                .into_iter()
+                .filter(|z| *z != view.zone)
+                .filter_map(|z| view.home_in(&z, digest))
+                .map(|h| self.locate_at(h, digest, None, LOCATE_TIMEOUT));
+            for mut located in futures_util::future::join_all(asks).await.into_iter().flatten().flatten() {
+                // Partial holders elsewhere follow this zone (their zone's home asked here): only complete ones.
+                located.holders.retain(|(_, s)| s.complete);
+                if !located.holders.is_empty() {
+                    tiers.push(Tier { located, follow: false });
+                }
+            }
+        }
+        tiers
+    }
+
+    /// Asks the tag's home for the digest a tag names. `None` when this node is the home, or the home cannot
+    /// answer (then this node asks upstream itself, and its client gets upstream's own answer).
+    pub async fn resolve_tag(&self, order: &Order, tag: &str, within: Duration) -> Option<TagAnswer> {
+        let view = self.view();
+        let home = view.home(&tag_key(&order.registry, &order.repo, tag));
+        if home == self.me {
+            return None;
+        }
+        let addr = view.transfer_addr(&home)?;
+        let req = request::Kind::ResolveTag(peer::ResolveTag { order: Some(order.to_wire()), tag: tag.to_owned() });
+        let mut rx = self.view.clone();
+        let answer = tokio::select! {
+            r = self.transfer.call_within(home, addr, req, within) => r,
+            _ = rx.wait_for(|v| !v.is_alive(&home)) => return None,
+        };
+        match answer {
+            Ok(response::Kind::Tag(t)) => match Digest::parse(&t.digest) {
+                Ok(digest) if t.media_type.as_ref().is_none_or(|m| m.len() <= 255) => {
+                    self.metrics.mesh.tags_from_home.inc();
+                    Some(TagAnswer { digest, fetched_at: t.fetched_at, media_type: t.media_type })
+                }
+                _ => {
+                    self.failure(TransferFailure::protocol);
+                    None
+                }
+            },
             Ok(_) => {
                 self.failure(TransferFailure::protocol);
                 None
             }
-            Err(FetchError::Refused { code: Code::NotFound, .. }) => None,
             Err(e) => {
-                self.count_failure(&e);
-                tracing::debug!(%home, error = %e, "home could not be asked");
+                if !matches!(e, FetchError::Refused { .. }) {
+                    self.count_failure(&e);
+                }
+                tracing::debug!(%home, tag, error = %e, "tag home could not answer");
                 None
             }
         }
@@ -301,20 +556,27 @@ impl Mesh {
         });
     }
 
-    /// Fetches one piece from `peer`, checked against its hash. A peer whose piece fails the check is quarantined.
+    /// Fetches one piece from `peer`, checked against its hash; a partial holder may wait up to `wait` for it.
+    /// A peer whose piece fails the check is quarantined.
     pub async fn fetch_piece(
         &self,
         peer: PeerId,
         digest: &Digest,
-        offset: u64,
-        len: u32,
+        (offset, len): (u64, u32),
+        wait: Duration,
     ) -> Result<VerifiedPiece, FetchError> {
-        let Some(addr) = self.view().transfer_addr(&peer) else {
-            return Err(FetchError::Connect(format!("{peer} is not an alive member")));
+        let view = self.view();
+        let Some(addr) = view.reachable_addr(&peer) else {
+            return Err(FetchError::Connect(format!("{peer} is not a member or is dead")));
         };
-        match self.transfer.get_piece(peer, addr, digest, offset, len).await {
+        // The holder caps the wait below its stall timeout; so does the asker, so a wait is never a stall.
+        let wait = wait.min(self.cfg.peer_stall_timeout / 2);
+        match self.transfer.get_piece(peer, addr, digest, (offset, len), wait).await {
             Ok(p) => {
                 self.metrics.mesh.bytes_received.inc_by(p.len());
+                if view.zone_of(&peer).is_some_and(|z| z != view.zone) {
+                    self.metrics.mesh.bytes_received_cross_zone.inc_by(p.len());
+                }
                 Ok(p)
             }
             Err(e) => {
@@ -456,18 +718,84 @@ impl Mesh {
         self.metrics.mesh.directory_holders.set(dir.holders() as i64);
     }
 
+    /// Answers a locate. Without an order: who holds it (complete first). With one, from a member about to
+    /// download it: if no usable complete holder is known, this node makes sure it downloads it itself (the one
+    /// download for the zone), then hands the asker a few sources ahead of it ([`directory::Directory::sources`])
+    /// and records the asker (of this zone) as a partial holder, a source for later askers.
+    async fn answer_locate(
+        &self,
+        asker: PeerId,
+        digest: &Digest,
+        order: Option<Order>,
+    ) -> Result<Located, (Code, String)> {
+        let view = self.view();
+        let usable = |p: &PeerId| *p == self.me || (view.is_alive(p) && !self.is_quarantined(p));
+        let Some(order) = order else {
+            return lock(&self.directory)
+                .locate(digest, &asker, usable)
+                .ok_or_else(|| (Code::NotFound, "no holder known".to_owned()));
+        };
+        let same_zone = view.zone_of(&asker) == Some(view.zone.as_str());
+        // Two nodes that each think the other is the home would wait on each other: with views disagreeing for a
+        // moment, the asker goes upstream instead.
+        if view.home(digest) != self.me {
+            return Err((Code::NotFound, "not the digest's home".to_owned()));
+        }
+        let complete = {
+            let dir = lock(&self.directory);
+            dir.locate(digest, &asker, usable).is_some_and(|l| l.holders.iter().any(|(_, s)| s.complete))
+        };
+        if !complete {
+            let Some(local) = self.local() else { return Err((Code::NotFound, "not serving".to_owned())) };
+            let f = local.fetch(digest.clone(), order.clone()).await.map_err(|e| (Code::Unavailable, e))?;
+            if f.started {
+                self.metrics.mesh.home_fetches.inc();
+            }
+            let mut dir = lock(&self.directory);
+            dir.apply(
+                self.me,
+                &Holding {
+                    digest: digest.clone(),
+                    size: f.size,
+                    media_type: f.media_type,
+                    complete: f.complete,
+                    public: f.public,
+                    removed: false,
+                },
+            );
+        }
+        let mut dir = lock(&self.directory);
+        let loc = dir.sources(digest, &asker, usable).ok_or_else(|| (Code::NotFound, "no holder known".to_owned()))?;
+        if same_zone {
+            let h = Holding {
+                digest: digest.clone(),
+                size: loc.size,
+                media_type: loc.media_type.clone(),
+                complete: false,
+                public: order.auth.is_none(),
+                removed: false,
+            };
+            dir.apply(asker, &h);
+        }
+        self.directory_gauges(&dir);
+        Ok(loc)
+    }
+
     async fn serve_piece(&self, send: &mut quinn::SendStream, p: peer::GetPiece) {
         let Ok(digest) = Digest::parse(&p.digest) else {
             return respond_error(send, Code::BadRequest, "bad digest").await;
         };
-        let Some(source) = self.source.get().and_then(Weak::upgrade) else {
+        let Some(source) = self.local() else {
             return respond_error(send, Code::NotFound, "not serving").await;
         };
+        let wait = Duration::from_millis(u64::from(p.wait_ms)).min(self.cfg.peer_stall_timeout / 2);
+        // The wait for a piece being downloaded comes before the upload slot: waiting askers do not hold slots.
+        let piece = source.piece(digest, p.offset, p.length, wait).await;
         let Ok(_permit) = self.uploads.clone().try_acquire_owned() else {
             self.metrics.mesh.uploads_refused.inc();
             return respond_error(send, Code::Busy, "upload limit reached").await;
         };
-        let piece = match source.piece(digest, p.offset, p.length).await {
+        let piece = match piece {
             Ok(piece) => piece,
             Err(e) => {
                 let code = match e {
@@ -523,10 +851,12 @@ impl Service for Mesh {
                     let Ok(digest) = Digest::parse(&l.digest) else {
                         return respond_error(&mut send, Code::BadRequest, "bad digest").await;
                     };
-                    let view = self.view();
-                    let found = lock(&self.directory).locate(&digest, &peer, |p| *p == self.me || view.is_alive(p));
-                    match found {
-                        Some(loc) => {
+                    let order = match l.fetch.map(Order::from_wire).transpose() {
+                        Ok(o) => o,
+                        Err(e) => return respond_error(&mut send, Code::BadRequest, e).await,
+                    };
+                    match self.answer_locate(peer, &digest, order).await {
+                        Ok(loc) => {
                             let holders = loc
                                 .holders
                                 .iter()
@@ -539,7 +869,33 @@ impl Service for Mesh {
                             let l = peer::Located { size: loc.size, media_type: loc.media_type, holders };
                             respond(&mut send, response::Kind::Located(l)).await;
                         }
-                        None => respond_error(&mut send, Code::NotFound, "no holder known").await,
+                        Err((code, message)) => respond_error(&mut send, code, message).await,
+                    }
+                }
+                request::Kind::ResolveTag(t) => {
+                    let order = match t.order.ok_or_else(|| "no order".to_owned()).and_then(Order::from_wire) {
+                        Ok(o) => o,
+                        Err(e) => return respond_error(&mut send, Code::BadRequest, e).await,
+                    };
+                    if !matches!(Reference::parse(&t.tag), Ok(Reference::Tag(_))) {
+                        return respond_error(&mut send, Code::BadRequest, "bad tag").await;
+                    }
+                    if self.view().home(&tag_key(&order.registry, &order.repo, &t.tag)) != self.me {
+                        return respond_error(&mut send, Code::NotFound, "not the tag's home").await;
+                    }
+                    let Some(local) = self.local() else {
+                        return respond_error(&mut send, Code::NotFound, "not serving").await;
+                    };
+                    match local.resolve_tag(order, t.tag).await {
+                        Ok(a) => {
+                            let r = peer::TagResolved {
+                                digest: a.digest.to_string(),
+                                fetched_at: a.fetched_at,
+                                media_type: a.media_type,
+                            };
+                            respond(&mut send, response::Kind::Tag(r)).await;
+                        }
+                        Err(e) => respond_error(&mut send, Code::Unavailable, e).await,
                     }
                 }
                 request::Kind::GetPiece(p) => self.serve_piece(&mut send, p).await,

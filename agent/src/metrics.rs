@@ -276,6 +276,12 @@ pub struct MeshMetrics {
     pub directory_holders: Gauge,
     /// Incoming gossip connections refused (a wrong or missing cluster secret fails here).
     pub gossip_refused: Counter,
+    /// Piece bytes received from members of another zone.
+    pub bytes_received_cross_zone: Counter,
+    /// Downloads this node ran as a home on another member's behalf (one per digest per zone in a burst).
+    pub home_fetches: Counter,
+    /// Tags resolved by asking the tag's home instead of upstream.
+    pub tags_from_home: Counter,
 }
 
 /// All metrics of the agent.
@@ -343,6 +349,21 @@ impl Metrics {
             "gossip_refused_connections",
             "Incoming gossip connections refused (wrong or missing cluster secret, bad handshake)",
             self.mesh.gossip_refused.clone(),
+        );
+        r.register(
+            "peer_received_cross_zone_bytes",
+            "Piece bytes received from members of another zone",
+            self.mesh.bytes_received_cross_zone.clone(),
+        );
+        r.register(
+            "home_fetches",
+            "Downloads started as a digest's home on another member's behalf",
+            self.mesh.home_fetches.clone(),
+        );
+        r.register(
+            "tags_from_home",
+            "Tags resolved by the tag's home instead of upstream",
+            self.mesh.tags_from_home.clone(),
         );
     }
 }

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::mesh::{Holding, Located, Mesh, Piece, PieceRefusal, PieceSource};
+use crate::mesh::{Fetched, Holding, Local, Mesh, Order, Piece, PieceRefusal, TagAnswer, Tier};
 use crate::metrics::{LookupKind, LookupLabels, LookupResult, Metrics, Source, SourceLabels, TransferFailure};
 use crate::oci::{Digest, Reference, RegistryHost, RepoName};
 use crate::pieces::{PieceHasher, PieceTable, piece_count, piece_index, piece_range, piece_size};
@@ -44,6 +44,8 @@ pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
 /// Read size when serving a stored blob: large reads halve the per-chunk overhead (measured: 2 MiB served a
 /// cached 1 GiB blob ~25 % faster than 512 KiB), at one such buffer per active response.
 const STORED_CHUNK: usize = 2 << 20;
+/// Times a download asks where to continue when every peer source failed, before going upstream.
+const PEER_ROUNDS: usize = 3;
 /// Read size when following a download: smaller, so bytes reach the client as they arrive (measured: 2 MiB made
 /// cold pulls ~5–10 % slower than 512 KiB).
 const STREAM_CHUNK: usize = 512 << 10;
@@ -286,8 +288,8 @@ impl Resolver {
             mesh,
         });
         if let Some(m) = &this.mesh {
-            let weak: std::sync::Weak<dyn PieceSource> = Arc::downgrade(&this) as _;
-            m.set_piece_source(weak);
+            let weak: std::sync::Weak<dyn Local> = Arc::downgrade(&this) as _;
+            m.set_local(weak);
         }
         this
     }
@@ -327,9 +329,14 @@ impl Resolver {
         InUse { digest: digest.clone(), map: self.in_use.clone() }
     }
 
-    /// Resolves a tag to a manifest digest: from the cache within the TTL, else from upstream (recording the
-    /// answer), else, when upstream is unreachable, from the last known answer.
+    /// Resolves a tag to a manifest digest: from the cache within the TTL, else from the tag's home in the mesh
+    /// (which asks upstream once for the cluster), else from upstream (recording the answer), else, when
+    /// upstream is unreachable, from the last known answer.
     pub async fn resolve_tag(&self, client: &Client, tag: &str) -> Result<Digest, ResolveError> {
+        self.resolve_tag_impl(client, tag, true).await.map(|a| a.digest)
+    }
+
+    async fn resolve_tag_impl(&self, client: &Client, tag: &str, ask_home: bool) -> Result<TagAnswer, ResolveError> {
         let key = format!("{}:{tag}", client.repo_key());
         let store = self.store.clone();
         let k = key.clone();
@@ -338,9 +345,28 @@ impl Resolver {
         if let Some(c) = &cached {
             let fresh = now_secs().saturating_sub(c.fetched_at) < self.cfg.tag_ttl.as_secs();
             let allowed = c.public || self.accepted_recently(&origin, self.cfg.auth_ttl);
-            if fresh && allowed && self.cached_manifest_acceptable(client, &c.digest).await {
+            if fresh && allowed && self.cached_manifest_acceptable(client, c).await {
                 self.lookup(LookupKind::tag, LookupResult::hit);
-                return Ok(c.digest.clone());
+                return Ok(TagAnswer {
+                    digest: c.digest.clone(),
+                    fetched_at: c.fetched_at,
+                    media_type: c.media_type.clone(),
+                });
+            }
+        }
+        let public = client.auth.is_none();
+        if let (Some(mesh), true) = (&self.mesh, ask_home) {
+            let order = order(client, Kind::Manifest);
+            if let Some(a) = mesh.resolve_tag(&order, tag, self.home_wait()).await {
+                self.lookup(LookupKind::tag, LookupResult::miss);
+                let rec = TagRecord {
+                    digest: a.digest.clone(),
+                    fetched_at: a.fetched_at,
+                    public,
+                    media_type: a.media_type.clone(),
+                };
+                self.record_tag(key, client, rec).await?;
+                return Ok(a);
             }
         }
         let reference = Reference::Tag(tag.to_owned());
@@ -356,24 +382,25 @@ impl Resolver {
                     // Without the header the only way is to fetch by tag and hash; leave that to upstream itself.
                     return Err(ResolveError::Unavailable("upstream sent no valid Docker-Content-Digest".into()));
                 };
+                let media_type =
+                    resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
                 self.lookup(LookupKind::tag, LookupResult::miss);
-                let public = client.auth.is_none();
                 self.note_accepted(&origin);
-                let rec = TagRecord { digest: digest.clone(), fetched_at: now_secs(), public };
-                let link = format!("{}@{digest}", client.repo_key());
-                let store = self.store.clone();
-                blocking(move || {
-                    store.put_tag(&key, &rec)?;
-                    store.put_link(&link, LinkRecord { public, at: now_secs() })
-                })
-                .await?;
-                Ok(digest)
+                let rec = TagRecord {
+                    digest: digest.clone(),
+                    fetched_at: now_secs(),
+                    public,
+                    media_type: media_type.clone(),
+                };
+                let fetched_at = rec.fetched_at;
+                self.record_tag(key, client, rec).await?;
+                Ok(TagAnswer { digest, fetched_at, media_type })
             }
             Err(UpstreamError::Unreachable(reason)) => match cached {
                 Some(c) if c.public || self.accepted_ever(&origin) => {
                     tracing::warn!(%reason, tag, "upstream unreachable: serving the last known digest of the tag");
                     self.lookup(LookupKind::tag, LookupResult::stale);
-                    Ok(c.digest)
+                    Ok(TagAnswer { digest: c.digest, fetched_at: c.fetched_at, media_type: c.media_type })
                 }
                 _ => Err(ResolveError::Unavailable(reason)),
             },
@@ -381,9 +408,30 @@ impl Resolver {
         }
     }
 
-    async fn cached_manifest_acceptable(&self, client: &Client, digest: &Digest) -> bool {
+    async fn record_tag(&self, key: String, client: &Client, rec: TagRecord) -> Result<(), ResolveError> {
+        let link = format!("{}@{}", client.repo_key(), rec.digest);
+        let public = rec.public;
         let store = self.store.clone();
-        let d = digest.clone();
+        blocking(move || {
+            store.put_tag(&key, &rec)?;
+            store.put_link(&link, LinkRecord { public, at: now_secs() })
+        })
+        .await
+    }
+
+    /// How long a member waits for a home that fetches something first (its size, or a tag, from upstream).
+    fn home_wait(&self) -> Duration {
+        self.upstream.stall_timeout() * 2
+    }
+
+    /// Whether the client accepts the manifest a cached tag points to: by the media type recorded with the tag,
+    /// else by the stored manifest's.
+    async fn cached_manifest_acceptable(&self, client: &Client, rec: &TagRecord) -> bool {
+        if rec.media_type.is_some() {
+            return accepts(client.accept.as_ref(), rec.media_type.as_deref());
+        }
+        let store = self.store.clone();
+        let d = rec.digest.clone();
         let Ok(Some(meta)) = blocking(move || store.blob(&d)).await else { return false };
         accepts(client.accept.as_ref(), meta.media_type.as_deref())
     }
@@ -469,41 +517,9 @@ impl Resolver {
                 _guard: guard,
             });
         }
-        let origin = self.origin(client);
-        let found = {
-            let mut map = lock(&self.downloads);
-            match map.get(digest) {
-                Some(dl) => Some((dl.clone(), false)),
-                None if head && kind == Kind::Blob => None,
-                None => {
-                    let progress = watch::Sender::new(Progress {
-                        partial: None,
-                        header: None,
-                        written: 0,
-                        verified: false,
-                        state: State::Running,
-                    });
-                    let dl = Arc::new(Download { origin: origin.clone(), progress, pieces: Mutex::new(None) });
-                    map.insert(digest.clone(), dl.clone());
-                    Some((dl, true))
-                }
-            }
-        };
-        let Some((dl, started)) = found else {
+        let Some((dl, _)) = self.join_or_start(client, digest, kind, !(head && kind == Kind::Blob)).await? else {
             return self.head_upstream(client, digest, guard).await;
         };
-        if started {
-            self.lookup(LookupKind::digest, LookupResult::miss);
-            let this = self.clone();
-            let (client, digest, dl) = (client.clone(), digest.clone(), dl.clone());
-            let span = tracing::info_span!(parent: None, "download", %digest, registry = %client.registry, repo = %client.repo);
-            self.tasks.spawn(this.run_download(client, digest, kind, dl).instrument(span));
-        } else {
-            self.lookup(LookupKind::digest, LookupResult::in_flight);
-            if dl.origin != origin {
-                self.authorize(client, digest, kind).await?;
-            }
-        }
         let mut rx = dl.progress.subscribe();
         let p = rx
             // An empty blob is answered only once verified: with no bytes to hold back, its headers are all of it.
@@ -524,6 +540,90 @@ impl Resolver {
             source: OpenedSource::InFlight { rx, final_path: self.store.blob_path(digest) },
             _guard: guard,
         })
+    }
+
+    /// Joins the download of `digest` running on this node (after checking the client may have it), or starts
+    /// one (if `start`). Returns it and whether this call started it.
+    async fn join_or_start(
+        self: &Arc<Self>,
+        client: &Client,
+        digest: &Digest,
+        kind: Kind,
+        start: bool,
+    ) -> Result<Option<(Arc<Download>, bool)>, ResolveError> {
+        let origin = self.origin(client);
+        let found = {
+            let mut map = lock(&self.downloads);
+            match map.get(digest) {
+                Some(dl) => Some((dl.clone(), false)),
+                None if !start => None,
+                None => {
+                    let progress = watch::Sender::new(Progress {
+                        partial: None,
+                        header: None,
+                        written: 0,
+                        verified: false,
+                        state: State::Running,
+                    });
+                    let dl = Arc::new(Download { origin: origin.clone(), progress, pieces: Mutex::new(None) });
+                    map.insert(digest.clone(), dl.clone());
+                    Some((dl, true))
+                }
+            }
+        };
+        let Some((dl, started)) = found else { return Ok(None) };
+        if started {
+            self.lookup(LookupKind::digest, LookupResult::miss);
+            let this = self.clone();
+            let (client, digest, dl) = (client.clone(), digest.clone(), dl.clone());
+            let span = tracing::info_span!(parent: None, "download", %digest, registry = %client.registry, repo = %client.repo);
+            self.tasks.spawn(this.run_download(client, digest, kind, dl).instrument(span));
+        } else {
+            self.lookup(LookupKind::digest, LookupResult::in_flight);
+            if dl.origin != origin {
+                self.authorize(client, digest, kind).await?;
+            }
+        }
+        Ok(Some((dl, started)))
+    }
+
+    /// As the digest's home, for a member's client: makes sure this node holds or downloads it, and returns once
+    /// the size is known.
+    async fn fetch_for_peer(
+        self: &Arc<Self>,
+        client: &Client,
+        digest: &Digest,
+        kind: Kind,
+    ) -> Result<Fetched, ResolveError> {
+        if !digest.is_sha256() {
+            return Err(ResolveError::Unavailable(format!("{digest}: only sha256 content is cached")));
+        }
+        let store = self.store.clone();
+        let d = digest.clone();
+        if let Some(meta) = blocking(move || store.blob(&d)).await? {
+            self.authorize(client, digest, kind).await?;
+            return Ok(Fetched {
+                size: meta.size,
+                media_type: meta.media_type,
+                complete: true,
+                public: meta.public,
+                started: false,
+            });
+        }
+        let (dl, started) =
+            self.join_or_start(client, digest, kind, true).await?.expect("a download is started when none runs");
+        let mut rx = dl.progress.subscribe();
+        let p = rx
+            .wait_for(|p| p.header.is_some() || !matches!(p.state, State::Running))
+            .await
+            .map_err(|_| ResolveError::Unavailable("download ended".into()))?
+            .clone();
+        if let State::Failed(e) = p.state {
+            return Err(e);
+        }
+        let (size, media_type) = p.header.unwrap_or((None, None));
+        let size = size.ok_or_else(|| ResolveError::Unavailable("upstream sent no size".into()))?;
+        Ok(Fetched { size, media_type, complete: p.verified, public: dl.origin.cred.is_none(), started })
     }
 
     async fn head_upstream(&self, client: &Client, digest: &Digest, guard: InUse) -> Result<Opened, ResolveError> {
@@ -601,10 +701,11 @@ impl Resolver {
         let reference = Reference::Digest(digest.clone());
         let target = target(kind, digest, &reference);
         let mut req = client.request(target, false);
-        let peers = self.usable_peers(client, digest, kind).await?;
+        let order = order(client, kind);
+        let tiers = self.peer_tiers(client, digest, kind, &order).await?;
         let mut first_resp = None;
-        let (size, media_type) = match &peers {
-            Some(loc) => (Some(loc.size), loc.media_type.clone()),
+        let (size, media_type) = match tiers.first() {
+            Some(t) => (Some(t.located.size), t.located.media_type.clone()),
             None => {
                 let resp = self.upstream.send(req).await?;
                 let size = resp.content_length();
@@ -642,7 +743,7 @@ impl Resolver {
             mesh.hold(holding(false, false));
         }
         let mut sink = Sink::new(file, partial.clone(), size, dl);
-        let result = self.fill(client, digest, &mut req, &mut sink, peers, first_resp).await;
+        let result = self.fill(client, digest, kind, &mut req, &mut sink, tiers, first_resp).await;
         if let Err(e) = result {
             if let (Some(mesh), Some(_)) = (&self.mesh, size) {
                 mesh.hold(holding(false, true));
@@ -692,41 +793,72 @@ impl Resolver {
         Ok(())
     }
 
-    /// Holders this client may be given bytes from. A client without credentials gets public copies only; a
-    /// client with credentials gets any copy once upstream accepted them for this repository (or public copies
-    /// only, when upstream cannot be asked).
-    async fn usable_peers(
+    /// Sources this client may be given bytes from ([`Mesh::sources`]). A client without credentials gets
+    /// public copies only; a client with credentials gets any copy once upstream accepted them for this
+    /// repository (or public copies only, when upstream cannot be asked).
+    async fn peer_tiers(
         &self,
         client: &Client,
         digest: &Digest,
         kind: Kind,
-    ) -> Result<Option<Located>, ResolveError> {
-        let Some(mesh) = &self.mesh else { return Ok(None) };
-        let Some(mut loc) = mesh.locate(digest).await else { return Ok(None) };
-        let private_ok = match (&client.auth, self.authorize(client, digest, kind).await) {
-            (None, _) => false,
-            (Some(_), Ok(())) => true,
-            (Some(_), Err(ResolveError::Unavailable(_))) => false,
-            (Some(_), Err(e)) => return Err(e),
+        order: &Order,
+    ) -> Result<Vec<Tier>, ResolveError> {
+        let Some(mesh) = &self.mesh else { return Ok(Vec::new()) };
+        let mut tiers = mesh.sources(digest, order, self.home_wait()).await;
+        let private = tiers.iter().any(|t| t.located.holders.iter().any(|(_, s)| !s.public));
+        let private_ok = match (&client.auth, private) {
+            (None, _) | (_, false) => false,
+            (Some(_), true) => match self.authorize(client, digest, kind).await {
+                Ok(()) => true,
+                Err(ResolveError::Unavailable(_)) => false,
+                Err(e) => return Err(e),
+            },
         };
-        loc.holders.retain(|(_, s)| s.public || private_ok);
-        Ok((!loc.holders.is_empty()).then_some(loc))
+        let size = tiers.first().map(|t| t.located.size);
+        for t in &mut tiers {
+            t.located.holders.retain(|(_, s)| s.public || private_ok);
+        }
+        // Every tier must agree on the size (the first one's is the download's).
+        tiers.retain(|t| !t.located.holders.is_empty() && Some(t.located.size) == size);
+        Ok(tiers)
     }
 
-    /// Writes the blob into `sink`: from peers while they deliver, then from upstream from where they stopped.
+    /// Writes the blob into `sink`: from peers while they deliver (asking again where to get it when every
+    /// source failed: the home may have moved), then from upstream from where they stopped.
+    #[allow(clippy::too_many_arguments)]
     async fn fill(
         &self,
         client: &Client,
         digest: &Digest,
+        kind: Kind,
         req: &mut Request<'_>,
         sink: &mut Sink<'_>,
-        peers: Option<Located>,
+        mut tiers: Vec<Tier>,
         first_resp: Option<reqwest::Response>,
     ) -> Result<(), ResolveError> {
-        if let (Some(loc), Some(mesh)) = (peers, &self.mesh) {
-            self.fill_from_peers(mesh, digest, sink, &loc).await?;
-            if sink.complete() {
-                return Ok(());
+        if let (Some(mesh), Some(size)) = (&self.mesh, sink.size)
+            && !tiers.is_empty()
+        {
+            let piece = u64::from(piece_size(size));
+            for round in 0..PEER_ROUNDS {
+                for t in &tiers {
+                    if !sink.written.is_multiple_of(piece) || sink.complete() {
+                        break;
+                    }
+                    self.fill_from_peers(mesh, digest, sink, t).await?;
+                }
+                if sink.complete() {
+                    return Ok(());
+                }
+                if round + 1 == PEER_ROUNDS || !sink.written.is_multiple_of(piece) {
+                    break;
+                }
+                tracing::info!(offset = sink.written, "sources ran out: asking where to continue");
+                tiers = self.peer_tiers(client, digest, kind, &order(client, kind)).await?;
+                tiers.retain(|t| t.located.size == size);
+                if tiers.is_empty() {
+                    break;
+                }
             }
             tracing::info!(offset = sink.written, "no peer could finish the blob: continuing from upstream");
         }
@@ -742,57 +874,75 @@ impl Resolver {
         self.fill_from_upstream(req, sink, resp).await
     }
 
+    /// Takes pieces in order from a tier's sources, spread over them, a window of them in flight; a piece a
+    /// source fails goes to another one, and a source that failed is dropped. Returns when the tier has nothing
+    /// more to give (every source failed, or, not following, a partial source lacks the next piece).
     async fn fill_from_peers(
         &self,
         mesh: &Mesh,
         digest: &Digest,
         sink: &mut Sink<'_>,
-        loc: &Located,
+        tier: &Tier,
     ) -> Result<(), ResolveError> {
-        let size = loc.size;
+        let size = tier.located.size;
         let piece = piece_size(size);
         let count = piece_count(size, piece);
         let window = ((8u64 << 20) / u64::from(piece)).clamp(4, 16) as usize;
-        // Not-yet-written pieces of a partial holder are waited for as long as its own upstream may stall.
-        let not_ready_budget = self.upstream.stall_timeout();
-        for (peer, state) in &loc.holders {
-            if !sink.written.is_multiple_of(u64::from(piece)) || sink.complete() {
-                break;
-            }
-            if mesh.is_quarantined(peer) {
-                continue;
-            }
-            let span = tracing::info_span!("peer", %peer, complete = state.complete);
-            let mut inflight = futures_util::stream::FuturesOrdered::new();
-            let mut next = sink.written / u64::from(piece);
-            let stop = async {
-                loop {
-                    while inflight.len() < window && next < count {
-                        let (offset, len) = piece_range(size, piece, next);
-                        inflight.push_back(fetch_when_ready(mesh, *peer, digest, offset, len as u32, not_ready_budget));
-                        next += 1;
+        let sources: Vec<libp2p::PeerId> =
+            tier.located.holders.iter().map(|(p, _)| *p).filter(|p| !mesh.is_quarantined(p)).collect();
+        if sources.is_empty() {
+            return Ok(());
+        }
+        // Partial sources are followed for as long as their own source may stall; else pieces they lack end the tier.
+        let (wait, budget) = if tier.follow {
+            (self.upstream.stall_timeout(), self.upstream.stall_timeout())
+        } else {
+            (Duration::ZERO, Duration::ZERO)
+        };
+        let failed = Mutex::new(vec![false; sources.len()]);
+        let fetch = |i: u64| {
+            let (offset, len) = piece_range(size, piece, i);
+            let (sources, failed) = (&sources, &failed);
+            async move {
+                let mut last = None;
+                // Spread over the sources: piece i goes to source i mod n first, then to the next one alive.
+                for k in 0..sources.len() {
+                    let at = (i as usize + k) % sources.len();
+                    if lock(failed)[at] {
+                        continue;
                     }
-                    match inflight.next().await {
-                        None => return Ok(None),
-                        Some(Ok(piece)) => {
-                            sink.peers_used.insert(*peer);
-                            sink.write_piece(piece).await?;
+                    let peer = sources[at];
+                    match fetch_when_ready(mesh, peer, digest, (offset, len as u32), wait, budget).await {
+                        Ok(p) => return Ok((peer, p)),
+                        Err(e) => {
+                            tracing::info!(%peer, offset, error = %e, "source failed");
+                            lock(failed)[at] = true;
+                            last = Some(e);
                         }
-                        Some(Err(e)) => return Ok(Some(e)),
                     }
                 }
+                Err(last.unwrap_or(FetchError::Connect("no source left".into())))
             }
-            .instrument(span)
-            .await;
-            match stop {
-                Err(e) => return Err(e),
-                Ok(None) => return Ok(()),
-                Ok(Some(e)) => {
-                    tracing::info!(%peer, offset = sink.written, error = %e, "peer failed; trying the next source")
+        };
+        let mut inflight = futures_util::stream::FuturesOrdered::new();
+        let mut next = sink.written / u64::from(piece);
+        loop {
+            while inflight.len() < window && next < count {
+                inflight.push_back(fetch(next));
+                next += 1;
+            }
+            match inflight.next().await {
+                None => return Ok(()),
+                Some(Ok((peer, p))) => {
+                    sink.peers_used.insert(peer);
+                    sink.write_piece(p).await?;
+                }
+                Some(Err(e)) => {
+                    tracing::info!(offset = sink.written, error = %e, "no source of this tier could give the next piece");
+                    return Ok(());
                 }
             }
         }
-        Ok(())
     }
 
     async fn fill_from_upstream(
@@ -869,7 +1019,13 @@ impl Resolver {
     }
 
     /// Reads a piece of a stored blob or of a running download, with the hash recorded when it was written.
-    async fn read_piece(self: Arc<Self>, digest: Digest, offset: u64, len: u32) -> Result<Piece, PieceRefusal> {
+    async fn read_piece(
+        self: Arc<Self>,
+        digest: Digest,
+        offset: u64,
+        len: u32,
+        wait: Duration,
+    ) -> Result<Piece, PieceRefusal> {
         let internal = |e: ResolveError| PieceRefusal::Internal(e.to_string());
         let _guard = self.guard(&digest);
         let store = self.store.clone();
@@ -896,14 +1052,35 @@ impl Resolver {
             return Ok(Piece { data, hash, blob_size: meta.size });
         }
         let dl = lock(&self.downloads).get(&digest).cloned().ok_or(PieceRefusal::NotFound)?;
-        let p = dl.progress.borrow().clone();
-        let (Some(partial), Some((Some(size), _))) = (p.partial, p.header) else { return Err(PieceRefusal::NotReady) };
-        let hash = {
+        // The piece's hash, once it is written (waiting up to `wait` for it).
+        let ready = |p: &Progress| -> Result<Option<(PathBuf, u64, [u8; 32])>, PieceRefusal> {
+            if let State::Failed(_) = p.state {
+                return Err(PieceRefusal::NotFound);
+            }
+            let (Some(partial), Some((Some(size), _))) = (&p.partial, &p.header) else { return Ok(None) };
             let pieces = lock(&dl.pieces);
-            let Some((piece, hashes)) = pieces.as_ref() else { return Err(PieceRefusal::NotReady) };
-            let i = piece_index(size, *piece, offset, u64::from(len))
+            let Some((piece, hashes)) = pieces.as_ref() else { return Ok(None) };
+            let i = piece_index(*size, *piece, offset, u64::from(len))
                 .ok_or_else(|| PieceRefusal::BadRequest(format!("[{offset}, +{len}) is not a piece")))?;
-            *hashes.get(i).ok_or(PieceRefusal::NotReady)?
+            Ok(hashes.get(i).map(|h| (partial.clone(), *size, *h)))
+        };
+        let mut rx = dl.progress.subscribe();
+        let found = tokio::time::timeout(wait, async {
+            loop {
+                let p = rx.borrow_and_update().clone();
+                if let Some(r) = ready(&p)? {
+                    return Ok(Some(r));
+                }
+                // Done or gone: the committed copy (or nothing) is all there is.
+                if !matches!(p.state, State::Running) || rx.changed().await.is_err() {
+                    return ready(&rx.borrow().clone());
+                }
+            }
+        })
+        .await;
+        let (partial, size, hash) = match found {
+            Ok(r) => r?.ok_or(PieceRefusal::NotReady)?,
+            Err(_) => ready(&dl.progress.borrow().clone())?.ok_or(PieceRefusal::NotReady)?,
         };
         let data = read_range(partial, Some(self.store.blob_path(&digest)), offset, len).await?;
         Ok(Piece { data, hash, blob_size: size })
@@ -952,36 +1129,74 @@ impl Resolver {
     }
 }
 
-impl PieceSource for Resolver {
+impl Local for Resolver {
     fn piece(
         self: Arc<Self>,
         digest: Digest,
         offset: u64,
         len: u32,
+        wait: Duration,
     ) -> futures_util::future::BoxFuture<'static, Result<Piece, PieceRefusal>> {
-        Box::pin(self.read_piece(digest, offset, len))
+        Box::pin(self.read_piece(digest, offset, len, wait))
+    }
+
+    fn fetch(
+        self: Arc<Self>,
+        digest: Digest,
+        order: Order,
+    ) -> futures_util::future::BoxFuture<'static, Result<Fetched, String>> {
+        Box::pin(async move {
+            let kind = if order.manifest { Kind::Manifest } else { Kind::Blob };
+            let client = Client { registry: order.registry, repo: order.repo, auth: order.auth, accept: order.accept };
+            self.fetch_for_peer(&client, &digest, kind).await.map_err(|e| e.to_string())
+        })
+    }
+
+    fn resolve_tag(
+        self: Arc<Self>,
+        order: Order,
+        tag: String,
+    ) -> futures_util::future::BoxFuture<'static, Result<TagAnswer, String>> {
+        Box::pin(async move {
+            let client = Client { registry: order.registry, repo: order.repo, auth: order.auth, accept: order.accept };
+            self.resolve_tag_impl(&client, &tag, false).await.map_err(|e| e.to_string())
+        })
     }
 }
 
-/// Fetches a piece, waiting (up to `budget`) while a partial holder does not have it yet.
+/// Fetches a piece; a partial holder waits up to `wait` for it itself, and is asked again while it does not have
+/// it yet, for up to `budget` in all.
 async fn fetch_when_ready(
     mesh: &Mesh,
     peer: libp2p::PeerId,
     digest: &Digest,
-    offset: u64,
-    len: u32,
+    piece: (u64, u32),
+    wait: Duration,
     budget: Duration,
 ) -> Result<VerifiedPiece, FetchError> {
     let deadline = Instant::now() + budget;
     loop {
-        match mesh.fetch_piece(peer, digest, offset, len).await {
+        match mesh.fetch_piece(peer, digest, piece, wait).await {
             Err(FetchError::Refused { code: shoal_proto::peer::error::Code::NotReady, .. })
                 if Instant::now() < deadline =>
             {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                if wait.is_zero() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
             r => return r,
         }
+    }
+}
+
+/// The order a home needs to fetch for this client.
+fn order(client: &Client, kind: Kind) -> Order {
+    Order {
+        registry: client.registry.clone(),
+        repo: client.repo.clone(),
+        manifest: kind == Kind::Manifest,
+        auth: client.auth.clone(),
+        accept: client.accept.clone(),
     }
 }
 

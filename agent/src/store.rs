@@ -85,6 +85,9 @@ pub struct TagRecord {
     pub fetched_at: u64,
     /// Whether it was resolved without a client's credentials (anyone may be given it).
     pub public: bool,
+    /// The manifest's media type as upstream gave it (whether a client's `Accept` admits the cached answer).
+    #[serde(default)]
+    pub media_type: Option<String>,
 }
 
 /// Evidence that a digest is served by a repository upstream.

@@ -347,7 +347,18 @@ impl Transfer {
 
     /// Sends one request and reads its answer (announce, locate).
     pub async fn call(&self, peer: PeerId, addr: SocketAddr, req: request::Kind) -> Result<response::Kind, FetchError> {
-        self.settle(peer, self.call_impl(peer, addr, req).await)
+        self.settle(peer, self.call_impl(peer, addr, req, self.stall).await)
+    }
+
+    /// Like [`Transfer::call`], for a request whose answer may take up to `within` (the peer works on it first).
+    pub async fn call_within(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        req: request::Kind,
+        within: Duration,
+    ) -> Result<response::Kind, FetchError> {
+        self.settle(peer, self.call_impl(peer, addr, req, within).await)
     }
 
     /// A connection that stalled or broke the protocol is not reused: the next request connects anew.
@@ -363,9 +374,9 @@ impl Transfer {
         peer: PeerId,
         addr: SocketAddr,
         req: request::Kind,
+        stall: Duration,
     ) -> Result<response::Kind, FetchError> {
         let conn = self.connection(peer, addr).await?;
-        let stall = self.stall;
         let fut = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| FetchError::Protocol(e.to_string()))?;
             send.write_all(&encode_frame(&Request { kind: Some(req) }))
@@ -383,16 +394,17 @@ impl Transfer {
         tokio::time::timeout(stall, fut).await.map_err(|_| FetchError::Stall(stall))?
     }
 
-    /// Fetches one piece and checks it against the hash sent with it.
+    /// Fetches one piece and checks it against the hash sent with it. A partial holder may wait up to `wait` for
+    /// the piece before answering (less than the stall timeout: the wait is not a stall).
     pub async fn get_piece(
         &self,
         peer: PeerId,
         addr: SocketAddr,
         digest: &Digest,
-        offset: u64,
-        len: u32,
+        (offset, len): (u64, u32),
+        wait: Duration,
     ) -> Result<VerifiedPiece, FetchError> {
-        self.settle(peer, self.get_piece_impl(peer, addr, digest, offset, len).await)
+        self.settle(peer, self.get_piece_impl(peer, addr, digest, offset, len, wait).await)
     }
 
     async fn get_piece_impl(
@@ -402,6 +414,7 @@ impl Transfer {
         digest: &Digest,
         offset: u64,
         len: u32,
+        wait: Duration,
     ) -> Result<VerifiedPiece, FetchError> {
         if len > MAX_PIECE {
             return Err(FetchError::Protocol(format!("piece of {len} bytes asked for")));
@@ -410,13 +423,18 @@ impl Transfer {
         let stall = self.stall;
         let proto = |e: String| FetchError::Protocol(e);
         let req = Request {
-            kind: Some(request::Kind::GetPiece(peer::GetPiece { digest: digest.to_string(), offset, length: len })),
+            kind: Some(request::Kind::GetPiece(peer::GetPiece {
+                digest: digest.to_string(),
+                offset,
+                length: len,
+                wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+            })),
         };
         let (mut send, mut recv) = timed(stall, conn.open_bi()).await?.map_err(|e| proto(e.to_string()))?;
         timed(stall, send.write_all(&encode_frame(&req))).await?.map_err(|e| proto(e.to_string()))?;
         let _ = send.finish();
         let header: Response =
-            timed(stall, read_frame(&mut recv, MAX_FRAME)).await?.map_err(|e| proto(e.to_string()))?;
+            timed(stall + wait, read_frame(&mut recv, MAX_FRAME)).await?.map_err(|e| proto(e.to_string()))?;
         let header = match header.kind {
             Some(response::Kind::Piece(h)) => h,
             Some(response::Kind::Error(e)) => {

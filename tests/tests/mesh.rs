@@ -92,15 +92,15 @@ async fn a_node_pulls_every_layer_from_a_peer_when_upstream_is_gone() -> Result<
     let mut cl = Cluster::start().await?;
     let image = Artifact::Image(Image::random(&[3 << 20, 1 << 20, 200_000], 11, "amd64", Compression::Gzip)?);
     let digest = push(&image, &cl.registry.host(), "team/app", "v1", None, Format::Oci)?;
+    // A alone pulls the image (B, started later, is not the home that fetched any of it).
     let a = cl.agent(21, &[]).start().await?;
-    let b = cl.agent(22, &[&a]).start().await?;
-    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
-
     let ca = Containerd::start().await?;
     ca.configure_host(&cl.proxy.host(), Some(&a.url()))?;
     let out = ca.pull(&format!("{}/team/app:v1", cl.proxy.host()), None, &[]).await?;
     assert!(out.success, "pull on A failed: {}\n{}", out.output, a.log());
     let blobs = image.all_blobs();
+    let b = cl.agent(22, &[&a]).start().await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
     wait_directory(&[&a, &b], blobs.len() as f64).await?;
 
     cl.stop_upstream().await;
@@ -199,27 +199,30 @@ async fn a_peer_killed_mid_transfer_is_replaced_by_another_holder() -> Result<()
     let layer = image.all_blobs()[1].clone();
     // Uploads capped so the transfer is surely running when the serving peer dies.
     let capped = |b: AgentBuilder| b.setting("upload_rate", "\"48MiB\"");
-    let mut a = capped(cl.agent(51, &[])).start().await?;
-    let mut b = capped(cl.agent(52, &[&a])).start().await?;
-    let c = cl.agent(53, &[&a]).start().await?;
-    wait_alive(&[&a, &b, &c], 2.0, Duration::from_secs(15)).await?;
     let url = |agent: &Agent| cl.blob_url(agent, "big/layer", &layer.digest);
 
-    // A from upstream, then B from A: two complete holders, one upstream fetch.
+    // A alone from upstream, then B (joining) from A: two complete holders, one upstream fetch. C joins last, so
+    // it holds nothing whichever member is the layer's home.
+    let mut a = capped(cl.agent(51, &[])).start().await?;
     let (status, body) = get(&url(&a)).await?;
     assert_eq!((status, sha256_digest(&body)), (200, layer.digest.clone()));
     drop(body);
-    wait_directory(&[&a, &b, &c], 1.0).await?;
+    let mut b = capped(cl.agent(52, &[&a])).start().await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
+    wait_directory(&[&a, &b], 1.0).await?;
     let (status, body) = get(&url(&b)).await?;
     assert_eq!((status, sha256_digest(&body)), (200, layer.digest.clone()));
     drop(body);
-    // B's commit announcement reached the home: it knows two holders.
+    let c = cl.agent(53, &[&a]).start().await?;
+    wait_alive(&[&a, &b, &c], 2.0, Duration::from_secs(15)).await?;
+    // The layer's home (whichever member it is now) knows both holders, and only it does.
     wait_for("the home to know both holders", Duration::from_secs(10), async || {
-        let mut holders = 0.0;
+        let (mut holders, mut digests) = (0.0, 0.0);
         for agent in [&a, &b, &c] {
             holders += agent.metric("shoal_directory_holders", &[]).await.unwrap_or(0.0);
+            digests += agent.metric("shoal_directory_digests", &[]).await.unwrap_or(0.0);
         }
-        holders >= 2.0
+        holders == 2.0 && digests == 1.0
     })
     .await?;
 
@@ -257,11 +260,12 @@ async fn a_peer_serving_corrupt_pieces_is_quarantined_and_the_pull_completes() -
     let image = Artifact::Image(Image::random(&[8 << 20], 14, "amd64", Compression::None)?);
     push(&image, &cl.registry.host(), "rot/app", "v1", None, Format::Oci)?;
     let layer = image.all_blobs()[1].clone();
+    // A alone fetches it; B joins after, so A's copy is the only one whichever member is the home.
     let a = cl.agent(61, &[]).start().await?;
-    let b = cl.agent(62, &[&a]).start().await?;
-    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
     let (status, _) = get(&cl.blob_url(&a, "rot/app", &layer.digest)).await?;
     assert_eq!(status, 200);
+    let b = cl.agent(62, &[&a]).start().await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
     wait_directory(&[&a, &b], 1.0).await?;
 
     // Bit rot on A's disk, after A verified and hashed the blob.
@@ -290,15 +294,16 @@ async fn a_private_layer_held_by_a_peer_goes_only_to_clients_upstream_accepts() 
     push(&image, &cl.registry.host(), "private/app", "v1", cl.registry.creds_arg().as_deref(), Format::Oci)?;
     let layer = image.all_blobs()[1].clone();
     let a = cl.agent(71, &[]).start().await?;
-    let b = cl.agent(72, &[&a]).start().await?;
-    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
     let http = reqwest::Client::new();
-    let (url_a, url_b) = (cl.blob_url(&a, "private/app", &layer.digest), cl.blob_url(&b, "private/app", &layer.digest));
+    let url_a = cl.blob_url(&a, "private/app", &layer.digest);
 
-    // A fetches it with alice's credentials: a private holding.
+    // A (alone) fetches it with alice's credentials: a private holding. B joins after.
     let body = http.get(&url_a).basic_auth("alice", Some("wonderland")).send().await?.bytes().await?;
     assert_eq!(sha256_digest(&body), layer.digest);
+    let b = cl.agent(72, &[&a]).start().await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
     wait_directory(&[&a, &b], 1.0).await?;
+    let url_b = cl.blob_url(&b, "private/app", &layer.digest);
 
     // On B, a client without credentials gets upstream's challenge, a wrong password is refused: no peer bytes.
     assert_eq!(http.get(&url_b).send().await?.status(), 401);

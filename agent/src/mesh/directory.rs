@@ -14,6 +14,11 @@ pub const MAX_DIGESTS: usize = 1 << 20;
 pub const MAX_HOLDERS: usize = 64;
 /// Holders returned by one locate.
 pub const MAX_LOCATED: usize = 16;
+/// Sources handed to one asker that is about to download (spread its pieces over them).
+pub const SOURCES: usize = 3;
+/// Askers a holder is handed to before others are preferred: bounds each holder's uploads, so a burst forms a
+/// tree of partial holders streaming to each other rather than a star around the first one.
+pub const FANOUT: u32 = 4;
 /// Longest media type accepted.
 const MAX_MEDIA_TYPE: usize = 255;
 
@@ -76,11 +81,20 @@ pub struct HolderState {
     pub public: bool,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    state: HolderState,
+    /// Order of arrival: a partial holder that arrived earlier is ahead in the stream.
+    since: u64,
+    /// Askers it was handed to.
+    given: u32,
+}
+
 #[derive(Debug)]
 struct Entry {
     size: u64,
     media_type: Option<String>,
-    holders: HashMap<PeerId, HolderState>,
+    holders: HashMap<PeerId, Holder>,
 }
 
 /// The answer to a locate.
@@ -100,6 +114,8 @@ pub struct Directory {
     entries: HashMap<Digest, Entry>,
     /// Holder entries over all digests (kept as they change: counting them would walk the whole map).
     holders: usize,
+    /// Arrival counter.
+    seq: u64,
 }
 
 impl Directory {
@@ -123,7 +139,7 @@ impl Directory {
             holders: HashMap::new(),
         });
         // A complete holder has verified size and bytes: its word wins over a partial holder's.
-        let only_partials = e.holders.values().all(|s| !s.complete);
+        let only_partials = e.holders.values().all(|s| !s.state.complete);
         if h.complete && only_partials {
             e.size = h.size;
             e.media_type.clone_from(&h.media_type);
@@ -133,7 +149,7 @@ impl Directory {
         }
         let state = HolderState { complete: h.complete, public: h.public };
         if !e.holders.contains_key(&from) && e.holders.len() >= MAX_HOLDERS {
-            let victim = e.holders.iter().find(|(_, s)| !s.complete).map(|(p, _)| *p);
+            let victim = e.holders.iter().find(|(_, s)| !s.state.complete).map(|(p, _)| *p);
             match victim {
                 Some(v) if h.complete => {
                     e.holders.remove(&v);
@@ -142,7 +158,14 @@ impl Directory {
                 _ => return true,
             }
         }
-        self.holders += usize::from(e.holders.insert(from, state).is_none());
+        match e.holders.get_mut(&from) {
+            Some(known) => known.state = state,
+            None => {
+                e.holders.insert(from, Holder { state, since: self.seq, given: 0 });
+                self.seq += 1;
+                self.holders += 1;
+            }
+        }
         true
     }
 
@@ -150,12 +173,39 @@ impl Directory {
     pub fn locate(&self, digest: &Digest, asker: &PeerId, usable: impl Fn(&PeerId) -> bool) -> Option<Located> {
         let e = self.entries.get(digest)?;
         let mut holders: Vec<_> =
-            e.holders.iter().filter(|(p, _)| *p != asker && usable(p)).map(|(p, s)| (*p, *s)).collect();
+            e.holders.iter().filter(|(p, _)| *p != asker && usable(p)).map(|(p, h)| (*p, h.state)).collect();
         if holders.is_empty() {
             return None;
         }
         holders.sort_by_key(|(p, s)| (!s.complete, p.to_bytes()));
         holders.truncate(MAX_LOCATED);
+        Some(Located { size: e.size, media_type: e.media_type.clone(), holders })
+    }
+
+    /// Sources for `asker`, which is about to download `digest` and streams from what it is given: complete
+    /// holders, and partial holders that arrived before it (so waits only ever point at holders further ahead,
+    /// and end at whoever fetches from outside). Holders handed out fewer than [`FANOUT`] times come first, then
+    /// complete before partial, then the earliest. Each one chosen counts as handed out once more.
+    pub fn sources(&mut self, digest: &Digest, asker: &PeerId, usable: impl Fn(&PeerId) -> bool) -> Option<Located> {
+        let e = self.entries.get_mut(digest)?;
+        let asker_since = e.holders.get(asker).map_or(u64::MAX, |h| h.since);
+        let mut chosen: Vec<(PeerId, Holder)> = e
+            .holders
+            .iter()
+            .filter(|(p, h)| *p != asker && usable(p) && (h.state.complete || h.since < asker_since))
+            .map(|(p, h)| (*p, *h))
+            .collect();
+        chosen.sort_by_key(|(_, h)| (h.given / FANOUT, !h.state.complete, h.since));
+        chosen.truncate(SOURCES);
+        if chosen.is_empty() {
+            return None;
+        }
+        for (p, _) in &chosen {
+            if let Some(h) = e.holders.get_mut(p) {
+                h.given += 1;
+            }
+        }
+        let holders = chosen.into_iter().map(|(p, h)| (p, h.state)).collect();
         Some(Located { size: e.size, media_type: e.media_type.clone(), holders })
     }
 
@@ -266,5 +316,35 @@ mod tests {
         assert_eq!(loc.holders.len(), MAX_LOCATED);
         assert_eq!(dir.entries[&d(1)].holders.len(), MAX_HOLDERS);
         assert_eq!(dir.holders(), MAX_HOLDERS);
+    }
+
+    #[test]
+    fn a_burst_forms_a_tree_not_a_star() {
+        let mut dir = Directory::default();
+        let home = PeerId::random();
+        dir.apply(home, &h(1, 10, false));
+        let askers: Vec<PeerId> = (0..12).map(|_| PeerId::random()).collect();
+        let mut handed: HashMap<PeerId, u32> = HashMap::new();
+        for (i, a) in askers.iter().enumerate() {
+            // Each asker is recorded as a partial holder once it got its sources (as the home does).
+            let loc = dir.sources(&d(1), a, |_| true).unwrap();
+            assert!(!loc.holders.is_empty() && loc.holders.len() <= SOURCES);
+            for (p, _) in &loc.holders {
+                assert!(*p == home || askers[..i].contains(p), "only holders ahead of the asker are sources");
+                *handed.entry(*p).or_default() += 1;
+            }
+            dir.apply(*a, &h(1, 10, false));
+        }
+        // Nobody is handed out far beyond the fan-out while others have room.
+        assert!(handed.values().all(|n| *n <= FANOUT + 1), "{handed:?}");
+        assert!(handed.len() > 3, "later askers stream from earlier ones: {handed:?}");
+        // A late asker that is already a holder is never sent to holders behind it.
+        let first = askers[0];
+        let loc = dir.sources(&d(1), &first, |_| true).unwrap();
+        assert_eq!(loc.holders.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![home]);
+        // Complete holders are sources for anyone.
+        dir.apply(askers[11], &h(1, 10, true));
+        let loc = dir.sources(&d(1), &first, |_| true).unwrap();
+        assert!(loc.holders.iter().any(|(p, s)| *p == askers[11] && s.complete));
     }
 }

@@ -174,9 +174,60 @@ impl MembersView {
         home(digest, &self.zone_alive()).unwrap_or(self.me)
     }
 
+    /// A member's zone (this node's included), if it is known.
+    pub fn zone_of(&self, id: &PeerId) -> Option<&str> {
+        if *id == self.me {
+            return Some(&self.zone);
+        }
+        self.members.iter().find(|(i, _)| i.id == *id).map(|(i, _)| i.zone.as_str())
+    }
+
+    /// Zones with an alive member (this node's included), sorted.
+    pub fn zones(&self) -> Vec<String> {
+        let mut z: Vec<String> =
+            self.members.iter().filter(|(_, s)| *s == Liveness::Alive).map(|(i, _)| i.zone.clone()).collect();
+        z.push(self.zone.clone());
+        z.sort();
+        z.dedup();
+        z
+    }
+
+    /// The zone whose home fetches `digest` from upstream for the whole cluster (rendezvous hashing over zones,
+    /// like homes over members): every other zone's home fetches it from there, so it crosses each zone boundary
+    /// once.
+    pub fn home_zone(&self, digest: &Digest) -> String {
+        self.zones()
+            .into_iter()
+            .max_by_key(|z| {
+                let mut h = blake3::Hasher::new();
+                h.update(b"zone\0");
+                h.update(z.as_bytes());
+                h.update(b"\0");
+                h.update(digest.as_str().as_bytes());
+                (*h.finalize().as_bytes(), z.clone())
+            })
+            .unwrap_or_else(|| self.zone.clone())
+    }
+
+    /// The home of `digest` in `zone`.
+    pub fn home_in(&self, zone: &str, digest: &Digest) -> Option<PeerId> {
+        if zone == self.zone {
+            return Some(self.home(digest));
+        }
+        let alive: Vec<PeerId> =
+            self.members.iter().filter(|(i, s)| *s == Liveness::Alive && i.zone == zone).map(|(i, _)| i.id).collect();
+        home(digest, &alive)
+    }
+
     /// An alive member's transfer address.
     pub fn transfer_addr(&self, id: &PeerId) -> Option<SocketAddr> {
         self.members.iter().find(|(i, s)| i.id == *id && *s == Liveness::Alive).map(|(i, _)| i.transfer_addr)
+    }
+
+    /// The transfer address of a member that is alive or only suspect (silent for a little while: a busy node's
+    /// gossip can lag; a source already streaming is not dropped for that).
+    pub fn reachable_addr(&self, id: &PeerId) -> Option<SocketAddr> {
+        self.members.iter().find(|(i, s)| i.id == *id && *s != Liveness::Dead).map(|(i, _)| i.transfer_addr)
     }
 
     /// Whether `id` is an alive member.

@@ -9,13 +9,13 @@ async fn read(bytes: &[u8], max: usize) -> Result<Request, FrameError> {
 
 #[tokio::test]
 async fn frames_round_trip() {
-    let req = Request { kind: Some(request::Kind::Locate(peer::Locate { digest: "sha256:00".into() })) };
+    let req = Request { kind: Some(request::Kind::Locate(peer::Locate { digest: "sha256:00".into(), fetch: None })) };
     assert_eq!(read(&encode_frame(&req), MAX_FRAME).await.unwrap(), req);
 }
 
 #[tokio::test]
 async fn truncated_frames_are_errors() {
-    let req = Request { kind: Some(request::Kind::Locate(peer::Locate { digest: "sha256:00".into() })) };
+    let req = Request { kind: Some(request::Kind::Locate(peer::Locate { digest: "sha256:00".into(), fetch: None })) };
     let f = encode_frame(&req);
     for cut in 0..f.len() {
         assert!(matches!(read(&f[..cut], MAX_FRAME).await, Err(FrameError::Truncated(_))), "cut at {cut}");
@@ -85,7 +85,7 @@ fn start(s: &str) -> (Arc<Transfer>, Arc<Counting>, PeerId, SocketAddr, Cancella
 }
 
 fn locate() -> request::Kind {
-    request::Kind::Locate(peer::Locate { digest: "sha256:00".into() })
+    request::Kind::Locate(peer::Locate { digest: "sha256:00".into(), fetch: None })
 }
 
 #[tokio::test]
