@@ -199,7 +199,7 @@ pub struct Tier {
     pub follow: bool,
 }
 
-/// The home of a tag: the home of the digest of `registry/repo:tag`.
+/// The key a tag's home is chosen by: the digest of `registry/repo:tag`.
 pub fn tag_key(registry: &RegistryHost, repo: &RepoName, tag: &str) -> Digest {
     use sha2::Digest as _;
     Digest::from_sha256(&sha2::Sha256::digest(format!("{registry}/{repo}:{tag}").as_bytes()))
@@ -238,9 +238,20 @@ pub struct Mesh {
     quarantine: Mutex<HashMap<PeerId, Instant>>,
     holdings: mpsc::UnboundedSender<Holding>,
     source: OnceLock<Weak<dyn Local>>,
+    /// The membership epoch the directory was last adjusted to, and until when it may still be missing holders
+    /// after that change (they re-announce to new homes).
+    settling: Mutex<([u8; 32], Instant)>,
+    /// Signalled when announcements were applied to the directory.
+    directory_changed: tokio::sync::Notify,
     uploads: Arc<Semaphore>,
     limiter: Option<RateLimiter>,
     metrics: Metrics,
+}
+
+/// A tag's home: one for the whole cluster (the key's home in its home zone), so upstream is asked once per tag
+/// per TTL however many zones pull it.
+fn tag_home(view: &MembersView, key: &Digest) -> PeerId {
+    view.home_in(&view.home_zone(key), key).unwrap_or(view.me)
 }
 
 impl std::fmt::Debug for dyn Local {
@@ -297,6 +308,7 @@ impl Mesh {
         let bound = transfer.local_addr().map_err(|e| TransferError::Bind { addr: cfg.transfer_listen, source: e })?;
         let transfer_addr = SocketAddr::new(cfg.advertise_ip, bound.port());
         let initial = MembersView { me, zone: cfg.zone.clone(), members: Vec::new() };
+        let initial_epoch = initial.epoch();
         let (view_tx, view) = watch::channel(Arc::new(initial));
         let gossip = gossip::Gossip::new(cfg, keypair, transfer_addr, view_tx, metrics.clone())?;
         let (holdings, rx) = mpsc::unbounded_channel();
@@ -312,6 +324,8 @@ impl Mesh {
             quarantine: Mutex::default(),
             holdings,
             source: OnceLock::new(),
+            settling: Mutex::new((initial_epoch, Instant::now())),
+            directory_changed: tokio::sync::Notify::new(),
             uploads: Arc::new(Semaphore::new(cfg.max_uploads)),
             limiter,
             metrics,
@@ -469,7 +483,7 @@ impl Mesh {
         }
         let usable = |p: &PeerId| view.is_alive(p) && !self.is_quarantined(p);
         let mut tiers = Vec::new();
-        let local = lock(&self.directory).locate(digest, &self.me, usable);
+        let local = self.settled_locate(digest, usable).await;
         if let Some(loc) = local {
             let (complete, partial): (Vec<_>, Vec<_>) = loc.holders.iter().partition(|(_, s)| s.complete);
             if !complete.is_empty() {
@@ -502,11 +516,24 @@ impl Mesh {
         tiers
     }
 
-    /// Asks the tag's home for the digest a tag names. `None` when this node is the home, or the home cannot
+    /// The digest's home now.
+    pub fn home_of(&self, digest: &Digest) -> PeerId {
+        self.view.borrow().home(digest)
+    }
+
+    /// Resolves once the digest's home is another member than `from` (it died, or a member joined).
+    pub async fn home_moved(&self, digest: &Digest, from: PeerId) {
+        let mut rx = self.view.clone();
+        if rx.wait_for(|v| v.home(digest) != from).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Asks the tag's home (one in the cluster) for the digest a tag names. `None` when this node is the home, or the home cannot
     /// answer (then this node asks upstream itself, and its client gets upstream's own answer).
     pub async fn resolve_tag(&self, order: &Order, tag: &str, within: Duration) -> Option<TagAnswer> {
         let view = self.view();
-        let home = view.home(&tag_key(&order.registry, &order.repo, tag));
+        let home = tag_home(&view, &tag_key(&order.registry, &order.repo, tag));
         if home == self.me {
             return None;
         }
@@ -622,6 +649,7 @@ impl Mesh {
         let mut pending: Vec<Holding> = Vec::new();
         let mut view = self.view.clone();
         let mut epoch = view.borrow().epoch();
+        lock(&self.settling).0 = epoch;
         let mut flush = tokio::time::interval(ANNOUNCE_EVERY);
         let mut full = tokio::time::interval(REANNOUNCE_EVERY);
         loop {
@@ -644,6 +672,7 @@ impl Mesh {
                         // Homes may have moved: what is homed elsewhere now is told to the new home by its holders,
                         // this node included.
                         dir.keep_homed(|d| v.home(d) == me);
+                        *lock(&self.settling) = (e, Instant::now() + self.settle_time());
                         epoch = e;
                         pending = held.values().cloned().collect();
                     }
@@ -711,6 +740,36 @@ impl Mesh {
             }
         }
         self.directory_gauges(&dir);
+        drop(dir);
+        self.directory_changed.notify_waiters();
+    }
+
+    /// How long holders take to re-announce to a new home: they see the change up to a gossip round later, and
+    /// batch announcements.
+    fn settle_time(&self) -> Duration {
+        self.cfg.gossip_interval * 2 + ANNOUNCE_EVERY * 2
+    }
+
+    /// What this node's directory knows of `digest` (as its home), waiting while it is still being rebuilt after
+    /// homes moved if it knows nobody yet.
+    async fn settled_locate(&self, digest: &Digest, usable: impl Fn(&PeerId) -> bool) -> Option<Located> {
+        let latest = Instant::now() + self.settle_time();
+        loop {
+            let changed = self.directory_changed.notified();
+            let found = lock(&self.directory).locate(digest, &self.me, &usable);
+            let until = self.settling_until().min(latest);
+            if found.is_some() || Instant::now() >= until {
+                return found;
+            }
+            let _ = tokio::time::timeout_at(until.into(), changed).await;
+        }
+    }
+
+    /// Until when the directory may be missing holders: a while after the last membership change, counted from
+    /// now if the announcer has not even seen the latest one.
+    fn settling_until(&self) -> Instant {
+        let (epoch, until) = *lock(&self.settling);
+        if self.view().epoch() != epoch { Instant::now() + self.settle_time() } else { until }
     }
 
     fn directory_gauges(&self, dir: &directory::Directory) {
@@ -736,11 +795,18 @@ impl Mesh {
                 .ok_or_else(|| (Code::NotFound, "no holder known".to_owned()));
         };
         let same_zone = view.zone_of(&asker) == Some(view.zone.as_str());
-        // Two nodes that each think the other is the home would wait on each other: with views disagreeing for a
-        // moment, the asker goes upstream instead.
+        // Views disagree for a moment after a change (the asker may see a death first): give this node's view the
+        // time to agree. Two nodes that each think the other is the home would wait on each other: past that, the
+        // asker goes upstream instead.
         if view.home(digest) != self.me {
-            return Err((Code::NotFound, "not the digest's home".to_owned()));
+            let mut rx = self.view.clone();
+            let agreed = tokio::time::timeout(self.settle_time(), rx.wait_for(|v| v.home(digest) == self.me)).await;
+            if !matches!(agreed, Ok(Ok(_))) {
+                return Err((Code::NotFound, "not the digest's home".to_owned()));
+            }
         }
+        let view = self.view();
+        let usable = |p: &PeerId| *p == self.me || (view.is_alive(p) && !self.is_quarantined(p));
         let complete = {
             let dir = lock(&self.directory);
             dir.locate(digest, &asker, usable).is_some_and(|l| l.holders.iter().any(|(_, s)| s.complete))
@@ -765,7 +831,9 @@ impl Mesh {
             );
         }
         let mut dir = lock(&self.directory);
-        let loc = dir.sources(digest, &asker, usable).ok_or_else(|| (Code::NotFound, "no holder known".to_owned()))?;
+        let loc = dir
+            .sources(digest, &asker, &self.me, usable)
+            .ok_or_else(|| (Code::NotFound, "no holder known".to_owned()))?;
         if same_zone {
             let h = Holding {
                 digest: digest.clone(),
@@ -880,7 +948,7 @@ impl Service for Mesh {
                     if !matches!(Reference::parse(&t.tag), Ok(Reference::Tag(_))) {
                         return respond_error(&mut send, Code::BadRequest, "bad tag").await;
                     }
-                    if self.view().home(&tag_key(&order.registry, &order.repo, &t.tag)) != self.me {
+                    if tag_home(&self.view(), &tag_key(&order.registry, &order.repo, &t.tag)) != self.me {
                         return respond_error(&mut send, Code::NotFound, "not the tag's home").await;
                     }
                     let Some(local) = self.local() else {

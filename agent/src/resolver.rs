@@ -44,7 +44,7 @@ pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
 /// Read size when serving a stored blob: large reads halve the per-chunk overhead (measured: 2 MiB served a
 /// cached 1 GiB blob ~25 % faster than 512 KiB), at one such buffer per active response.
 const STORED_CHUNK: usize = 2 << 20;
-/// Times a download asks where to continue when every peer source failed, before going upstream.
+/// Times in a row a download asks where to continue and gets nothing from the answer, before going upstream.
 const PEER_ROUNDS: usize = 3;
 /// Read size when following a download: smaller, so bytes reach the client as they arrive (measured: 2 MiB made
 /// cold pulls ~5–10 % slower than 512 KiB).
@@ -194,6 +194,8 @@ pub struct Resolver {
     cfg: ResolverConfig,
     metrics: Metrics,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// Tags being resolved: one resolution per tag at a time.
+    tag_gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     in_use: Arc<Mutex<HashMap<Digest, usize>>>,
     /// (credential hash, registry/repo) → when upstream last accepted it.
     accepted: Mutex<HashMap<(u64, String), Instant>>,
@@ -279,6 +281,7 @@ impl Resolver {
             cfg,
             metrics,
             downloads: Mutex::default(),
+            tag_gates: Mutex::default(),
             in_use: Arc::default(),
             accepted: Mutex::default(),
             cred_hasher: std::hash::RandomState::new(),
@@ -338,6 +341,27 @@ impl Resolver {
 
     async fn resolve_tag_impl(&self, client: &Client, tag: &str, ask_home: bool) -> Result<TagAnswer, ResolveError> {
         let key = format!("{}:{tag}", client.repo_key());
+        // One resolution of a tag at a time on this node: concurrent ones (a burst at the tag's home) wait and
+        // then find the fresh answer in the cache.
+        let gate = lock(&self.tag_gates).entry(key.clone()).or_default().clone();
+        let result = {
+            let _turn = gate.lock().await;
+            self.resolve_tag_once(client, tag, key.clone(), ask_home).await
+        };
+        let mut gates = lock(&self.tag_gates);
+        if Arc::strong_count(&gate) == 2 {
+            gates.remove(&key);
+        }
+        result
+    }
+
+    async fn resolve_tag_once(
+        &self,
+        client: &Client,
+        tag: &str,
+        key: String,
+        ask_home: bool,
+    ) -> Result<TagAnswer, ResolveError> {
         let store = self.store.clone();
         let k = key.clone();
         let cached = blocking(move || store.tag(&k)).await.unwrap_or(None);
@@ -840,7 +864,10 @@ impl Resolver {
             && !tiers.is_empty()
         {
             let piece = u64::from(piece_size(size));
-            for round in 0..PEER_ROUNDS {
+            // Rounds that brought nothing, in a row.
+            let mut fruitless = 0;
+            loop {
+                let before = sink.written;
                 for t in &tiers {
                     if !sink.written.is_multiple_of(piece) || sink.complete() {
                         break;
@@ -850,7 +877,8 @@ impl Resolver {
                 if sink.complete() {
                     return Ok(());
                 }
-                if round + 1 == PEER_ROUNDS || !sink.written.is_multiple_of(piece) {
+                fruitless = if sink.written > before { 0 } else { fruitless + 1 };
+                if fruitless == PEER_ROUNDS || !sink.written.is_multiple_of(piece) {
                     break;
                 }
                 tracing::info!(offset = sink.written, "sources ran out: asking where to continue");
@@ -926,12 +954,25 @@ impl Resolver {
         };
         let mut inflight = futures_util::stream::FuturesOrdered::new();
         let mut next = sink.written / u64::from(piece);
+        // When the digest's home moves (it died, or a member joined), the sources it gave may be waiting on a dead
+        // node, and this node may be the new home: stop and ask again.
+        let home = mesh.home_of(digest);
+        let moved = mesh.home_moved(digest, home);
+        tokio::pin!(moved);
         loop {
             while inflight.len() < window && next < count {
                 inflight.push_back(fetch(next));
                 next += 1;
             }
-            match inflight.next().await {
+            let done = tokio::select! {
+                biased;
+                d = inflight.next() => d,
+                () = &mut moved => {
+                    tracing::info!(offset = sink.written, "the digest's home moved: asking where to continue");
+                    return Ok(());
+                }
+            };
+            match done {
                 None => return Ok(()),
                 Some(Ok((peer, p))) => {
                     sink.peers_used.insert(peer);

@@ -6,7 +6,10 @@
 //! - [`image`]: images built as OCI layouts (random tar layers) and pushed with `skopeo`.
 //! - [`Containerd`]: a `containerd` daemon with its own root, and `ctr` pulls through a hosts dir.
 //! - [`Agent`]: a `shoal agent` process with its own data dir and ports.
+//! - [`client`]: an image pull over HTTP as containerd does it, for bursts of many nodes.
 
+pub mod client;
+pub mod cluster;
 pub mod image;
 mod process;
 mod proxy;

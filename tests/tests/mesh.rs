@@ -2,84 +2,13 @@
 //! over real gossip (TCP) and real QUIC, in front of a real `docker-registry` behind the counting proxy.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 use futures_util::StreamExt;
+use shoal_testbed::cluster::{Cluster, alive, wait_alive, wait_directory, write_secret};
 use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
-use shoal_testbed::{Agent, AgentBuilder, Containerd, Proxy, Registry, sha256_digest, wait_for};
-
-/// Upstream, a proxy in front of it, and a cluster secret.
-struct Cluster {
-    registry: Registry,
-    proxy: Proxy,
-    dir: tempfile::TempDir,
-    secret: PathBuf,
-}
-
-impl Cluster {
-    async fn start() -> Result<Self> {
-        Self::with(Registry::start().await?).await
-    }
-
-    async fn with(registry: Registry) -> Result<Self> {
-        let proxy = Proxy::start(registry.addr()).await?;
-        let dir = tempfile::Builder::new().prefix("shoal-cluster").tempdir()?;
-        let secret = write_secret(&dir, "secret", &format!("{:032x}", rand::random::<u128>()))?;
-        Ok(Self { registry, proxy, dir, secret })
-    }
-
-    /// An agent in the mesh on `127.0.0.<n>`, bootstrapping from `peers`.
-    fn agent(&self, n: u8, peers: &[&Agent]) -> AgentBuilder {
-        let bootstrap: Vec<_> = peers.iter().filter_map(|a| a.gossip_addr).collect();
-        Agent::builder().registry(&self.proxy.host()).mesh(&self.secret, Ipv4Addr::new(127, 0, 0, n), &bootstrap)
-    }
-
-    fn blob_url(&self, agent: &Agent, repo: &str, digest: &str) -> String {
-        format!("{}/v2/{repo}/blobs/{digest}?ns={}", agent.url(), self.proxy.host())
-    }
-
-    async fn stop_upstream(&mut self) {
-        self.proxy.stop();
-        self.registry.stop().await;
-    }
-}
-
-fn write_secret(dir: &tempfile::TempDir, name: &str, value: &str) -> Result<PathBuf> {
-    let p = dir.path().join(name);
-    std::fs::write(&p, value)?;
-    Ok(p)
-}
-
-async fn alive(agent: &Agent) -> f64 {
-    agent.metric("shoal_peers", &["state=\"alive\""]).await.unwrap_or(-1.0)
-}
-
-/// Waits until every agent sees `n` alive peers.
-async fn wait_alive(agents: &[&Agent], n: f64, within: Duration) -> Result<()> {
-    wait_for(&format!("every agent to see {n} alive peers"), within, async || {
-        for a in agents {
-            if alive(a).await != n {
-                return false;
-            }
-        }
-        true
-    })
-    .await
-}
-
-/// Waits until the homes, together, know at least `n` digests.
-async fn wait_directory(agents: &[&Agent], n: f64) -> Result<()> {
-    wait_for("the homes to learn the holdings", Duration::from_secs(10), async || {
-        let mut sum = 0.0;
-        for a in agents {
-            sum += a.metric("shoal_directory_digests", &[]).await.unwrap_or(0.0);
-        }
-        sum >= n
-    })
-    .await
-}
+use shoal_testbed::{Agent, AgentBuilder, Containerd, Registry, sha256_digest, wait_for};
 
 async fn get(url: &str) -> Result<(u16, Vec<u8>)> {
     let resp = reqwest::get(url).await?;

@@ -183,18 +183,22 @@ impl Directory {
     }
 
     /// Sources for `asker`, which is about to download `digest` and streams from what it is given: complete
-    /// holders, and partial holders that arrived before it (so waits only ever point at holders further ahead,
-    /// and end at whoever fetches from outside). Holders handed out fewer than [`FANOUT`] times come first, then
+    /// holders, the `home` (which fetches from outside), and partial holders that arrived before the asker (so
+    /// waits only ever point at holders further ahead, and end at the home). Holders handed out fewer than [`FANOUT`] times come first, then
     /// complete before partial, then the earliest. Each one chosen counts as handed out once more.
-    pub fn sources(&mut self, digest: &Digest, asker: &PeerId, usable: impl Fn(&PeerId) -> bool) -> Option<Located> {
+    pub fn sources(
+        &mut self,
+        digest: &Digest,
+        asker: &PeerId,
+        home: &PeerId,
+        usable: impl Fn(&PeerId) -> bool,
+    ) -> Option<Located> {
         let e = self.entries.get_mut(digest)?;
         let asker_since = e.holders.get(asker).map_or(u64::MAX, |h| h.since);
-        let mut chosen: Vec<(PeerId, Holder)> = e
-            .holders
-            .iter()
-            .filter(|(p, h)| *p != asker && usable(p) && (h.state.complete || h.since < asker_since))
-            .map(|(p, h)| (*p, *h))
-            .collect();
+        // The home itself fetches from outside, never waiting on the others: it is ahead of everyone.
+        let ahead = |p: &PeerId, h: &Holder| h.state.complete || h.since < asker_since || p == home;
+        let mut chosen: Vec<(PeerId, Holder)> =
+            e.holders.iter().filter(|(p, h)| *p != asker && usable(p) && ahead(p, h)).map(|(p, h)| (*p, *h)).collect();
         chosen.sort_by_key(|(_, h)| (h.given / FANOUT, !h.state.complete, h.since));
         chosen.truncate(SOURCES);
         if chosen.is_empty() {
@@ -327,7 +331,7 @@ mod tests {
         let mut handed: HashMap<PeerId, u32> = HashMap::new();
         for (i, a) in askers.iter().enumerate() {
             // Each asker is recorded as a partial holder once it got its sources (as the home does).
-            let loc = dir.sources(&d(1), a, |_| true).unwrap();
+            let loc = dir.sources(&d(1), a, &home, |_| true).unwrap();
             assert!(!loc.holders.is_empty() && loc.holders.len() <= SOURCES);
             for (p, _) in &loc.holders {
                 assert!(*p == home || askers[..i].contains(p), "only holders ahead of the asker are sources");
@@ -340,11 +344,11 @@ mod tests {
         assert!(handed.len() > 3, "later askers stream from earlier ones: {handed:?}");
         // A late asker that is already a holder is never sent to holders behind it.
         let first = askers[0];
-        let loc = dir.sources(&d(1), &first, |_| true).unwrap();
+        let loc = dir.sources(&d(1), &first, &home, |_| true).unwrap();
         assert_eq!(loc.holders.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![home]);
         // Complete holders are sources for anyone.
         dir.apply(askers[11], &h(1, 10, true));
-        let loc = dir.sources(&d(1), &first, |_| true).unwrap();
+        let loc = dir.sources(&d(1), &first, &home, |_| true).unwrap();
         assert!(loc.holders.iter().any(|(p, s)| *p == askers[11] && s.complete));
     }
 }

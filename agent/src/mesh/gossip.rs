@@ -324,11 +324,20 @@ impl Gossip {
         if !zone_ok || ann.gossip_addrs.len() > 8 {
             return;
         }
-        let gossip_addrs = ann.gossip_addrs.iter().filter_map(|a| Multiaddr::try_from(a.clone()).ok()).collect();
+        let gossip_addrs: Vec<Multiaddr> =
+            ann.gossip_addrs.iter().filter_map(|a| Multiaddr::try_from(a.clone()).ok()).collect();
+        let dial = (!ann.leaving && !self.connected.contains(&id)).then(|| gossip_addrs.clone());
         let info = MemberInfo { id, incarnation: ann.incarnation, zone: ann.zone, gossip_addrs, transfer_addr };
         if self.table.observe(info, ann.leaving, Instant::now()) {
             tracing::info!(%id, leaving = ann.leaving, "membership changed");
             self.publish_view();
+            // A member heard of through another one gets a direct connection now, not at the next redial: until
+            // then its gossip depends on the node that relayed it.
+            for addr in dial.into_iter().flatten() {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::debug!(%addr, error = %e, "dial failed");
+                }
+            }
         }
     }
 }

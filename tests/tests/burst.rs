@@ -1,0 +1,171 @@
+//! Burst mode end to end: several real agents (127.0.0.x, real gossip and QUIC) pull the same image at the same
+//! moment through a real `docker-registry` behind the counting proxy, some with a real containerd, the others with
+//! the testbed's HTTP client that pulls as containerd does. What is asserted is behaviour (who asked upstream for
+//! what, how many bytes crossed a zone), never speed.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use futures_util::future::join_all;
+use shoal_testbed::client::{self, Endpoint, Pulled};
+use shoal_testbed::cluster::{Cluster, wait_alive};
+use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
+use shoal_testbed::{Agent, AgentBuilder, Containerd, Fault, wait_for};
+
+const REPO: &str = "burst/app";
+
+/// `n` agents on 127.0.0.<first>…, all bootstrapping from the first, each configured by `with` (its index), all
+/// seeing each other alive.
+async fn cluster_of(
+    cl: &Cluster,
+    first: u8,
+    n: u8,
+    with: impl Fn(u8, AgentBuilder) -> AgentBuilder,
+) -> Result<Vec<Agent>> {
+    let mut agents: Vec<Agent> = Vec::new();
+    for i in 0..n {
+        let boot: Vec<&Agent> = agents.first().into_iter().collect();
+        agents.push(with(i, cl.agent(first + i, &boot)).start().await?);
+    }
+    let refs: Vec<&Agent> = agents.iter().collect();
+    wait_alive(&refs, f64::from(n - 1), Duration::from_secs(30)).await?;
+    Ok(agents)
+}
+
+fn endpoint(cl: &Cluster, a: &Agent) -> Endpoint {
+    Endpoint { base: a.url(), ns: Some(cl.proxy.host()) }
+}
+
+async fn push_image(cl: &Cluster, layers: &[usize], seed: u64) -> Result<Artifact> {
+    let image = Artifact::Image(Image::random(layers, seed, "amd64", Compression::None)?);
+    push(&image, &cl.registry.host(), REPO, "v1", None, Format::Oci)?;
+    Ok(image)
+}
+
+/// Every manifest and blob of the image went out of upstream exactly once, and the tag was asked once.
+fn assert_upstream_once(cl: &Cluster, image: &Artifact) {
+    for blob in std::iter::once(image.top()).chain(image.all_blobs()) {
+        assert_eq!(cl.proxy.count("GET", &format!("/{}", blob.digest)), 1, "upstream GETs of {}", blob.digest);
+    }
+    assert_eq!(cl.proxy.count("HEAD", "/manifests/v1"), 1, "upstream HEADs of the tag: {:?}", cl.proxy.counts());
+    assert_eq!(cl.proxy.count("GET", "/manifests/v1"), 0);
+}
+
+fn assert_pulled_everything(image: &Artifact, pulled: &Pulled) {
+    for blob in std::iter::once(image.top()).chain(image.all_blobs()) {
+        assert!(pulled.digests.contains(&blob.digest), "{} not pulled", blob.digest);
+    }
+}
+
+async fn sum(agents: &[Agent], metric: &str) -> f64 {
+    let mut total = 0.0;
+    for a in agents {
+        total += a.metric(metric, &[]).await.unwrap_or(0.0);
+    }
+    total
+}
+
+#[tokio::test]
+async fn a_burst_of_six_sends_every_blob_and_manifest_upstream_once() -> Result<()> {
+    let cl = Cluster::start().await?;
+    let image = push_image(&cl, &[6 << 20, 3 << 20, 1 << 20], 41).await?;
+    let agents = cluster_of(&cl, 81, 6, |_, b| b).await?;
+    let reference = format!("{}/{REPO}:v1", cl.proxy.host());
+    let mut ctrs = Vec::new();
+    for a in &agents[..2] {
+        let c = Containerd::start().await?;
+        c.configure_host(&cl.proxy.host(), Some(&a.url()))?;
+        ctrs.push(c);
+    }
+    let http = reqwest::Client::new();
+    let eps: Vec<Endpoint> = agents[2..].iter().map(|a| endpoint(&cl, a)).collect();
+    // Everyone at the same moment: two containerd pulls and four HTTP pulls.
+    let (ctr_out, http_out) = tokio::join!(
+        join_all(ctrs.iter().map(|c| c.pull(&reference, None, &[]))),
+        join_all(eps.iter().map(|ep| client::pull(&http, ep, REPO, "v1"))),
+    );
+    for (i, out) in ctr_out.into_iter().enumerate() {
+        let out = out?;
+        assert!(out.success, "containerd pull on agent {i} failed: {}\n{}", out.output, agents[i].log());
+    }
+    for c in &ctrs {
+        for blob in std::iter::once(image.top()).chain(image.all_blobs()) {
+            assert!(c.has_verified(&blob.digest).await?, "containerd lacks a verified {}", blob.digest);
+        }
+    }
+    for (i, pulled) in http_out.into_iter().enumerate() {
+        let pulled = pulled.map_err(|e| anyhow::anyhow!("pull on agent {}: {e:#}\n{}", i + 2, agents[i + 2].log()))?;
+        assert_pulled_everything(&image, &pulled);
+    }
+    assert_upstream_once(&cl, &image);
+    // The nodes fed each other: together they received at least five times the image from peers.
+    let size: usize = std::iter::once(image.top()).chain(image.all_blobs()).map(|b| b.data.len()).sum();
+    let received = sum(&agents, "shoal_peer_received_bytes_total").await;
+    assert!(received >= 5.0 * size as f64, "peers delivered {received} bytes for 6 pulls of {size}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_two_zones_every_blob_crosses_the_zone_boundary_once() -> Result<()> {
+    let cl = Cluster::start().await?;
+    let image = push_image(&cl, &[4 << 20, 2 << 20, 1 << 20], 42).await?;
+    let zone = |i: u8, b: AgentBuilder| b.setting("zone", if i < 3 { "\"zone-a\"" } else { "\"zone-b\"" });
+    let agents = cluster_of(&cl, 91, 6, zone).await?;
+    let http = reqwest::Client::new();
+    let eps: Vec<Endpoint> = agents.iter().map(|a| endpoint(&cl, a)).collect();
+    let pulls = join_all(eps.iter().map(|ep| client::pull(&http, ep, REPO, "v1"))).await;
+    for (i, pulled) in pulls.into_iter().enumerate() {
+        let pulled = pulled.map_err(|e| anyhow::anyhow!("pull on agent {i}: {e:#}\n{}", agents[i].log()))?;
+        assert_pulled_everything(&image, &pulled);
+    }
+    assert_upstream_once(&cl, &image);
+    // Manifest, config and layers each crossed into the zone that did not fetch them, once.
+    let size: usize = std::iter::once(image.top()).chain(image.all_blobs()).map(|b| b.data.len()).sum();
+    assert_eq!(sum(&agents, "shoal_peer_received_cross_zone_bytes_total").await, size as f64);
+    Ok(())
+}
+
+#[tokio::test]
+async fn killing_the_home_mid_burst_still_completes_every_other_node() -> Result<()> {
+    let cl = Cluster::start().await?;
+    let image = push_image(&cl, &[48 << 20], 43).await?;
+    let mut agents = cluster_of(&cl, 101, 5, |_, b| b).await?;
+    // Upstream slow enough that the burst is surely running when the home dies.
+    cl.proxy.set_fault(Fault::Throttle(12 << 20));
+    let http = reqwest::Client::new();
+    let eps: Vec<Endpoint> = agents.iter().map(|a| endpoint(&cl, a)).collect();
+    let pulls: Vec<_> = eps
+        .iter()
+        .map(|ep| {
+            let (http, ep) = (http.clone(), ep.clone());
+            tokio::spawn(async move { client::pull(&http, &ep, REPO, "v1").await })
+        })
+        .collect();
+    // The layer's home is the one node fetching it from upstream: kill it once 8 MiB of it arrived.
+    let mut home = None;
+    wait_for("the home to be fetching the layer", Duration::from_secs(30), async || {
+        for (i, a) in agents.iter().enumerate() {
+            if a.metric("shoal_upstream_bytes_total", &[]).await.unwrap_or(0.0) > f64::from(8 << 20) {
+                home = Some(i);
+                return true;
+            }
+        }
+        false
+    })
+    .await?;
+    let home = home.expect("found");
+    agents[home].kill().await;
+    for (i, p) in pulls.into_iter().enumerate() {
+        let r = p.await?;
+        if i == home {
+            continue;
+        }
+        let pulled = r.map_err(|e| anyhow::anyhow!("pull on agent {i}: {e:#}\n{}", agents[i].log()))?;
+        assert_pulled_everything(&image, &pulled);
+    }
+    // A new home took over from the pieces the survivors had: not every survivor went upstream on its own.
+    let layer = &image.all_blobs()[1].digest;
+    let gets = cl.proxy.count("GET", &format!("/blobs/{layer}"));
+    assert!(gets <= 2, "upstream GETs of the layer: {gets}");
+    Ok(())
+}
