@@ -6,11 +6,13 @@
 //! - [`image`]: images built as OCI layouts (random tar layers) and pushed with `skopeo`.
 //! - [`Containerd`]: a `containerd` daemon with its own root, and `ctr` pulls through a hosts dir.
 //! - [`Agent`]: a `shoal agent` process with its own data dir and ports.
+//! - [`netns`]: nodes in network namespaces on a bridge, with bandwidth caps (the burst benchmark's topology).
 //! - [`client`]: an image pull over HTTP as containerd does it, for bursts of many nodes.
 
 pub mod client;
 pub mod cluster;
 pub mod image;
+pub mod netns;
 mod process;
 mod proxy;
 
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 pub use process::{Agent, AgentBuilder, Containerd, PullOutput};
-pub use proxy::{Fault, Proxy};
+pub use proxy::{Fault, Proxy, ProxyStats};
 
 /// A free TCP port on 127.0.0.1 (bound and released; the tiny race is acceptable in tests).
 pub fn free_port() -> Result<u16> {
@@ -47,6 +49,8 @@ pub struct Registry {
     addr: SocketAddr,
     /// `user:password` when started with htpasswd auth.
     pub credentials: Option<(String, String)>,
+    /// The network namespace it runs in.
+    netns: Option<String>,
 }
 
 impl Registry {
@@ -61,8 +65,24 @@ impl Registry {
     }
 
     async fn start_with(credentials: Option<(String, String)>) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("shoal-registry").tempdir()?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        Self::launch(credentials, addr, None, None).await
+    }
+
+    /// Starts a public registry inside `ns`, on its address and `port`; with `proxy_of`, as a pull-through cache
+    /// of that registry URL (`docker-registry`'s `proxy:` mode).
+    pub async fn start_in(ns: &netns::Netns, port: u16, proxy_of: Option<&str>) -> Result<Self> {
+        let addr = SocketAddr::new(ns.ip().into(), port);
+        Self::launch(None, addr, Some(ns.name().to_owned()), proxy_of.map(str::to_owned)).await
+    }
+
+    async fn launch(
+        credentials: Option<(String, String)>,
+        addr: SocketAddr,
+        netns: Option<String>,
+        proxy_of: Option<String>,
+    ) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("shoal-registry").tempdir()?;
         let mut auth = String::new();
         if let Some((user, password)) = &credentials {
             let htpasswd = dir.path().join("htpasswd");
@@ -76,19 +96,28 @@ impl Registry {
             std::fs::write(&htpasswd, out.stdout)?;
             auth = format!("auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n", htpasswd.display());
         }
+        let proxy = proxy_of.map(|url| format!("proxy:\n  remoteurl: {url}\n")).unwrap_or_default();
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}{proxy}",
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("config.yml"), config)?;
-        let mut reg = Self { child: None, dir, addr, credentials };
+        let mut reg = Self { child: None, dir, addr, credentials, netns };
         reg.spawn().await?;
         Ok(reg)
     }
 
     async fn spawn(&mut self) -> Result<()> {
         let log = std::fs::File::create(self.dir.path().join("registry.log"))?;
-        let child = tokio::process::Command::new("docker-registry")
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns, "docker-registry"]);
+                c
+            }
+            None => tokio::process::Command::new("docker-registry"),
+        };
+        let child = cmd
             .arg("serve")
             .arg(self.dir.path().join("config.yml"))
             .stdout(log.try_clone()?)
@@ -152,6 +181,14 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let ticks: f64 =
         fields.get(11).context("no utime")?.parse::<f64>()? + fields.get(12).context("no stime")?.parse::<f64>()?;
     Ok(ticks / 100.0)
+}
+
+/// Peak resident memory of a process so far (`VmHWM`), in bytes.
+pub fn peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
+    let kib: u64 = line.split_whitespace().nth(1).context("malformed VmHWM")?.parse()?;
+    Ok(kib << 10)
 }
 
 /// The path of the `shoal` binary: `SHOAL_BIN`, or `shoal` beside the running test's target directory.

@@ -18,6 +18,7 @@ pub struct AgentBuilder {
     lines: Vec<String>,
     registries: Vec<String>,
     gossip: Option<SocketAddr>,
+    netns: Option<(String, std::net::Ipv4Addr)>,
 }
 
 impl AgentBuilder {
@@ -61,11 +62,19 @@ impl AgentBuilder {
         self
     }
 
+    /// Runs the agent inside network namespace `ns` (address `ip`): the mirror on the namespace's loopback, the
+    /// metrics on `ip` (so the harness can read them), the mesh on `ip` (set with [`AgentBuilder::mesh`]).
+    pub fn netns(mut self, ns: &crate::netns::Netns) -> Self {
+        self.netns = Some((ns.name().to_owned(), ns.ip()));
+        self
+    }
+
     /// Starts the agent and waits until it is ready.
     pub async fn start(self) -> Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent").tempdir()?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let metrics_ip = self.netns.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |(_, ip)| *ip);
+        let metrics_addr = SocketAddr::new(metrics_ip.into(), free_port()?);
         let data_dir = dir.path().join("data");
         let mut config = format!(
             "listen = \"{addr}\"\nmetrics_listen = \"{metrics_addr}\"\ndata_dir = \"{}\"\n",
@@ -103,7 +112,8 @@ impl AgentBuilder {
             metrics_addr,
             gossip_addr: self.gossip,
             config_path,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder().no_proxy().build()?,
+            netns: self.netns.map(|(n, _)| n),
         };
         agent.spawn().await?;
         Ok(agent)
@@ -123,6 +133,7 @@ pub struct Agent {
     pub gossip_addr: Option<SocketAddr>,
     config_path: PathBuf,
     http: reqwest::Client,
+    netns: Option<String>,
 }
 
 impl Agent {
@@ -133,7 +144,15 @@ impl Agent {
 
     async fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
-        let child = tokio::process::Command::new(shoal_bin()?)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(shoal_bin()?);
+                c
+            }
+            None => tokio::process::Command::new(shoal_bin()?),
+        };
+        let child = cmd
             .arg("agent")
             .arg("--config")
             .arg(&self.config_path)

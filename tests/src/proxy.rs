@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +31,31 @@ struct Shared {
     counts: Mutex<HashMap<String, usize>>,
     fault: Mutex<Fault>,
     stopped: Arc<AtomicBool>,
+    /// Response body bytes sent to clients.
+    body_bytes: Arc<AtomicU64>,
+}
+
+/// The proxy's counters, readable from anywhere (also from outside the runtime the proxy runs on).
+#[derive(Debug, Clone)]
+pub struct ProxyStats(Arc<Shared>);
+
+impl ProxyStats {
+    /// Requests seen whose `METHOD path` ends with `suffix`.
+    pub fn count(&self, method: &str, suffix: &str) -> usize {
+        let counts = self.0.counts.lock().expect("proxy lock");
+        counts.iter().filter(|(k, _)| k.starts_with(method) && k.ends_with(suffix)).map(|(_, n)| n).sum()
+    }
+
+    /// Response body bytes sent so far.
+    pub fn body_bytes(&self) -> u64 {
+        self.0.body_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Forgets the counts and bytes.
+    pub fn reset(&self) {
+        self.0.counts.lock().expect("proxy lock").clear();
+        self.0.body_bytes.store(0, Ordering::Relaxed);
+    }
 }
 
 /// The counting proxy. Stops when dropped.
@@ -49,7 +74,12 @@ impl Proxy {
 
     /// Starts a proxy on `port` (0 for any) forwarding to `target`.
     pub async fn start_on(port: u16, target: SocketAddr) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], port)), target).await
+    }
+
+    /// Starts a proxy listening on `addr` forwarding to `target`.
+    pub async fn start_at(addr: SocketAddr, target: SocketAddr) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             target,
@@ -57,6 +87,7 @@ impl Proxy {
             counts: Mutex::default(),
             fault: Mutex::new(Fault::None),
             stopped: Arc::default(),
+            body_bytes: Arc::default(),
         });
         let app = axum::Router::new().fallback(forward).with_state(shared.clone());
         let task = tokio::spawn(async move {
@@ -73,6 +104,11 @@ impl Proxy {
     /// The socket address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The counters, as a handle that outlives nothing but can be read from any thread.
+    pub fn stats(&self) -> ProxyStats {
+        ProxyStats(self.shared.clone())
     }
 
     /// Sets the fault mode for later requests.
@@ -136,9 +172,11 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let is_blob = method == http::Method::GET && path.contains("/blobs/sha256:");
     let fault = if is_blob { *s.fault.lock().expect("proxy lock") } else { Fault::None };
     let stopped = s.stopped.clone();
+    let body_bytes = s.body_bytes.clone();
     let mut first = true;
     let stream = resp.bytes_stream().then(move |chunk| {
         let stopped = stopped.clone();
+        let body_bytes = body_bytes.clone();
         let corrupt = fault == Fault::CorruptBlobs && std::mem::take(&mut first);
         async move {
             if stopped.load(Ordering::SeqCst) {
@@ -153,6 +191,7 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
             if let Fault::Throttle(bps) = fault {
                 tokio::time::sleep(Duration::from_secs_f64(chunk.len() as f64 / bps as f64)).await;
             }
+            body_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             Ok::<_, std::io::Error>(chunk)
         }
     });

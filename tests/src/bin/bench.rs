@@ -1,5 +1,7 @@
 //! `shoal-bench`: benchmarks on the testbed that print tables and write an SVG plot. Never a timed test.
 //!
+//! `shoal-bench burst [--nodes 8] [--image-mib 256] …`: see the `burst` module (nodes in network namespaces).
+//!
 //! `shoal-bench mirror [--blob-mib 1024] [--image-mib 256] [--runs 3] [--out docs/benchmarks/mirror]`
 //! 1. Cold pull: `ctr images pull` of an image through a fresh Shoal agent vs directly from upstream (fresh
 //!    containerd each run, runs alternate).
@@ -11,6 +13,9 @@
 //! fetching it from `docker-registry` over plain HTTP/TCP. Both B's write, hash and stream the blob to the same
 //! client the same way, so the difference is the transport. Reports throughput and CPU seconds per GiB of the
 //! sender and receiver processes together (A + B, or docker-registry + B).
+
+#[path = "bench/burst.rs"]
+mod burst;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -45,7 +50,8 @@ fn parse_args() -> Result<Args> {
         Some("mirror") => Bench::Mirror,
         Some("mesh") => Bench::Mesh,
         _ => bail!(
-            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]"
+            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]\n       {}",
+            burst::USAGE
         ),
     };
     let mut a = Args { bench, blob_mib: 1024, image_mib: 256, runs: 3, out: None, cold_only: false, hit_only: false };
@@ -100,6 +106,9 @@ struct Row {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("burst") {
+        return burst::run(burst::parse(std::env::args().skip(2))?).await;
+    }
     let args = parse_args()?;
     let mut rows = Vec::new();
 

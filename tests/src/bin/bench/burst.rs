@@ -1,0 +1,298 @@
+//! `shoal-bench burst`: N nodes pull the same image at the same moment, three contenders in one run on one
+//! topology (each node, the upstream and the central cache in its own network namespace on a bridge, links capped
+//! with `tbf`):
+//! (a) every node pulls directly from upstream; (b) every node pulls through one `docker-registry` in `proxy:`
+//! mode (the usual central pull-through cache); (c) every node pulls through its own Shoal agent, the agents
+//! forming a mesh. The pulls are the testbed's HTTP client doing what containerd does (HEAD the tag, GET the
+//! manifest, config and layers three at a time, every digest checked), run inside each node's namespace.
+//! Upstream bytes are response body bytes counted by the proxy in front of the registry, inside the upstream's
+//! namespace.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use shoal_testbed::client::{self, Endpoint};
+use shoal_testbed::cluster::write_secret;
+use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
+use shoal_testbed::netns::{Bridge, Netns, Rate};
+use shoal_testbed::{Agent, Proxy, ProxyStats, Registry, peak_rss, wait_for};
+
+const REPO: &str = "bench/burst";
+const UPSTREAM_NS: u8 = 1;
+const CACHE_NS: u8 = 2;
+const FIRST_NODE: u8 = 11;
+
+/// Burst parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct Args {
+    nodes: u8,
+    image_mib: usize,
+    layers: usize,
+    upstream_mbit: u64,
+    node_mbit: u64,
+    out: Option<PathBuf>,
+}
+
+pub(crate) const USAGE: &str = "shoal-bench burst [--nodes 8] [--image-mib 256] [--layers 4] [--upstream-mbit 200] \
+                         [--node-mbit 1000] [--out PREFIX]";
+
+/// Parses the flags after `burst`.
+pub(crate) fn parse(mut args: impl Iterator<Item = String>) -> Result<Args> {
+    let mut a = Args { nodes: 8, image_mib: 256, layers: 4, upstream_mbit: 200, node_mbit: 1000, out: None };
+    while let Some(flag) = args.next() {
+        let v = args.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--nodes" => a.nodes = v.parse()?,
+            "--image-mib" => a.image_mib = v.parse()?,
+            "--layers" => a.layers = v.parse()?,
+            "--upstream-mbit" => a.upstream_mbit = v.parse()?,
+            "--node-mbit" => a.node_mbit = v.parse()?,
+            "--out" => a.out = Some(PathBuf::from(v)),
+            _ => bail!("unknown flag {flag}\nusage: {USAGE}"),
+        }
+    }
+    if !(2..=200).contains(&a.nodes)
+        || a.layers == 0
+        || a.image_mib < a.layers
+        || a.upstream_mbit == 0
+        || a.node_mbit == 0
+    {
+        bail!("--nodes 2..=200, --layers ≥ 1, --image-mib ≥ --layers, rates > 0\nusage: {USAGE}");
+    }
+    Ok(a)
+}
+
+/// One contender's run.
+#[derive(Debug)]
+struct Outcome {
+    name: &'static str,
+    /// Completion time of each node's pull, seconds from the common start.
+    done: Vec<f64>,
+    upstream_bytes: u64,
+    peer_bytes: Option<u64>,
+    peak_memory: Option<u64>,
+}
+
+/// Pulls on every node at the same instant; returns each node's completion time.
+async fn burst(nodes: &[Netns], endpoint: impl Fn(usize) -> Endpoint) -> Result<Vec<f64>> {
+    let start = Instant::now() + Duration::from_millis(500);
+    let handles: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let ep = endpoint(i);
+            ns.spawn(move || async move {
+                let http = reqwest::Client::builder().no_proxy().build()?;
+                tokio::time::sleep_until(start.into()).await;
+                client::pull(&http, &ep, REPO, "v1").await?;
+                Ok(start.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        done.push(h.await?.with_context(|| format!("pull on node {i}"))?);
+    }
+    Ok(done)
+}
+
+/// Runs the three contenders and prints (and writes) the table and the plot.
+pub(crate) async fn run(args: Args) -> Result<()> {
+    let image_bytes = (args.image_mib << 20) as u64;
+    let layer = (args.image_mib << 20) / args.layers;
+    eprintln!("building a {} MiB image in {} layers…", args.image_mib, args.layers);
+    let image = Artifact::Image(Image::random(&vec![layer; args.layers], 77, "amd64", Compression::None)?);
+    let bridge = Bridge::create("shb")?;
+    let up = bridge.netns(UPSTREAM_NS, Some(Rate::mbit(args.upstream_mbit)))?;
+    let cache_ns = bridge.netns(CACHE_NS, Some(Rate::mbit(args.node_mbit)))?;
+    let nodes: Vec<Netns> = (0..args.nodes)
+        .map(|i| bridge.netns(FIRST_NODE + i, Some(Rate::mbit(args.node_mbit))))
+        .collect::<Result<_>>()?;
+
+    // Upstream: the registry on the upstream namespace's address, the counting proxy in front of it.
+    let registry = Registry::start_in(&up, 5001, None).await?;
+    let upstream_host = format!("{}:5000", up.ip());
+    let (stats_tx, stats_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (listen, target) = (upstream_host.parse()?, registry.addr());
+    let proxy_task = up.spawn(move || async move {
+        let proxy = Proxy::start_at(listen, target).await?;
+        let _ = stats_tx.send(proxy.stats());
+        let _ = stop_rx.await;
+        Ok(())
+    });
+    let stats: ProxyStats = stats_rx.await.context("the upstream proxy did not start")?;
+    eprintln!("pushing it to upstream (over the capped link)…");
+    push(&image, &registry.host(), REPO, "v1", None, Format::Oci)?;
+
+    let mut outcomes = Vec::new();
+
+    eprintln!("(a) direct from upstream…");
+    stats.reset();
+    let done = burst(&nodes, |_| Endpoint { base: format!("http://{upstream_host}"), ns: None }).await?;
+    outcomes.push(Outcome {
+        name: "direct",
+        done,
+        upstream_bytes: stats.body_bytes(),
+        peer_bytes: None,
+        peak_memory: None,
+    });
+
+    eprintln!("(b) through a central pull-through cache…");
+    stats.reset();
+    let cache = Registry::start_in(&cache_ns, 5000, Some(&format!("http://{upstream_host}"))).await?;
+    let cache_url = format!("http://{}", cache.addr());
+    let done = burst(&nodes, |_| Endpoint { base: cache_url.clone(), ns: None }).await?;
+    outcomes.push(Outcome {
+        name: "central cache (docker-registry proxy)",
+        done,
+        upstream_bytes: stats.body_bytes(),
+        peer_bytes: None,
+        peak_memory: cache.pid().map(peak_rss).transpose()?,
+    });
+    drop(cache);
+
+    eprintln!("(c) through Shoal on every node…");
+    stats.reset();
+    let dir = tempfile::Builder::new().prefix("shoal-burst").tempdir()?;
+    let secret = write_secret(&dir, "secret", &format!("{:032x}", rand::random::<u128>()))?;
+    let mut agents: Vec<Agent> = Vec::new();
+    for ns in &nodes {
+        let boot: Vec<_> = agents.first().and_then(|a| a.gossip_addr).into_iter().collect();
+        let agent = Agent::builder().registry(&upstream_host).mesh(&secret, ns.ip(), &boot).netns(ns).start().await?;
+        agents.push(agent);
+    }
+    let n = f64::from(args.nodes - 1);
+    wait_for("every agent to see the others", Duration::from_secs(60), async || {
+        for a in &agents {
+            if a.metric("shoal_peers", &["state=\"alive\""]).await.unwrap_or(0.0) != n {
+                return false;
+            }
+        }
+        true
+    })
+    .await?;
+    let urls: Vec<String> = agents.iter().map(Agent::url).collect();
+    let done = burst(&nodes, |i| Endpoint { base: urls[i].clone(), ns: Some(upstream_host.clone()) }).await?;
+    let mut peer_bytes = 0.0;
+    let mut memory = 0;
+    for a in &agents {
+        peer_bytes += a.metric("shoal_peer_received_bytes_total", &[]).await?;
+        memory = memory.max(a.pid().map(peak_rss).transpose()?.unwrap_or(0));
+    }
+    outcomes.push(Outcome {
+        name: "Shoal",
+        done,
+        upstream_bytes: stats.body_bytes(),
+        peer_bytes: Some(peer_bytes as u64),
+        peak_memory: Some(memory),
+    });
+    drop(agents);
+    let _ = stop_tx.send(());
+    proxy_task.await??;
+
+    let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
+    let table = render_table(&args, &outcomes, image_bytes, link_secs);
+    println!("{table}");
+    if let Some(prefix) = &args.out {
+        std::fs::write(prefix.with_extension("md"), &table)?;
+        std::fs::write(prefix.with_extension("svg"), render_svg(&outcomes, link_secs))?;
+        eprintln!("wrote {}.md and .svg", prefix.display());
+    }
+    drop((nodes, up, cache_ns, bridge));
+    Ok(())
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let i = ((s.len() - 1) as f64 * p).round() as usize;
+    s[i]
+}
+
+fn render_table(args: &Args, outcomes: &[Outcome], image_bytes: u64, link_secs: f64) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut t = format!(
+        "{} nodes pull one {} MiB image ({} layers) at the same moment; upstream link {} Mbit/s, node links {} Mbit/s \
+         (tbf, both directions); {cores} cores. The image crosses the upstream link once in {link_secs:.1} s (at the \
+         link rate, no overhead): the reference for completion times.\n\n",
+        args.nodes, args.image_mib, args.layers, args.upstream_mbit, args.node_mbit
+    );
+    t.push_str("| contender | first done (s) | p50 (s) | last done (s) | last / one upstream crossing | upstream bytes (× image) | peer bytes (× image) | peak memory (MiB) |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|\n");
+    let x = |b: u64| b as f64 / image_bytes as f64;
+    for o in outcomes {
+        let last = percentile(&o.done, 1.0);
+        let _ = writeln!(
+            t,
+            "| {} | {:.1} | {:.1} | {last:.1} | {:.2}× | {:.3}× | {} | {} |",
+            o.name,
+            percentile(&o.done, 0.0),
+            percentile(&o.done, 0.5),
+            last / link_secs,
+            x(o.upstream_bytes),
+            o.peer_bytes.map_or("–".into(), |b| format!("{:.2}×", x(b))),
+            o.peak_memory.map_or("–".into(), |m| format!("{:.0}", m as f64 / f64::from(1 << 20))),
+        );
+    }
+    if let (Some(shoal), Some(direct)) = (outcomes.iter().find(|o| o.name == "Shoal"), outcomes.first()) {
+        let _ = writeln!(
+            t,
+            "\nShoal's last node finished in {:.2}× the time of direct pulls' last node (same run).",
+            percentile(&shoal.done, 1.0) / percentile(&direct.done, 1.0)
+        );
+    }
+    t
+}
+
+/// Completion time of every node, one lane per contender, with the one-crossing reference as a line.
+fn render_svg(outcomes: &[Outcome], link_secs: f64) -> String {
+    let (w, lane) = (720.0, 60.0);
+    let (left, right) = (260.0, 30.0);
+    let h = lane * outcomes.len() as f64 + 70.0;
+    let max = outcomes.iter().flat_map(|o| o.done.iter()).copied().fold(link_secs, f64::max) * 1.05;
+    let sx = |s: f64| left + (w - left - right) * s / max;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"18\" font-weight=\"bold\">Completion time per node (s)</text>\n"
+    );
+    let colors = ["#d62728", "#ff7f0e", "#1f77b4"];
+    for (i, o) in outcomes.iter().enumerate() {
+        let y = 40.0 + lane * i as f64 + lane / 2.0;
+        let _ = writeln!(svg, "<text x=\"10\" y=\"{}\">{}</text>", y + 4.0, o.name);
+        let _ = writeln!(svg, "<line x1=\"{left}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"#ddd\"/>", w - right);
+        for (j, d) in o.done.iter().enumerate() {
+            let jitter = (j % 5) as f64 * 4.0 - 8.0;
+            let _ = writeln!(
+                svg,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{}\" fill-opacity=\"0.7\"/>",
+                sx(*d),
+                y + jitter,
+                colors[i % colors.len()]
+            );
+        }
+    }
+    let axis_y = 40.0 + lane * outcomes.len() as f64 + 5.0;
+    let _ =
+        writeln!(svg, "<line x1=\"{left}\" y1=\"{axis_y}\" x2=\"{}\" y2=\"{axis_y}\" stroke=\"black\"/>", w - right);
+    let step = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0].into_iter().find(|s| max / s <= 10.0).unwrap_or(300.0);
+    let mut tick = 0.0;
+    while tick <= max {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{tick:.0}</text>",
+            sx(tick),
+            axis_y + 15.0
+        );
+        tick += step;
+    }
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{0:.1}\" y1=\"30\" x2=\"{0:.1}\" y2=\"{axis_y}\" stroke=\"green\" stroke-dasharray=\"4\"/><text x=\"{0:.1}\" y=\"{1}\" fill=\"green\" text-anchor=\"middle\">image over the upstream link once</text>",
+        sx(link_secs),
+        axis_y + 30.0
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
