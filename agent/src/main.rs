@@ -25,7 +25,23 @@ enum Command {
     },
 }
 
+/// glibc's allocator keeps an arena per thread that allocates, up to 8 per core, and rarely returns their freed
+/// memory: the blocking threads that read and write blobs each leave megabytes behind. Two arenas are plenty for
+/// an agent whose work is I/O (measured in the 8-node burst: peak RSS 70 → 51 MiB, no slower).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    // SAFETY: called first thing in main, before any other thread exists; mallopt only sets a tunable.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 fn main() -> std::process::ExitCode {
+    limit_malloc_arenas();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

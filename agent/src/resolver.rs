@@ -915,7 +915,8 @@ impl Resolver {
         let size = tier.located.size;
         let piece = piece_size(size);
         let count = piece_count(size, piece);
-        let window = ((8u64 << 20) / u64::from(piece)).clamp(4, 16) as usize;
+        // 4 MiB of pieces in flight: far above a LAN's bandwidth-delay product, and bounded memory per download.
+        let window = ((4u64 << 20) / u64::from(piece)).clamp(4, 16) as usize;
         let sources: Vec<libp2p::PeerId> =
             tier.located.holders.iter().map(|(p, _)| *p).filter(|p| !mesh.is_quarantined(p)).collect();
         if sources.is_empty() {

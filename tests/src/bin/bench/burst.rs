@@ -17,7 +17,7 @@ use shoal_testbed::client::{self, Endpoint};
 use shoal_testbed::cluster::write_secret;
 use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
 use shoal_testbed::netns::{Bridge, Netns, Rate};
-use shoal_testbed::{Agent, Proxy, ProxyStats, Registry, peak_rss, wait_for};
+use shoal_testbed::{Agent, Proxy, ProxyStats, Registry, cpu_seconds, peak_rss, wait_for};
 
 const REPO: &str = "bench/burst";
 const UPSTREAM_NS: u8 = 1;
@@ -33,15 +33,22 @@ pub(crate) struct Args {
     upstream_mbit: u64,
     node_mbit: u64,
     out: Option<PathBuf>,
+    /// Only the Shoal contender (for trying changes; published figures always have the baselines).
+    shoal_only: bool,
 }
 
 pub(crate) const USAGE: &str = "shoal-bench burst [--nodes 8] [--image-mib 256] [--layers 4] [--upstream-mbit 200] \
-                         [--node-mbit 1000] [--out PREFIX]";
+                         [--node-mbit 1000] [--out PREFIX] [--shoal-only]";
 
 /// Parses the flags after `burst`.
 pub(crate) fn parse(mut args: impl Iterator<Item = String>) -> Result<Args> {
-    let mut a = Args { nodes: 8, image_mib: 256, layers: 4, upstream_mbit: 200, node_mbit: 1000, out: None };
+    let mut a =
+        Args { nodes: 8, image_mib: 256, layers: 4, upstream_mbit: 200, node_mbit: 1000, out: None, shoal_only: false };
     while let Some(flag) = args.next() {
+        if flag == "--shoal-only" {
+            a.shoal_only = true;
+            continue;
+        }
         let v = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--nodes" => a.nodes = v.parse()?,
@@ -73,6 +80,8 @@ struct Outcome {
     upstream_bytes: u64,
     peer_bytes: Option<u64>,
     peak_memory: Option<u64>,
+    /// CPU seconds the agents used during the burst.
+    cpu_seconds: Option<f64>,
 }
 
 /// Pulls on every node at the same instant; returns each node's completion time.
@@ -129,6 +138,9 @@ pub(crate) async fn run(args: Args) -> Result<()> {
 
     let mut outcomes = Vec::new();
 
+    if args.shoal_only {
+        return shoal_only(&args, &nodes, &upstream_host, &stats, image_bytes).await;
+    }
     eprintln!("(a) direct from upstream…");
     stats.reset();
     let done = burst(&nodes, |_| Endpoint { base: format!("http://{upstream_host}"), ns: None }).await?;
@@ -138,6 +150,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         upstream_bytes: stats.body_bytes(),
         peer_bytes: None,
         peak_memory: None,
+        cpu_seconds: None,
     });
 
     eprintln!("(b) through a central pull-through cache…");
@@ -151,45 +164,11 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         upstream_bytes: stats.body_bytes(),
         peer_bytes: None,
         peak_memory: cache.pid().map(peak_rss).transpose()?,
+        cpu_seconds: None,
     });
     drop(cache);
 
-    eprintln!("(c) through Shoal on every node…");
-    stats.reset();
-    let dir = tempfile::Builder::new().prefix("shoal-burst").tempdir()?;
-    let secret = write_secret(&dir, "secret", &format!("{:032x}", rand::random::<u128>()))?;
-    let mut agents: Vec<Agent> = Vec::new();
-    for ns in &nodes {
-        let boot: Vec<_> = agents.first().and_then(|a| a.gossip_addr).into_iter().collect();
-        let agent = Agent::builder().registry(&upstream_host).mesh(&secret, ns.ip(), &boot).netns(ns).start().await?;
-        agents.push(agent);
-    }
-    let n = f64::from(args.nodes - 1);
-    wait_for("every agent to see the others", Duration::from_secs(60), async || {
-        for a in &agents {
-            if a.metric("shoal_peers", &["state=\"alive\""]).await.unwrap_or(0.0) != n {
-                return false;
-            }
-        }
-        true
-    })
-    .await?;
-    let urls: Vec<String> = agents.iter().map(Agent::url).collect();
-    let done = burst(&nodes, |i| Endpoint { base: urls[i].clone(), ns: Some(upstream_host.clone()) }).await?;
-    let mut peer_bytes = 0.0;
-    let mut memory = 0;
-    for a in &agents {
-        peer_bytes += a.metric("shoal_peer_received_bytes_total", &[]).await?;
-        memory = memory.max(a.pid().map(peak_rss).transpose()?.unwrap_or(0));
-    }
-    outcomes.push(Outcome {
-        name: "Shoal",
-        done,
-        upstream_bytes: stats.body_bytes(),
-        peer_bytes: Some(peer_bytes as u64),
-        peak_memory: Some(memory),
-    });
-    drop(agents);
+    outcomes.push(shoal(&nodes, &upstream_host, &stats).await?);
     let _ = stop_tx.send(());
     proxy_task.await??;
 
@@ -202,6 +181,62 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         eprintln!("wrote {}.md and .svg", prefix.display());
     }
     drop((nodes, up, cache_ns, bridge));
+    Ok(())
+}
+
+/// The Shoal contender: an agent per node, in a mesh, each node pulling through its own.
+async fn shoal(nodes: &[Netns], upstream_host: &str, stats: &ProxyStats) -> Result<Outcome> {
+    eprintln!("(c) through Shoal on every node…");
+    stats.reset();
+    let dir = tempfile::Builder::new().prefix("shoal-burst").tempdir()?;
+    let secret = write_secret(&dir, "secret", &format!("{:032x}", rand::random::<u128>()))?;
+    let mut agents: Vec<Agent> = Vec::new();
+    for ns in nodes {
+        let boot: Vec<_> = agents.first().and_then(|a| a.gossip_addr).into_iter().collect();
+        let agent = Agent::builder().registry(upstream_host).mesh(&secret, ns.ip(), &boot).netns(ns).start().await?;
+        agents.push(agent);
+    }
+    let n = (nodes.len() - 1) as f64;
+    wait_for("every agent to see the others", Duration::from_secs(60), async || {
+        for a in &agents {
+            if a.metric("shoal_peers", &["state=\"alive\""]).await.unwrap_or(0.0) != n {
+                return false;
+            }
+        }
+        true
+    })
+    .await?;
+    let urls: Vec<String> = agents.iter().map(Agent::url).collect();
+    let pids: Vec<u32> = agents.iter().filter_map(Agent::pid).collect();
+    let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;
+    let done = burst(nodes, |i| Endpoint { base: urls[i].clone(), ns: Some(upstream_host.to_owned()) }).await?;
+    let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()? - cpu_before;
+    let mut peer_bytes = 0.0;
+    let mut memory = 0;
+    for a in &agents {
+        peer_bytes += a.metric("shoal_peer_received_bytes_total", &[]).await?;
+        memory = memory.max(a.pid().map(peak_rss).transpose()?.unwrap_or(0));
+    }
+    Ok(Outcome {
+        name: "Shoal",
+        done,
+        upstream_bytes: stats.body_bytes(),
+        peer_bytes: Some(peer_bytes as u64),
+        peak_memory: Some(memory),
+        cpu_seconds: Some(cpu),
+    })
+}
+
+async fn shoal_only(
+    args: &Args,
+    nodes: &[Netns],
+    upstream_host: &str,
+    stats: &ProxyStats,
+    image_bytes: u64,
+) -> Result<()> {
+    let o = shoal(nodes, upstream_host, stats).await?;
+    let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
+    println!("{}", render_table(args, &[o], image_bytes, link_secs));
     Ok(())
 }
 
@@ -220,14 +255,14 @@ fn render_table(args: &Args, outcomes: &[Outcome], image_bytes: u64, link_secs: 
          link rate, no overhead): the reference for completion times.\n\n",
         args.nodes, args.image_mib, args.layers, args.upstream_mbit, args.node_mbit
     );
-    t.push_str("| contender | first done (s) | p50 (s) | last done (s) | last / one upstream crossing | upstream bytes (× image) | peer bytes (× image) | peak memory (MiB) |\n");
-    t.push_str("|---|---|---|---|---|---|---|---|\n");
+    t.push_str("| contender | first done (s) | p50 (s) | last done (s) | last / one upstream crossing | upstream bytes (× image) | peer bytes (× image) | peak memory (MiB) | agents' CPU (s) |\n");
+    t.push_str("|---|---|---|---|---|---|---|---|---|\n");
     let x = |b: u64| b as f64 / image_bytes as f64;
     for o in outcomes {
         let last = percentile(&o.done, 1.0);
         let _ = writeln!(
             t,
-            "| {} | {:.1} | {:.1} | {last:.1} | {:.2}× | {:.3}× | {} | {} |",
+            "| {} | {:.1} | {:.1} | {last:.1} | {:.2}× | {:.3}× | {} | {} | {} |",
             o.name,
             percentile(&o.done, 0.0),
             percentile(&o.done, 0.5),
@@ -235,9 +270,11 @@ fn render_table(args: &Args, outcomes: &[Outcome], image_bytes: u64, link_secs: 
             x(o.upstream_bytes),
             o.peer_bytes.map_or("–".into(), |b| format!("{:.2}×", x(b))),
             o.peak_memory.map_or("–".into(), |m| format!("{:.0}", m as f64 / f64::from(1 << 20))),
+            o.cpu_seconds.map_or("–".into(), |c| format!("{c:.1}")),
         );
     }
-    if let (Some(shoal), Some(direct)) = (outcomes.iter().find(|o| o.name == "Shoal"), outcomes.first()) {
+    let by_name = |n: &str| outcomes.iter().find(|o| o.name == n);
+    if let (Some(shoal), Some(direct)) = (by_name("Shoal"), by_name("direct")) {
         let _ = writeln!(
             t,
             "\nShoal's last node finished in {:.2}× the time of direct pulls' last node (same run).",
