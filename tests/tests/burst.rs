@@ -169,3 +169,61 @@ async fn killing_the_home_mid_burst_still_completes_every_other_node() -> Result
     assert!(gets <= 2, "upstream GETs of the layer: {gets}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_burst_across_network_namespaces_with_a_capped_upstream_fetches_once() -> Result<()> {
+    use shoal_testbed::netns::{Bridge, Netns, Rate};
+    use shoal_testbed::{Proxy, Registry};
+    // Three nodes, each in its own namespace on a bridge; the upstream in another, its link capped.
+    let bridge = Bridge::create("sht")?;
+    let up = bridge.netns(1, Some(Rate::mbit(200)))?;
+    let nodes: Vec<Netns> = (11..14).map(|n| bridge.netns(n, Some(Rate::mbit(1000)))).collect::<Result<_>>()?;
+    let registry = Registry::start_in(&up, 5001, None).await?;
+    let upstream = format!("{}:5000", up.ip());
+    let (listen, target) = (upstream.parse()?, registry.addr());
+    let (stats_tx, stats_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let proxy = up.spawn(move || async move {
+        let p = Proxy::start_at(listen, target).await?;
+        let _ = stats_tx.send(p.stats());
+        let _ = stop_rx.await;
+        Ok(())
+    });
+    let stats = stats_rx.await?;
+    let image = Artifact::Image(Image::random(&[3 << 20, 1 << 20], 44, "amd64", Compression::None)?);
+    push(&image, &registry.host(), REPO, "v1", None, Format::Oci)?;
+    stats.reset();
+
+    let dir = tempfile::Builder::new().prefix("shoal-netns").tempdir()?;
+    let secret = shoal_testbed::cluster::write_secret(&dir, "secret", "a cluster secret of enough bytes")?;
+    let mut agents: Vec<Agent> = Vec::new();
+    for ns in &nodes {
+        let boot: Vec<_> = agents.first().and_then(|a| a.gossip_addr).into_iter().collect();
+        agents.push(Agent::builder().registry(&upstream).mesh(&secret, ns.ip(), &boot).netns(ns).start().await?);
+    }
+    let refs: Vec<&Agent> = agents.iter().collect();
+    wait_alive(&refs, 2.0, Duration::from_secs(30)).await?;
+    // Each node's client runs inside its namespace, against the agent on that namespace's loopback.
+    let pulls: Vec<_> = nodes
+        .iter()
+        .zip(&agents)
+        .map(|(ns, a)| {
+            let ep = Endpoint { base: a.url(), ns: Some(upstream.clone()) };
+            ns.spawn(move || async move {
+                let http = reqwest::Client::builder().no_proxy().build()?;
+                client::pull(&http, &ep, REPO, "v1").await
+            })
+        })
+        .collect();
+    for (i, p) in pulls.into_iter().enumerate() {
+        let pulled = p.await?.map_err(|e| anyhow::anyhow!("pull on node {i}: {e:#}\n{}", agents[i].log()))?;
+        assert_pulled_everything(&image, &pulled);
+    }
+    let size: usize = std::iter::once(image.top()).chain(image.all_blobs()).map(|b| b.data.len()).sum();
+    assert_eq!(stats.body_bytes(), size as u64, "upstream sent each byte of the image once");
+    // The upstream namespace's link carried the image once (plus headers), not three times.
+    assert!(up.sent_bytes()? < 2 * size as u64);
+    let _ = stop_tx.send(());
+    proxy.await??;
+    Ok(())
+}
