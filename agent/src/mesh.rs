@@ -3,10 +3,11 @@
 //!
 //! A node tells each digest's home what it holds ([`Mesh::hold`]: downloads started, blobs committed or evicted);
 //! an announcer task batches these to the homes, and when membership changes (homes move) it announces everything
-//! again to the new homes. A node that misses a blob asks the digest's home ([`Mesh::locate`]) and fetches pieces
-//! from the holders ([`Mesh::fetch_piece`]); a holder whose piece fails its hash is quarantined. The node answers
-//! the same requests from peers (the [`Service`] impl), reading pieces through a [`PieceSource`] (the resolver).
-
+//! again to the new homes. A node that misses a blob asks where to get it ([`Mesh::sources`]): the digest's home
+//! answers with a few sources ahead of the asker, and starts the zone's one download itself when nobody has it
+//! (from the digest's home zone, or upstream). Pieces come from those sources ([`Mesh::fetch_piece`]); a source
+//! whose piece fails its hash is quarantined. Tags are resolved by the tag's home ([`Mesh::resolve_tag`]). The
+//! node answers the same requests from peers (the [`Service`] impl) through [`Local`] (the resolver).
 pub mod directory;
 mod gossip;
 pub mod members;
@@ -294,7 +295,7 @@ fn node_key(path: &Path) -> Result<identity::Keypair, MeshError> {
 
 impl Mesh {
     /// Binds the transfer endpoint and the gossip listener and starts the mesh's tasks. Nothing is served to peers
-    /// until [`Mesh::set_piece_source`] is called.
+    /// until [`Mesh::set_local`] is called.
     pub fn start(
         cfg: &MeshConfig,
         data_dir: &Path,
