@@ -227,3 +227,36 @@ async fn a_burst_across_network_namespaces_with_a_capped_upstream_fetches_once()
     proxy.await??;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stalled_upstream_in_a_burst_ends_every_client_in_an_error_not_a_hang() -> Result<()> {
+    let cl = Cluster::start().await?;
+    let image = push_image(&cl, &[2 << 20], 45).await?;
+    let layer = image.all_blobs()[1].digest.clone();
+    let agents = cluster_of(&cl, 111, 3, |_, b| b.setting("upstream_stall_timeout", "\"500ms\"")).await?;
+    // Headers come at once, then the body never moves.
+    cl.proxy.set_fault(Fault::Throttle(1));
+    let started = std::time::Instant::now();
+    let http = reqwest::Client::new();
+    let gets = agents.iter().map(|a| {
+        let (http, url) = (http.clone(), cl.blob_url(a, REPO, &layer));
+        async move {
+            match http.get(url).send().await {
+                Ok(r) if r.status().is_success() => r.bytes().await.map(|b| b.len()).map_err(|e| e.to_string()),
+                Ok(r) => Err(r.status().to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    });
+    let outcomes = tokio::time::timeout(Duration::from_secs(90), join_all(gets)).await;
+    let outcomes = outcomes.expect("a client hung on a stalled upstream in a burst");
+    for (i, o) in outcomes.iter().enumerate() {
+        assert!(o.is_err(), "agent {i} delivered a whole body from a stalled upstream: {o:?}");
+    }
+    eprintln!(
+        "every client got its error after {:?}; upstream GETs of the layer: {}",
+        started.elapsed(),
+        cl.proxy.count("GET", &format!("/blobs/{layer}"))
+    );
+    Ok(())
+}
