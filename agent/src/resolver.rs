@@ -4,9 +4,12 @@
 //! A download is a single flight per digest: the first request starts it as a tracked task that writes a partial
 //! file while hashing (sha256 for the digest, BLAKE3 per piece for serving peers); every request for the same
 //! digest (the first included) reads that file as it grows, through a [`watch`] channel of progress. The bytes
-//! come from peers first, piece by piece in order, each piece checked against its hash before it is written; a
-//! peer that fails or stalls is left for the next holder, and when no holder is left the download continues from
-//! upstream at the same offset. Readers never get a blob's last byte before its sha256
+//! come from peers first: the digest's home names the sources (and starts the zone's one download itself when
+//! nobody has it, see [`Mesh::sources`]); pieces are taken in order, spread over the sources, each checked against
+//! its hash before it is written; a source that fails or stalls is dropped, the node asks again where to continue
+//! when sources run dry or the home moves, and after that brings nothing the download continues from upstream at
+//! the same offset. As a home, the resolver downloads on members' behalf ([`Local::fetch`]) and resolves tags for
+//! them ([`Local::resolve_tag`]). Readers never get a blob's last byte before its sha256
 //! matched (the commit — fsync, rename, index record — follows), so a client of a blob that fails verification
 //! sees its response cut short.
 //!
