@@ -334,6 +334,36 @@ mod tests {
     }
 
     #[test]
+    fn zones_each_have_a_home_and_every_digest_one_home_zone() {
+        let me = PeerId::random();
+        let others: Vec<(PeerId, &str)> =
+            vec![(PeerId::random(), "a"), (PeerId::random(), "b"), (PeerId::random(), "b"), (PeerId::random(), "c")];
+        let mut members: Vec<(MemberInfo, Liveness)> =
+            others.iter().map(|(id, z)| (MemberInfo { zone: (*z).into(), ..info(*id, 1) }, Liveness::Alive)).collect();
+        // A dead member's zone is not a zone any more.
+        members.push((MemberInfo { zone: "d".into(), ..info(PeerId::random(), 1) }, Liveness::Dead));
+        let view = MembersView { me, zone: "a".into(), members };
+        assert_eq!(view.zones(), vec!["a", "b", "c"]);
+        assert_eq!(view.zone_of(&me), Some("a"));
+        assert_eq!(view.zone_of(&others[1].0), Some("b"));
+        let mut home_zones = HashMap::new();
+        for n in 0..300 {
+            let d = digest(n);
+            // Every node computes the same home zone: it depends on the zones, not on who asks.
+            let other_view = MembersView { me: others[1].0, zone: "b".into(), ..view.clone() };
+            let hz = view.home_zone(&d);
+            assert_eq!(other_view.home_zone(&d), hz);
+            *home_zones.entry(hz.clone()).or_insert(0) += 1;
+            // Each zone's home is one of that zone's alive members.
+            let hb = view.home_in("b", &d).unwrap();
+            assert!(hb == others[1].0 || hb == others[2].0);
+            assert_eq!(view.home_in("a", &d), Some(view.home(&d)));
+            assert_eq!(view.home_in("d", &d), None, "no alive member there");
+        }
+        assert_eq!(home_zones.len(), 3, "home zones spread over the zones: {home_zones:?}");
+    }
+
+    #[test]
     fn homes_spread_over_members() {
         let peers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
         let mut counts = HashMap::new();
