@@ -700,6 +700,18 @@ impl Resolver {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "download failed");
+                // The home may have recorded this node as a holder when it asked for sources: take that back,
+                // whatever stage the download failed at (a removal of nothing is harmless).
+                if let Some(mesh) = &self.mesh {
+                    mesh.hold(Holding {
+                        digest: digest.clone(),
+                        size: 0,
+                        media_type: None,
+                        complete: false,
+                        public: false,
+                        removed: true,
+                    });
+                }
                 State::Failed(e)
             }
         };
@@ -770,13 +782,8 @@ impl Resolver {
             mesh.hold(holding(false, false));
         }
         let mut sink = Sink::new(file, partial.clone(), size, dl);
-        let result = self.fill(client, digest, kind, &mut req, &mut sink, tiers, first_resp).await;
-        if let Err(e) = result {
-            if let (Some(mesh), Some(_)) = (&self.mesh, size) {
-                mesh.hold(holding(false, true));
-            }
-            return Err(e);
-        }
+        // On failure, run_download tells the home this node holds nothing.
+        self.fill(client, digest, kind, &mut req, &mut sink, tiers, first_resp).await?;
         let Sink { writer, written, pieces, peers_used, .. } = sink;
         let (file, hasher) = writer.expect("the writer is put back after every batch");
         let actual = Digest::from_sha256(&hasher.finalize());
@@ -790,9 +797,6 @@ impl Resolver {
                         .get_or_create(&crate::metrics::FailureLabels { reason: TransferFailure::digest_mismatch })
                         .inc();
                     mesh.quarantine(*p, "its pieces made up a blob that does not match its digest");
-                }
-                if size.is_some() {
-                    mesh.hold(holding(false, true));
                 }
             }
             return Err(ResolveError::Unavailable(format!("content does not match its digest (got {actual})")));
