@@ -548,17 +548,8 @@ impl Resolver {
             return self.head_upstream(client, digest, guard).await;
         };
         let mut rx = dl.progress.subscribe();
-        let p = rx
-            // An empty blob is answered only once verified: with no bytes to hold back, its headers are all of it.
-            .wait_for(|p| {
-                p.header.as_ref().is_some_and(|h| h.0 != Some(0)) || p.verified || !matches!(p.state, State::Running)
-            })
-            .await
-            .map_err(|_| ResolveError::Unavailable("download ended".into()))?
-            .clone();
-        if let State::Failed(e) = p.state {
-            return Err(e);
-        }
+        // An empty blob is answered only once verified: with no bytes to hold back, its headers are all of it.
+        let p = wait_progress(&mut rx, |p| p.header.as_ref().is_some_and(|h| h.0 != Some(0)) || p.verified).await?;
         let (size, media_type) = p.header.unwrap_or((None, None));
         Ok(Opened {
             digest: digest.clone(),
@@ -639,15 +630,7 @@ impl Resolver {
         }
         let (dl, started) =
             self.join_or_start(client, digest, kind, true).await?.expect("a download is started when none runs");
-        let mut rx = dl.progress.subscribe();
-        let p = rx
-            .wait_for(|p| p.header.is_some() || !matches!(p.state, State::Running))
-            .await
-            .map_err(|_| ResolveError::Unavailable("download ended".into()))?
-            .clone();
-        if let State::Failed(e) = p.state {
-            return Err(e);
-        }
+        let p = wait_progress(&mut dl.progress.subscribe(), |p| p.header.is_some()).await?;
         let (size, media_type) = p.header.unwrap_or((None, None));
         let size = size.ok_or_else(|| ResolveError::Unavailable("upstream sent no size".into()))?;
         Ok(Fetched { size, media_type, complete: p.verified, public: dl.origin.cred.is_none(), started })
@@ -1210,6 +1193,22 @@ impl Local for Resolver {
             let client = Client { registry: order.registry, repo: order.repo, auth: order.auth, accept: order.accept };
             self.resolve_tag_impl(&client, &tag, false).await.map_err(|e| e.to_string())
         })
+    }
+}
+
+/// Waits until a download's progress is `ready` or the download ended; a failed download's error is returned.
+async fn wait_progress(
+    rx: &mut watch::Receiver<Progress>,
+    ready: impl Fn(&Progress) -> bool,
+) -> Result<Progress, ResolveError> {
+    let p = rx
+        .wait_for(|p| ready(p) || !matches!(p.state, State::Running))
+        .await
+        .map_err(|_| ResolveError::Unavailable("download ended".into()))?
+        .clone();
+    match p.state {
+        State::Failed(e) => Err(e),
+        _ => Ok(p),
     }
 }
 
