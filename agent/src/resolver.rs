@@ -913,11 +913,7 @@ impl Resolver {
             return Ok(());
         }
         // Partial sources are followed for as long as their own source may stall; else pieces they lack end the tier.
-        let (wait, budget) = if tier.follow {
-            (self.upstream.stall_timeout(), self.upstream.stall_timeout())
-        } else {
-            (Duration::ZERO, Duration::ZERO)
-        };
+        let follow = if tier.follow { self.upstream.stall_timeout() } else { Duration::ZERO };
         let failed = Mutex::new(vec![false; sources.len()]);
         let fetch = |i: u64| {
             let (offset, len) = piece_range(size, piece, i);
@@ -931,7 +927,7 @@ impl Resolver {
                         continue;
                     }
                     let peer = sources[at];
-                    match fetch_when_ready(mesh, peer, digest, (offset, len as u32), wait, budget).await {
+                    match fetch_when_ready(mesh, peer, digest, (offset, len as u32), follow).await {
                         Ok(p) => return Ok((peer, p)),
                         Err(e) => {
                             tracing::info!(%peer, offset, error = %e, "source failed");
@@ -1178,8 +1174,7 @@ impl Local for Resolver {
         order: Order,
     ) -> futures_util::future::BoxFuture<'static, Result<Fetched, String>> {
         Box::pin(async move {
-            let kind = if order.manifest { Kind::Manifest } else { Kind::Blob };
-            let client = Client { registry: order.registry, repo: order.repo, auth: order.auth, accept: order.accept };
+            let (client, kind) = client_of(order);
             self.fetch_for_peer(&client, &digest, kind).await.map_err(|e| e.to_string())
         })
     }
@@ -1190,7 +1185,7 @@ impl Local for Resolver {
         tag: String,
     ) -> futures_util::future::BoxFuture<'static, Result<TagAnswer, String>> {
         Box::pin(async move {
-            let client = Client { registry: order.registry, repo: order.repo, auth: order.auth, accept: order.accept };
+            let (client, _) = client_of(order);
             self.resolve_tag_impl(&client, &tag, false).await.map_err(|e| e.to_string())
         })
     }
@@ -1212,29 +1207,29 @@ async fn wait_progress(
     }
 }
 
-/// Fetches a piece; a partial holder waits up to `wait` for it itself, and is asked again while it does not have
-/// it yet, for up to `budget` in all.
+/// Fetches a piece. Following a partial holder (`follow` > 0), the holder itself waits for a piece it does not
+/// have yet, and is asked again while it still lacks it, for up to `follow` in all; otherwise one ask.
 async fn fetch_when_ready(
     mesh: &Mesh,
     peer: libp2p::PeerId,
     digest: &Digest,
     piece: (u64, u32),
-    wait: Duration,
-    budget: Duration,
+    follow: Duration,
 ) -> Result<VerifiedPiece, FetchError> {
-    let deadline = Instant::now() + budget;
+    let deadline = Instant::now() + follow;
     loop {
-        match mesh.fetch_piece(peer, digest, piece, wait).await {
+        match mesh.fetch_piece(peer, digest, piece, follow).await {
             Err(FetchError::Refused { code: shoal_proto::peer::error::Code::NotReady, .. })
-                if Instant::now() < deadline =>
-            {
-                if wait.is_zero() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
+                if Instant::now() < deadline => {}
             r => return r,
         }
     }
+}
+
+/// The client a member's order speaks for, and what it asks for (the inverse of [`order`]).
+fn client_of(order: Order) -> (Client, Kind) {
+    let kind = if order.manifest { Kind::Manifest } else { Kind::Blob };
+    (Client { registry: order.registry, repo: order.repo, auth: order.auth, accept: order.accept }, kind)
 }
 
 /// The order a home needs to fetch for this client.

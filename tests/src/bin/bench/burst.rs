@@ -84,22 +84,33 @@ struct Outcome {
     cpu_seconds: Option<f64>,
 }
 
-/// Pulls on every node at the same instant; returns each node's completion time.
+/// Pulls on every node at the same moment (each node's thread is in its namespace with its client built before
+/// the start is given); returns each node's completion time from that start.
 async fn burst(nodes: &[Netns], endpoint: impl Fn(usize) -> Endpoint) -> Result<Vec<f64>> {
-    let start = Instant::now() + Duration::from_millis(500);
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(nodes.len() + 1));
     let handles: Vec<_> = nodes
         .iter()
         .enumerate()
         .map(|(i, ns)| {
-            let ep = endpoint(i);
+            let (ep, start) = (endpoint(i), start.clone());
             ns.spawn(move || async move {
-                let http = reqwest::Client::builder().no_proxy().build()?;
-                tokio::time::sleep_until(start.into()).await;
-                client::pull(&http, &ep, REPO, "v1").await?;
-                Ok(start.elapsed().as_secs_f64())
+                let http = reqwest::Client::builder().no_proxy().build();
+                start.wait().await;
+                let began = Instant::now();
+                client::pull(&http?, &ep, REPO, "v1").await?;
+                Ok(began.elapsed().as_secs_f64())
             })
         })
         .collect();
+    // A thread that could not enter its namespace never reaches the start: do not wait for it forever.
+    if tokio::time::timeout(Duration::from_secs(30), start.wait()).await.is_err() {
+        for (i, h) in handles.into_iter().enumerate() {
+            if h.is_finished() {
+                h.await?.with_context(|| format!("node {i} did not start"))?;
+            }
+        }
+        bail!("not every node reached the start");
+    }
     let mut done = Vec::new();
     for (i, h) in handles.into_iter().enumerate() {
         done.push(h.await?.with_context(|| format!("pull on node {i}"))?);
