@@ -17,11 +17,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, HostsConfig};
+use crate::containerd::Containerd;
+use crate::containerd::hosts::{self, HostEntry};
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::mirror::{self, MirrorState};
-use crate::resolver::{Resolver, ResolverConfig};
+use crate::resolver::{Others, Resolver, ResolverConfig};
 use crate::store::{Store, StoreError};
 use crate::upstream::Upstream;
 
@@ -101,6 +103,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         Some(m) => Some(Mesh::start(m, &cfg.data_dir, metrics.clone(), &tasks, &cancel)?),
         None => None,
     };
+    let containerd = cfg.containerd.clone().map(|c| Containerd::new(c, metrics.containerd.clone(), tasks.clone()));
     let resolver = Resolver::new(
         store.clone(),
         upstream,
@@ -113,13 +116,26 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         metrics.clone(),
         tasks.clone(),
         cancel.child_token(),
-        mesh.clone(),
+        Others { mesh: mesh.clone(), containerd: containerd.clone() },
     );
+    if let Some(c) = &containerd {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        tasks.spawn(c.clone().follow(tx, cancel.child_token()));
+        let r = resolver.clone();
+        tasks.spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                r.containerd_changed(batch).await;
+            }
+        });
+    }
     resolver.maybe_gc();
     if let Err(e) = resolver.announce_stored().await {
         tracing::warn!(error = %e, "could not list the store for the mesh: peers learn of its blobs later");
     }
 
+    if let Some(h) = &cfg.hosts {
+        write_hosts(&cfg, h);
+    }
     let health = Arc::new(HealthState { ready: AtomicBool::new(false), registry });
     let stop_accepting = CancellationToken::new();
     let mirror_app = mirror::router(MirrorState { resolver, metrics });
@@ -173,6 +189,35 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     }
     tracing::info!("shoal agent stopped");
     Ok(())
+}
+
+/// Points containerd at this mirror: a hosts file per configured registry (and `_default` when unlisted
+/// registries are proxied), after checking containerd's config for settings that would bypass them. A failure is
+/// logged, not fatal: the agent still serves its peers and any client configured by hand.
+fn write_hosts(cfg: &Config, h: &HostsConfig) {
+    for warning in hosts::preflight(&h.containerd_config, &h.dir) {
+        tracing::warn!(config = %h.containerd_config.display(), "{warning}");
+    }
+    let mut entries: Vec<HostEntry> = cfg
+        .upstream
+        .registries
+        .iter()
+        .map(|(host, r)| HostEntry {
+            registry: host.as_str().to_owned(),
+            server: Some(r.endpoint.as_str().trim_end_matches('/').to_owned()),
+        })
+        .collect();
+    if cfg.upstream.allow_unlisted {
+        entries.push(HostEntry { registry: "_default".to_owned(), server: None });
+    }
+    for e in &entries {
+        match hosts::write(&h.dir, e, &h.mirror_url, h.dial_timeout) {
+            Ok(path) => tracing::info!(path = %path.display(), mirror = %h.mirror_url, "containerd hosts file written"),
+            Err(err) => {
+                tracing::error!(registry = %e.registry, error = %err, "could not write containerd's hosts file")
+            }
+        }
+    }
 }
 
 fn health_router(state: Arc<HealthState>) -> Router {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::containerd::{ContainerdConfig, ContentAccess};
 use crate::oci::RegistryHost;
 
 /// A configuration key that is missing, malformed or out of range.
@@ -151,6 +152,42 @@ pub struct RawConfig {
     /// How long a peer whose data failed a check is not asked for anything. Default `5m`.
     #[arg(long, env = "SHOAL_PEER_QUARANTINE")]
     pub peer_quarantine: Option<String>,
+    /// containerd's gRPC socket: the blobs of its images are served to clients and peers without a second copy.
+    /// An empty value turns this off. Default `/run/containerd/containerd.sock`.
+    #[arg(long, env = "SHOAL_CONTAINERD_SOCKET")]
+    pub containerd_socket: Option<PathBuf>,
+    /// The containerd namespace whose images are shared. Default `k8s.io` (the kubelet's).
+    #[arg(long, env = "SHOAL_CONTAINERD_NAMESPACE")]
+    pub containerd_namespace: Option<String>,
+    /// Who may be given containerd's content: `node` (any client of this mirror and any member, as Kubernetes
+    /// lets any pod run an image present on its node) or `upstream` (clients upstream accepts for the
+    /// repository; offered to peers as private content). Default `node`.
+    #[arg(long, env = "SHOAL_CONTAINERD_CONTENT_ACCESS")]
+    pub containerd_content_access: Option<String>,
+    /// How often all of containerd's images are walked again (events keep the view current in between).
+    /// Default `5m`.
+    #[arg(long, env = "SHOAL_CONTAINERD_RESYNC")]
+    pub containerd_resync: Option<String>,
+    /// containerd's hosts dir (its registry `config_path`). When set, the agent writes `hosts.toml` there at
+    /// start for every configured registry (and `_default` when unlisted registries are allowed), with this
+    /// mirror first; `shoal restore-hosts` undoes it. Default none (containerd's config is left alone).
+    #[arg(long, env = "SHOAL_CONTAINERD_HOSTS_DIR")]
+    pub containerd_hosts_dir: Option<PathBuf>,
+    /// How long containerd tries to connect to this mirror before it goes to the registry. Default `1s`.
+    #[arg(long, env = "SHOAL_CONTAINERD_DIAL_TIMEOUT")]
+    pub containerd_dial_timeout: Option<String>,
+    /// containerd's config file, checked at start for settings that bypass the hosts files. Default
+    /// `/etc/containerd/config.toml`.
+    #[arg(long, env = "SHOAL_CONTAINERD_CONFIG")]
+    pub containerd_config: Option<PathBuf>,
+    /// The URL containerd reaches this mirror at, written into `hosts.toml`. Default `http://` + `listen` (with
+    /// `127.0.0.1` for an unspecified address).
+    #[arg(long, env = "SHOAL_MIRROR_URL")]
+    pub mirror_url: Option<String>,
+    /// This node's Kubernetes name (from the downward API). With the mesh on and no `zone` set, the zone is read
+    /// from the node's `topology.kubernetes.io/zone` label. Default none.
+    #[arg(long, env = "SHOAL_NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 /// One registry given on the command line or in `SHOAL_REGISTRIES`.
@@ -268,6 +305,25 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// The peer mesh, when a cluster secret is configured.
     pub mesh: Option<MeshConfig>,
+    /// The node's containerd, unless turned off.
+    pub containerd: Option<ContainerdConfig>,
+    /// Where to write containerd's hosts files, if anywhere.
+    pub hosts: Option<HostsConfig>,
+    /// This node's Kubernetes name.
+    pub node_name: Option<String>,
+}
+
+/// Writing containerd's hosts files, validated.
+#[derive(Debug, Clone)]
+pub struct HostsConfig {
+    /// The hosts dir.
+    pub dir: PathBuf,
+    /// The mirror's URL as containerd reaches it.
+    pub mirror_url: String,
+    /// containerd's connect timeout to the mirror.
+    pub dial_timeout: Duration,
+    /// containerd's config file (pre-flight checks).
+    pub containerd_config: PathBuf,
 }
 
 /// The cluster's shared secret (never printed).
@@ -297,6 +353,8 @@ pub struct MeshConfig {
     pub mdns: bool,
     /// This node's zone.
     pub zone: String,
+    /// Whether `zone` was left unset: with a node name, the node's zone label decides.
+    pub zone_from_node: bool,
     /// Announcement period.
     pub gossip_interval: Duration,
     /// Silence after which a member is suspect.
@@ -364,6 +422,15 @@ impl RawConfig {
             upload_rate: self.upload_rate.or(file.upload_rate),
             peer_stall_timeout: self.peer_stall_timeout.or(file.peer_stall_timeout),
             peer_quarantine: self.peer_quarantine.or(file.peer_quarantine),
+            containerd_socket: self.containerd_socket.or(file.containerd_socket),
+            containerd_namespace: self.containerd_namespace.or(file.containerd_namespace),
+            containerd_content_access: self.containerd_content_access.or(file.containerd_content_access),
+            containerd_resync: self.containerd_resync.or(file.containerd_resync),
+            containerd_hosts_dir: self.containerd_hosts_dir.or(file.containerd_hosts_dir),
+            containerd_dial_timeout: self.containerd_dial_timeout.or(file.containerd_dial_timeout),
+            containerd_config: self.containerd_config.or(file.containerd_config),
+            mirror_url: self.mirror_url.or(file.mirror_url),
+            node_name: self.node_name.or(file.node_name),
         }
     }
 
@@ -401,6 +468,51 @@ impl RawConfig {
         };
         let tag_ttl = dur("tag_ttl", &self.tag_ttl, "30s", Duration::ZERO)?;
         let mesh = self.validate_mesh(&dur)?;
+        let containerd = self.validate_containerd(&dur)?;
+        let hosts = match &self.containerd_hosts_dir {
+            None => None,
+            Some(dir) if dir.as_os_str().is_empty() => None,
+            Some(dir) => {
+                let mirror_url = match &self.mirror_url {
+                    Some(u) => {
+                        let url = reqwest::Url::parse(u).map_err(|e| invalid("mirror_url", format!("`{u}`: {e}")))?;
+                        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() || url.path() != "/" {
+                            return Err(invalid("mirror_url", "must be http(s)://HOST[:PORT] with no path"));
+                        }
+                        u.trim_end_matches('/').to_owned()
+                    }
+                    None => {
+                        let ip = if listen.ip().is_unspecified() {
+                            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+                        } else {
+                            listen.ip()
+                        };
+                        format!("http://{}", SocketAddr::new(ip, listen.port()))
+                    }
+                };
+                Some(HostsConfig {
+                    dir: dir.clone(),
+                    mirror_url,
+                    dial_timeout: dur(
+                        "containerd_dial_timeout",
+                        &self.containerd_dial_timeout,
+                        "1s",
+                        Duration::from_millis(10),
+                    )?,
+                    containerd_config: self
+                        .containerd_config
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from("/etc/containerd/config.toml")),
+                })
+            }
+        };
+        let node_name = match &self.node_name {
+            Some(n) if n.is_empty() || n.len() > 253 || n.contains('/') => {
+                return Err(invalid("node_name", "not a Kubernetes node name"));
+            }
+            other => other.clone(),
+        };
+
         let auth_ttl = dur("auth_ttl", &self.auth_ttl, "60s", Duration::ZERO)?;
         let shutdown_grace = dur("shutdown_grace", &self.shutdown_grace, "20s", Duration::ZERO)?;
         let connect_timeout =
@@ -437,6 +549,9 @@ impl RawConfig {
         });
 
         Ok(Config {
+            containerd,
+            hosts,
+            node_name,
             listen,
             metrics_listen,
             data_dir,
@@ -457,6 +572,35 @@ impl RawConfig {
             },
             mesh,
         })
+    }
+
+    fn validate_containerd(
+        &self,
+        dur: &impl Fn(&str, &Option<String>, &str, Duration) -> Result<Duration, ConfigError>,
+    ) -> Result<Option<ContainerdConfig>, ConfigError> {
+        let socket = self.containerd_socket.clone().unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
+        if socket.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let namespace = self.containerd_namespace.clone().unwrap_or_else(|| "k8s.io".to_owned());
+        if namespace.is_empty()
+            || namespace.len() > 76
+            || !namespace.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(invalid("containerd_namespace", "must be 1-76 characters of [A-Za-z0-9._-]"));
+        }
+        let access = match self.containerd_content_access.as_deref().unwrap_or("node") {
+            "node" => ContentAccess::Node,
+            "upstream" => ContentAccess::Upstream,
+            other => {
+                return Err(invalid(
+                    "containerd_content_access",
+                    format!("`{other}` is neither `node` nor `upstream`"),
+                ));
+            }
+        };
+        let resync = dur("containerd_resync", &self.containerd_resync, "5m", Duration::from_secs(1))?;
+        Ok(Some(ContainerdConfig { socket, namespace, access, resync }))
     }
 
     fn validate_mesh(
@@ -503,7 +647,7 @@ impl RawConfig {
             }
         }
         let zone = self.zone.clone().unwrap_or_else(|| "default".to_owned());
-        if zone.is_empty() || zone.len() > 63 || !zone.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if !valid_zone(&zone) {
             return Err(invalid("zone", "must be 1-63 characters of [A-Za-z0-9._-]"));
         }
         let gossip_interval = dur("gossip_interval", &self.gossip_interval, "1s", Duration::from_millis(100))?;
@@ -532,6 +676,7 @@ impl RawConfig {
             bootstrap: self.bootstrap.clone(),
             mdns: self.mdns.unwrap_or(false),
             zone,
+            zone_from_node: self.zone.is_none() && self.node_name.is_some(),
             gossip_interval,
             suspect_after,
             dead_after,
@@ -541,6 +686,11 @@ impl RawConfig {
             peer_quarantine: dur("peer_quarantine", &self.peer_quarantine, "5m", Duration::ZERO)?,
         }))
     }
+}
+
+/// Whether `zone` can name a zone (the config key's rule, also applied to a node's label).
+pub fn valid_zone(zone: &str) -> bool {
+    !zone.is_empty() && zone.len() <= 63 && zone.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 fn read_secret(path: &Path) -> Result<ClusterSecret, String> {

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod containerd;
 pub mod mesh;
 pub mod metrics;
 pub mod mirror;

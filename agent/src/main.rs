@@ -21,7 +21,13 @@ enum Command {
         #[arg(long, env = "SHOAL_CONFIG")]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: RawConfig,
+        settings: Box<RawConfig>,
+    },
+    /// Put back the containerd hosts files the agent replaced (on uninstall).
+    RestoreHosts {
+        /// containerd's hosts dir (the agent's `containerd_hosts_dir`).
+        #[arg(long, env = "SHOAL_CONTAINERD_HOSTS_DIR")]
+        hosts_dir: PathBuf,
     },
 }
 
@@ -53,15 +59,34 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let Command::Agent { config, settings } = Cli::parse().command;
+    let (config, settings) = match Cli::parse().command {
+        Command::Agent { config, settings } => (config, settings),
+        Command::RestoreHosts { hosts_dir } => return restore_hosts(&hosts_dir),
+    };
     let file = match &config {
         Some(path) => RawConfig::from_file(path)?,
         None => RawConfig::default(),
     };
-    let cfg = settings.over(file).validate()?;
+    let cfg = (*settings).over(file).validate()?;
     shoal_agent::init_tracing(cfg.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(shoal_agent::agent::run(cfg, shutdown_signal()))?;
+    Ok(())
+}
+
+fn restore_hosts(dir: &std::path::Path) -> anyhow::Result<()> {
+    use shoal_agent::containerd::hosts::{Restored, restore};
+    let done = restore(dir).with_context(|| format!("restoring the hosts files under {}", dir.display()))?;
+    for r in &done {
+        match r {
+            Restored::Original(p) => println!("restored {}", p.display()),
+            Restored::Removed(p) => println!("removed {} (there was none before)", p.display()),
+            Restored::LeftAlone(p) => println!("left {} alone (changed since shoal wrote it)", p.display()),
+        }
+    }
+    if done.is_empty() {
+        println!("nothing to restore under {}", dir.display());
+    }
     Ok(())
 }
 

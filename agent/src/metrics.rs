@@ -70,6 +70,8 @@ pub enum Source {
     store,
     /// A download in progress (stream-through), from upstream or from peers.
     download,
+    /// The node's containerd content store.
+    containerd,
 }
 
 /// Labels with a source.
@@ -101,6 +103,8 @@ pub enum LookupResult {
     miss,
     /// A stale tag served because upstream was unreachable.
     stale,
+    /// Served from the node's containerd.
+    containerd,
 }
 
 /// Labels of cache lookups.
@@ -192,6 +196,21 @@ impl Default for UpstreamMetrics {
             bytes: Counter::default(),
         }
     }
+}
+
+/// containerd metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerdMetrics {
+    /// 1 while the agent follows containerd's events, 0 while it cannot reach containerd.
+    pub connected: Gauge,
+    /// Blobs of containerd's images this node offers.
+    pub blobs: Gauge,
+    /// Events handled.
+    pub events: Counter,
+    /// Leases taken to read content.
+    pub leases: Counter,
+    /// Bytes read from containerd's content store.
+    pub bytes_read: Counter,
 }
 
 /// Store metrics.
@@ -295,12 +314,27 @@ pub struct Metrics {
     pub store: StoreMetrics,
     /// Peer mesh.
     pub mesh: MeshMetrics,
+    /// containerd.
+    pub containerd: ContainerdMetrics,
 }
 
 impl Metrics {
     /// Registers every metric under the `shoal` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("shoal");
+        r.register(
+            "containerd_connected",
+            "1 while containerd's events are followed",
+            self.containerd.connected.clone(),
+        );
+        r.register("containerd_blobs", "Blobs of containerd's images offered", self.containerd.blobs.clone());
+        r.register("containerd_events", "containerd events handled", self.containerd.events.clone());
+        r.register("containerd_leases", "containerd leases taken to read content", self.containerd.leases.clone());
+        r.register(
+            "containerd_read_bytes",
+            "Bytes read from containerd's content store",
+            self.containerd.bytes_read.clone(),
+        );
         r.register("http_requests", "Mirror requests by route and outcome", self.mirror.requests.clone());
         r.register(
             "bytes_served",

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::containerd::{Change, Containerd, ContainerdError, ContentAccess, ContentReader};
 use crate::mesh::{Fetched, Holding, Local, Mesh, Order, Piece, PieceRefusal, TagAnswer, Tier};
 use crate::metrics::{LookupKind, LookupLabels, LookupResult, Metrics, Source, SourceLabels, TransferFailure};
 use crate::oci::{Digest, Reference, RegistryHost, RepoName};
@@ -189,6 +190,15 @@ struct Download {
     pieces: Mutex<Option<(u32, Vec<[u8; 32]>)>>,
 }
 
+/// The other holders of bytes a resolver uses besides its store and upstream.
+#[derive(Debug, Default)]
+pub struct Others {
+    /// The peer mesh.
+    pub mesh: Option<Arc<Mesh>>,
+    /// The node's containerd.
+    pub containerd: Option<Arc<Containerd>>,
+}
+
 /// The resolver, shared by every request.
 #[derive(Debug)]
 pub struct Resolver {
@@ -207,6 +217,7 @@ pub struct Resolver {
     tasks: TaskTracker,
     cancel: CancellationToken,
     mesh: Option<Arc<Mesh>>,
+    containerd: Option<Arc<Containerd>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -241,6 +252,8 @@ enum OpenedSource {
     /// Headers only (a HEAD answered by upstream).
     HeadOnly,
     Stored(PathBuf),
+    /// In the node's containerd.
+    Containerd(Arc<Containerd>),
     InFlight {
         rx: watch::Receiver<Progress>,
         final_path: PathBuf,
@@ -276,8 +289,9 @@ impl Resolver {
         metrics: Metrics,
         tasks: TaskTracker,
         cancel: CancellationToken,
-        mesh: Option<Arc<Mesh>>,
+        others: Others,
     ) -> Arc<Self> {
+        let Others { mesh, containerd } = others;
         let this = Arc::new(Self {
             store,
             upstream,
@@ -292,6 +306,7 @@ impl Resolver {
             tasks,
             cancel,
             mesh,
+            containerd,
         });
         if let Some(m) = &this.mesh {
             let weak: std::sync::Weak<dyn Local> = Arc::downgrade(&this) as _;
@@ -315,6 +330,70 @@ impl Resolver {
             });
         }
         Ok(())
+    }
+
+    /// Announces what containerd now holds, and withdraws what it no longer holds (unless the store or a
+    /// download still has it).
+    pub async fn containerd_changed(&self, batch: Vec<Change>) {
+        let Some(mesh) = &self.mesh else { return };
+        let public = self.containerd.as_ref().is_some_and(|c| c.config().access == ContentAccess::Node);
+        for change in batch {
+            match change {
+                Change::Added(digest, held) => mesh.hold(Holding {
+                    digest,
+                    size: held.size,
+                    media_type: held.media_type,
+                    complete: true,
+                    public,
+                    removed: false,
+                }),
+                Change::Removed(digest) => {
+                    let store = self.store.clone();
+                    let d = digest.clone();
+                    let stored = blocking(move || store.blob(&d)).await.ok().flatten();
+                    let downloading = lock(&self.downloads).contains_key(&digest);
+                    match stored {
+                        Some(meta) => mesh.hold(Holding {
+                            digest,
+                            size: meta.size,
+                            media_type: meta.media_type,
+                            complete: true,
+                            public: meta.public,
+                            removed: false,
+                        }),
+                        None if !downloading => mesh.hold(removed(digest)),
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The image containerd has under this client's `registry/repo:tag`, when its content is the node's to give.
+    fn containerd_tag(&self, client: &Client, tag: &str) -> Option<(Digest, Option<String>)> {
+        let c = self.containerd.as_ref().filter(|c| c.config().access == ContentAccess::Node)?;
+        let (digest, media_type) = c.tag(client.registry.as_str(), client.repo.as_str(), tag)?;
+        c.held(&digest)?;
+        accepts(client.accept.as_ref(), media_type.as_deref()).then_some((digest, media_type))
+    }
+
+    fn containerd_holds(&self, digest: &Digest) -> bool {
+        self.containerd.as_ref().is_some_and(|c| c.held(digest).is_some())
+    }
+
+    /// containerd's copy of `digest`, if it holds one and `client` may have it.
+    async fn containerd_copy(
+        &self,
+        client: &Client,
+        digest: &Digest,
+        kind: Kind,
+    ) -> Result<Option<crate::containerd::Held>, ResolveError> {
+        let Some(c) = &self.containerd else { return Ok(None) };
+        let Some(held) = c.held(digest) else { return Ok(None) };
+        if c.config().access == ContentAccess::Upstream {
+            self.authorize(client, digest, kind).await?;
+        }
+        Ok(Some(held))
     }
 
     /// The upstream client.
@@ -429,7 +508,15 @@ impl Resolver {
                     self.lookup(LookupKind::tag, LookupResult::stale);
                     Ok(TagAnswer { digest: c.digest, fetched_at: c.fetched_at, media_type: c.media_type })
                 }
-                _ => Err(ResolveError::Unavailable(reason)),
+                _ => match self.containerd_tag(client, tag) {
+                    Some((digest, media_type)) => {
+                        tracing::warn!(%reason, tag, "upstream unreachable: serving the digest containerd's image has");
+                        self.lookup(LookupKind::tag, LookupResult::containerd);
+                        // As old as can be: a later answer from upstream or a peer replaces it at once.
+                        Ok(TagAnswer { digest, fetched_at: 0, media_type })
+                    }
+                    None => Err(ResolveError::Unavailable(reason)),
+                },
             },
             Err(e) => Err(e.into()),
         }
@@ -544,12 +631,24 @@ impl Resolver {
                 _guard: guard,
             });
         }
+        if let Some(held) = self.containerd_copy(client, digest, kind).await? {
+            self.lookup(LookupKind::digest, LookupResult::containerd);
+            return Ok(Opened {
+                digest: digest.clone(),
+                size: Some(held.size),
+                media_type: held.media_type,
+                source: OpenedSource::Containerd(self.containerd.clone().expect("a copy was found in containerd")),
+                _guard: guard,
+            });
+        }
         let Some((dl, _)) = self.join_or_start(client, digest, kind, !(head && kind == Kind::Blob)).await? else {
             return self.head_upstream(client, digest, guard).await;
         };
         let mut rx = dl.progress.subscribe();
-        // An empty blob is answered only once verified: with no bytes to hold back, its headers are all of it.
-        let p = wait_progress(&mut rx, |p| p.header.as_ref().is_some_and(|h| h.0 != Some(0)) || p.verified).await?;
+        // Answered once the first bytes are on disk (or, for an empty blob, once verified): a download that fails
+        // before that is an error the client can take elsewhere (containerd moves to the next host), not a 200
+        // whose body breaks.
+        let p = wait_progress(&mut rx, |p| (p.header.is_some() && p.written > 0) || p.verified).await?;
         let (size, media_type) = p.header.unwrap_or((None, None));
         Ok(Opened {
             digest: digest.clone(),
@@ -628,6 +727,16 @@ impl Resolver {
                 started: false,
             });
         }
+        if let Some(held) = self.containerd_copy(client, digest, kind).await? {
+            let public = self.containerd.as_ref().is_some_and(|c| c.config().access == ContentAccess::Node);
+            return Ok(Fetched {
+                size: held.size,
+                media_type: held.media_type,
+                complete: true,
+                public,
+                started: false,
+            });
+        }
         let (dl, started) =
             self.join_or_start(client, digest, kind, true).await?.expect("a download is started when none runs");
         let p = wait_progress(&mut dl.progress.subscribe(), |p| p.header.is_some()).await?;
@@ -685,15 +794,10 @@ impl Resolver {
                 tracing::warn!(error = %e, "download failed");
                 // The home may have recorded this node as a holder when it asked for sources: take that back,
                 // whatever stage the download failed at (a removal of nothing is harmless).
-                if let Some(mesh) = &self.mesh {
-                    mesh.hold(Holding {
-                        digest: digest.clone(),
-                        size: 0,
-                        media_type: None,
-                        complete: false,
-                        public: false,
-                        removed: true,
-                    });
+                if let Some(mesh) = &self.mesh
+                    && !self.containerd_holds(&digest)
+                {
+                    mesh.hold(removed(digest.clone()));
                 }
                 State::Failed(e)
             }
@@ -1079,6 +1183,20 @@ impl Resolver {
             let data = read_range(self.store.blob_path(&digest), None, offset, len).await?;
             return Ok(Piece { data, hash, blob_size: meta.size });
         }
+        if let Some(c) = &self.containerd
+            && let Some(size) = c.readable(&digest)
+        {
+            let refusal = |e: ContainerdError| match e {
+                ContainerdError::NotFound(_) => PieceRefusal::NotFound,
+                e => PieceRefusal::Internal(e.to_string()),
+            };
+            let table = c.piece_table(&digest).await.map_err(refusal)?;
+            let hash = table
+                .hash_of(offset, u64::from(len))
+                .ok_or_else(|| PieceRefusal::BadRequest(format!("[{offset}, +{len}) is not a piece")))?;
+            let data = c.read_range(&digest, size, offset, u64::from(len)).await.map_err(refusal)?;
+            return Ok(Piece { data, hash, blob_size: size });
+        }
         let dl = lock(&self.downloads).get(&digest).cloned().ok_or(PieceRefusal::NotFound)?;
         // The piece's hash, once it is written (waiting up to `wait` for it).
         let ready = |p: &Progress| -> Result<Option<(PathBuf, u64, [u8; 32])>, PieceRefusal> {
@@ -1129,23 +1247,24 @@ impl Resolver {
         self.tasks.spawn(async move {
             let mut keep: HashSet<Digest> = lock(&this.in_use).keys().cloned().collect();
             keep.extend(lock(&this.downloads).keys().cloned());
+            // Blobs containerd holds too go first: their bytes stay servable from containerd.
+            let doubled: HashSet<Digest> = this
+                .containerd
+                .as_ref()
+                .map(|c| c.all_held().into_iter().map(|(d, _)| d).collect())
+                .unwrap_or_default();
             let store = this.store.clone();
             let target = this.cfg.gc_low_bytes;
-            match blocking(move || store.evict_to(target, &keep)).await {
+            match blocking(move || store.evict_to(target, &keep, &doubled)).await {
                 Ok((evicted, bytes)) => {
                     tracing::info!(blobs = evicted.len(), bytes, "GC evicted least recently used blobs");
                     this.metrics.store.evicted_blobs.inc_by(evicted.len() as u64);
                     this.metrics.store.evicted_bytes.inc_by(bytes);
                     if let Some(mesh) = &this.mesh {
                         for digest in evicted {
-                            mesh.hold(Holding {
-                                digest,
-                                size: 0,
-                                media_type: None,
-                                complete: false,
-                                public: false,
-                                removed: true,
-                            });
+                            if !this.containerd_holds(&digest) {
+                                mesh.hold(removed(digest));
+                            }
                         }
                     }
                 }
@@ -1189,6 +1308,11 @@ impl Local for Resolver {
             self.resolve_tag_impl(&client, &tag, false).await.map_err(|e| e.to_string())
         })
     }
+}
+
+/// The announcement that this node holds nothing of `digest`.
+fn removed(digest: Digest) -> Holding {
+    Holding { digest, size: 0, media_type: None, complete: false, public: false, removed: true }
 }
 
 /// Waits until a download's progress is `ready` or the download ended; a failed download's error is returned.
@@ -1375,9 +1499,10 @@ impl Opened {
         let source = match &self.source {
             OpenedSource::Stored(_) | OpenedSource::HeadOnly => Source::store,
             OpenedSource::InFlight { .. } => Source::download,
+            OpenedSource::Containerd(_) => Source::containerd,
         };
         let counter = metrics.mirror.bytes_served.get_or_create(&SourceLabels { source }).clone();
-        let reader = Reader { opened: self, file: None, pos: start, end };
+        let reader = Reader { opened: self, file: None, remote: None, pos: start, end };
         futures_util::stream::unfold(reader, move |mut r| {
             let counter = counter.clone();
             async move {
@@ -1401,6 +1526,7 @@ impl Opened {
 struct Reader {
     opened: Opened,
     file: Option<Arc<std::fs::File>>,
+    remote: Option<ContentReader>,
     pos: u64,
     end: u64,
 }
@@ -1412,6 +1538,19 @@ impl Reader {
         }
         let (avail, path) = match &mut self.opened.source {
             OpenedSource::HeadOnly => return Ok(None),
+            OpenedSource::Containerd(c) => {
+                if self.remote.is_none() {
+                    let size = self.opened.size.unwrap_or(self.end);
+                    let r = c.read(&self.opened.digest, size, self.pos, self.end).await.map_err(io::Error::other)?;
+                    self.remote = Some(r);
+                }
+                let r = self.remote.as_mut().expect("opened just above");
+                let chunk = r.next().await.map_err(io::Error::other)?;
+                if let Some(b) = &chunk {
+                    self.pos += b.len() as u64;
+                }
+                return Ok(chunk);
+            }
             OpenedSource::Stored(path) => (self.end, path.clone()),
             OpenedSource::InFlight { rx, final_path } => loop {
                 let p = rx.borrow_and_update().clone();

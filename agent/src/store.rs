@@ -350,9 +350,14 @@ impl Store {
         self.blobs.load(Ordering::Relaxed)
     }
 
-    /// Evicts least-recently-used blobs, skipping `in_use`, until at most `target` bytes remain. Returns the
-    /// evicted blobs and the bytes freed.
-    pub fn evict_to(&self, target: u64, in_use: &HashSet<Digest>) -> Result<(Vec<Digest>, u64), StoreError> {
+    /// Evicts blobs, skipping `in_use`, until at most `target` bytes remain: those in `first` (least recently
+    /// used first), then the rest by LRU. Returns the evicted blobs and the bytes freed.
+    pub fn evict_to(
+        &self,
+        target: u64,
+        in_use: &HashSet<Digest>,
+        first: &HashSet<Digest>,
+    ) -> Result<(Vec<Digest>, u64), StoreError> {
         if self.bytes() <= target {
             return Ok((Vec::new(), 0));
         }
@@ -364,12 +369,12 @@ impl Store {
                 continue;
             };
             if !in_use.contains(&d) {
-                all.push((m.last_access, m.size, d));
+                all.push((!first.contains(&d), m.last_access, m.size, d));
             }
         }
         all.sort();
         let (mut evicted, mut freed) = (Vec::new(), 0);
-        for (_, size, d) in all {
+        for (_, _, size, d) in all {
             if self.bytes() <= target {
                 break;
             }
@@ -473,13 +478,28 @@ mod tests {
             store.put(CF_BLOBS, d.as_str(), &m).unwrap();
         }
         let in_use = HashSet::from([ds[0].clone()]);
-        assert_eq!(store.evict_to(200, &in_use).unwrap(), (vec![ds[1].clone(), ds[2].clone()], 200));
+        assert_eq!(store.evict_to(200, &in_use, &HashSet::new()).unwrap(), (vec![ds[1].clone(), ds[2].clone()], 200));
         assert!(store.pieces(&ds[1]).unwrap().is_none());
         assert!(store.pieces(&ds[0]).unwrap().is_some());
         assert!(store.blob(&ds[0]).unwrap().is_some());
         assert!(store.blob(&ds[1]).unwrap().is_none());
         assert!(store.blob(&ds[2]).unwrap().is_none());
         assert!(store.blob(&ds[3]).unwrap().is_some());
+    }
+
+    #[test]
+    fn copies_containerd_also_holds_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let ds: Vec<_> = (0..4u8).map(|i| put_blob(&store, &[i; 100])).collect();
+        for (i, d) in ds.iter().enumerate() {
+            let mut m = store.blob(d).unwrap().unwrap();
+            m.last_access = i as u64;
+            store.put(CF_BLOBS, d.as_str(), &m).unwrap();
+        }
+        // The most recently used blob is also in containerd: it goes before older ones that only we hold.
+        let first = HashSet::from([ds[3].clone()]);
+        assert_eq!(store.evict_to(200, &HashSet::new(), &first).unwrap(), (vec![ds[3].clone(), ds[0].clone()], 200));
     }
 
     #[test]

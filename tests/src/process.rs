@@ -69,6 +69,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Shares what `containerd` holds (its test namespace) through this agent.
+    pub fn containerd(mut self, containerd: &Containerd) -> Self {
+        self.lines.push(format!("containerd_socket = \"{}\"", containerd.socket().display()));
+        self.lines.push(format!("containerd_namespace = \"{NAMESPACE}\""));
+        self
+    }
+
     /// Starts the agent and waits until it is ready.
     pub async fn start(self) -> Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent").tempdir()?;
@@ -87,6 +94,8 @@ impl AgentBuilder {
             ("upstream_attempts", "2"),
             ("shutdown_grace", "\"5s\""),
             ("peer_stall_timeout", "\"2s\""),
+            // Never the machine's own containerd: only one a test started and passed in.
+            ("containerd_socket", "\"\""),
         ];
         for (key, value) in defaults {
             if key == "peer_stall_timeout" && self.gossip.is_none() {
@@ -263,6 +272,9 @@ pub struct PullOutput {
     pub output: String,
 }
 
+/// The containerd namespace the testbed pulls into.
+pub(crate) const NAMESPACE: &str = "shoal-test";
+
 /// A `containerd` daemon with its own root, state and socket, and a hosts dir for `ctr --hosts-dir`.
 #[derive(Debug)]
 pub struct Containerd {
@@ -312,7 +324,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         Ok(me)
     }
 
-    fn socket(&self) -> PathBuf {
+    /// containerd's gRPC socket.
+    pub fn socket(&self) -> PathBuf {
         self.dir.path().join("c.sock")
     }
 
@@ -338,7 +351,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         let out = tokio::process::Command::new("ctr")
             .arg("--address")
             .arg(self.socket())
-            .args(["--namespace", "shoal-test"])
+            .args(["--namespace", NAMESPACE])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -371,6 +384,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         }
         let got = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&out.stdout)));
         Ok(got == digest)
+    }
+
+    /// Deletes an image and runs containerd's garbage collector before returning (`ctr images rm --sync`).
+    pub async fn remove_image(&self, name: &str) -> Result<()> {
+        let out = self.ctr(&["images", "rm", "--sync", name]).await?;
+        if !out.status.success() {
+            bail!("ctr images rm {name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// The output of `ctr leases ls`.
+    pub async fn leases(&self) -> Result<String> {
+        let out = self.ctr(&["leases", "ls"]).await?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Directory of containerd's files.

@@ -41,7 +41,7 @@ fn fixture() -> Fixture {
         metrics.clone(),
         TaskTracker::new(),
         CancellationToken::new(),
-        None,
+        crate::resolver::Others::default(),
     );
     Fixture { _dir: dir, app: router(MirrorState { resolver, metrics }), store }
 }
