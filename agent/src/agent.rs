@@ -99,6 +99,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let upstream = Arc::new(Upstream::new(cfg.upstream.clone(), metrics.upstream.clone())?);
+    let mut cfg = cfg;
+    if let (Some(m), Some(node)) = (&mut cfg.mesh, &cfg.node_name)
+        && m.zone_from_node
+    {
+        m.zone = zone_of_node(node).await;
+    }
     let mesh = match &cfg.mesh {
         Some(m) => Some(Mesh::start(m, &cfg.data_dir, metrics.clone(), &tasks, &cancel)?),
         None => None,
@@ -189,6 +195,30 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     }
     tracing::info!("shoal agent stopped");
     Ok(())
+}
+
+/// The node's zone from its label; `default` (with a warning) when it has none or the API server cannot say
+/// (the agent must start even when the API server is down: it serves image pulls).
+async fn zone_of_node(node: &str) -> String {
+    let lookup = async { crate::kubernetes::node_zone(crate::kubernetes::client().await?, node).await };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), lookup).await {
+        Ok(Ok(Some(zone))) => {
+            tracing::info!(node, zone, "zone from the node's label");
+            zone
+        }
+        Ok(Ok(None)) => {
+            tracing::info!(node, label = crate::kubernetes::ZONE_LABEL, "the node has no zone label: zone `default`");
+            "default".to_owned()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(node, error = %e, "cannot read the node's zone: zone `default` (set `zone` to override)");
+            "default".to_owned()
+        }
+        Err(_) => {
+            tracing::warn!(node, "the API server did not answer within 10s: zone `default` (set `zone` to override)");
+            "default".to_owned()
+        }
+    }
 }
 
 /// Points containerd at this mirror: a hosts file per configured registry (and `_default` when unlisted

@@ -425,7 +425,7 @@ impl Containerd {
             }
             let is_manifest = media_type.as_deref().is_some_and(is_manifest_type);
             if is_manifest && size <= MAX_MANIFEST {
-                let body = self.read_all(&digest, size as u64).await?;
+                let body = self.read_range(&digest, size as u64, 0, size as u64).await?;
                 queue.extend(children(&body));
             }
             found.insert(digest, Held { size: size as u64, media_type });
@@ -439,16 +439,6 @@ impl Containerd {
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(call("content.info")(s)),
         }
-    }
-
-    /// Reads a whole small blob and checks it against its digest.
-    async fn read_all(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, ContainerdError> {
-        let mut r = self.read(digest, size, 0, size).await?;
-        let mut out = Vec::with_capacity(size as usize);
-        while let Some(b) = r.next().await? {
-            out.extend_from_slice(&b);
-        }
-        Ok(out)
     }
 
     /// Opens `[start, end)` of a blob of `size` bytes for reading, under a lease that keeps it from containerd's
@@ -501,7 +491,7 @@ impl Containerd {
         Ok(table)
     }
 
-    /// Reads `[offset, offset + len)` whole.
+    /// Reads `[offset, offset + len)` whole (checked against the digest when that is the whole blob).
     pub async fn read_range(
         &self,
         digest: &Digest,

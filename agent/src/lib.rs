@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod config;
 pub mod containerd;
+pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
 pub mod mirror;

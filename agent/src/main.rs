@@ -28,6 +28,21 @@ enum Command {
         /// containerd's hosts dir (the agent's `containerd_hosts_dir`).
         #[arg(long, env = "SHOAL_CONTAINERD_HOSTS_DIR")]
         hosts_dir: PathBuf,
+        /// After restoring, stay up until SIGTERM (the uninstall hook's DaemonSet: a running pod has restored).
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Wait until every pod of a DaemonSet is ready (the uninstall hook waits for the restore on every node).
+    WaitDaemonset {
+        /// Its namespace.
+        #[arg(long, env = "SHOAL_NAMESPACE")]
+        namespace: String,
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// Longest wait, e.g. `5m`.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
 }
 
@@ -61,7 +76,23 @@ fn main() -> std::process::ExitCode {
 fn run() -> anyhow::Result<()> {
     let (config, settings) = match Cli::parse().command {
         Command::Agent { config, settings } => (config, settings),
-        Command::RestoreHosts { hosts_dir } => return restore_hosts(&hosts_dir),
+        Command::RestoreHosts { hosts_dir, hold } => {
+            restore_hosts(&hosts_dir)?;
+            if hold {
+                runtime()?.block_on(shutdown_signal());
+            }
+            return Ok(());
+        }
+        Command::WaitDaemonset { namespace, name, timeout } => {
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            return runtime()?.block_on(async {
+                let client = shoal_agent::kubernetes::client().await?;
+                let every = std::time::Duration::from_secs(2);
+                shoal_agent::kubernetes::wait_daemonset_ready(client, &namespace, &name, every, timeout).await?;
+                println!("daemonset {namespace}/{name}: every pod is ready");
+                Ok(())
+            });
+        }
     };
     let file = match &config {
         Some(path) => RawConfig::from_file(path)?,
@@ -69,9 +100,12 @@ fn run() -> anyhow::Result<()> {
     };
     let cfg = (*settings).over(file).validate()?;
     shoal_agent::init_tracing(cfg.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    rt.block_on(shoal_agent::agent::run(cfg, shutdown_signal()))?;
+    runtime()?.block_on(shoal_agent::agent::run(cfg, shutdown_signal()))?;
     Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
 }
 
 fn restore_hosts(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -319,8 +319,45 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Creates every series of the labelled families at zero: a dashboard then shows 0 rather than "no data",
+    /// and `rate()` sees the first increment.
+    fn prime(&self) {
+        use LookupKind as K;
+        use LookupResult as L;
+        use StatusClass as S;
+        use UpstreamKind as U;
+        use UpstreamOutcome as O;
+        for route in [Route::base, Route::manifest, Route::blob, Route::other] {
+            for outcome in [S::success, S::unauthorized, S::not_found, S::client_error, S::server_error, S::aborted] {
+                drop(self.mirror.requests.get_or_create(&RequestLabels { route, outcome }));
+            }
+        }
+        for source in [Source::store, Source::download, Source::containerd] {
+            drop(self.mirror.bytes_served.get_or_create(&SourceLabels { source }));
+        }
+        for kind in [K::digest, K::tag] {
+            for result in [L::hit, L::in_flight, L::miss, L::stale, L::containerd] {
+                drop(self.mirror.lookups.get_or_create(&LookupLabels { kind, result }));
+            }
+        }
+        for kind in [U::blob, U::manifest, U::token] {
+            drop(self.upstream.latency.get_or_create(&KindLabels { kind }));
+            for outcome in [O::ok, O::not_found, O::unauthorized, O::server_error, O::unreachable, O::other] {
+                drop(self.upstream.requests.get_or_create(&UpstreamLabels { kind, outcome }));
+            }
+        }
+        for state in [PeerState::alive, PeerState::suspect, PeerState::dead] {
+            drop(self.mesh.peers.get_or_create(&PeerStateLabels { state }));
+        }
+        use TransferFailure as F;
+        for reason in [F::connect, F::stall, F::hash_mismatch, F::protocol, F::refused, F::digest_mismatch] {
+            drop(self.mesh.failures.get_or_create(&FailureLabels { reason }));
+        }
+    }
+
     /// Registers every metric under the `shoal` prefix.
     pub fn register(&self, registry: &mut Registry) {
+        self.prime();
         let r = registry.sub_registry_with_prefix("shoal");
         r.register(
             "containerd_connected",

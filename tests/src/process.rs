@@ -19,6 +19,7 @@ pub struct AgentBuilder {
     registries: Vec<String>,
     gossip: Option<SocketAddr>,
     netns: Option<(String, std::net::Ipv4Addr)>,
+    env: Vec<(String, String)>,
 }
 
 impl AgentBuilder {
@@ -76,6 +77,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Sets an environment variable of the agent's process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     /// Starts the agent and waits until it is ready.
     pub async fn start(self) -> Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent").tempdir()?;
@@ -123,6 +130,7 @@ impl AgentBuilder {
             config_path,
             http: reqwest::Client::builder().no_proxy().build()?,
             netns: self.netns.map(|(n, _)| n),
+            env: self.env,
         };
         agent.spawn().await?;
         Ok(agent)
@@ -143,6 +151,7 @@ pub struct Agent {
     config_path: PathBuf,
     http: reqwest::Client,
     netns: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -166,6 +175,7 @@ impl Agent {
             .arg("--config")
             .arg(&self.config_path)
             .env("SHOAL_LOG", "info,shoal_agent=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)

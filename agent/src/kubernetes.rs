@@ -1,0 +1,177 @@
+//! Kubernetes: the two things the agent asks the API server. The node's zone (its
+//! `topology.kubernetes.io/zone` label, read once at start with `get` on its own Node), and, for the uninstall
+//! hook, whether a DaemonSet's pods are all ready (`get` on that DaemonSet). The client comes from the pod's
+//! service account (or `KUBECONFIG` outside a cluster).
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, Client};
+
+/// The label a node's zone is read from.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Why the API server could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// No in-cluster service account and no kubeconfig.
+    #[error("no Kubernetes client configuration (in-cluster or KUBECONFIG): {0}")]
+    Config(String),
+    /// The API call failed.
+    #[error("{what}: {source}")]
+    Api {
+        /// The call.
+        what: String,
+        /// The error.
+        source: Box<kube::Error>,
+    },
+    /// The label is there but cannot name a zone.
+    #[error("node {node}'s label {ZONE_LABEL}=`{value}` is not a valid zone name")]
+    BadZone {
+        /// The node.
+        node: String,
+        /// The label's value.
+        value: String,
+    },
+    /// Waited too long.
+    #[error("{0}")]
+    Timeout(String),
+}
+
+/// A client from the pod's service account, or from `KUBECONFIG` / `~/.kube/config` outside a cluster.
+pub async fn client() -> Result<Client, KubeError> {
+    let config = kube::Config::infer().await.map_err(|e| KubeError::Config(e.to_string()))?;
+    Client::try_from(config).map_err(|e| KubeError::Config(e.to_string()))
+}
+
+/// The zone label of node `name`: `None` when the node has no such label.
+pub async fn node_zone(client: Client, name: &str) -> Result<Option<String>, KubeError> {
+    let nodes: Api<Node> = Api::all(client);
+    let node = nodes
+        .get(name)
+        .await
+        .map_err(|e| KubeError::Api { what: format!("reading node {name}"), source: Box::new(e) })?;
+    let Some(value) = node.metadata.labels.and_then(|mut l| l.remove(ZONE_LABEL)) else { return Ok(None) };
+    if !crate::config::valid_zone(&value) {
+        return Err(KubeError::BadZone { node: name.to_owned(), value });
+    }
+    Ok(Some(value))
+}
+
+/// Waits until every pod of DaemonSet `namespace/name` is scheduled, up to date and ready (at least one
+/// observed generation after its creation), polling every `every`, for up to `timeout`.
+pub async fn wait_daemonset_ready(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    every: Duration,
+    timeout: Duration,
+) -> Result<(), KubeError> {
+    let sets: Api<DaemonSet> = Api::namespaced(client, namespace);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ds = sets.get(name).await.map_err(|e| KubeError::Api {
+            what: format!("reading daemonset {namespace}/{name}"),
+            source: Box::new(e),
+        })?;
+        let generation = ds.metadata.generation.unwrap_or(0);
+        if let Some(s) = &ds.status {
+            let observed = s.observed_generation.unwrap_or(0) >= generation;
+            let updated = s.updated_number_scheduled.unwrap_or(0);
+            if observed && s.number_ready == s.desired_number_scheduled && updated == s.desired_number_scheduled {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(KubeError::Timeout(format!(
+                "daemonset {namespace}/{name} not ready after {}",
+                humantime::format_duration(timeout)
+            )));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use axum::extract::Path;
+    use axum::routing::get;
+    use serde_json::json;
+
+    use super::*;
+
+    fn json_body(v: &serde_json::Value) -> ([(http::HeaderName, &'static str); 1], String) {
+        ([(http::header::CONTENT_TYPE, "application/json")], v.to_string())
+    }
+
+    /// A fake API server over HTTP: nodes `a` (zoned), `b` (no labels), `bad` (an unusable zone), and a DaemonSet
+    /// `ns/restore` that becomes ready on the third read.
+    async fn fake_api() -> (Client, Arc<AtomicU32>) {
+        let reads = Arc::new(AtomicU32::new(0));
+        let r = reads.clone();
+        let app = axum::Router::new()
+            .route(
+                "/api/v1/nodes/{name}",
+                get(|Path(name): Path<String>| async move {
+                    let labels = match name.as_str() {
+                        "a" => json!({ZONE_LABEL: "eu-west-1a", "kubernetes.io/os": "linux"}),
+                        "b" => json!({}),
+                        "bad" => json!({ZONE_LABEL: "no spaces allowed"}),
+                        _ => {
+                            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "reason": "NotFound", "code": 404, "message": format!("nodes \"{name}\" not found")});
+                            return (http::StatusCode::NOT_FOUND, json_body(&status));
+                        }
+                    };
+                    let node =
+                        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}});
+                    (http::StatusCode::OK, json_body(&node))
+                }),
+            )
+            .route(
+                "/apis/apps/v1/namespaces/ns/daemonsets/restore",
+                get(move || {
+                    let n = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    async move {
+                        let ready = if n >= 3 { 2 } else { 1 };
+                        json_body(&json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                            "metadata": {"name": "restore", "namespace": "ns", "generation": 1},
+                            "spec": {"selector": {}, "template": {}},
+                            "status": {"observedGeneration": 1, "desiredNumberScheduled": 2, "numberReady": ready,
+                                "updatedNumberScheduled": 2, "currentNumberScheduled": 2, "numberMisscheduled": 0}}))
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        (Client::try_from(config).unwrap(), reads)
+    }
+
+    #[tokio::test]
+    async fn the_zone_comes_from_the_nodes_label() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let (client, _) = fake_api().await;
+        assert_eq!(node_zone(client.clone(), "a").await.unwrap().as_deref(), Some("eu-west-1a"));
+        assert_eq!(node_zone(client.clone(), "b").await.unwrap(), None);
+        assert!(matches!(node_zone(client.clone(), "bad").await, Err(KubeError::BadZone { .. })));
+        let err = node_zone(client, "missing").await.unwrap_err();
+        assert!(err.to_string().contains("reading node missing"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn waits_until_every_restore_pod_is_ready() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let (client, reads) = fake_api().await;
+        let every = Duration::from_millis(10);
+        wait_daemonset_ready(client.clone(), "ns", "restore", every, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(reads.load(Ordering::SeqCst), 3, "ready on the third read, not before");
+        let err = wait_daemonset_ready(client, "ns", "other", every, Duration::from_millis(50)).await.unwrap_err();
+        assert!(matches!(err, KubeError::Api { .. }), "{err}");
+    }
+}
