@@ -88,7 +88,12 @@ impl AgentBuilder {
         let dir = tempfile::Builder::new().prefix("shoal-agent").tempdir()?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let metrics_ip = self.netns.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |(_, ip)| *ip);
-        let metrics_addr = SocketAddr::new(metrics_ip.into(), free_port()?);
+        // Two free ports asked for in a row can be the same one: draw again until they differ.
+        let mut metrics_port = free_port()?;
+        while metrics_port == addr.port() {
+            metrics_port = free_port()?;
+        }
+        let metrics_addr = SocketAddr::new(metrics_ip.into(), metrics_port);
         let data_dir = dir.path().join("data");
         let mut config = format!(
             "listen = \"{addr}\"\nmetrics_listen = \"{metrics_addr}\"\ndata_dir = \"{}\"\n",
