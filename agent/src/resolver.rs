@@ -320,14 +320,7 @@ impl Resolver {
         let Some(mesh) = &self.mesh else { return Ok(()) };
         let store = self.store.clone();
         for (digest, meta) in blocking(move || store.list_blobs()).await? {
-            mesh.hold(Holding {
-                digest,
-                size: meta.size,
-                media_type: meta.media_type,
-                complete: true,
-                public: meta.public,
-                removed: false,
-            });
+            mesh.hold(stored(digest, meta));
         }
         Ok(())
     }
@@ -350,17 +343,10 @@ impl Resolver {
                 Change::Removed(digest) => {
                     let store = self.store.clone();
                     let d = digest.clone();
-                    let stored = blocking(move || store.blob(&d)).await.ok().flatten();
+                    let meta = blocking(move || store.blob(&d)).await.ok().flatten();
                     let downloading = lock(&self.downloads).contains_key(&digest);
-                    match stored {
-                        Some(meta) => mesh.hold(Holding {
-                            digest,
-                            size: meta.size,
-                            media_type: meta.media_type,
-                            complete: true,
-                            public: meta.public,
-                            removed: false,
-                        }),
+                    match meta {
+                        Some(meta) => mesh.hold(stored(digest, meta)),
                         None if !downloading => mesh.hold(removed(digest)),
                         None => {}
                     }
@@ -1307,6 +1293,18 @@ impl Local for Resolver {
             let (client, _) = client_of(order);
             self.resolve_tag_impl(&client, &tag, false).await.map_err(|e| e.to_string())
         })
+    }
+}
+
+/// The announcement of a complete blob in the store.
+fn stored(digest: Digest, meta: BlobMeta) -> Holding {
+    Holding {
+        digest,
+        size: meta.size,
+        media_type: meta.media_type,
+        complete: true,
+        public: meta.public,
+        removed: false,
     }
 }
 

@@ -467,16 +467,22 @@ mod tests {
         assert!(!store.blob_path(&a).exists());
     }
 
-    #[test]
-    fn evicts_lru_but_not_in_use() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path()).unwrap();
-        let ds: Vec<_> = (0..4u8).map(|i| put_blob(&store, &[i; 100])).collect();
+    /// Four blobs of 100 bytes, last used in the order they are returned.
+    fn blobs_used_in_order(store: &Store) -> Vec<Digest> {
+        let ds: Vec<_> = (0..4u8).map(|i| put_blob(store, &[i; 100])).collect();
         for (i, d) in ds.iter().enumerate() {
             let mut m = store.blob(d).unwrap().unwrap();
             m.last_access = i as u64;
             store.put(CF_BLOBS, d.as_str(), &m).unwrap();
         }
+        ds
+    }
+
+    #[test]
+    fn evicts_lru_but_not_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let ds = blobs_used_in_order(&store);
         let in_use = HashSet::from([ds[0].clone()]);
         assert_eq!(store.evict_to(200, &in_use, &HashSet::new()).unwrap(), (vec![ds[1].clone(), ds[2].clone()], 200));
         assert!(store.pieces(&ds[1]).unwrap().is_none());
@@ -491,12 +497,7 @@ mod tests {
     fn copies_containerd_also_holds_go_first() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path()).unwrap();
-        let ds: Vec<_> = (0..4u8).map(|i| put_blob(&store, &[i; 100])).collect();
-        for (i, d) in ds.iter().enumerate() {
-            let mut m = store.blob(d).unwrap().unwrap();
-            m.last_access = i as u64;
-            store.put(CF_BLOBS, d.as_str(), &m).unwrap();
-        }
+        let ds = blobs_used_in_order(&store);
         // The most recently used blob is also in containerd: it goes before older ones that only we hold.
         let first = HashSet::from([ds[3].clone()]);
         assert_eq!(store.evict_to(200, &HashSet::new(), &first).unwrap(), (vec![ds[3].clone(), ds[0].clone()], 200));

@@ -11,7 +11,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Secret, Service, ServiceAccount, Volume};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
@@ -82,6 +82,11 @@ fn mount_of(c: &Container, volume: &str) -> Option<String> {
     c.volume_mounts.as_ref()?.iter().find(|m| m.name == volume).map(|m| m.mount_path.clone())
 }
 
+/// The pod's volume that container `c` mounts at `path`.
+fn volume_at<'a>(pod: &'a PodSpec, c: &Container, path: &str) -> Option<&'a Volume> {
+    pod.volumes.as_ref()?.iter().find(|v| mount_of(c, &v.name).as_deref() == Some(path))
+}
+
 fn host_path_volume(spec: &PodSpec, path: &str) -> Option<(String, Option<String>)> {
     spec.volumes.as_ref()?.iter().find_map(|v| {
         let hp = v.host_path.as_ref()?;
@@ -123,13 +128,7 @@ fn check_agent(objs: &[serde_json::Value]) -> Result<(String, String)> {
     let config_path = args.windows(2).find(|w| w[0] == "--config").map(|w| w[1].clone()).context("--config")?;
     let config_dir = Path::new(&config_path).parent().context("config dir")?.to_str().context("utf-8")?.to_owned();
     let file_name = Path::new(&config_path).file_name().context("file")?.to_str().context("utf-8")?.to_owned();
-    let config_volume = pod
-        .volumes
-        .as_ref()
-        .context("volumes")?
-        .iter()
-        .find(|v| mount_of(c, &v.name).as_deref() == Some(&config_dir))
-        .context("the config file's directory is mounted")?;
+    let config_volume = volume_at(pod, c, &config_dir).context("the config file's directory is mounted")?;
     let cm_name = config_volume.config_map.as_ref().context("the config comes from a ConfigMap")?.name.clone();
     let cm: ConfigMap = one(objs, "ConfigMap", &cm_name)?;
     let text = cm.data.as_ref().and_then(|d| d.get(&file_name)).context("the ConfigMap holds the file")?.clone();
@@ -174,13 +173,7 @@ fn check_agent(objs: &[serde_json::Value]) -> Result<(String, String)> {
     // The Secret is mounted where the config reads it.
     let secret_file = Path::new(&s("cluster_secret_file")).to_owned();
     let secret_dir = secret_file.parent().context("dir")?.to_str().context("utf-8")?.to_owned();
-    let secret_volume = pod
-        .volumes
-        .as_ref()
-        .context("volumes")?
-        .iter()
-        .find(|v| mount_of(c, &v.name).as_deref() == Some(&secret_dir))
-        .context("the secret's directory is mounted")?;
+    let secret_volume = volume_at(pod, c, &secret_dir).context("the secret's directory is mounted")?;
     let secret_name =
         secret_volume.secret.as_ref().and_then(|s| s.secret_name.clone()).context("mounted from a Secret")?;
     assert_eq!(secret_file.file_name().and_then(|f| f.to_str()), Some("cluster-secret"), "the Secret's key");
@@ -193,13 +186,7 @@ fn check_agent(objs: &[serde_json::Value]) -> Result<(String, String)> {
         ("containerd_config", Some("FileOrCreate")),
     ] {
         let path = s(key);
-        let volume = pod
-            .volumes
-            .as_ref()
-            .context("volumes")?
-            .iter()
-            .find(|v| mount_of(c, &v.name).as_deref() == Some(path.as_str()))
-            .unwrap_or_else(|| panic!("nothing mounted at {key} = {path}"));
+        let volume = volume_at(pod, c, &path).unwrap_or_else(|| panic!("nothing mounted at {key} = {path}"));
         let hp = volume.host_path.as_ref().unwrap_or_else(|| panic!("{key} is not a hostPath"));
         assert_eq!(hp.type_.as_deref(), host_type, "{key}");
         if key != "data_dir" {
