@@ -11,6 +11,8 @@
 pub mod agent;
 pub mod config;
 pub mod containerd;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;

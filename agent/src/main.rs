@@ -32,6 +32,13 @@ enum Command {
         #[arg(long)]
         hold: bool,
     },
+    /// Check a stopped agent's store: every indexed blob's file exists, has its size and hashes to its name, and
+    /// every file is indexed. Exits 1 on any problem.
+    CheckStore {
+        /// The agent's data dir.
+        #[arg(long, env = "SHOAL_DATA_DIR")]
+        data_dir: PathBuf,
+    },
     /// Wait until every pod of a DaemonSet is ready (the uninstall hook waits for the restore on every node).
     WaitDaemonset {
         /// Its namespace.
@@ -80,6 +87,24 @@ fn run() -> anyhow::Result<()> {
             restore_hosts(&hosts_dir)?;
             if hold {
                 runtime()?.block_on(shutdown_signal());
+            }
+            return Ok(());
+        }
+        Command::CheckStore { data_dir } => {
+            let c = shoal_agent::store::Store::check(&data_dir)
+                .with_context(|| format!("checking the store under {}", data_dir.display()))?;
+            for p in &c.problems {
+                println!("problem: {p}");
+            }
+            println!(
+                "{} blobs, {} bytes, {} partial files, {} problems",
+                c.blobs,
+                c.bytes,
+                c.partials,
+                c.problems.len()
+            );
+            if !c.problems.is_empty() {
+                anyhow::bail!("the store under {} is inconsistent", data_dir.display());
             }
             return Ok(());
         }

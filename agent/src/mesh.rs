@@ -881,14 +881,17 @@ impl Mesh {
             blake3: piece.hash.to_vec(),
             blob_size: piece.blob_size,
         };
+        let data = piece.data;
+        #[cfg(feature = "fault-injection")]
+        let (header, data) = crate::fault::piece(header, data);
         let frame = crate::transfer::encode_frame(&peer::Response { kind: Some(response::Kind::Piece(header)) });
         if send.write_all(&frame).await.is_err() {
             return;
         }
         let mut at = 0;
-        while at < piece.data.len() {
+        while at < data.len() {
             // Slices of the read buffer go to quinn as they are: no copy.
-            let chunk = piece.data.slice(at..(at + UPLOAD_CHUNK).min(piece.data.len()));
+            let chunk = data.slice(at..(at + UPLOAD_CHUNK).min(data.len()));
             at += chunk.len();
             if let Some(l) = &self.limiter {
                 l.take(chunk.len()).await;

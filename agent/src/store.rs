@@ -112,6 +112,33 @@ pub struct Reconciled {
     pub partials: u64,
 }
 
+/// What [`Store::check`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// Blobs in the index.
+    pub blobs: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Partial downloads present (a running or crashed agent's; a started agent removes them).
+    pub partials: u64,
+    /// Everything that does not agree, one line each.
+    pub problems: Vec<String>,
+}
+
+fn sha256_file(path: &Path) -> Result<Digest, StoreError> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let mut file = File::open(path).map_err(io_err("open", path))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0; 1 << 20];
+    loop {
+        match file.read(&mut buf).map_err(io_err("read", path))? {
+            0 => return Ok(Digest::from_sha256(&hasher.finalize())),
+            n => hasher.update(&buf[..n]),
+        }
+    }
+}
+
 /// The blob store. Shared behind an `Arc`; all methods take `&self`.
 #[derive(Debug)]
 pub struct Store {
@@ -218,6 +245,58 @@ impl Store {
         self.bytes.store(bytes, Ordering::Relaxed);
         self.blobs.store(blobs, Ordering::Relaxed);
         Ok(rec)
+    }
+
+    /// Checks a stopped agent's store without changing it (the index is opened read-only): every index record has
+    /// its file, of its size, whose sha256 is its name; every file has a record; no partial is left. A store that
+    /// an agent restarted into after a crash must pass.
+    pub fn check(root: &Path) -> Result<Checked, StoreError> {
+        let cfs = [CF_BLOBS, CF_TAGS, CF_LINKS, CF_PIECES];
+        let db = DB::open_cf_for_read_only(&Options::default(), root.join("index"), cfs, false)?;
+        let cf = db.cf_handle(CF_BLOBS).expect("opened with this column family");
+        let mut c = Checked::default();
+        let mut known = HashSet::new();
+        let blob_path = |hex: &str| root.join("blobs/sha256").join(&hex[..2]).join(hex);
+        for item in db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let (Some(digest), Ok(meta)) =
+                (Digest::parse(&key).ok().filter(Digest::is_sha256), serde_json::from_slice::<BlobMeta>(&v))
+            else {
+                c.problems.push(format!("index record {key:?} is not a sha256 digest with a readable record"));
+                continue;
+            };
+            let path = blob_path(digest.hex());
+            match fs::metadata(&path) {
+                Ok(m) if m.len() != meta.size => {
+                    c.problems.push(format!("{digest}: file has {} bytes, index says {}", m.len(), meta.size));
+                }
+                Ok(_) => {
+                    let got = sha256_file(&path)?;
+                    if got != digest {
+                        c.problems.push(format!("{digest}: file content hashes to {got}"));
+                    }
+                }
+                Err(e) => c.problems.push(format!("{digest}: indexed but its file cannot be read: {e}")),
+            }
+            known.insert(digest.hex().to_owned());
+            c.blobs += 1;
+            c.bytes += meta.size;
+        }
+        let base = root.join("blobs/sha256");
+        for shard in fs::read_dir(&base).map_err(io_err("list", &base))? {
+            let shard = shard.map_err(io_err("list", &base))?.path();
+            for f in fs::read_dir(&shard).map_err(io_err("list", &shard))? {
+                let f = f.map_err(io_err("list", &shard))?.path();
+                let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                if !known.contains(name) {
+                    c.problems.push(format!("{} is not in the index", f.display()));
+                }
+            }
+        }
+        let partial = root.join("partial");
+        c.partials = fs::read_dir(&partial).map_err(io_err("list", &partial))?.count() as u64;
+        Ok(c)
     }
 
     /// Creates a new partial file for a download of `digest`.
@@ -450,6 +529,35 @@ mod tests {
         assert!(store.blob(&a).unwrap().is_some());
         assert!(store.blob(&b).unwrap().is_none());
         assert_eq!(store.bytes(), 5);
+    }
+
+    #[test]
+    fn check_reports_what_disagrees_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c);
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            a = put_blob(&store, b"hello");
+            b = put_blob(&store, b"world!");
+            c = put_blob(&store, b"third");
+            // Same size, other bytes; a file the index does not know; an indexed file gone; a partial.
+            fs::write(store.blob_path(&a), b"jello").unwrap();
+            let orphan = Digest::from_sha256(&Sha256::digest(b"orphan"));
+            fs::create_dir_all(store.blob_path(&orphan).parent().unwrap()).unwrap();
+            fs::write(store.blob_path(&orphan), b"orphan").unwrap();
+            fs::remove_file(store.blob_path(&b)).unwrap();
+            drop(store.create_partial(&c).unwrap());
+        }
+        let found = Store::check(dir.path()).unwrap();
+        assert_eq!((found.blobs, found.partials, found.problems.len()), (3, 1, 3), "{:?}", found.problems);
+        assert!(found.problems.iter().any(|p| p.starts_with(&format!("{a}: file content hashes to"))));
+        assert!(found.problems.iter().any(|p| p.starts_with(&format!("{b}: indexed but"))));
+        assert!(found.problems.iter().any(|p| p.ends_with("is not in the index")));
+        // A store an agent opened (reconciled) and a clean one pass.
+        fs::write(dir.path().join("blobs/sha256").join(&a.hex()[..2]).join(a.hex()), b"hello").unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let clean = Store::check(dir.path()).unwrap();
+        assert_eq!((clean.blobs, clean.partials, clean.problems), (2, 0, Vec::<String>::new()));
     }
 
     #[test]

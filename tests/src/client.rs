@@ -1,6 +1,8 @@
 //! An image pull over HTTP the way containerd does it, for bursts of many nodes without a containerd each: HEAD
 //! the tag, GET the manifest by digest (the first platform of an index), then the config and the layers, three at
-//! a time, checking every byte against its digest.
+//! a time, checking every byte against its digest. [`pull_via`] takes several endpoints and moves to the next one
+//! as containerd moves down its `hosts.toml` list: when a host cannot be reached or answers an error status, never
+//! once a body has started.
 
 use std::time::{Duration, Instant};
 
@@ -44,13 +46,33 @@ pub struct Pulled {
     pub elapsed: Duration,
 }
 
+/// A complete body whose bytes do not match the digest it was asked for: a corrupt blob reached the client.
+#[derive(Debug)]
+pub struct Corrupt {
+    /// Where it came from.
+    pub url: String,
+    /// What was asked for.
+    pub digest: String,
+}
+
+impl std::fmt::Display for Corrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GET {}: a complete body that does not match {}", self.url, self.digest)
+    }
+}
+
+impl std::error::Error for Corrupt {}
+
 /// Pulls `repo:tag` from `ep`; fails on any error status or any digest mismatch.
 pub async fn pull(http: &reqwest::Client, ep: &Endpoint, repo: &str, tag: &str) -> Result<Pulled> {
+    pull_via(http, std::slice::from_ref(ep), repo, tag).await
+}
+
+/// Pulls `repo:tag`, each request from the first of `eps` that answers it with a success status; fails on a body
+/// that breaks, on any digest mismatch (a [`Corrupt`] error), or when no endpoint answers.
+pub async fn pull_via(http: &reqwest::Client, eps: &[Endpoint], repo: &str, tag: &str) -> Result<Pulled> {
     let start = Instant::now();
-    let head = http.head(ep.url(repo, "manifests", tag)).header("accept", ACCEPT).send().await?;
-    if !head.status().is_success() {
-        bail!("HEAD {repo}:{tag}: {}", head.status());
-    }
+    let head = send(eps, |ep| http.head(ep.url(repo, "manifests", tag)).header("accept", ACCEPT)).await?;
     let mut digest = head
         .headers()
         .get("docker-content-digest")
@@ -60,7 +82,7 @@ pub async fn pull(http: &reqwest::Client, ep: &Endpoint, repo: &str, tag: &str) 
     let mut digests = Vec::new();
     let mut bytes = 0u64;
     let manifest = loop {
-        let body = get(http, &ep.url(repo, "manifests", &digest), &digest).await?;
+        let body = get(http, eps, repo, "manifests", &digest).await?;
         bytes += body.len() as u64;
         digests.push(digest.clone());
         let m: serde_json::Value = serde_json::from_slice(&body).context("manifest is not JSON")?;
@@ -79,8 +101,8 @@ pub async fn pull(http: &reqwest::Client, ep: &Endpoint, repo: &str, tag: &str) 
     let fetches: Vec<_> = blobs
         .iter()
         .map(|d| {
-            let (http, url, d) = (http.clone(), ep.url(repo, "blobs", d), d.clone());
-            async move { get(&http, &url, &d).await.map(|b| b.len() as u64) }
+            let (http, d) = (http.clone(), d.clone());
+            async move { get(&http, eps, repo, "blobs", &d).await.map(|b| b.len() as u64) }
         })
         .collect();
     let sizes: Vec<u64> = futures_util::stream::iter(fetches).buffer_unordered(3).try_collect().await?;
@@ -89,14 +111,28 @@ pub async fn pull(http: &reqwest::Client, ep: &Endpoint, repo: &str, tag: &str) 
     Ok(Pulled { digests, bytes, elapsed: start.elapsed() })
 }
 
-async fn get(http: &reqwest::Client, url: &str, digest: &str) -> Result<Vec<u8>> {
-    let resp = http.get(url).header("accept", ACCEPT).send().await?;
-    if !resp.status().is_success() {
-        bail!("GET {url}: {}", resp.status());
+/// Sends the request `build` makes for each endpoint in turn, until one answers with a success status.
+async fn send(eps: &[Endpoint], build: impl Fn(&Endpoint) -> reqwest::RequestBuilder) -> Result<reqwest::Response> {
+    let mut errors = Vec::new();
+    for ep in eps {
+        let (client, req) = build(ep).build_split();
+        let req = req?;
+        let what = format!("{} {}", req.method(), req.url());
+        match client.execute(req).await {
+            Ok(resp) if resp.status().is_success() => return Ok(resp),
+            Ok(resp) => errors.push(format!("{what}: {}", resp.status())),
+            Err(e) => errors.push(format!("{what}: {e}")),
+        }
     }
+    bail!("no endpoint answered: {}", errors.join("; "))
+}
+
+async fn get(http: &reqwest::Client, eps: &[Endpoint], repo: &str, kind: &str, digest: &str) -> Result<Vec<u8>> {
+    let resp = send(eps, |ep| http.get(ep.url(repo, kind, digest)).header("accept", ACCEPT)).await?;
+    let url = resp.url().to_string();
     let body = resp.bytes().await.with_context(|| format!("GET {url}: body"))?.to_vec();
     if sha256_digest(&body) != digest {
-        bail!("GET {url}: {} bytes that do not match {digest}", body.len());
+        return Err(Corrupt { url, digest: digest.to_owned() }.into());
     }
     Ok(body)
 }

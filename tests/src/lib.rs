@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 pub use process::{Agent, AgentBuilder, Containerd, PullOutput};
-pub use proxy::{Fault, Proxy, ProxyStats};
+pub use proxy::{Fault, NsProxy, Proxy, ProxyStats};
 
 /// A free TCP port on 127.0.0.1 (bound and released; the tiny race is acceptable in tests).
 pub fn free_port() -> Result<u16> {

@@ -1,6 +1,7 @@
 //! Nodes in network namespaces on one bridge, with bandwidth caps: the topology of a cluster on one machine.
 //!
-//! Each [`Netns`] is a namespace with one veth pair: its end inside (`eth0`, an address on `10.77.0.0/24`, loopback
+//! Each [`Netns`] is a namespace with one veth pair: its end inside (`eth0`, an address on the bridge's subnet,
+//! `10.77.<subnet>.0/24`, loopback
 //! up) and its end on the bridge in the root namespace. A cap is a `tbf` qdisc on both ends, so it limits what the
 //! namespace sends and what it receives (`netem` is not available here: no latency or loss emulation). The root
 //! namespace has an address on the bridge too, so the harness reaches every namespace's listeners; code that must
@@ -13,10 +14,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-/// The subnet's first three octets.
-const SUBNET: [u8; 3] = [10, 77, 0];
-/// The root namespace's address on the bridge.
-pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], 254);
+/// The first two octets of every bridge's subnet (`10.77.<subnet>.0/24`).
+const NET: [u8; 2] = [10, 77];
 
 fn run(args: &[&str]) -> Result<()> {
     let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
@@ -53,30 +52,43 @@ impl Rate {
 pub struct Bridge {
     name: String,
     prefix: String,
+    subnet: u8,
 }
 
 impl Bridge {
-    /// Creates the bridge `<prefix>br` (deleting a leftover one and leftover namespaces of the prefix first).
+    /// Creates the bridge `<prefix>br` on `10.77.0.0/24` (deleting a leftover one and leftover namespaces of the
+    /// prefix first).
     pub fn create(prefix: &str) -> Result<Self> {
+        Self::create_on(prefix, 0)
+    }
+
+    /// Creates the bridge `<prefix>br` on `10.77.<subnet>.0/24`: bridges that exist at the same time need distinct
+    /// subnets.
+    pub fn create_on(prefix: &str, subnet: u8) -> Result<Self> {
         if prefix.len() > 8 {
             bail!("prefix {prefix:?}: at most 8 characters (interface names are short)");
         }
         cleanup(prefix);
         let name = format!("{prefix}br");
         run(&["ip", "link", "add", &name, "type", "bridge"])?;
-        let bridge = Self { name, prefix: prefix.to_owned() };
-        run(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", &bridge.name])?;
+        let bridge = Self { name, prefix: prefix.to_owned(), subnet };
+        run(&["ip", "addr", "add", &format!("{}/24", bridge.host_ip()), "dev", &bridge.name])?;
         run(&["ip", "link", "set", &bridge.name, "up"])?;
         Ok(bridge)
     }
 
-    /// A namespace `<prefix><n>` at `10.77.0.<n>` on this bridge, its link capped at `cap` both ways.
+    /// The root namespace's address on the bridge.
+    pub fn host_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(NET[0], NET[1], self.subnet, 254)
+    }
+
+    /// A namespace `<prefix><n>` at `10.77.<subnet>.<n>` on this bridge, its link capped at `cap` both ways.
     pub fn netns(&self, n: u8, cap: Option<Rate>) -> Result<Netns> {
         if n == 0 || n >= 254 {
             bail!("namespace number {n}: 1..=253");
         }
         let name = format!("{}{n}", self.prefix);
-        let ip = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], n);
+        let ip = Ipv4Addr::new(NET[0], NET[1], self.subnet, n);
         run(&["ip", "netns", "add", &name])?;
         let ns = Netns { name: name.clone(), ip, host_veth: format!("{name}h") };
         let inner = format!("{name}i");
@@ -94,15 +106,7 @@ impl Bridge {
         exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         exec(&["ip", "link", "set", "eth0", "up"])?;
         if let Some(rate) = cap {
-            let tbf = rate.tbf_args();
-            let tbf: Vec<&str> = tbf.iter().map(String::as_str).collect();
-            // What the namespace sends (its eth0's egress) and what it receives (the bridge port's egress).
-            let mut out = vec!["tc", "qdisc", "add", "dev", "eth0", "root", "tbf"];
-            out.extend(&tbf);
-            exec(&out)?;
-            let mut inn = vec!["tc", "qdisc", "add", "dev", &ns.host_veth, "root", "tbf"];
-            inn.extend(&tbf);
-            run(&inn)?;
+            ns.set_cap(rate)?;
         }
         Ok(ns)
     }
@@ -151,6 +155,47 @@ impl Netns {
     pub fn sent_bytes(&self) -> Result<u64> {
         let p = format!("/sys/class/net/{}/statistics/rx_bytes", self.host_veth);
         Ok(std::fs::read_to_string(&p).with_context(|| p.clone())?.trim().parse()?)
+    }
+
+    /// Caps this namespace's link at `rate` both ways (replacing any cap): what it sends (its eth0's egress) and
+    /// what it receives (the bridge port's egress).
+    pub fn set_cap(&self, rate: Rate) -> Result<()> {
+        let tbf = rate.tbf_args();
+        let tbf: Vec<&str> = tbf.iter().map(String::as_str).collect();
+        let mut out = vec!["ip", "netns", "exec", &self.name, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf"];
+        out.extend(&tbf);
+        run(&out)?;
+        let mut inn = vec!["tc", "qdisc", "replace", "dev", &self.host_veth, "root", "tbf"];
+        inn.extend(&tbf);
+        run(&inn)
+    }
+
+    /// Drops every packet between this namespace and `others` (both ways), until [`Netns::heal`].
+    pub fn cut_off(&self, others: &[Ipv4Addr]) -> Result<()> {
+        for ip in others {
+            let ip = ip.to_string();
+            self.iptables(&["-A", "INPUT", "-s", &ip, "-j", "DROP"])?;
+            self.iptables(&["-A", "OUTPUT", "-d", &ip, "-j", "DROP"])?;
+        }
+        Ok(())
+    }
+
+    /// Drops every packet arriving for TCP `port` in this namespace (a service that stopped answering: connects
+    /// time out rather than being refused), until [`Netns::heal`].
+    pub fn blackhole_port(&self, port: u16) -> Result<()> {
+        self.iptables(&["-A", "INPUT", "-p", "tcp", "--dport", &port.to_string(), "-j", "DROP"])
+    }
+
+    /// Removes every rule [`Netns::cut_off`] and [`Netns::blackhole_port`] added.
+    pub fn heal(&self) -> Result<()> {
+        self.iptables(&["-F", "INPUT"])?;
+        self.iptables(&["-F", "OUTPUT"])
+    }
+
+    fn iptables(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["ip", "netns", "exec", &self.name, "iptables", "-w"];
+        all.extend_from_slice(args);
+        run(&all)
     }
 
     /// A command that runs `program` inside the namespace.

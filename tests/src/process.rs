@@ -20,6 +20,7 @@ pub struct AgentBuilder {
     gossip: Option<SocketAddr>,
     netns: Option<(String, std::net::Ipv4Addr)>,
     env: Vec<(String, String)>,
+    data_dir: Option<PathBuf>,
 }
 
 impl AgentBuilder {
@@ -77,6 +78,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Keeps the data in `dir` (a small file system, say) instead of the agent's own temporary directory.
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_owned());
+        self
+    }
+
     /// Sets an environment variable of the agent's process.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
@@ -94,7 +101,7 @@ impl AgentBuilder {
             metrics_port = free_port()?;
         }
         let metrics_addr = SocketAddr::new(metrics_ip.into(), metrics_port);
-        let data_dir = dir.path().join("data");
+        let data_dir = self.data_dir.clone().unwrap_or_else(|| dir.path().join("data"));
         let mut config = format!(
             "listen = \"{addr}\"\nmetrics_listen = \"{metrics_addr}\"\ndata_dir = \"{}\"\n",
             data_dir.display()
@@ -136,6 +143,7 @@ impl AgentBuilder {
             http: reqwest::Client::builder().no_proxy().build()?,
             netns: self.netns.map(|(n, _)| n),
             env: self.env,
+            data_dir,
         };
         agent.spawn().await?;
         Ok(agent)
@@ -157,6 +165,7 @@ pub struct Agent {
     http: reqwest::Client,
     netns: Option<String>,
     env: Vec<(String, String)>,
+    data_dir: PathBuf,
 }
 
 impl Agent {
@@ -219,7 +228,7 @@ impl Agent {
 
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir.clone()
     }
 
     /// The `/metrics` text.
@@ -245,6 +254,11 @@ impl Agent {
     /// The process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// Whether the process is still running (false once it exited, or after [`Agent::kill`]).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILL, no cleanup.

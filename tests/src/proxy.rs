@@ -141,6 +141,45 @@ impl Proxy {
     }
 }
 
+/// A [`Proxy`] running inside a network namespace, on a thread of its own (see [`crate::netns::Netns::spawn`]).
+/// Stops when dropped.
+#[derive(Debug)]
+pub struct NsProxy {
+    stats: ProxyStats,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl NsProxy {
+    /// Starts a proxy in `ns` listening on `listen` (an address of that namespace), forwarding to `target`.
+    pub async fn start(ns: &crate::netns::Netns, listen: SocketAddr, target: SocketAddr) -> Result<Self> {
+        let (stats_tx, stats_rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = ns.spawn(move || async move {
+            let proxy = Proxy::start_at(listen, target).await?;
+            let _ = stats_tx.send(proxy.stats());
+            let _ = stop_rx.await;
+            Ok(())
+        });
+        match stats_rx.await {
+            Ok(stats) => Ok(Self { stats, stop: Some(stop) }),
+            Err(_) => Err(task.await?.err().unwrap_or_else(|| anyhow::anyhow!("the proxy did not start"))),
+        }
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &ProxyStats {
+        &self.stats
+    }
+}
+
+impl Drop for NsProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop();

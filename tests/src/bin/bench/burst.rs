@@ -17,7 +17,7 @@ use shoal_testbed::client::{self, Endpoint};
 use shoal_testbed::cluster::write_secret;
 use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
 use shoal_testbed::netns::{Bridge, Netns, Rate};
-use shoal_testbed::{Agent, Proxy, ProxyStats, Registry, cpu_seconds, peak_rss, wait_for};
+use shoal_testbed::{Agent, NsProxy, ProxyStats, Registry, cpu_seconds, peak_rss, wait_for};
 
 const REPO: &str = "bench/burst";
 const UPSTREAM_NS: u8 = 1;
@@ -134,16 +134,8 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     // Upstream: the registry on the upstream namespace's address, the counting proxy in front of it.
     let registry = Registry::start_in(&up, 5001, None).await?;
     let upstream_host = format!("{}:5000", up.ip());
-    let (stats_tx, stats_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (listen, target) = (upstream_host.parse()?, registry.addr());
-    let proxy_task = up.spawn(move || async move {
-        let proxy = Proxy::start_at(listen, target).await?;
-        let _ = stats_tx.send(proxy.stats());
-        let _ = stop_rx.await;
-        Ok(())
-    });
-    let stats: ProxyStats = stats_rx.await.context("the upstream proxy did not start")?;
+    let proxy = NsProxy::start(&up, upstream_host.parse()?, registry.addr()).await?;
+    let stats: ProxyStats = proxy.stats().clone();
     eprintln!("pushing it to upstream (over the capped link)…");
     push(&image, &registry.host(), REPO, "v1", None, Format::Oci)?;
 
@@ -180,8 +172,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     drop(cache);
 
     outcomes.push(shoal(&nodes, &upstream_host, &stats).await?);
-    let _ = stop_tx.send(());
-    proxy_task.await??;
+    drop(proxy);
 
     let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
     let table = render_table(&args, &outcomes, image_bytes, link_secs);

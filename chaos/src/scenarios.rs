@@ -1,0 +1,524 @@
+//! The scenarios. Each builds its own bed (its own bridge and subnet, so scenarios can run side by side), injects
+//! its fault with choices drawn from its seed, checks what is particular to it, and ends with the common checks
+//! ([`Bed::finish`]).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
+use shoal_testbed::netns::Rate;
+use shoal_testbed::{Agent, Containerd, cluster::Cluster};
+
+use crate::bed::{Bed, Links, PROXY_PORT, PullRecord, REPO, all_done, collect};
+use crate::report::Report;
+
+/// How big a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Size {
+    /// CI: a few nodes, a ~10 MiB image, a few faults.
+    Short,
+    /// Soak: more nodes, a ~80 MiB image, many faults.
+    Long,
+}
+
+impl Size {
+    fn nodes(self) -> usize {
+        match self {
+            Self::Short => 4,
+            Self::Long => 8,
+        }
+    }
+
+    fn layers(self) -> Vec<usize> {
+        match self {
+            Self::Short => vec![6 << 20, 3 << 20, 1 << 20],
+            Self::Long => vec![48 << 20, 24 << 20, 8 << 20, 2 << 20],
+        }
+    }
+
+    /// Upstream slower than the nodes' links, as in a cluster pulling across a region or through a rate limit.
+    /// (A burst then lasts a few seconds: long enough for faults to strike in the middle of it.)
+    fn links(self) -> Links {
+        let upstream = match self {
+            Self::Short => Rate::mbit(24),
+            Self::Long => Rate::mbit(48),
+        };
+        Links { upstream: Some(upstream), node: Some(Rate::mbit(400)) }
+    }
+
+    /// How many times a repeated fault strikes.
+    fn faults(self) -> usize {
+        match self {
+            Self::Short => 3,
+            Self::Long => 12,
+        }
+    }
+}
+
+/// A named fault scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// SIGKILL a serving node every second or so during a burst (the first a digest's home); each comes back.
+    PeerKill,
+    /// Cut the nodes into two groups mid-burst, heal after a while.
+    Partition,
+    /// One node tampers with every piece it serves.
+    ByzantinePeer,
+    /// Upstream unreachable for the whole scenario.
+    UpstreamOutage,
+    /// One node that holds the image has its link throttled to a trickle.
+    SlowPeer,
+    /// SIGKILL agents at random points of their downloads, many times.
+    CrashRestart,
+    /// A node's data dir on a tiny file system.
+    DiskFull,
+    /// The node's agent is down: containerd falls back to upstream through `hosts.toml`.
+    AgentDown,
+    /// Nodes join and leave throughout a burst.
+    Churn,
+}
+
+impl Scenario {
+    /// Every scenario, in the order they run.
+    pub const ALL: [Self; 9] = [
+        Self::PeerKill,
+        Self::Partition,
+        Self::ByzantinePeer,
+        Self::UpstreamOutage,
+        Self::SlowPeer,
+        Self::CrashRestart,
+        Self::DiskFull,
+        Self::AgentDown,
+        Self::Churn,
+    ];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PeerKill => "peer-kill",
+            Self::Partition => "partition",
+            Self::ByzantinePeer => "byzantine-peer",
+            Self::UpstreamOutage => "upstream-outage",
+            Self::SlowPeer => "slow-peer",
+            Self::CrashRestart => "crash-restart",
+            Self::DiskFull => "disk-full",
+            Self::AgentDown => "agent-down",
+            Self::Churn => "churn",
+        }
+    }
+
+    /// The scenario of this name.
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name).with_context(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|s| s.name()).collect();
+            format!("no scenario {name:?}; one of {}", names.join(", "))
+        })
+    }
+
+    fn index(self) -> u8 {
+        Self::ALL.iter().position(|s| *s == self).unwrap_or_default() as u8
+    }
+
+    /// Runs it with `seed`. An error is a run that could not be set up; broken invariants are in the report
+    /// ([`Report::verdict`]).
+    pub async fn run(self, seed: u64, size: Size) -> Result<Report> {
+        let mut report = Report::new(self.name(), seed);
+        let start = Instant::now();
+        let mut run = Run { rng: StdRng::seed_from_u64(seed), size, seed, report: &mut report, scenario: self };
+        match self {
+            Self::PeerKill => run.peer_kill().await?,
+            Self::Partition => run.partition().await?,
+            Self::ByzantinePeer => run.byzantine_peer().await?,
+            Self::UpstreamOutage => run.upstream_outage().await?,
+            Self::SlowPeer => run.slow_peer().await?,
+            Self::CrashRestart => run.crash_restart().await?,
+            Self::DiskFull => run.disk_full().await?,
+            Self::AgentDown => run.agent_down().await?,
+            Self::Churn => run.churn().await?,
+        }
+        report.elapsed = start.elapsed();
+        Ok(report)
+    }
+}
+
+struct Run<'a> {
+    rng: StdRng,
+    size: Size,
+    seed: u64,
+    report: &'a mut Report,
+    scenario: Scenario,
+}
+
+impl Run<'_> {
+    /// A bed of `nodes` on this scenario's own bridge and subnet.
+    async fn bed(
+        &self,
+        nodes: usize,
+        with: impl Fn(usize, shoal_testbed::AgentBuilder) -> shoal_testbed::AgentBuilder,
+    ) -> Result<Bed> {
+        let i = self.scenario.index();
+        Bed::start(&format!("ch{i}"), 100 + i, nodes, self.size.links(), with).await
+    }
+
+    fn push(&self, bed: &Bed, tag: &str, salt: u64) -> Result<Artifact> {
+        bed.push(tag, &self.size.layers(), self.seed.wrapping_mul(1000).wrapping_add(salt))
+    }
+
+    fn pause(&mut self, ms: std::ops::Range<u64>) -> tokio::time::Sleep {
+        tokio::time::sleep(Duration::from_millis(self.rng.random_range(ms)))
+    }
+
+    async fn peer_kill(&mut self) -> Result<()> {
+        let n = self.size.nodes();
+        let mut bed = self.bed(n, |_, b| b).await?;
+        self.push(&bed, "v1", 1)?;
+        let pulls = bed.burst(0..n, "v1");
+        let mut kills = 0;
+        while kills < self.size.faults() && !all_done(&pulls) {
+            self.pause(300..1200).await;
+            // The first victim is a home (it knows holders), so the digest's home dies mid-burst.
+            let victim = match (kills, home(&bed).await) {
+                (0, Some(h)) => h,
+                _ => self.rng.random_range(0..n),
+            };
+            bed.kill(victim).await;
+            self.pause(200..1000).await;
+            let ready = bed.restart(victim).await?;
+            self.report.recovered(ready);
+            kills += 1;
+        }
+        self.report.pulls(collect(pulls).await);
+        self.report.note(format!("{kills} agents SIGKILLed mid-burst and restarted (the first a home)"));
+        bed.wait_converged(Duration::from_secs(30)).await?;
+        // Whole again: every node pulls the image once more through its agent.
+        self.report.pulls(collect(bed.burst(0..n, "v1")).await);
+        bed.finish(self.report).await;
+        Ok(())
+    }
+
+    async fn partition(&mut self) -> Result<()> {
+        let n = self.size.nodes();
+        let bed = self.bed(n, |_, b| b).await?;
+        self.push(&bed, "v1", 1)?;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut self.rng);
+        let (a, b) = order.split_at(n / 2);
+        let b_ips: Vec<_> = b.iter().map(|i| bed.nodes[*i].ns.ip()).collect();
+        let pulls = bed.burst(0..n, "v1");
+        self.pause(200..800).await;
+        for i in a {
+            bed.nodes[*i].ns.cut_off(&b_ips)?;
+        }
+        let hold = match self.size {
+            Size::Short => 4_000..5_000,
+            Size::Long => 10_000..20_000,
+        };
+        self.pause(hold).await;
+        for i in a {
+            bed.nodes[*i].ns.heal()?;
+        }
+        let converged = bed.wait_converged(Duration::from_secs(60)).await?;
+        self.report.recovered(converged);
+        let records = collect(pulls).await;
+        self.report.note(format!("groups {a:?} | {b:?}; recovery = heal until every node sees every other alive"));
+        self.report.pulls(records);
+        // One mesh again: a new image pulled everywhere goes out of upstream once per blob.
+        let image = self.push(&bed, "v2", 2)?;
+        bed.upstream_stats().reset();
+        self.report.pulls(collect(bed.burst(0..n, "v2")).await);
+        for blob in image.all_blobs() {
+            let gets = bed.upstream_stats().count("GET", &format!("/{}", blob.digest));
+            self.report.check(gets == 1, format!("after the heal, upstream sent {} {gets} times", blob.digest));
+        }
+        bed.finish(self.report).await;
+        Ok(())
+    }
+
+    async fn byzantine_peer(&mut self) -> Result<()> {
+        let n = self.size.nodes();
+        let bed = self.bed(n, |i, b| if i == 0 { b.env("SHOAL_FAULT", "mixed") } else { b }).await?;
+        self.push(&bed, "v1", 1)?;
+        // The liar holds the whole image before anyone else asks: homes hand it out as a source.
+        self.report.pulls(collect(bed.burst([0], "v1")).await);
+        let honest: Vec<&Agent> = bed.nodes[1..].iter().map(|x| &x.agent).collect();
+        let before = sum(&honest, "shoal_peer_transfer_failures_total").await;
+        self.report.pulls(collect(bed.burst(1..n, "v1")).await);
+        let quarantined = sum(&honest, "shoal_peers_quarantined").await;
+        let failures = sum(&honest, "shoal_peer_transfer_failures_total").await - before;
+        let liar = bed.nodes[0].agent.metric("shoal_peer_sent_bytes_total", &[]).await.unwrap_or(0.0);
+        self.report.note(format!(
+            "the liar sent {liar} bytes; honest nodes counted {failures} failed transfers and hold {quarantined} \
+             quarantines"
+        ));
+        self.report.check(quarantined >= 1.0, "no honest node quarantined the byzantine peer");
+        bed.finish(self.report).await;
+        Ok(())
+    }
+
+    async fn upstream_outage(&mut self) -> Result<()> {
+        let n = self.size.nodes();
+        let bed = self.bed(n, |_, b| b).await?;
+        let cached = self.push(&bed, "v1", 1)?;
+        self.push(&bed, "v2", 2)?;
+        let digest = cached.top().digest.clone();
+        // One node pulls the image (by tag and by digest) while upstream is up; that is all the cluster caches.
+        self.report.pulls(collect(bed.burst([0, 0], "v1")).await);
+        self.report.pulls(collect(bed.burst([0], &digest)).await);
+        bed.up.blackhole_port(PROXY_PORT)?;
+        let mut pulls = bed.burst(0..n, "v1");
+        pulls.extend(bed.burst(0..n, &digest));
+        self.report.pulls(collect(pulls).await);
+        // What nobody cached fails fast, with an OCI error the client can act on, on every node.
+        for i in 0..n {
+            let url = format!("{}/v2/{REPO}/manifests/v2?ns={}", bed.nodes[i].agent.url(), bed.upstream_host);
+            let answer = bed.nodes[i]
+                .ns
+                .spawn(move || async move {
+                    let http = reqwest::Client::builder().no_proxy().build()?;
+                    let start = Instant::now();
+                    let resp = http.get(&url).send().await?;
+                    let status = resp.status().as_u16();
+                    let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await?).unwrap_or_default();
+                    Ok((status, body, start.elapsed()))
+                })
+                .await??;
+            let (status, body, took) = answer;
+            let code = body.pointer("/errors/0/code").and_then(|c| c.as_str()).unwrap_or_default().to_owned();
+            self.report.note(format!("node {i}: uncached tag answered {status} {code} in {:.2} s", took.as_secs_f64()));
+            self.report.check(
+                status == 404 && code == "MANIFEST_UNKNOWN" && took < Duration::from_secs(10),
+                format!("node {i}: an uncached tag during the outage got {status} {code:?} after {took:?}"),
+            );
+        }
+        bed.up.heal()?;
+        bed.finish(self.report).await;
+        Ok(())
+    }
+
+    async fn slow_peer(&mut self) -> Result<()> {
+        let n = self.size.nodes() + 1;
+        let bed = self.bed(n, |_, b| b).await?;
+        // Without it: the burst of the others on an image nobody holds.
+        self.push(&bed, "v1", 1)?;
+        let t = Instant::now();
+        let base = collect(bed.burst(1..n, "v1")).await;
+        let without = t.elapsed();
+        self.report.pulls(base);
+        // With it: node 0 holds the image (a source homes hand out) and then its link drops to a trickle.
+        self.push(&bed, "v2", 2)?;
+        self.report.pulls(collect(bed.burst([0], "v2")).await);
+        bed.nodes[0].ns.set_cap(Rate(1_000_000))?;
+        let t = Instant::now();
+        let slow = collect(bed.burst(1..n, "v2")).await;
+        let with = t.elapsed();
+        self.report.pulls(slow);
+        bed.nodes[0].ns.set_cap(self.size.links().node.unwrap_or(Rate::mbit(1000)))?;
+        let ratio = with.as_secs_f64() / without.as_secs_f64();
+        self.report.note(format!(
+            "burst of {} nodes: {:.2} s without the slow peer, {:.2} s with it: {ratio:.2}×",
+            n - 1,
+            without.as_secs_f64(),
+            with.as_secs_f64()
+        ));
+        self.report.check(ratio <= 1.5, format!("the burst with a 1 Mbit/s holder took {ratio:.2}× the one without"));
+        bed.finish(self.report).await;
+        Ok(())
+    }
+
+    async fn crash_restart(&mut self) -> Result<()> {
+        let n = self.size.nodes();
+        let mut bed = self.bed(n, |_, b| b).await?;
+        for round in 0..self.size.faults() {
+            let tag = format!("r{round}");
+            self.push(&bed, &tag, round as u64)?;
+            let pulls = bed.burst(0..n, &tag);
+            // A random point of the downloads: from their first bytes to about their end.
+            self.pause(100..2500).await;
+            let victim = self.rng.random_range(0..n);
+            bed.kill(victim).await;
+            let ready = bed.restart(victim).await?;
+            self.report.recovered(ready);
+            self.report.pulls(collect(pulls).await);
+            // What the restarted agent kept, it serves whole.
+            self.report.pulls(collect(bed.burst([victim], &tag)).await);
+        }
+        self.report.note(format!("{} SIGKILLs at random points of downloads", self.size.faults()));
+        bed.finish(self.report).await;
+        Ok(())
+    }
+
+    async fn disk_full(&mut self) -> Result<()> {
+        let n = self.size.nodes();
+        let fs = TinyFs::mount(8 << 20)?;
+        let data = fs.dir.path().to_owned();
+        let bed = self.bed(n, |i, b| if i == 0 { b.data_dir(&data) } else { b }).await?;
+        let big = self.push(&bed, "v1", 1)?;
+        // The largest layer does not fit: the pull must still succeed.
+        self.report.pulls(collect(bed.burst([0], "v1")).await);
+        let agent = &bed.nodes[0].agent;
+        let log = agent.log();
+        self.report.check(
+            log.contains("No space left") || log.contains("space"),
+            "the agent on the full disk did not log why it could not cache",
+        );
+        let largest = big.all_blobs().into_iter().map(|b| b.data.len()).max().unwrap_or_default();
+        self.report.note(format!("data dir on an 8 MiB tmpfs; largest layer {} MiB", largest >> 20));
+        // Space returns: the next pull is cached again.
+        fs.resize(256 << 20)?;
+        let returned = Instant::now();
+        self.push(&bed, "v2", 2)?;
+        self.report.pulls(collect(bed.burst([0], "v2")).await);
+        let committed = agent.metric("shoal_store_commits_total", &[]).await.unwrap_or(0.0);
+        self.report.recovered(returned.elapsed());
+        self.report.check(committed >= 1.0, "nothing was cached after space returned");
+        bed.finish(self.report).await;
+        drop(fs);
+        Ok(())
+    }
+
+    async fn agent_down(&mut self) -> Result<()> {
+        // containerd runs in the root namespace: this scenario's node is the machine itself (loopback).
+        let cl = Cluster::start().await?;
+        let mut agent = Agent::builder().registry(&cl.proxy.host()).start().await?;
+        let ctr = Containerd::start().await?;
+        ctr.configure_host(&cl.proxy.host(), Some(&agent.url()))?;
+        let mut tags = Vec::new();
+        for (i, tag) in ["v1", "v2", "v3"].into_iter().enumerate() {
+            let seed = self.seed.wrapping_add(i as u64);
+            let image = Artifact::Image(Image::random(&self.size.layers(), seed, "amd64", Compression::None)?);
+            push(&image, &cl.registry.host(), REPO, tag, None, Format::Oci)?;
+            tags.push(format!("{}/{REPO}:{tag}", cl.proxy.host()));
+        }
+        self.report.pulls(vec![ctr_pull(&ctr, &tags[0]).await]);
+        let before = agent.metric("shoal_bytes_served_total", &[]).await.unwrap_or(0.0);
+        self.report.check(before > 0.0, "containerd did not pull through the agent while it ran");
+        agent.kill().await;
+        self.report.pulls(vec![ctr_pull(&ctr, &tags[1]).await]);
+        let start = Instant::now();
+        agent.restart().await?;
+        self.report.recovered(start.elapsed());
+        self.report.pulls(vec![ctr_pull(&ctr, &tags[2]).await]);
+        let after = agent.metric("shoal_bytes_served_total", &[]).await.unwrap_or(0.0);
+        self.report.check(after > 0.0, "containerd did not go through the agent again after its restart");
+        self.report.note("containerd 1.6 with hosts.toml: mirror first, upstream as server");
+        if !agent.running() {
+            self.report.crashed.push("the restarted agent is not running".to_owned());
+        }
+        agent.terminate(Duration::from_secs(20)).await?;
+        match shoal_agent::store::Store::check(&agent.data_dir()) {
+            Ok(c) => {
+                self.report.stored_blobs += c.blobs;
+                self.report.store_problems.extend(c.problems);
+            }
+            Err(e) => self.report.store_problems.push(format!("the store could not be checked: {e}")),
+        }
+        Ok(())
+    }
+
+    async fn churn(&mut self) -> Result<()> {
+        let n = self.size.nodes();
+        let mut bed = self.bed(n, |_, b| b).await?;
+        self.push(&bed, "v1", 1)?;
+        let mut pulls = bed.burst(0..n, "v1");
+        let mut joined = 0;
+        for round in 0..self.size.faults() {
+            self.pause(300..1000).await;
+            let i = bed.add_node(|b| b).await?;
+            joined += 1;
+            pulls.push(bed.pull(i, "v1"));
+            let staying: Vec<usize> = bed.staying().filter(|s| *s != i).collect();
+            let leaver = staying[self.rng.random_range(0..staying.len())];
+            bed.leave(leaver, round % 2 == 0).await?;
+        }
+        self.report.pulls(collect(pulls).await);
+        let converged = bed.wait_converged(Duration::from_secs(60)).await?;
+        self.report.recovered(converged);
+        self.report.note(format!(
+            "{joined} nodes joined and {joined} left (SIGTERM and SIGKILL in turn) during the burst; recovery = \
+             from the burst's end until the members agree"
+        ));
+        // The remaining mesh still works: everyone pulls a new image.
+        self.push(&bed, "v2", 2)?;
+        let staying: Vec<usize> = bed.staying().collect();
+        self.report.pulls(collect(bed.burst(staying, "v2")).await);
+        bed.finish(self.report).await;
+        Ok(())
+    }
+}
+
+/// The node whose agent's directory knows the most digests (a home of this burst's blobs), if any.
+async fn home(bed: &Bed) -> Option<usize> {
+    let mut best = None;
+    for (i, node) in bed.nodes.iter().enumerate() {
+        let known = node.agent.metric("shoal_directory_digests", &[]).await.unwrap_or(0.0);
+        if known > 0.0 && best.is_none_or(|(_, k)| known > k) {
+            best = Some((i, known));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+async fn sum(agents: &[&Agent], metric: &str) -> f64 {
+    let mut total = 0.0;
+    for a in agents {
+        total += a.metric(metric, &[]).await.unwrap_or(0.0);
+    }
+    total
+}
+
+async fn ctr_pull(ctr: &Containerd, reference: &str) -> PullRecord {
+    let start = Instant::now();
+    let outcome = match ctr.pull(reference, None, &[]).await {
+        Ok(out) if out.success => Ok(0),
+        Ok(out) => Err(format!("ctr pull failed: {}", out.output)),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    PullRecord {
+        node: 0,
+        reference: reference.to_owned(),
+        attempts: 1,
+        outcome,
+        corrupt: false,
+        retried_because: Vec::new(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// A tmpfs of a given size (a node's small disk), unmounted on drop.
+struct TinyFs {
+    dir: tempfile::TempDir,
+}
+
+impl TinyFs {
+    fn mount(bytes: u64) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("shoal-tinyfs").tempdir()?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "shoal-chaos"])
+            .arg(dir.path())
+            .output()?;
+        if !out.status.success() {
+            bail!("mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Self { dir })
+    }
+
+    fn resize(&self, bytes: u64) -> Result<()> {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={bytes}")])
+            .arg(self.dir.path())
+            .output()?;
+        if !out.status.success() {
+            bail!("remount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).output();
+    }
+}
