@@ -117,6 +117,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
             tag_ttl: cfg.tag_ttl,
             auth_ttl: cfg.auth_ttl,
             gc_high_bytes: cfg.gc_high_bytes,
+            min_free_space: cfg.min_free_space,
             gc_low_bytes: cfg.gc_low_bytes,
         },
         metrics.clone(),

@@ -63,6 +63,10 @@ pub struct RawConfig {
     /// Disk space the cache may use, e.g. `20GiB`. Default `10GiB`.
     #[arg(long, env = "SHOAL_DISK_BUDGET")]
     pub disk_budget: Option<String>,
+    /// Free space the data dir's file system must keep after a download, e.g. `1GiB`: a blob that does not fit
+    /// is served through from upstream without being cached. Default `256MiB`.
+    #[arg(long, env = "SHOAL_MIN_FREE_SPACE")]
+    pub min_free_space: Option<String>,
     /// Eviction starts when the cache exceeds this share of the budget. Default `0.9`.
     #[arg(long, env = "SHOAL_GC_HIGH_WATERMARK")]
     pub gc_high_watermark: Option<f64>,
@@ -146,7 +150,8 @@ pub struct RawConfig {
     /// Upload bandwidth cap towards peers per second, e.g. `200MiB`; `0` for none. Default `0`.
     #[arg(long, env = "SHOAL_UPLOAD_RATE")]
     pub upload_rate: Option<String>,
-    /// Longest wait for a peer's answer or its next bytes before the piece is fetched elsewhere. Default `5s`.
+    /// Longest wait for a peer's answer, and for all of a piece's bytes, before the piece is fetched elsewhere (a
+    /// source too slow to deliver a piece in this time is dropped). Default `5s`.
     #[arg(long, env = "SHOAL_PEER_STALL_TIMEOUT")]
     pub peer_stall_timeout: Option<String>,
     /// How long a peer whose data failed a check is not asked for anything. Default `5m`.
@@ -289,6 +294,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Cache budget in bytes.
     pub disk_budget: u64,
+    /// Free bytes the data dir's file system keeps after a download.
+    pub min_free_space: u64,
     /// Eviction starts above this many bytes.
     pub gc_high_bytes: u64,
     /// Eviction stops below this many bytes.
@@ -395,6 +402,7 @@ impl RawConfig {
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             data_dir: self.data_dir.or(file.data_dir),
             disk_budget: self.disk_budget.or(file.disk_budget),
+            min_free_space: self.min_free_space.or(file.min_free_space),
             gc_high_watermark: self.gc_high_watermark.or(file.gc_high_watermark),
             gc_low_watermark: self.gc_low_watermark.or(file.gc_low_watermark),
             tag_ttl: self.tag_ttl.or(file.tag_ttl),
@@ -450,6 +458,8 @@ impl RawConfig {
         if disk_budget < 1 << 20 {
             return Err(invalid("disk_budget", "must be at least 1MiB"));
         }
+        let min_free_space =
+            parse_size(self.min_free_space.as_deref().unwrap_or("256MiB")).map_err(|r| invalid("min_free_space", r))?;
         let high = self.gc_high_watermark.unwrap_or(0.9);
         let low = self.gc_low_watermark.unwrap_or(0.8);
         if !(high > 0.0 && high <= 1.0) {
@@ -556,6 +566,7 @@ impl RawConfig {
             metrics_listen,
             data_dir,
             disk_budget,
+            min_free_space,
             gc_high_bytes: (disk_budget as f64 * high) as u64,
             gc_low_bytes: (disk_budget as f64 * low) as u64,
             tag_ttl,

@@ -72,6 +72,8 @@ pub enum Source {
     download,
     /// The node's containerd content store.
     containerd,
+    /// Straight from upstream without caching (no room in the store).
+    passthrough,
 }
 
 /// Labels with a source.
@@ -332,7 +334,7 @@ impl Metrics {
                 drop(self.mirror.requests.get_or_create(&RequestLabels { route, outcome }));
             }
         }
-        for source in [Source::store, Source::download, Source::containerd] {
+        for source in [Source::store, Source::download, Source::containerd, Source::passthrough] {
             drop(self.mirror.bytes_served.get_or_create(&SourceLabels { source }));
         }
         for kind in [K::digest, K::tag] {

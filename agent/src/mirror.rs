@@ -76,7 +76,7 @@ impl MirrorError {
             }
             Self::NoRegistry => Self::response(StatusCode::NOT_FOUND, "NAME_UNKNOWN", &msg),
             Self::Resolve(ResolveError::NotFound) => Self::response(StatusCode::NOT_FOUND, unknown, &msg),
-            Self::Resolve(ResolveError::Unavailable(reason)) => {
+            Self::Resolve(ResolveError::Unavailable(reason) | ResolveError::NoSpace(reason)) => {
                 tracing::info!(%reason, "cannot serve: answering 404 so the client falls back");
                 Self::response(StatusCode::NOT_FOUND, unknown, &msg)
             }

@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,9 @@ pub enum ResolveError {
     /// should go to the next host.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The store has no room for it: it can be served through without being cached.
+    #[error("no room to cache it: {0}")]
+    NoSpace(String),
 }
 
 impl From<UpstreamError> for ResolveError {
@@ -154,6 +157,8 @@ pub struct ResolverConfig {
     pub gc_high_bytes: u64,
     /// GC down to this many bytes.
     pub gc_low_bytes: u64,
+    /// Free bytes the store's file system keeps after a download: what does not fit is served through.
+    pub min_free_space: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -214,6 +219,8 @@ pub struct Resolver {
     accepted: Mutex<HashMap<(u64, String), Instant>>,
     cred_hasher: std::hash::RandomState,
     gc_running: AtomicBool,
+    /// Bytes that running downloads have yet to write (what the free-space check must leave them).
+    reserved: Arc<AtomicU64>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     mesh: Option<Arc<Mesh>>,
@@ -258,6 +265,70 @@ enum OpenedSource {
         rx: watch::Receiver<Progress>,
         final_path: PathBuf,
     },
+    /// Straight from upstream, not cached (no room in the store).
+    PassThrough(Box<PassThrough>),
+}
+
+/// Room reserved in the store for a running download; given back when it ends.
+struct Room {
+    reserved: Arc<AtomicU64>,
+    size: u64,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.size, Ordering::SeqCst);
+    }
+}
+
+/// An upstream body streamed to one client without being cached.
+struct PassThrough {
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    hasher: Sha256,
+    /// Bytes of the body read so far.
+    read: u64,
+    /// The last bytes of the client's range, held back until the whole body matched the digest.
+    held: Option<Bytes>,
+}
+
+impl std::fmt::Debug for PassThrough {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PassThrough").field("read", &self.read).finish_non_exhaustive()
+    }
+}
+
+impl PassThrough {
+    /// The next bytes of `[*pos, end)`. The whole body is read and hashed (a range too: only the whole can be
+    /// checked); the range's last bytes go out only once the body matched `digest`.
+    async fn next(&mut self, digest: &Digest, pos: &mut u64, end: u64) -> io::Result<Option<Bytes>> {
+        loop {
+            match self.body.next().await {
+                Some(chunk) => {
+                    let chunk = chunk.map_err(io::Error::other)?;
+                    let at = self.read;
+                    self.hasher.update(&chunk);
+                    self.read += chunk.len() as u64;
+                    let (lo, hi) = ((*pos).max(at), end.min(self.read));
+                    if lo < hi {
+                        let part = chunk.slice((lo - at) as usize..(hi - at) as usize);
+                        if let Some(out) = self.held.replace(part) {
+                            *pos += out.len() as u64;
+                            return Ok(Some(out));
+                        }
+                    }
+                }
+                None => {
+                    let Some(out) = self.held.take() else { return Ok(None) };
+                    let got = Digest::from_sha256(&self.hasher.clone().finalize());
+                    if got != *digest {
+                        return Err(io::Error::other(format!("upstream sent content that hashes to {got}")));
+                    }
+                    *pos += out.len() as u64;
+                    return Ok(Some(out));
+                }
+            }
+        }
+    }
 }
 
 /// Keeps a digest out of GC while it is being served.
@@ -303,6 +374,7 @@ impl Resolver {
             accepted: Mutex::default(),
             cred_hasher: std::hash::RandomState::new(),
             gc_running: AtomicBool::new(false),
+            reserved: Arc::default(),
             tasks,
             cancel,
             mesh,
@@ -634,7 +706,10 @@ impl Resolver {
         // Answered once the first bytes are on disk (or, for an empty blob, once verified): a download that fails
         // before that is an error the client can take elsewhere (containerd moves to the next host), not a 200
         // whose body breaks.
-        let p = wait_progress(&mut rx, |p| (p.header.is_some() && p.written > 0) || p.verified).await?;
+        let p = match wait_progress(&mut rx, |p| (p.header.is_some() && p.written > 0) || p.verified).await {
+            Err(ResolveError::NoSpace(reason)) => return self.pass_through(client, digest, kind, &reason, guard).await,
+            p => p?,
+        };
         let (size, media_type) = p.header.unwrap_or((None, None));
         Ok(Opened {
             digest: digest.clone(),
@@ -729,6 +804,50 @@ impl Resolver {
         let (size, media_type) = p.header.unwrap_or((None, None));
         let size = size.ok_or_else(|| ResolveError::Unavailable("upstream sent no size".into()))?;
         Ok(Fetched { size, media_type, complete: p.verified, public: dl.origin.cred.is_none(), started })
+    }
+
+    /// Reserves room in the store for a blob of `size` bytes: the file system must keep `min_free_space` free
+    /// after every running download has written all of its bytes.
+    async fn reserve_room(&self, size: u64) -> Result<Room, ResolveError> {
+        let store = self.store.clone();
+        let free = blocking(move || store.free_bytes()).await?;
+        // Reserved before the check, so two downloads checking at once both count each other.
+        let promised = self.reserved.fetch_add(size, Ordering::SeqCst);
+        let room = Room { reserved: self.reserved.clone(), size };
+        let needed = promised.saturating_add(size).saturating_add(self.cfg.min_free_space);
+        if free < needed {
+            return Err(ResolveError::NoSpace(format!(
+                "{size} bytes do not fit: {free} bytes free space on the data dir's file system, {promised} promised \
+                 to running downloads, min_free_space {}",
+                self.cfg.min_free_space
+            )));
+        }
+        Ok(room)
+    }
+
+    /// Serves a blob or manifest the store has no room for straight from upstream, verified as it streams (the
+    /// last chunk is held back until the digest matched), without caching it.
+    async fn pass_through(
+        &self,
+        client: &Client,
+        digest: &Digest,
+        kind: Kind,
+        reason: &str,
+        guard: InUse,
+    ) -> Result<Opened, ResolveError> {
+        tracing::warn!(%digest, reason, "not cached: serving it through from upstream");
+        let reference = Reference::Digest(digest.clone());
+        let resp = self.upstream.send(client.request(target(kind, digest, &reference), false)).await?;
+        let size = resp.content_length();
+        let media_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = PassThrough { body: Box::pin(resp.bytes_stream()), hasher: Sha256::new(), read: 0, held: None };
+        Ok(Opened {
+            digest: digest.clone(),
+            size,
+            media_type,
+            source: OpenedSource::PassThrough(Box::new(body)),
+            _guard: guard,
+        })
     }
 
     async fn head_upstream(&self, client: &Client, digest: &Digest, guard: InUse) -> Result<Opened, ResolveError> {
@@ -832,6 +951,11 @@ impl Resolver {
                 "manifest size {size:?} is over {MAX_MANIFEST_SIZE} bytes or unknown"
             )));
         }
+        // Room for all of it, or none is cached (the client is served through instead).
+        let _room = match size {
+            Some(size) => Some(self.reserve_room(size).await?),
+            None => None,
+        };
         let store = self.store.clone();
         let d = digest.clone();
         let (partial, file) = blocking(move || store.create_partial(&d)).await?;
@@ -1498,6 +1622,7 @@ impl Opened {
             OpenedSource::Stored(_) | OpenedSource::HeadOnly => Source::store,
             OpenedSource::InFlight { .. } => Source::download,
             OpenedSource::Containerd(_) => Source::containerd,
+            OpenedSource::PassThrough(_) => Source::passthrough,
         };
         let counter = metrics.mirror.bytes_served.get_or_create(&SourceLabels { source }).clone();
         let reader = Reader { opened: self, file: None, remote: None, pos: start, end };
@@ -1536,6 +1661,7 @@ impl Reader {
         }
         let (avail, path) = match &mut self.opened.source {
             OpenedSource::HeadOnly => return Ok(None),
+            OpenedSource::PassThrough(body) => return body.next(&self.opened.digest, &mut self.pos, self.end).await,
             OpenedSource::Containerd(c) => {
                 if self.remote.is_none() {
                     let size = self.opened.size.unwrap_or(self.end);
@@ -1629,6 +1755,37 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pass_through(chunks: &[&'static [u8]]) -> PassThrough {
+        let body = futures_util::stream::iter(chunks.iter().map(|c| Ok(Bytes::from_static(c))).collect::<Vec<_>>());
+        PassThrough { body: Box::pin(body), hasher: Sha256::new(), read: 0, held: None }
+    }
+
+    async fn drain(p: &mut PassThrough, digest: &Digest, start: u64, end: u64) -> (Vec<u8>, io::Result<()>) {
+        let (mut out, mut pos) = (Vec::new(), start);
+        loop {
+            match p.next(digest, &mut pos, end).await {
+                Ok(Some(b)) => out.extend_from_slice(&b),
+                Ok(None) => return (out, Ok(())),
+                Err(e) => return (out, Err(e)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn pass_through_serves_ranges_and_withholds_the_end_of_a_mismatch() {
+        let chunks: [&'static [u8]; 3] = [b"hello ", b"pass", b"-through"];
+        let digest = Digest::from_sha256(&Sha256::digest(b"hello pass-through"));
+        let (all, r) = drain(&mut pass_through(&chunks), &digest, 0, 18).await;
+        assert_eq!((all.as_slice(), r.is_ok()), (&b"hello pass-through"[..], true));
+        let (part, r) = drain(&mut pass_through(&chunks), &digest, 3, 9).await;
+        assert_eq!((part.as_slice(), r.is_ok()), (&b"lo pas"[..], true));
+        // Other bytes than the digest names: the range's last bytes never go out.
+        let wrong = Digest::from_sha256(&Sha256::digest(b"something else"));
+        let (sent, r) = drain(&mut pass_through(&chunks), &wrong, 0, 18).await;
+        assert!(r.is_err());
+        assert_eq!(sent, b"hello pass");
+    }
 
     #[test]
     fn accept_matching() {

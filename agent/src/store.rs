@@ -299,6 +299,16 @@ impl Store {
         Ok(c)
     }
 
+    /// Bytes an unprivileged writer may still write on the store's file system.
+    pub fn free_bytes(&self) -> Result<u64, StoreError> {
+        let s = nix::sys::statvfs::statvfs(&self.root).map_err(|e| StoreError::Io {
+            op: "statvfs",
+            path: self.root.clone(),
+            source: e.into(),
+        })?;
+        Ok(s.blocks_available().saturating_mul(s.fragment_size()))
+    }
+
     /// Creates a new partial file for a download of `digest`.
     pub fn create_partial(&self, digest: &Digest) -> Result<(PathBuf, File), StoreError> {
         let n = self.partial_seq.fetch_add(1, Ordering::Relaxed);

@@ -448,21 +448,26 @@ impl Transfer {
         let Ok(expected) = <[u8; 32]>::try_from(header.blake3.as_slice()) else {
             return Err(proto("piece hash is not 32 bytes".into()));
         };
-        // Kept as quinn hands the chunks over (no copy into one buffer), hashed as they arrive.
-        let mut chunks = Vec::new();
-        let mut got = 0usize;
-        let mut hasher = blake3::Hasher::new();
-        while got < len as usize {
-            let want = len as usize - got;
-            match timed(stall, recv.read_chunk(want, true)).await?.map_err(|e| proto(e.to_string()))? {
-                Some(chunk) => {
-                    got += chunk.bytes.len();
-                    hasher.update(&chunk.bytes);
-                    chunks.push(chunk.bytes);
+        // Kept as quinn hands the chunks over (no copy into one buffer), hashed as they arrive. The whole piece
+        // must arrive within the stall timeout too: a trickle that never pauses is as useless as a stall.
+        let body = async {
+            let mut chunks = Vec::new();
+            let mut got = 0usize;
+            let mut hasher = blake3::Hasher::new();
+            while got < len as usize {
+                let want = len as usize - got;
+                match recv.read_chunk(want, true).await.map_err(|e| proto(e.to_string()))? {
+                    Some(chunk) => {
+                        got += chunk.bytes.len();
+                        hasher.update(&chunk.bytes);
+                        chunks.push(chunk.bytes);
+                    }
+                    None => return Err(proto(format!("piece ended after {got} of {len} bytes"))),
                 }
-                None => return Err(proto(format!("piece ended after {got} of {len} bytes"))),
             }
-        }
+            Ok((chunks, hasher))
+        };
+        let (chunks, hasher) = timed(stall, body).await??;
         if hasher.finalize() != blake3::Hash::from_bytes(expected) {
             return Err(FetchError::HashMismatch);
         }

@@ -7,11 +7,15 @@
 //!   registry's own origin only.
 //! - Connection errors, timeouts, 429 and 5xx are retried with jittered exponential backoff; the caller resumes
 //!   broken bodies with a `Range` from the offset it reached.
+//! - A registry that could not be reached at all (every attempt a connection error or a timeout) is *down*:
+//!   requests to it fail at once (cached content and last known tags are served, the rest is a fast 404 the
+//!   client routes around) while a background probe asks `/v2/` every [`PROBE_EVERY`]; any answer ends the
+//!   outage. An outage costs one request's timeouts, not every request's.
 
 pub mod challenge;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -23,6 +27,13 @@ use crate::metrics::{KindLabels, UpstreamKind, UpstreamLabels, UpstreamMetrics, 
 use crate::oci::{Digest, Reference, RegistryHost, RepoName};
 
 const MAX_REDIRECTS: usize = 5;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().expect("upstream locks are never poisoned: no panics while held")
+}
+
+/// How often a registry found down is probed.
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 
 /// Why an upstream request did not produce a usable response.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +100,8 @@ pub struct Upstream {
     http: reqwest::Client,
     cfg: UpstreamConfig,
     auth: Mutex<HashMap<(RegistryHost, String), CachedAuth>>,
+    /// Registries found unreachable, and why (each has a probe running).
+    down: Arc<Mutex<HashMap<RegistryHost, String>>>,
     metrics: UpstreamMetrics,
 }
 
@@ -109,7 +122,7 @@ impl Upstream {
             .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
             .build()?;
-        Ok(Self { http, cfg, auth: Mutex::new(HashMap::new()), metrics })
+        Ok(Self { http, cfg, auth: Mutex::new(HashMap::new()), down: Arc::default(), metrics })
     }
 
     /// The longest wait for response headers or between two body chunks.
@@ -141,6 +154,10 @@ impl Upstream {
             Target::Blob(d) => (UpstreamKind::blob, format!("blobs/{d}")),
             Target::Manifest(r) => (UpstreamKind::manifest, format!("manifests/{}", r.as_str())),
         };
+        if let Some(reason) = lock(&self.down).get(req.registry) {
+            self.count(kind, UpstreamOutcome::unreachable);
+            return Err(UpstreamError::Unreachable(format!("{reason} (down: not asked until a probe answers)")));
+        }
         let base = reg.endpoint.as_str().trim_end_matches('/');
         let url = Url::parse(&format!("{base}/v2/{}/{path}", req.repo))
             .map_err(|e| UpstreamError::Unreachable(format!("bad upstream URL: {e}")))?;
@@ -151,6 +168,8 @@ impl Upstream {
         };
         let mut tried_challenge = false;
         let mut attempt = 0;
+        // Whether every attempt failed before any answer (the registry is down, not merely failing).
+        let mut never_answered = true;
         loop {
             attempt += 1;
             let started = Instant::now();
@@ -162,6 +181,10 @@ impl Upstream {
                     e
                 }
                 Ok(resp) => {
+                    never_answered = false;
+                    if lock(&self.down).remove(req.registry).is_some() {
+                        tracing::info!(registry = %req.registry, "upstream answers again");
+                    }
                     let status = resp.status();
                     match status {
                         s if s.is_success() => {
@@ -204,11 +227,35 @@ impl Upstream {
                 }
             };
             if attempt >= self.cfg.attempts {
+                if never_answered {
+                    self.mark_down(req.registry, &reg, &retry_reason);
+                }
                 return Err(UpstreamError::Unreachable(retry_reason));
             }
             tracing::debug!(%url, attempt, reason = %retry_reason, "retrying upstream request");
             tokio::time::sleep(backoff(attempt)).await;
         }
+    }
+
+    /// Marks `host` down and starts its probe (unless one runs): `GET /v2/` every [`PROBE_EVERY`] until anything
+    /// answers.
+    fn mark_down(&self, host: &RegistryHost, reg: &RegistryConfig, reason: &str) {
+        if lock(&self.down).insert(host.clone(), reason.to_owned()).is_some() {
+            return;
+        }
+        tracing::warn!(registry = %host, reason, "upstream unreachable: requests to it fail at once until it answers");
+        let Ok(url) = reg.endpoint.join("/v2/") else { return };
+        let (http, down, host, stall) = (self.http.clone(), self.down.clone(), host.clone(), self.cfg.stall_timeout);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                if let Ok(Ok(_)) = tokio::time::timeout(stall, http.get(url.clone()).send()).await {
+                    lock(&down).remove(&host);
+                    tracing::info!(registry = %host, "upstream answers again");
+                    return;
+                }
+            }
+        });
     }
 
     fn count(&self, kind: UpstreamKind, outcome: UpstreamOutcome) {
@@ -269,7 +316,7 @@ impl Upstream {
     }
 
     fn cached_auth(&self, key: &(RegistryHost, String)) -> Option<HeaderValue> {
-        let mut map = self.auth.lock().expect("auth cache lock is never poisoned: no panics while held");
+        let mut map = lock(&self.auth);
         match map.get(key) {
             Some(a) if a.expires.is_none_or(|e| e > Instant::now()) => Some(a.value.clone()),
             Some(_) => {
@@ -309,7 +356,7 @@ impl Upstream {
             _ => return Ok(None),
         };
         let header = value.value.clone();
-        self.auth.lock().expect("auth cache lock is never poisoned: no panics while held").insert(key, value);
+        lock(&self.auth).insert(key, value);
         Ok(Some(header))
     }
 

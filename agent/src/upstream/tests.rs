@@ -161,6 +161,9 @@ async fn server_errors_are_retried_then_reported() {
         Err(UpstreamError::Unreachable(msg)) => assert!(msg.contains("503"), "{msg}"),
         other => panic!("expected unreachable after retries, got {other:?}"),
     }
+    // It answered (with errors): not down, asked again at once.
+    seen.flaky_left.store(0, Ordering::SeqCst);
+    assert!(up.send(req).await.is_ok());
 }
 
 #[tokio::test]
@@ -172,4 +175,47 @@ async fn unlisted_registries_can_be_refused() {
     let d = digest();
     let req = request(&host, &repo, Target::Blob(&d), true, None);
     assert!(matches!(up.send(req).await, Err(UpstreamError::NotAllowed(_))));
+}
+
+#[tokio::test]
+async fn a_registry_that_cannot_be_reached_is_not_asked_again_until_a_probe_answers() {
+    // Closes connections at once while `broken` (every attempt a transport error), then answers 200 to anything.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (accepted, broken) = (Arc::new(AtomicUsize::new(0)), Arc::new(std::sync::atomic::AtomicBool::new(true)));
+    let (count, is_broken) = (accepted.clone(), broken.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            if !is_broken.load(Ordering::SeqCst) {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 4096];
+                    while s.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    }
+                });
+            }
+        }
+    });
+    let up = client(addr, None);
+    let host = RegistryHost::parse(&addr.to_string()).unwrap();
+    let repo = RepoName::parse("lib/app").unwrap();
+    let d = digest();
+    let req = request(&host, &repo, Target::Blob(&d), false, None);
+    assert!(matches!(up.send(req).await, Err(UpstreamError::Unreachable(_))));
+    let tried = accepted.load(Ordering::SeqCst);
+    assert!(tried >= 3, "every attempt connected: {tried}");
+    match up.send(req).await {
+        Err(UpstreamError::Unreachable(msg)) => assert!(msg.contains("down"), "{msg}"),
+        other => panic!("expected a fast failure, got {other:?}"),
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), tried, "a down registry was asked again at once");
+    // It comes back: the probe notices, and requests go to it again.
+    broken.store(false, Ordering::SeqCst);
+    let start = Instant::now();
+    while up.send(req).await.is_err() {
+        assert!(start.elapsed() < PROBE_EVERY * 5, "the probe never noticed the registry was back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
