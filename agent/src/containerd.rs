@@ -681,8 +681,9 @@ fn is_manifest_type(m: &str) -> bool {
     )
 }
 
-/// The descriptors an index (its manifests) or a manifest (its config and layers) points at.
-fn children(body: &[u8]) -> Vec<(Digest, i64, Option<String>)> {
+/// The descriptors an index (its manifests) or a manifest (its config and layers) points at; nothing for a body
+/// that is not one.
+pub fn children(body: &[u8]) -> Vec<(Digest, i64, Option<String>)> {
     #[derive(serde::Deserialize)]
     struct Desc {
         #[serde(rename = "mediaType")]

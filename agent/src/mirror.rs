@@ -118,13 +118,17 @@ pub fn router(state: MirrorState) -> Router {
 
 /// What a path asks for.
 #[derive(Debug, PartialEq, Eq)]
-enum Parsed {
+pub enum Parsed {
+    /// `/v2/`.
     Base,
+    /// `/v2/<name>/manifests/<reference>`.
     Manifest(RepoName, Reference),
+    /// `/v2/<name>/blobs/<digest>`.
     Blob(RepoName, Digest),
 }
 
-fn parse_path(path: &str) -> Result<Parsed, MirrorError> {
+/// Parses a request's raw path (not percent-decoded: a valid name cannot hold `%`).
+pub fn parse_path(path: &str) -> Result<Parsed, MirrorError> {
     let rest = path.strip_prefix("/v2").ok_or(MirrorError::Unsupported("not a registry API path"))?;
     if rest.is_empty() || rest == "/" {
         return Ok(Parsed::Base);
@@ -154,7 +158,7 @@ fn parse_path(path: &str) -> Result<Parsed, MirrorError> {
 }
 
 /// The registry named by `?ns=` (percent-decoded, then checked as `host[:port]`).
-fn registry_param(query: Option<&str>) -> Result<Option<RegistryHost>, MirrorError> {
+pub fn registry_param(query: Option<&str>) -> Result<Option<RegistryHost>, MirrorError> {
     let Some(q) = query else { return Ok(None) };
     for pair in q.split('&') {
         if let Some(v) = pair.strip_prefix("ns=") {

@@ -11,9 +11,11 @@
 //!   with [`shoal_agent::store::Store::check`] after the agents stopped);
 //! - no agent exited or panicked unless the scenario killed it, and every killed agent came back ready.
 //!
-//! [`scenarios`] holds the scenarios, [`bed`] the topology they run on.
+//! [`scenarios`] holds the scenarios, [`bed`] the topology they run on; [`inputs`] the checks of the fuzz targets
+//! (bad input at the edges).
 
 pub mod bed;
+pub mod inputs;
 pub mod report;
 pub mod scenarios;
 

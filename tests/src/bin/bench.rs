@@ -2,6 +2,8 @@
 //!
 //! `shoal-bench burst [--nodes 8] [--image-mib 256] …`: see the `burst` module (nodes in network namespaces).
 //!
+//! `shoal-bench load [--clients 1000] [--seconds 20] …`: one agent under many concurrent clients, see `load`.
+//!
 //! `shoal-bench mirror [--blob-mib 1024] [--image-mib 256] [--runs 3] [--out docs/benchmarks/mirror]`
 //! 1. Cold pull: `ctr images pull` of an image through a fresh Shoal agent vs directly from upstream (fresh
 //!    containerd each run, runs alternate).
@@ -16,6 +18,8 @@
 
 #[path = "bench/burst.rs"]
 mod burst;
+#[path = "bench/load.rs"]
+mod load;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -50,8 +54,9 @@ fn parse_args() -> Result<Args> {
         Some("mirror") => Bench::Mirror,
         Some("mesh") => Bench::Mesh,
         _ => bail!(
-            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]\n       {}",
-            burst::USAGE
+            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]\n       {}\n       {}",
+            burst::USAGE,
+            load::USAGE
         ),
     };
     let mut a = Args { bench, blob_mib: 1024, image_mib: 256, runs: 3, out: None, cold_only: false, hit_only: false };
@@ -106,8 +111,10 @@ struct Row {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    if std::env::args().nth(1).as_deref() == Some("burst") {
-        return burst::run(burst::parse(std::env::args().skip(2))?).await;
+    match std::env::args().nth(1).as_deref() {
+        Some("burst") => return burst::run(burst::parse(std::env::args().skip(2))?).await,
+        Some("load") => return load::run(load::parse(std::env::args().skip(2))?).await,
+        _ => {}
     }
     let args = parse_args()?;
     let mut rows = Vec::new();
