@@ -18,16 +18,15 @@ if [ -n "$lib" ]; then
   export ROCKSDB_LIB_DIR=$(dirname "$lib") ROCKSDB_STATIC=1
 fi
 # --sanitizer none: libFuzzer's coverage needs no nightly; the code under test is safe Rust, panics are the bugs.
-fuzz=(cargo fuzz --fuzz-dir chaos/fuzz)
-opts=(--sanitizer none --target-dir "$target_dir/fuzz")
-"${fuzz[@]}" build "${opts[@]}"
+opts=(--fuzz-dir chaos/fuzz --sanitizer none --target-dir "$target_dir/fuzz")
+cargo fuzz build "${opts[@]}"
 scratch=$(mktemp -d)
 echo "scratch corpus: $scratch"
 printf '%-18s %12s %8s %10s\n' target executions corpus result
 for t in "${targets[@]}"; do
   mkdir -p "$scratch/$t" "chaos/fuzz/artifacts/$t"
   log="$scratch/$t.log"
-  if "${fuzz[@]}" run "${opts[@]}" "$t" "$scratch/$t" "chaos/fuzz/corpus/$t" -- \
+  if cargo fuzz run "${opts[@]}" "$t" "$scratch/$t" "chaos/fuzz/corpus/$t" -- \
       -max_total_time="$seconds" -seed=1 -artifact_prefix="chaos/fuzz/artifacts/$t/" >"$log" 2>&1; then
     result=ok
   else

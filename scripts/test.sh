@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs the Debian packages the tests need (docker-registry, containerd, skopeo, htpasswd,
-# and the build tools), builds everything, and runs every test with nextest (unit, property and end-to-end).
+# and the build tools), builds everything, runs every test with nextest (unit, property, end-to-end and the short
+# chaos scenarios), then every fuzz target briefly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh test
@@ -13,3 +14,5 @@ profile=default
 [ "${CI:-}" = true ] && profile=ci
 cargo build --locked --workspace --all-targets
 cargo nextest run --locked --workspace --profile "$profile" "$@"
+# Every fuzz target for a few seconds (SHOAL_FUZZ_SECONDS; longer runs: scripts/fuzz.sh --seconds N).
+bash scripts/fuzz.sh --seconds "${SHOAL_FUZZ_SECONDS:-10}"
