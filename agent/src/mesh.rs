@@ -188,6 +188,17 @@ pub trait Local: Send + Sync + 'static {
 
     /// Resolves a tag for the asker's client (as the tag's home).
     fn resolve_tag(self: Arc<Self>, order: Order, tag: String) -> BoxFuture<'static, Result<TagAnswer, String>>;
+
+    /// Whether this node found `registry` unreachable (a refusal then says so: [`Code::UpstreamDown`]).
+    fn upstream_down(&self, registry: &RegistryHost) -> bool;
+
+    /// A home found `registry` unreachable: this node treats it as down too.
+    fn upstream_reported_down(&self, registry: &RegistryHost, reason: &str);
+}
+
+/// The code of a home's refusal of an order for `registry`: says whether upstream is down here.
+fn refusal(local: &dyn Local, registry: &RegistryHost) -> Code {
+    if local.upstream_down(registry) { Code::UpstreamDown } else { Code::Unavailable }
 }
 
 /// One group of sources for a download, tried in order.
@@ -437,8 +448,14 @@ impl Mesh {
                 self.failure(TransferFailure::protocol);
                 Err(FetchError::Protocol("answer to a locate is not a location".into()))
             }
-            Err(FetchError::Refused { code: Code::NotFound | Code::Unavailable, message }) => {
+            Err(FetchError::Refused {
+                code: code @ (Code::NotFound | Code::Unavailable | Code::UpstreamDown),
+                message,
+            }) => {
                 tracing::debug!(%home, %digest, message, "home has no source");
+                if let (Code::UpstreamDown, Some(order), Some(local)) = (code, order, self.local()) {
+                    local.upstream_reported_down(&order.registry, &message);
+                }
                 Ok(None)
             }
             Err(e) => {
@@ -561,8 +578,14 @@ impl Mesh {
                 None
             }
             Err(e) => {
-                if !matches!(e, FetchError::Refused { .. }) {
-                    self.count_failure(&e);
+                match &e {
+                    FetchError::Refused { code: Code::UpstreamDown, message } => {
+                        if let Some(local) = self.local() {
+                            local.upstream_reported_down(&order.registry, message);
+                        }
+                    }
+                    FetchError::Refused { .. } => {}
+                    _ => self.count_failure(&e),
                 }
                 tracing::debug!(%home, tag, error = %e, "tag home could not answer");
                 None
@@ -814,7 +837,11 @@ impl Mesh {
         };
         if !complete {
             let Some(local) = self.local() else { return Err((Code::NotFound, "not serving".to_owned())) };
-            let f = local.fetch(digest.clone(), order.clone()).await.map_err(|e| (Code::Unavailable, e))?;
+            let f = local
+                .clone()
+                .fetch(digest.clone(), order.clone())
+                .await
+                .map_err(|e| (refusal(&*local, &order.registry), e))?;
             if f.started {
                 self.metrics.mesh.home_fetches.inc();
             }
@@ -958,7 +985,8 @@ impl Service for Mesh {
                     let Some(local) = self.local() else {
                         return respond_error(&mut send, Code::NotFound, "not serving").await;
                     };
-                    match local.resolve_tag(order, t.tag).await {
+                    let registry = order.registry.clone();
+                    match local.clone().resolve_tag(order, t.tag).await {
                         Ok(a) => {
                             let r = peer::TagResolved {
                                 digest: a.digest.to_string(),
@@ -967,7 +995,7 @@ impl Service for Mesh {
                             };
                             respond(&mut send, response::Kind::Tag(r)).await;
                         }
-                        Err(e) => respond_error(&mut send, Code::Unavailable, e).await,
+                        Err(e) => respond_error(&mut send, refusal(&*local, &registry), e).await,
                     }
                 }
                 request::Kind::GetPiece(p) => self.serve_piece(&mut send, p).await,

@@ -1387,6 +1387,14 @@ impl Resolver {
 }
 
 impl Local for Resolver {
+    fn upstream_down(&self, registry: &RegistryHost) -> bool {
+        self.upstream.is_down(registry)
+    }
+
+    fn upstream_reported_down(&self, registry: &RegistryHost, reason: &str) {
+        self.upstream.reported_down(registry, reason);
+    }
+
     fn piece(
         self: Arc<Self>,
         digest: Digest,

@@ -237,6 +237,18 @@ impl Upstream {
         }
     }
 
+    /// Whether `host` is down (found unreachable, no probe answered since).
+    pub fn is_down(&self, host: &RegistryHost) -> bool {
+        lock(&self.down).contains_key(host)
+    }
+
+    /// A member found `host` unreachable: treat it as down here too (until this node's own probe hears from it).
+    pub fn reported_down(&self, host: &RegistryHost, reason: &str) {
+        if let Ok(reg) = self.registry(host) {
+            self.mark_down(host, &reg, &format!("a member found it unreachable: {reason}"));
+        }
+    }
+
     /// Marks `host` down and starts its probe (unless one runs): `GET /v2/` every [`PROBE_EVERY`] until anything
     /// answers.
     fn mark_down(&self, host: &RegistryHost, reg: &RegistryConfig, reason: &str) {

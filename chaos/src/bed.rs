@@ -26,8 +26,9 @@ pub const PROXY_PORT: u16 = 5000;
 const REGISTRY_PORT: u16 = 5001;
 /// One pull attempt that takes longer than this is a hang.
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(120);
-/// Attempts of one pull (the kubelet retries a failed pull, with back-off).
-pub const ATTEMPTS: u32 = 3;
+/// Attempts of one pull (the kubelet retries a failed pull, with back-off, for as long as the pod waits; a node
+/// whose own agent is killed mid-pull more than once needs more than two).
+pub const ATTEMPTS: u32 = 5;
 
 /// The links of a bed.
 #[derive(Debug, Clone, Copy)]
