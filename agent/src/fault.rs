@@ -100,6 +100,7 @@ pub fn tamper(fault: PieceFault, mut header: peer::PieceHeader, data: Bytes) -> 
             blake3::Hasher::new().update(&header.blake3).finalize_xof().fill(&mut other);
             (header, Bytes::from(other))
         }
+        // (`Mixed` was turned into one of the four above.)
         PieceFault::Rehash | PieceFault::Mixed => {
             let bad = flipped();
             header.blake3 = blake3::hash(&bad).as_bytes().to_vec();
