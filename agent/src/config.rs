@@ -86,9 +86,13 @@ pub struct RawConfig {
     /// Timeout for connecting to an upstream registry. Default `5s`.
     #[arg(long, env = "SHOAL_UPSTREAM_CONNECT_TIMEOUT")]
     pub upstream_connect_timeout: Option<String>,
-    /// Longest wait for upstream response headers, or between two chunks of a body. Default `30s`.
+    /// Longest wait between two chunks of an upstream body. Default `30s`.
     #[arg(long, env = "SHOAL_UPSTREAM_STALL_TIMEOUT")]
     pub upstream_stall_timeout: Option<String>,
+    /// Longest wait for an upstream response's headers once connected (a registry that accepts connections and
+    /// never answers is found down after this, per attempt). Default `10s`.
+    #[arg(long, env = "SHOAL_UPSTREAM_RESPONSE_TIMEOUT")]
+    pub upstream_response_timeout: Option<String>,
     /// Attempts per upstream request on connection errors and 5xx answers (with backoff). Default `4`.
     #[arg(long, env = "SHOAL_UPSTREAM_ATTEMPTS")]
     pub upstream_attempts: Option<u32>,
@@ -271,8 +275,10 @@ pub struct RegistryConfig {
 pub struct UpstreamConfig {
     /// Connect timeout.
     pub connect_timeout: Duration,
-    /// Longest wait for headers or between body chunks.
+    /// Longest wait between body chunks.
     pub stall_timeout: Duration,
+    /// Longest wait for response headers.
+    pub response_timeout: Duration,
     /// Attempts per request (≥ 1).
     pub attempts: u32,
     /// Configured registries.
@@ -410,6 +416,7 @@ impl RawConfig {
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
             upstream_connect_timeout: self.upstream_connect_timeout.or(file.upstream_connect_timeout),
             upstream_stall_timeout: self.upstream_stall_timeout.or(file.upstream_stall_timeout),
+            upstream_response_timeout: self.upstream_response_timeout.or(file.upstream_response_timeout),
             upstream_attempts: self.upstream_attempts.or(file.upstream_attempts),
             default_registry: self.default_registry.or(file.default_registry),
             allow_unlisted_registries: self.allow_unlisted_registries.or(file.allow_unlisted_registries),
@@ -529,6 +536,8 @@ impl RawConfig {
             dur("upstream_connect_timeout", &self.upstream_connect_timeout, "5s", Duration::from_millis(10))?;
         let stall_timeout =
             dur("upstream_stall_timeout", &self.upstream_stall_timeout, "30s", Duration::from_millis(10))?;
+        let response_timeout =
+            dur("upstream_response_timeout", &self.upstream_response_timeout, "10s", Duration::from_millis(10))?;
         let attempts = self.upstream_attempts.unwrap_or(4);
         if !(1..=20).contains(&attempts) {
             return Err(invalid("upstream_attempts", "must be between 1 and 20"));
@@ -576,6 +585,7 @@ impl RawConfig {
             upstream: UpstreamConfig {
                 connect_timeout,
                 stall_timeout,
+                response_timeout,
                 attempts,
                 registries,
                 allow_unlisted: self.allow_unlisted_registries.unwrap_or(true),
@@ -794,6 +804,11 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./shoal-data"));
         let docker = RegistryHost::parse("docker.io").unwrap();
         assert_eq!(c.upstream.registries[&docker].endpoint.as_str(), "https://registry-1.docker.io/");
+        assert_eq!(
+            (c.upstream.response_timeout, c.upstream.stall_timeout),
+            (Duration::from_secs(10), Duration::from_secs(30))
+        );
+        assert_eq!(c.min_free_space, 256 << 20);
     }
 
     #[test]
@@ -802,6 +817,8 @@ mod tests {
             ("listen = \"nope\"", "`listen`"),
             ("disk_budget = \"12 parsecs\"", "`disk_budget`"),
             ("tag_ttl = \"soon\"", "`tag_ttl`"),
+            ("min_free_space = \"lots\"", "`min_free_space`"),
+            ("upstream_response_timeout = \"0s\"", "`upstream_response_timeout`"),
             ("gc_low_watermark = 0.95", "`gc_low_watermark`"),
             ("log_format = \"xml\"", "`log_format`"),
             ("[registry.\"r:5000\"]\nendpoint = \"http://r:5000\"", "registry.\"r:5000\".endpoint"),

@@ -125,7 +125,7 @@ impl Upstream {
         Ok(Self { http, cfg, auth: Mutex::new(HashMap::new()), down: Arc::default(), metrics })
     }
 
-    /// The longest wait for response headers or between two body chunks.
+    /// The longest wait between two body chunks.
     pub fn stall_timeout(&self) -> Duration {
         self.cfg.stall_timeout
     }
@@ -257,7 +257,7 @@ impl Upstream {
         }
         tracing::warn!(registry = %host, reason, "upstream unreachable: requests to it fail at once until it answers");
         let Ok(url) = reg.endpoint.join("/v2/") else { return };
-        let (http, down, host, stall) = (self.http.clone(), self.down.clone(), host.clone(), self.cfg.stall_timeout);
+        let (http, down, host, stall) = (self.http.clone(), self.down.clone(), host.clone(), self.cfg.response_timeout);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
@@ -300,13 +300,13 @@ impl Upstream {
             if req.offset > 0 {
                 rb = rb.header(header::RANGE, format!("bytes={}-", req.offset));
             }
-            let resp = tokio::time::timeout(self.cfg.stall_timeout, rb.send())
+            let resp = tokio::time::timeout(self.cfg.response_timeout, rb.send())
                 .await
                 .map_err(|_| {
                     format!(
                         "no response from {} within {:?}",
                         url.origin().ascii_serialization(),
-                        self.cfg.stall_timeout
+                        self.cfg.response_timeout
                     )
                 })?
                 .map_err(|e| error_chain(&e))?;
@@ -398,7 +398,7 @@ impl Upstream {
             rb = rb.header(header::AUTHORIZATION, basic(creds));
         }
         let started = Instant::now();
-        let resp = tokio::time::timeout(self.cfg.stall_timeout, rb.send()).await;
+        let resp = tokio::time::timeout(self.cfg.response_timeout, rb.send()).await;
         self.metrics
             .latency
             .get_or_create(&KindLabels { kind: UpstreamKind::token })

@@ -110,6 +110,7 @@ impl AgentBuilder {
         let defaults = [
             ("upstream_connect_timeout", "\"1s\""),
             ("upstream_stall_timeout", "\"5s\""),
+            ("upstream_response_timeout", "\"3s\""),
             ("upstream_attempts", "2"),
             ("shutdown_grace", "\"5s\""),
             ("peer_stall_timeout", "\"2s\""),
