@@ -173,23 +173,15 @@ async fn killing_the_home_mid_burst_still_completes_every_other_node() -> Result
 #[tokio::test]
 async fn a_burst_across_network_namespaces_with_a_capped_upstream_fetches_once() -> Result<()> {
     use shoal_testbed::netns::{Bridge, Netns, Rate};
-    use shoal_testbed::{Proxy, Registry};
+    use shoal_testbed::{NsProxy, Registry};
     // Three nodes, each in its own namespace on a bridge; the upstream in another, its link capped.
     let bridge = Bridge::create("sht")?;
     let up = bridge.netns(1, Some(Rate::mbit(200)))?;
     let nodes: Vec<Netns> = (11..14).map(|n| bridge.netns(n, Some(Rate::mbit(1000)))).collect::<Result<_>>()?;
     let registry = Registry::start_in(&up, 5001, None).await?;
     let upstream = format!("{}:5000", up.ip());
-    let (listen, target) = (upstream.parse()?, registry.addr());
-    let (stats_tx, stats_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let proxy = up.spawn(move || async move {
-        let p = Proxy::start_at(listen, target).await?;
-        let _ = stats_tx.send(p.stats());
-        let _ = stop_rx.await;
-        Ok(())
-    });
-    let stats = stats_rx.await?;
+    let proxy = NsProxy::start(&up, upstream.parse()?, registry.addr()).await?;
+    let stats = proxy.stats().clone();
     let image = Artifact::Image(Image::random(&[3 << 20, 1 << 20], 44, "amd64", Compression::None)?);
     push(&image, &registry.host(), REPO, "v1", None, Format::Oci)?;
     stats.reset();
@@ -223,8 +215,7 @@ async fn a_burst_across_network_namespaces_with_a_capped_upstream_fetches_once()
     assert_eq!(stats.body_bytes(), size as u64, "upstream sent each byte of the image once");
     // The upstream namespace's link carried the image once (plus headers), not three times.
     assert!(up.sent_bytes()? < 2 * size as u64);
-    let _ = stop_tx.send(());
-    proxy.await??;
+    drop(proxy);
     Ok(())
 }
 
