@@ -100,9 +100,31 @@ pub struct Upstream {
     http: reqwest::Client,
     cfg: UpstreamConfig,
     auth: Mutex<HashMap<(RegistryHost, String), CachedAuth>>,
-    /// Registries found unreachable, and why (each has a probe running).
-    down: Arc<Mutex<HashMap<RegistryHost, String>>>,
+    /// Registries found unreachable (each with its probe).
+    down: Arc<Mutex<HashMap<RegistryHost, Down>>>,
     metrics: UpstreamMetrics,
+}
+
+/// A registry found unreachable: why, and the probe that ends the outage (stopped when the entry goes).
+#[derive(Debug)]
+struct Down {
+    reason: String,
+    probe: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        if let Some(p) = &self.probe {
+            p.abort();
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        // The probes hold the map: empty it so they stop with the client.
+        lock(&self.down).clear();
+    }
 }
 
 impl std::fmt::Debug for CachedAuth {
@@ -154,7 +176,7 @@ impl Upstream {
             Target::Blob(d) => (UpstreamKind::blob, format!("blobs/{d}")),
             Target::Manifest(r) => (UpstreamKind::manifest, format!("manifests/{}", r.as_str())),
         };
-        if let Some(reason) = lock(&self.down).get(req.registry) {
+        if let Some(reason) = lock(&self.down).get(req.registry).map(|d| d.reason.clone()) {
             self.count(kind, UpstreamOutcome::unreachable);
             return Err(UpstreamError::Unreachable(format!("{reason} (down: not asked until a probe answers)")));
         }
@@ -252,22 +274,24 @@ impl Upstream {
     /// Marks `host` down and starts its probe (unless one runs): `GET /v2/` every [`PROBE_EVERY`] until anything
     /// answers.
     fn mark_down(&self, host: &RegistryHost, reg: &RegistryConfig, reason: &str) {
-        if lock(&self.down).insert(host.clone(), reason.to_owned()).is_some() {
+        let Ok(url) = reg.endpoint.join("/v2/") else { return };
+        let mut down = lock(&self.down);
+        if down.contains_key(host) {
             return;
         }
         tracing::warn!(registry = %host, reason, "upstream unreachable: requests to it fail at once until it answers");
-        let Ok(url) = reg.endpoint.join("/v2/") else { return };
-        let (http, down, host, stall) = (self.http.clone(), self.down.clone(), host.clone(), self.cfg.response_timeout);
-        tokio::spawn(async move {
+        let (http, map, h, wait) = (self.http.clone(), self.down.clone(), host.clone(), self.cfg.response_timeout);
+        let probe = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
-                if let Ok(Ok(_)) = tokio::time::timeout(stall, http.get(url.clone()).send()).await {
-                    lock(&down).remove(&host);
-                    tracing::info!(registry = %host, "upstream answers again");
+                if let Ok(Ok(_)) = tokio::time::timeout(wait, http.get(url.clone()).send()).await {
+                    tracing::info!(registry = %h, "upstream answers again");
+                    lock(&map).remove(&h);
                     return;
                 }
             }
         });
+        down.insert(host.clone(), Down { reason: reason.to_owned(), probe: Some(probe) });
     }
 
     fn count(&self, kind: UpstreamKind, outcome: UpstreamOutcome) {
