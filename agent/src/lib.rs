@@ -21,6 +21,7 @@ pub mod oci;
 pub mod pieces;
 pub mod resolver;
 pub mod store;
+pub mod swarm;
 pub mod transfer;
 pub mod upstream;
 

@@ -8,7 +8,6 @@
 //! (from the digest's home zone, or upstream). Pieces come from those sources ([`Mesh::fetch_piece`]); a source
 //! whose piece fails its hash is quarantined. Tags are resolved by the tag's home ([`Mesh::resolve_tag`]). The
 //! node answers the same requests from peers (the [`Service`] impl) through [`Local`] (the resolver).
-pub mod directory;
 mod gossip;
 pub mod members;
 
@@ -26,12 +25,13 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use directory::{HolderState, Holding, Located};
-pub use members::{Liveness, MemberInfo, MembersView, home};
+pub use crate::swarm::directory::{self, HolderState, Holding, Located};
+pub use members::{Liveness, MemberInfo, MembersView};
 
 use crate::config::MeshConfig;
 use crate::metrics::{FailureLabels, Metrics, TransferFailure};
 use crate::oci::{Digest, Reference, RegistryHost, RepoName};
+use crate::swarm::announcer::Announcer;
 use crate::transfer::{FetchError, Service, Transfer, TransferError, VerifiedPiece, respond, respond_error};
 
 /// Announcements sent to one home in one message, at most.
@@ -319,7 +319,7 @@ impl Mesh {
         let transfer = Arc::new(Transfer::bind(cfg.transfer_listen, me, &cfg.secret, cfg.peer_stall_timeout)?);
         let bound = transfer.local_addr().map_err(|e| TransferError::Bind { addr: cfg.transfer_listen, source: e })?;
         let transfer_addr = SocketAddr::new(cfg.advertise_ip, bound.port());
-        let initial = MembersView { me, zone: cfg.zone.clone(), members: Vec::new() };
+        let initial = MembersView::new(me, cfg.zone.clone(), Vec::new());
         let initial_epoch = initial.epoch();
         let (view_tx, view) = watch::channel(Arc::new(initial));
         let gossip = gossip::Gossip::new(cfg, keypair, transfer_addr, view_tx, metrics.clone())?;
@@ -669,8 +669,7 @@ impl Mesh {
     }
 
     async fn announce_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Holding>, cancel: CancellationToken) {
-        let mut held: HashMap<Digest, Holding> = HashMap::new();
-        let mut pending: Vec<Holding> = Vec::new();
+        let mut ann = Announcer::new();
         let mut view = self.view.clone();
         let mut epoch = view.borrow().epoch();
         lock(&self.settling).0 = epoch;
@@ -681,73 +680,65 @@ impl Mesh {
                 () = cancel.cancelled() => return,
                 h = rx.recv() => {
                     let Some(h) = h else { return };
-                    if h.removed { held.remove(&h.digest); } else { held.insert(h.digest.clone(), h.clone()); }
-                    pending.push(h);
+                    ann.hold(h);
                 }
                 r = view.changed() => {
                     if r.is_err() { return; }
                     let v = view.borrow_and_update().clone();
                     let e = v.epoch();
-                    let alive = |p: &PeerId| v.members.iter().any(|(i, s)| i.id == *p && *s != Liveness::Dead);
                     let me = self.me;
                     let mut dir = lock(&self.directory);
-                    dir.prune(|p| *p == me || alive(p));
+                    dir.prune(|p| *p == me || v.reachable_addr(p).is_some());
                     if e != epoch {
                         // Homes may have moved: what is homed elsewhere now is told to the new home by its holders,
-                        // this node included.
+                        // this node included; what stayed put is not announced again.
                         dir.keep_homed(|d| v.home(d) == me);
                         *lock(&self.settling) = (e, Instant::now() + self.settle_time());
                         epoch = e;
-                        pending = held.values().cloned().collect();
+                        let moved = ann.view_changed(|d| v.home_instance(d));
+                        tracing::debug!(moved, held = ann.held(), "membership changed: re-announcing what moved");
                     }
                     self.directory_gauges(&dir);
                     drop(dir);
                 }
-                _ = full.tick() => pending = held.values().cloned().collect(),
+                _ = full.tick() => ann.reannounce_all(),
                 _ = flush.tick() => {
-                    if !pending.is_empty() {
-                        let batch = std::mem::take(&mut pending);
-                        let failed = self.send_announcements(batch).await;
-                        // Retried once the next flush comes; a later full announcement covers the rest.
-                        pending.extend(failed.into_iter().filter(|h| held.contains_key(&h.digest) || h.removed));
+                    if ann.pending() > 0 {
+                        let v = self.view();
+                        for (home, batch) in ann.take_batches(|d| v.home_instance(d), ANNOUNCE_BATCH) {
+                            if self.send_announcements(&v, home.0, &batch).await {
+                                ann.delivered(home, &batch);
+                            } else {
+                                // Retried with the next flush; a later full announcement covers the rest.
+                                ann.undelivered(batch);
+                            }
+                        }
                     }
                 }
             }
         }
     }
 
-    /// Sends holdings to their homes; returns those that could not be delivered.
-    async fn send_announcements(&self, batch: Vec<Holding>) -> Vec<Holding> {
-        let view = self.view();
-        let mut by_home: HashMap<PeerId, Vec<Holding>> = HashMap::new();
-        for h in batch {
-            by_home.entry(view.home(&h.digest)).or_default().push(h);
-        }
-        let mut failed = Vec::new();
-        for (home, hs) in by_home {
-            if home == self.me {
-                let mut dir = lock(&self.directory);
-                for h in &hs {
-                    dir.apply(self.me, h);
-                }
-                self.directory_gauges(&dir);
-                continue;
+    /// Sends one batch of holdings to their home; returns whether it was delivered.
+    async fn send_announcements(&self, view: &MembersView, home: PeerId, batch: &[Holding]) -> bool {
+        if home == self.me {
+            let mut dir = lock(&self.directory);
+            for h in batch {
+                dir.apply(self.me, h);
             }
-            let Some(addr) = view.transfer_addr(&home) else {
-                failed.extend(hs);
-                continue;
-            };
-            for chunk in hs.chunks(ANNOUNCE_BATCH) {
-                let req =
-                    request::Kind::Announce(peer::Announce { holdings: chunk.iter().map(Holding::to_wire).collect() });
-                if let Err(e) = self.transfer.call(home, addr, req).await {
-                    self.count_failure(&e);
-                    tracing::debug!(%home, error = %e, "announcement not delivered");
-                    failed.extend(chunk.iter().cloned());
-                }
+            self.directory_gauges(&dir);
+            return true;
+        }
+        let Some(addr) = view.transfer_addr(&home) else { return false };
+        let req = request::Kind::Announce(peer::Announce { holdings: batch.iter().map(Holding::to_wire).collect() });
+        match self.transfer.call(home, addr, req).await {
+            Ok(_) => true,
+            Err(e) => {
+                self.count_failure(&e);
+                tracing::debug!(%home, error = %e, "announcement not delivered");
+                false
             }
         }
-        failed
     }
 
     fn apply_announcement(&self, peer: PeerId, a: peer::Announce) {
@@ -831,11 +822,8 @@ impl Mesh {
         }
         let view = self.view();
         let usable = |p: &PeerId| *p == self.me || (view.is_alive(p) && !self.is_quarantined(p));
-        let complete = {
-            let dir = lock(&self.directory);
-            dir.locate(digest, &asker, usable).is_some_and(|l| l.holders.iter().any(|(_, s)| s.complete))
-        };
-        if !complete {
+        let needs_origin = lock(&self.directory).needs_origin(digest, &asker, usable);
+        if needs_origin {
             let Some(local) = self.local() else { return Err((Code::NotFound, "not serving".to_owned())) };
             let f = local
                 .clone()
@@ -859,20 +847,10 @@ impl Mesh {
             );
         }
         let mut dir = lock(&self.directory);
+        let record = same_zone.then_some(order.auth.is_none());
         let loc = dir
-            .sources(digest, &asker, &self.me, usable)
+            .hand_out(digest, &asker, &self.me, usable, record)
             .ok_or_else(|| (Code::NotFound, "no holder known".to_owned()))?;
-        if same_zone {
-            let h = Holding {
-                digest: digest.clone(),
-                size: loc.size,
-                media_type: loc.media_type.clone(),
-                complete: false,
-                public: order.auth.is_none(),
-                removed: false,
-            };
-            dir.apply(asker, &h);
-        }
         self.directory_gauges(&dir);
         Ok(loc)
     }

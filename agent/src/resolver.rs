@@ -40,6 +40,7 @@ use crate::metrics::{LookupKind, LookupLabels, LookupResult, Metrics, Source, So
 use crate::oci::{Digest, Reference, RegistryHost, RepoName};
 use crate::pieces::{PieceHasher, PieceTable, piece_count, piece_index, piece_range, piece_size};
 use crate::store::{BlobMeta, LinkRecord, Store, StoreError, TagRecord, now_secs};
+use crate::swarm::scheduler::{Action as SchedAction, PieceScheduler, SchedulerConfig};
 use crate::transfer::{FetchError, VerifiedPiece};
 use crate::upstream::{Request, Target, Upstream, UpstreamError};
 
@@ -1106,9 +1107,10 @@ impl Resolver {
         self.fill_from_upstream(req, sink, resp).await
     }
 
-    /// Takes pieces in order from a tier's sources, spread over them, a window of them in flight; a piece a
-    /// source fails goes to another one, and a source that failed is dropped. Returns when the tier has nothing
-    /// more to give (every source failed, or, not following, a partial source lacks the next piece).
+    /// Takes pieces from a tier's sources as the [`PieceScheduler`] decides (in order, a window of them, each to
+    /// the source expected to deliver it soonest, the piece everyone waits on hedged when it straggles) and writes
+    /// them in order. Returns when the tier has nothing more to give (every source failed, or, not following, a
+    /// partial source lacks the next piece) or the digest's home moved.
     async fn fill_from_peers(
         &self,
         mesh: &Mesh,
@@ -1119,8 +1121,6 @@ impl Resolver {
         let size = tier.located.size;
         let piece = piece_size(size);
         let count = piece_count(size, piece);
-        // 4 MiB of pieces in flight: far above a LAN's bandwidth-delay product, and bounded memory per download.
-        let window = ((4u64 << 20) / u64::from(piece)).clamp(4, 16) as usize;
         let sources: Vec<libp2p::PeerId> =
             tier.located.holders.iter().map(|(p, _)| *p).filter(|p| !mesh.is_quarantined(p)).collect();
         if sources.is_empty() {
@@ -1128,43 +1128,43 @@ impl Resolver {
         }
         // Partial sources are followed for as long as their own source may stall; else pieces they lack end the tier.
         let follow = if tier.follow { self.upstream.stall_timeout() } else { Duration::ZERO };
-        let failed = Mutex::new(vec![false; sources.len()]);
-        let fetch = |i: u64| {
+        let first = sink.written / u64::from(piece);
+        let mut sched = PieceScheduler::new(SchedulerConfig::for_piece(piece), count, first, sources.len());
+        let fetch = |i: u64, source: usize, stop: CancellationToken| {
             let (offset, len) = piece_range(size, piece, i);
-            let (sources, failed) = (&sources, &failed);
+            let peer = sources[source];
             async move {
-                let mut last = None;
-                // Spread over the sources: piece i goes to source i mod n first, then to the next one alive.
-                for k in 0..sources.len() {
-                    let at = (i as usize + k) % sources.len();
-                    if lock(failed)[at] {
-                        continue;
-                    }
-                    let peer = sources[at];
-                    match fetch_when_ready(mesh, peer, digest, (offset, len as u32), follow).await {
-                        Ok(p) => return Ok((peer, p)),
-                        Err(e) => {
-                            tracing::info!(%peer, offset, error = %e, "source failed");
-                            lock(failed)[at] = true;
-                            last = Some(e);
-                        }
-                    }
-                }
-                Err(last.unwrap_or(FetchError::Connect("no source left".into())))
+                let r = tokio::select! {
+                    r = fetch_when_ready(mesh, peer, digest, (offset, len as u32), follow) => Some(r),
+                    () = stop.cancelled() => None,
+                };
+                (i, source, r)
             }
         };
-        let mut inflight = futures_util::stream::FuturesOrdered::new();
-        let mut next = sink.written / u64::from(piece);
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut stops: HashMap<(u64, usize), CancellationToken> = HashMap::new();
+        let mut delivered: HashMap<u64, VerifiedPiece> = HashMap::new();
         // When the digest's home moves (it died, or a member joined), the sources it gave may be waiting on a dead
         // node, and this node may be the new home: stop and ask again.
         let home = mesh.home_of(digest);
         let moved = mesh.home_moved(digest, home);
         tokio::pin!(moved);
         loop {
-            while inflight.len() < window && next < count {
-                inflight.push_back(fetch(next));
-                next += 1;
+            for a in sched.poll(Instant::now()) {
+                if let SchedAction::Fetch { piece: i, source } = a {
+                    let stop = CancellationToken::new();
+                    stops.insert((i, source), stop.clone());
+                    inflight.push(fetch(i, source, stop));
+                }
             }
+            if sched.is_complete() {
+                return Ok(());
+            }
+            if sched.is_exhausted() {
+                tracing::info!(offset = sink.written, "no source of this tier could give the next piece");
+                return Ok(());
+            }
+            let wakeup = sched.next_wakeup();
             let done = tokio::select! {
                 biased;
                 d = inflight.next() => d,
@@ -1172,16 +1172,31 @@ impl Resolver {
                     tracing::info!(offset = sink.written, "the digest's home moved: asking where to continue");
                     return Ok(());
                 }
+                () = sleep_until_some(wakeup) => continue,
             };
-            match done {
-                None => return Ok(()),
-                Some(Ok((peer, p))) => {
-                    sink.peers_used.insert(peer);
-                    sink.write_piece(p).await?;
+            let Some((i, source, result)) = done else { return Ok(()) };
+            stops.remove(&(i, source));
+            match result {
+                // Cancelled: another source delivered it first.
+                None => {}
+                Some(Ok(p)) => {
+                    for c in sched.delivered(i, source, Instant::now()) {
+                        if let SchedAction::Cancel { piece: ci, source: cs } = c
+                            && let Some(stop) = stops.remove(&(ci, cs))
+                        {
+                            stop.cancel();
+                        }
+                    }
+                    sink.peers_used.insert(sources[source]);
+                    delivered.insert(i, p);
+                    while let Some(next) = sched.next_to_write() {
+                        let p = delivered.remove(&next).expect("the scheduler releases only delivered pieces");
+                        sink.write_piece(p).await?;
+                    }
                 }
                 Some(Err(e)) => {
-                    tracing::info!(offset = sink.written, error = %e, "no source of this tier could give the next piece");
-                    return Ok(());
+                    tracing::info!(peer = %sources[source], piece = i, error = %e, "source failed");
+                    sched.failed(i, source);
                 }
             }
         }
@@ -1458,6 +1473,14 @@ async fn wait_progress(
     match p.state {
         State::Failed(e) => Err(e),
         _ => Ok(p),
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -230,7 +230,7 @@ impl Gossip {
             let n = members.iter().filter(|(_, s)| *s == want).count();
             self.metrics.mesh.peers.get_or_create(&PeerStateLabels { state }).set(n as i64);
         }
-        let view = MembersView { me: self.me, zone: self.cfg.zone.clone(), members };
+        let view = MembersView::new(self.me, self.cfg.zone.clone(), members);
         self.view.send_replace(Arc::new(view));
     }
 

@@ -10,8 +10,13 @@ use crate::oci::Digest;
 
 /// Digests one home keeps track of, at most (an entry is ~200 bytes: ~200 MiB at the limit).
 pub const MAX_DIGESTS: usize = 1 << 20;
-/// Holders remembered per digest, at most: complete holders displace partial ones.
-pub const MAX_HOLDERS: usize = 64;
+/// Holders remembered per digest, at most (a zone of 8,192 nodes pulling one layer): complete holders displace
+/// partial ones that were never handed out. 64 (the bound before) left every asker past the 64th unrecorded in a
+/// burst of hundreds: never a source itself, all of them streaming from the first 64 (the simulator's 200-node
+/// burst: one node uploading to 94 at once).
+pub const MAX_HOLDERS: usize = 8192;
+/// Holder entries over all digests, at most (~120 bytes each: ~120 MiB at the limit).
+pub const MAX_ENTRIES: usize = 1 << 20;
 /// Holders returned by one locate.
 pub const MAX_LOCATED: usize = 16;
 /// Sources handed to one asker that is about to download (spread its pieces over them).
@@ -148,8 +153,10 @@ impl Directory {
             return true;
         }
         let state = HolderState { complete: h.complete, public: h.public };
-        if !e.holders.contains_key(&from) && e.holders.len() >= MAX_HOLDERS {
-            let victim = e.holders.iter().find(|(_, s)| !s.state.complete).map(|(p, _)| *p);
+        if !e.holders.contains_key(&from) && (e.holders.len() >= MAX_HOLDERS || self.holders >= MAX_ENTRIES) {
+            // Only a partial holder nobody was sent to may make room: one that others follow must stay known, or
+            // it would ask as a newcomer and could be handed the very holders that wait on it (a cycle).
+            let victim = e.holders.iter().find(|(_, s)| !s.state.complete && s.given == 0).map(|(p, _)| *p);
             match victim {
                 Some(v) if h.complete => {
                     e.holders.remove(&v);
@@ -194,6 +201,8 @@ impl Directory {
         usable: impl Fn(&PeerId) -> bool,
     ) -> Option<Located> {
         let e = self.entries.get_mut(digest)?;
+        // An asker the directory does not know is followed by nobody (holders are followed only once handed out,
+        // and those are never displaced): everyone is ahead of it.
         let asker_since = e.holders.get(asker).map_or(u64::MAX, |h| h.since);
         // The home itself fetches from outside, never waiting on the others: it is ahead of everyone.
         let ahead = |p: &PeerId, h: &Holder| h.state.complete || h.since < asker_since || p == home;
@@ -211,6 +220,38 @@ impl Directory {
         }
         let holders = chosen.into_iter().map(|(p, h)| (p, h.state)).collect();
         Some(Located { size: e.size, media_type: e.media_type.clone(), holders })
+    }
+
+    /// Whether the home must make sure it downloads `digest` itself before it hands out sources: no usable
+    /// complete holder is known (partial holders alone may all be following a download that died).
+    pub fn needs_origin(&self, digest: &Digest, asker: &PeerId, usable: impl Fn(&PeerId) -> bool) -> bool {
+        !self.locate(digest, asker, usable).is_some_and(|l| l.holders.iter().any(|(_, s)| s.complete))
+    }
+
+    /// The home's answer to `asker`, about to download `digest`: sources ahead of it ([`Directory::sources`]),
+    /// after which the asker counts as a partial holder (a source for later askers) when `record` (it is in the
+    /// home's zone: askers from other zones stream from their own zone's members).
+    pub fn hand_out(
+        &mut self,
+        digest: &Digest,
+        asker: &PeerId,
+        home: &PeerId,
+        usable: impl Fn(&PeerId) -> bool,
+        record: Option<bool>,
+    ) -> Option<Located> {
+        let loc = self.sources(digest, asker, home, usable)?;
+        if let Some(public) = record {
+            let h = Holding {
+                digest: digest.clone(),
+                size: loc.size,
+                media_type: loc.media_type.clone(),
+                complete: false,
+                public,
+                removed: false,
+            };
+            self.apply(*asker, &h);
+        }
+        Some(loc)
     }
 
     /// Forgets holders `keep` rejects (members that died), and digests left without holders.

@@ -1,0 +1,17 @@
+//! The swarm core: the mesh's decisions as plain state machines, with no sockets, files, tasks or clocks inside
+//! (events and `now` in, actions out — the quinn-proto / quinn split).
+//!
+//! - [`homes`]: which member of a zone is a digest's home (a consistent-hashing ring, O(log N) per lookup).
+//! - [`directory`]: what a home knows of the digests homed on it, and the sources it hands to an asker so that a
+//!   burst forms a tree of holders streaming to each other.
+//! - [`scheduler`]: which source gets which piece of a download, in a bounded window, with failed sources
+//!   dropped and straggling pieces hedged.
+//! - [`announcer`]: what this node must tell which home, re-announcing only what moved.
+//!
+//! The agent drives them from thin async loops ([`crate::mesh`], [`crate::resolver`]); the simulator
+//! (`shoal-sim`) drives the very same code over a modelled network of thousands of nodes.
+
+pub mod announcer;
+pub mod directory;
+pub mod homes;
+pub mod scheduler;

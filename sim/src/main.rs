@@ -1,0 +1,73 @@
+//! `shoal-sim --scenario NAME[,NAME…] [--seed N] [--json] [--out PREFIX]`: runs built-in scenarios and prints a
+//! table (and, with `--json`, one JSON line per scenario); `--out` writes PREFIX.md and PREFIX.svg.
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use shoal_sim::{report, scenarios, sim};
+
+#[derive(Debug, Parser)]
+#[command(about = "Simulates a burst of N nodes running Shoal's swarm core over a modelled network")]
+struct Args {
+    /// Scenarios, comma-separated (or "all").
+    #[arg(long, default_value = "calibrate-8")]
+    scenario: String,
+    /// Seed (default: the scenario's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override the scenario's node count.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Override the fraction of nodes that die mid-burst (homes first, up to the scenario's number of homes).
+    #[arg(long)]
+    deaths: Option<f64>,
+    /// Override the fraction of slow nodes.
+    #[arg(long)]
+    slow: Option<f64>,
+    /// Print one JSON line per scenario.
+    #[arg(long)]
+    json: bool,
+    /// Write PREFIX.md (the table) and PREFIX.svg (CDF of completion times).
+    #[arg(long)]
+    out: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let names: Vec<&str> =
+        if args.scenario == "all" { scenarios::NAMES.to_vec() } else { args.scenario.split(',').collect() };
+    let mut reports = Vec::new();
+    for name in names {
+        let Some(mut p) = scenarios::scenario(name) else {
+            bail!("unknown scenario {name:?}; known: {}", scenarios::NAMES.join(", "));
+        };
+        if let Some(seed) = args.seed {
+            p.seed = seed;
+        }
+        if let Some(n) = args.nodes {
+            p.nodes = n;
+        }
+        if let Some(d) = args.deaths {
+            p.deaths = d;
+        }
+        if let Some(s) = args.slow {
+            p.slow = s;
+        }
+        eprintln!("running {name} ({} nodes)…", p.nodes);
+        let r = sim::Sim::new(p).run();
+        if args.json {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        eprintln!("{}", report::row(&r));
+        reports.push(r);
+    }
+    let table = format!("{}\n{}\n", report::HEADER, reports.iter().map(report::row).collect::<Vec<_>>().join("\n"));
+    if !args.json {
+        print!("{table}");
+    }
+    if let Some(prefix) = args.out {
+        std::fs::write(format!("{prefix}.md"), &table).with_context(|| format!("writing {prefix}.md"))?;
+        std::fs::write(format!("{prefix}.svg"), report::svg(&reports))
+            .with_context(|| format!("writing {prefix}.svg"))?;
+    }
+    Ok(())
+}
