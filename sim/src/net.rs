@@ -1,9 +1,11 @@
 //! The modelled network: links with a capacity (bytes/s) and fluid flows crossing up to four of them, sharing
-//! every link max-min fairly (progressive filling). Rates are recomputed when the set of flows changed, at most once
-//! per simulation step; between steps each flow moves at its rate.
+//! every link max-min fairly (progressive filling) between *connections*: the flows of one connection (the pieces
+//! in flight between two nodes, multiplexed on one QUIC connection) share one connection's share, as TCP and QUIC
+//! congestion control share a bottleneck per connection, not per request. Rates are recomputed when the set of
+//! flows changed, at most once per simulation step; between steps each flow moves at its rate.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 
 /// A link.
 pub type LinkId = usize;
@@ -21,6 +23,8 @@ pub enum Carry {
 
 #[derive(Debug, Clone)]
 struct Flow {
+    /// The connection it travels on.
+    conn: u64,
     links: [LinkId; 4],
     nlinks: u8,
     size: f64,
@@ -82,11 +86,11 @@ impl Net {
         self.dirty = true;
     }
 
-    /// Starts a flow of `bytes` over `links`.
-    pub fn start(&mut self, links: &[LinkId], bytes: f64, carry: Carry) -> FlowId {
+    /// Starts a flow of `bytes` over `links`, on connection `conn`.
+    pub fn start(&mut self, conn: u64, links: &[LinkId], bytes: f64, carry: Carry) -> FlowId {
         let mut ls = [0; 4];
         ls[..links.len()].copy_from_slice(links);
-        let f = Flow { links: ls, nlinks: links.len() as u8, size: bytes.max(1.0), done: 0.0, rate: 0.0, carry };
+        let f = Flow { conn, links: ls, nlinks: links.len() as u8, size: bytes.max(1.0), done: 0.0, rate: 0.0, carry };
         self.dirty = true;
         self.live += 1;
         match self.free.pop() {
@@ -120,26 +124,47 @@ impl Net {
         self.live
     }
 
-    /// Max-min fair rates: the link with the smallest fair share fixes the rate of every flow crossing it, which
-    /// frees capacity on their other links; repeat.
+    /// Max-min fair rates between connections: the link with the smallest fair share per connection fixes the
+    /// rate of every flow crossing it (its connection's share split between the connection's flows), which frees
+    /// capacity on their other links; repeat.
     fn recompute(&mut self) {
         let nl = self.cap.len();
-        let mut remaining = self.cap.clone();
-        let mut count = vec![0u32; nl];
-        let mut on: Vec<Vec<u32>> = vec![Vec::new(); nl];
-        for (id, f) in self.flows.iter().enumerate() {
-            if let Some(f) = f {
-                for &l in &f.links[..f.nlinks as usize] {
-                    count[l] += 1;
-                    on[l].push(id as u32);
-                }
+        let mut per_conn: HashMap<u64, u32> = HashMap::with_capacity(self.live);
+        for f in self.flows.iter().flatten() {
+            *per_conn.entry(f.conn).or_default() += 1;
+        }
+        // Flows by link, as one array with offsets (no allocation per link).
+        let mut offset = vec![0usize; nl + 1];
+        for f in self.flows.iter().flatten() {
+            for &l in &f.links[..f.nlinks as usize] {
+                offset[l + 1] += 1;
             }
         }
+        for l in 0..nl {
+            offset[l + 1] += offset[l];
+        }
+        let mut fill = offset.clone();
+        let mut on = vec![0u32; offset[nl]];
+        let mut weight = vec![0.0f64; self.flows.len()];
+        let mut wsum = vec![0.0f64; nl];
+        let mut count = vec![0u32; nl];
+        for (id, f) in self.flows.iter().enumerate() {
+            let Some(f) = f else { continue };
+            let w = 1.0 / f64::from(per_conn[&f.conn]);
+            weight[id] = w;
+            for &l in &f.links[..f.nlinks as usize] {
+                on[fill[l]] = id as u32;
+                fill[l] += 1;
+                wsum[l] += w;
+                count[l] += 1;
+            }
+        }
+        let mut remaining = self.cap.clone();
         let mut version = vec![0u32; nl];
         let mut heap = BinaryHeap::new();
         for l in 0..nl {
             if count[l] > 0 {
-                heap.push(Reverse((Share(remaining[l] / f64::from(count[l])), l, 0u32)));
+                heap.push(Reverse((Share(remaining[l] / wsum[l]), l, 0u32)));
             }
         }
         let mut fixed = vec![false; self.flows.len()];
@@ -147,20 +172,23 @@ impl Net {
             if v != version[l] || count[l] == 0 {
                 continue;
             }
-            for &id in &on[l] {
+            for &id in &on[offset[l]..offset[l + 1]] {
                 let id = id as usize;
                 if fixed[id] {
                     continue;
                 }
                 fixed[id] = true;
+                let w = weight[id];
                 let f = self.flows[id].as_mut().expect("listed flows exist");
-                f.rate = share.max(0.0);
+                f.rate = (share * w).max(0.0);
                 for &l2 in &f.links[..f.nlinks as usize] {
-                    remaining[l2] -= share;
+                    remaining[l2] -= f.rate;
+                    wsum[l2] -= w;
                     count[l2] -= 1;
                     version[l2] += 1;
                     if l2 != l && count[l2] > 0 {
-                        heap.push(Reverse((Share(remaining[l2].max(0.0) / f64::from(count[l2])), l2, version[l2])));
+                        let share2 = remaining[l2].max(0.0) / wsum[l2].max(1e-12);
+                        heap.push(Reverse((Share(share2), l2, version[l2])));
                     }
                 }
             }
@@ -195,6 +223,17 @@ impl Net {
         out
     }
 
+    /// Each link's load (sum of its flows' rates) as a fraction of its capacity.
+    pub fn utilisation(&self) -> Vec<f64> {
+        let mut load = vec![0.0; self.cap.len()];
+        for f in self.flows.iter().flatten() {
+            for &l in &f.links[..f.nlinks as usize] {
+                load[l] += f.rate;
+            }
+        }
+        load.iter().zip(&self.cap).map(|(l, c)| l / c).collect()
+    }
+
     /// Makes the ids of flows that finished available again (once their completions were handled).
     pub fn recycle(&mut self) {
         self.free.append(&mut self.finished);
@@ -220,9 +259,9 @@ mod tests {
         let a = net.link(100.0);
         let b = net.link(30.0);
         // Two flows over a alone, one over a and b: the b flow is held to 30, the others share the rest of a.
-        let f1 = net.start(&[a], 1e9, piece(1));
-        let f2 = net.start(&[a], 1e9, piece(2));
-        let f3 = net.start(&[a, b], 1e9, piece(3));
+        let f1 = net.start(1, &[a], 1e9, piece(1));
+        let f2 = net.start(2, &[a], 1e9, piece(2));
+        let f3 = net.start(3, &[a, b], 1e9, piece(3));
         net.advance(1.0);
         let rate = |f| net.done(f).unwrap();
         assert!((rate(f3) - 30.0).abs() < 1e-6);
@@ -234,10 +273,24 @@ mod tests {
     }
 
     #[test]
+    fn flows_of_one_connection_share_its_share() {
+        let mut net = Net::default();
+        let a = net.link(90.0);
+        // Three pieces on one connection and one download on another: 45 each connection, 15 per piece.
+        let pieces: Vec<FlowId> = (0..3).map(|i| net.start(7, &[a], 1e9, piece(i))).collect();
+        let single = net.start(8, &[a], 1e9, piece(9));
+        net.advance(1.0);
+        assert!((net.done(single).unwrap() - 45.0).abs() < 1e-6);
+        for p in pieces {
+            assert!((net.done(p).unwrap() - 15.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
     fn finishing_flows_report_when() {
         let mut net = Net::default();
         let a = net.link(10.0);
-        net.start(&[a], 5.0, piece(1));
+        net.start(1, &[a], 5.0, piece(1));
         let done = net.advance(1.0);
         assert_eq!(done.len(), 1);
         assert!((done[0].at - 0.5).abs() < 1e-9, "5 bytes at 10/s take 0.5 s, not {}", done[0].at);

@@ -782,7 +782,8 @@ impl Sim {
         let l = &self.layers[b];
         let len = (l.size - piece * u64::from(l.piece)).min(u64::from(l.piece));
         let links = self.links(src, n);
-        let f = self.net.start(&links, len as f64, Carry::Piece { node: n, blob: b, piece, source, generation: g });
+        let conn = ((src as u64) << 32) | n as u64;
+        let f = self.net.start(conn, &links, len as f64, Carry::Piece { node: n, blob: b, piece, source, generation: g });
         if let Some(Dl { phase: Phase::Peers { flows, .. }, .. }) = self.nodes[n].blobs[b].dl.as_mut() {
             flows.insert((piece, source), Some(f));
         }
@@ -872,6 +873,9 @@ impl Sim {
     }
 
     fn complete(&mut self, n: usize, b: usize) {
+        if std::env::var_os("SHOAL_SIM_DEBUG").is_some() && n % 50 == 0 {
+            eprintln!("t={:.2} node {n} completed blob {b} (home {})", self.now, self.home_of(n, b));
+        }
         let bs = &mut self.nodes[n].blobs[b];
         bs.complete = true;
         bs.have = self.layers[b].count;
@@ -894,7 +898,11 @@ impl Sim {
         let l = &self.layers[b];
         let offset = self.nodes[n].blobs[b].have * u64::from(l.piece);
         let links = [self.upstream, self.zone_in[self.nodes[n].zone], self.nodes[n].down];
+        // Each download from upstream is a connection of its own.
+        self.generation += 1;
+        let conn = u64::MAX - self.generation;
         let f = self.net.start(
+            conn,
             &links,
             (l.size - offset) as f64,
             Carry::Upstream { node: n, blob: b, offset, generation: g },
@@ -1194,8 +1202,11 @@ impl Sim {
                         self.now = t;
                         self.on_piece_done(node, blob, piece, source, generation);
                     }
-                    Carry::Upstream { node, blob, generation, .. } => {
+                    Carry::Upstream { node, blob, generation, offset } => {
                         self.now = t;
+                        if std::env::var_os("SHOAL_SIM_DEBUG").is_some() {
+                            eprintln!("t={t:.2} upstream done: node {node} blob {blob} from offset {offset}");
+                        }
                         if self.dl_generation(node, blob) == Some(generation) {
                             self.complete(node, blob);
                         }
@@ -1207,6 +1218,24 @@ impl Sim {
             self.upstream_progress();
             if self.now >= next_check {
                 next_check += 1.0;
+                if std::env::var_os("SHOAL_SIM_DEBUG").is_some() {
+                    let u = self.net.utilisation();
+                    let mean = |f: &dyn Fn(&Node) -> LinkId| {
+                        let alive: Vec<&Node> = self.nodes.iter().filter(|n| n.alive && n.done_at.is_none()).collect();
+                        alive.iter().map(|n| u[f(n)]).sum::<f64>() / alive.len().max(1) as f64
+                    };
+                    let waiting: usize = self.nodes.iter().map(|n| n.blobs.iter().map(|b| b.waiters.len()).sum::<usize>()).sum();
+                    let have: Vec<u64> = self.nodes.iter().map(|n| n.blobs.iter().map(|b| b.have).sum()).collect();
+                    eprintln!(
+                        "t={:.0} down {:.2} up {:.2} flows {} waiters {waiting} have min {} max {}",
+                        self.now,
+                        mean(&|n| n.down),
+                        mean(&|n| n.up),
+                        self.net.live(),
+                        have.iter().min().unwrap_or(&0),
+                        have.iter().max().unwrap_or(&0)
+                    );
+                }
                 // While views disagree (a death reaching nodes at different times), nodes on the old tree and
                 // nodes on the new one may wait on each other until their view changes: only cycles that exist
                 // with every view agreeing count.
