@@ -5,8 +5,9 @@
 //! file while hashing (sha256 for the digest, BLAKE3 per piece for serving peers); every request for the same
 //! digest (the first included) reads that file as it grows, through a [`watch`] channel of progress. The bytes
 //! come from peers first: the digest's home names the sources (and starts the zone's one download itself when
-//! nobody has it, see [`Mesh::sources`]); pieces are taken in order, spread over the sources, each checked against
-//! its hash before it is written; a source that fails or stalls is dropped, the node asks again where to continue
+//! nobody has it, see [`Mesh::sources`]); the [`PieceScheduler`] decides which source gets which piece (in order, a
+//! window of them, the fastest sources first, the head piece hedged), each checked against its hash before it is
+//! written; a source that fails or stalls is dropped, the node asks again where to continue
 //! when sources run dry or the home moves, and after that brings nothing the download continues from upstream at
 //! the same offset. As a home, the resolver downloads on members' behalf ([`Local::fetch`]) and resolves tags for
 //! them ([`Local::resolve_tag`]). Readers never get a blob's last byte before its sha256
@@ -1179,6 +1180,8 @@ impl Resolver {
             match result {
                 // Cancelled: another source delivered it first.
                 None => {}
+                // A hedge's loser that arrived before its cancellation: already have it.
+                Some(Ok(_)) if !sched.awaits(i) => {}
                 Some(Ok(p)) => {
                     for c in sched.delivered(i, source, Instant::now()) {
                         if let SchedAction::Cancel { piece: ci, source: cs } = c

@@ -57,7 +57,7 @@ pub fn svg(reports: &[Report]) -> String {
     }
     let _ = write!(
         s,
-        r#"<text x="{}" y="{}" text-anchor="middle">completion time / ideal (image ÷ node link rate)</text>"#,
+        r#"<text x="{}" y="{}" text-anchor="middle">completion time / ideal (image ÷ the node's link rate)</text>"#,
         (x0 + x1) / 2.0,
         h - 10.0
     );
@@ -72,7 +72,7 @@ pub fn svg(reports: &[Report]) -> String {
         let n = r.times.len().max(1) as f64;
         let mut pts = String::new();
         for (i, t) in r.times.iter().enumerate() {
-            let x = x0 + (x1 - x0) * (t / r.ideal_s / xmax).min(1.0);
+            let x = x0 + (x1 - x0) * (t / xmax).min(1.0);
             let y = y0 - (y0 - y1) * ((i + 1) as f64 / n);
             let _ = write!(pts, "{x:.1},{y:.1} ");
         }

@@ -151,6 +151,8 @@ struct BlobState {
 struct Node {
     id: PeerId,
     zone: usize,
+    /// Its link rate, each way.
+    rate: f64,
     alive: bool,
     up: LinkId,
     down: LinkId,
@@ -261,7 +263,8 @@ pub struct Report {
     pub completed: usize,
     /// Survivors (nodes alive at the end).
     pub survivors: usize,
-    /// Completion time percentiles as multiples of the ideal (image / node rate).
+    /// Completion time percentiles, each node's time as a multiple of its own ideal (the image over its link rate:
+    /// a slow node's ideal is longer).
     pub p50: f64,
     /// p99.
     pub p99: f64,
@@ -288,7 +291,7 @@ pub struct Report {
     pub sim_s: f64,
     /// Wall-clock seconds the run took.
     pub wall_s: f64,
-    /// Completion times of survivors (seconds), sorted.
+    /// Completion times of survivors as multiples of their ideal, sorted.
     #[serde(skip)]
     pub times: Vec<f64>,
 }
@@ -360,6 +363,7 @@ impl Sim {
             .map(|i| {
                 let rate = if rng.unit() < p.slow { p.node_rate * p.slow_factor } else { p.node_rate };
                 Node {
+                    rate,
                     id: test_id(format!("{}/{}/node/{i}", p.name, p.seed).as_bytes()),
                     zone: i % p.zones.max(1),
                     alive: true,
@@ -1270,20 +1274,22 @@ impl Sim {
         let image: u64 = self.layers.iter().map(|l| l.size).sum();
         let ideal = image as f64 / self.p.node_rate;
         let survivors: Vec<&Node> = self.nodes.iter().filter(|n| n.alive).collect();
-        let mut times: Vec<f64> = survivors.iter().filter_map(|n| n.done_at).collect();
+        let own_ideal = |n: &Node| image as f64 / n.rate;
+        let mut times: Vec<f64> = survivors.iter().filter_map(|n| Some(n.done_at? / own_ideal(n))).collect();
         times.sort_by(f64::total_cmp);
         let completed = times.len();
         // Nodes that never completed count as the time limit.
         let mut all = times.clone();
-        all.extend(std::iter::repeat_n(self.p.limit, survivors.len() - completed));
+        all.extend(survivors.iter().filter(|n| n.done_at.is_none()).map(|n| self.p.limit / own_ideal(n)));
+        all.sort_by(f64::total_cmp);
         let pct = |q: f64| {
             if all.is_empty() {
                 return 0.0;
             }
             let i = ((q * all.len() as f64).ceil() as usize).clamp(1, all.len()) - 1;
-            all[i] / ideal
+            all[i]
         };
-        let end = all.last().copied().unwrap_or(0.0).max(1e-9);
+        let end = survivors.iter().filter_map(|n| n.done_at).fold(0.0f64, f64::max).max(1e-9);
         let control: u64 = self.nodes.iter().map(|n| n.control).sum();
         Report {
             scenario: self.p.name.clone(),

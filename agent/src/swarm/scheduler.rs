@@ -229,6 +229,11 @@ impl PieceScheduler {
         (!f.hedged).then(|| since + (usual * self.cfg.hedge_factor).max(self.cfg.hedge_min))
     }
 
+    /// Whether `piece` is still awaited (requested and not delivered): a late duplicate is not.
+    pub fn awaits(&self, piece: u64) -> bool {
+        self.inflight.contains_key(&piece)
+    }
+
     /// `source` delivered `piece` (its hash checked). Returns the requests of the same piece to drop. A piece
     /// delivered twice (a hedge that lost the race but was not cancelled in time) is ignored.
     pub fn delivered(&mut self, piece: u64, source: usize, now: Instant) -> Vec<Action> {
