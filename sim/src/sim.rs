@@ -787,7 +787,8 @@ impl Sim {
         let len = (l.size - piece * u64::from(l.piece)).min(u64::from(l.piece));
         let links = self.links(src, n);
         let conn = ((src as u64) << 32) | n as u64;
-        let f = self.net.start(conn, &links, len as f64, Carry::Piece { node: n, blob: b, piece, source, generation: g });
+        let f =
+            self.net.start(conn, &links, len as f64, Carry::Piece { node: n, blob: b, piece, source, generation: g });
         if let Some(Dl { phase: Phase::Peers { flows, .. }, .. }) = self.nodes[n].blobs[b].dl.as_mut() {
             flows.insert((piece, source), Some(f));
         }
@@ -1228,7 +1229,8 @@ impl Sim {
                         let alive: Vec<&Node> = self.nodes.iter().filter(|n| n.alive && n.done_at.is_none()).collect();
                         alive.iter().map(|n| u[f(n)]).sum::<f64>() / alive.len().max(1) as f64
                     };
-                    let waiting: usize = self.nodes.iter().map(|n| n.blobs.iter().map(|b| b.waiters.len()).sum::<usize>()).sum();
+                    let waiting: usize =
+                        self.nodes.iter().map(|n| n.blobs.iter().map(|b| b.waiters.len()).sum::<usize>()).sum();
                     let have: Vec<u64> = self.nodes.iter().map(|n| n.blobs.iter().map(|b| b.have).sum()).collect();
                     eprintln!(
                         "t={:.0} down {:.2} up {:.2} flows {} waiters {waiting} have min {} max {}",
