@@ -878,7 +878,7 @@ impl Sim {
     }
 
     fn complete(&mut self, n: usize, b: usize) {
-        if std::env::var_os("SHOAL_SIM_DEBUG").is_some() && n % 50 == 0 {
+        if std::env::var_os("SHOAL_SIM_DEBUG").is_some() && n.is_multiple_of(50) {
             eprintln!("t={:.2} node {n} completed blob {b} (home {})", self.now, self.home_of(n, b));
         }
         let bs = &mut self.nodes[n].blobs[b];
