@@ -364,6 +364,48 @@ mod tests {
     }
 
     #[test]
+    fn a_followed_holder_is_never_displaced_and_a_recorded_asker_gets_only_holders_ahead_of_it() {
+        let mut dir = Directory::default();
+        let home = PeerId::random();
+        dir.apply(home, &h(1, 10, false));
+        // Fill the digest's list with partial holders, the last ones askers recorded by the hand-out (which
+        // hands out some of the earlier ones).
+        for _ in 0..MAX_HOLDERS - 11 {
+            dir.apply(PeerId::random(), &h(1, 10, false));
+        }
+        let mut askers = Vec::new();
+        while dir.entries[&d(1)].holders.len() < MAX_HOLDERS {
+            let a = PeerId::random();
+            dir.hand_out(&d(1), &a, &home, |_| true, Some(true)).unwrap();
+            askers.push(a);
+        }
+        let handed: Vec<PeerId> =
+            dir.entries[&d(1)].holders.iter().filter(|(_, x)| x.given > 0).map(|(p, _)| *p).collect();
+        assert!(!handed.is_empty());
+        // More complete holders arrive than there are partial holders nobody was sent to: they displace only
+        // those (the rule before displaced any partial holder), and the rest are not recorded.
+        for _ in 0..MAX_HOLDERS - handed.len() + 20 {
+            dir.apply(PeerId::random(), &h(1, 10, true));
+        }
+        assert_eq!(dir.entries[&d(1)].holders.len(), MAX_HOLDERS);
+        for p in &handed {
+            assert!(dir.entries[&d(1)].holders.contains_key(p), "a holder others follow stays known");
+        }
+        // A recorded asker (the latest one still known) is sent only to complete holders, the home and partial
+        // holders that came before it.
+        let holders = &dir.entries[&d(1)].holders;
+        let last =
+            *handed.iter().chain(&askers).filter(|p| holders.contains_key(p)).max_by_key(|p| holders[p].since).unwrap();
+        let since = holders[&last].since;
+        let loc = dir.hand_out(&d(1), &last, &home, |_| true, Some(true)).unwrap();
+        for (p, s) in &loc.holders {
+            let x = dir.entries[&d(1)].holders[p];
+            assert!(s.complete || *p == home || x.since < since, "{p} is not ahead of the asker");
+        }
+        assert!(dir.holders() <= MAX_ENTRIES);
+    }
+
+    #[test]
     fn a_burst_forms_a_tree_not_a_star() {
         let mut dir = Directory::default();
         let home = PeerId::random();
