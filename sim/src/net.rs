@@ -80,12 +80,6 @@ impl Net {
         self.cap.len() - 1
     }
 
-    /// Changes a link's capacity.
-    pub fn set_cap(&mut self, l: LinkId, cap: f64) {
-        self.cap[l] = cap;
-        self.dirty = true;
-    }
-
     /// Starts a flow of `bytes` over `links`, on connection `conn`.
     pub fn start(&mut self, conn: u64, links: &[LinkId], bytes: f64, carry: Carry) -> FlowId {
         let mut ls = [0; 4];

@@ -2,7 +2,49 @@
 
 use std::fmt::Write as _;
 
-use crate::sim::Report;
+/// What a run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Scenario.
+    pub scenario: String,
+    /// Nodes.
+    pub nodes: usize,
+    /// Nodes that completed (survivors).
+    pub completed: usize,
+    /// Survivors (nodes alive at the end).
+    pub survivors: usize,
+    /// Completion time percentiles, each node's time as a multiple of its own ideal (the image over its link rate:
+    /// a slow node's ideal is longer).
+    pub p50: f64,
+    /// p99.
+    pub p99: f64,
+    /// p99.9.
+    pub p999: f64,
+    /// Slowest.
+    pub max: f64,
+    /// The ideal, seconds.
+    pub ideal_s: f64,
+    /// Bytes that entered each zone from outside it (from upstream or from another zone), as multiples of the
+    /// image: 1.0 is one crossing per zone.
+    pub upstream_bytes_per_zone: Vec<f64>,
+    /// Bytes fetched from the upstream registry in all, as multiples of the image.
+    pub upstream_total: f64,
+    /// Control messages (locates, their answers, announcements) per node per second of the burst.
+    pub control_msgs_per_node_s: f64,
+    /// Most concurrent uploads at one node.
+    pub max_uploads: u32,
+    /// Piece requests a node sent to itself (never, if homes hand out only others).
+    pub waits_on_self: u64,
+    /// Wait cycles found (a node waiting, through the sources it follows, on itself).
+    pub wait_cycles: u64,
+    /// Simulated seconds.
+    pub sim_s: f64,
+    /// Wall-clock seconds the run took.
+    pub wall_s: f64,
+    /// Completion times of survivors as multiples of their ideal, sorted.
+    #[serde(skip)]
+    pub times: Vec<f64>,
+}
 
 /// The table's header.
 pub const HEADER: &str = "| scenario | nodes | completed | p50 | p99 | p99.9 | max | ideal (s) | into each zone (× image) | upstream (× image) | \

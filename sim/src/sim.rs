@@ -29,6 +29,9 @@ use shoal_agent::swarm::homes::test_id;
 use shoal_agent::swarm::scheduler::{Action, PieceScheduler, SchedulerConfig};
 
 use crate::net::{Carry, FlowId, LinkId, Net};
+pub use crate::report::Report;
+
+mod diagnostics;
 
 /// Rounds without progress before upstream (the resolver's `PEER_ROUNDS`).
 pub const PEER_ROUNDS: u32 = 3;
@@ -144,7 +147,6 @@ struct BlobState {
     complete: bool,
     dl: Option<Dl>,
     waiters: Vec<Waiter>,
-    upstream_offset: u64,
 }
 
 #[derive(Debug)]
@@ -252,50 +254,6 @@ struct Layer {
     count: u64,
 }
 
-/// What a run measured.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Report {
-    /// Scenario.
-    pub scenario: String,
-    /// Nodes.
-    pub nodes: usize,
-    /// Nodes that completed (survivors).
-    pub completed: usize,
-    /// Survivors (nodes alive at the end).
-    pub survivors: usize,
-    /// Completion time percentiles, each node's time as a multiple of its own ideal (the image over its link rate:
-    /// a slow node's ideal is longer).
-    pub p50: f64,
-    /// p99.
-    pub p99: f64,
-    /// p99.9.
-    pub p999: f64,
-    /// Slowest.
-    pub max: f64,
-    /// The ideal, seconds.
-    pub ideal_s: f64,
-    /// Bytes that entered each zone from outside it (from upstream or from another zone), as multiples of the
-    /// image: 1.0 is one crossing per zone.
-    pub upstream_bytes_per_zone: Vec<f64>,
-    /// Bytes fetched from the upstream registry in all, as multiples of the image.
-    pub upstream_total: f64,
-    /// Control messages (locates, their answers, announcements) per node per second of the burst.
-    pub control_msgs_per_node_s: f64,
-    /// Most concurrent uploads at one node.
-    pub max_uploads: u32,
-    /// Piece requests a node sent to itself (never, if homes hand out only others).
-    pub waits_on_self: u64,
-    /// Wait cycles found (a node waiting, through the sources it follows, on itself).
-    pub wait_cycles: u64,
-    /// Simulated seconds.
-    pub sim_s: f64,
-    /// Wall-clock seconds the run took.
-    pub wall_s: f64,
-    /// Completion times of survivors as multiples of their ideal, sorted.
-    #[serde(skip)]
-    pub times: Vec<f64>,
-}
-
 /// The simulation state.
 #[derive(Debug)]
 pub struct Sim {
@@ -319,6 +277,8 @@ pub struct Sim {
     waits_on_self: u64,
     wait_cycles: u64,
     deaths_pending: usize,
+    /// `SHOAL_SIM_DEBUG` is set: print traces.
+    debug: bool,
 }
 
 fn view_of(nodes: &[Node], alive: &[bool]) -> MembersView {
@@ -406,6 +366,7 @@ impl Sim {
             waits_on_self: 0,
             wait_cycles: 0,
             deaths_pending: 0,
+            debug: std::env::var_os("SHOAL_SIM_DEBUG").is_some(),
         };
         for n in 0..sim.nodes.len() {
             sim.at(0.0, Ev::Start(n));
@@ -878,9 +839,6 @@ impl Sim {
     }
 
     fn complete(&mut self, n: usize, b: usize) {
-        if std::env::var_os("SHOAL_SIM_DEBUG").is_some() && n.is_multiple_of(50) {
-            eprintln!("t={:.2} node {n} completed blob {b} (home {})", self.now, self.home_of(n, b));
-        }
         let bs = &mut self.nodes[n].blobs[b];
         bs.complete = true;
         bs.have = self.layers[b].count;
@@ -912,7 +870,6 @@ impl Sim {
             (l.size - offset) as f64,
             Carry::Upstream { node: n, blob: b, offset, generation: g },
         );
-        self.nodes[n].blobs[b].upstream_offset = offset;
         if let Some(Dl { phase: Phase::Upstream { flow }, .. }) = self.nodes[n].blobs[b].dl.as_mut() {
             *flow = Some(f);
         }
@@ -1109,72 +1066,6 @@ impl Sim {
         }
     }
 
-    /// Finds nodes that wait, through the partial holders they follow, on themselves.
-    fn check_cycles(&mut self) {
-        for b in 0..self.layers.len() {
-            let mut waits_on: HashMap<usize, Vec<usize>> = HashMap::new();
-            for (s, node) in self.nodes.iter().enumerate() {
-                for w in &node.blobs[b].waiters {
-                    // Only requests still wanted (cancelled ones are dropped lazily).
-                    let live = matches!(self.nodes[w.node].blobs[b].dl.as_ref(), Some(dl) if dl.generation == w.generation
-                        && matches!(&dl.phase, Phase::Peers { flows, .. } if flows.get(&(w.piece, w.source)) == Some(&None)));
-                    if live {
-                        waits_on.entry(w.node).or_default().push(s);
-                    }
-                }
-            }
-            // A cycle: following edges from a node leads back to it (the graph is small: waiters only).
-            let mut state: HashMap<usize, u8> = HashMap::new();
-            let keys: Vec<usize> = waits_on.keys().copied().collect();
-            for start in keys {
-                let mut stack = vec![(start, 0usize)];
-                if state.get(&start).copied().unwrap_or(0) != 0 {
-                    continue;
-                }
-                state.insert(start, 1);
-                while let Some((v, i)) = stack.pop() {
-                    let next = waits_on.get(&v).and_then(|e| e.get(i)).copied();
-                    match next {
-                        Some(u) => {
-                            stack.push((v, i + 1));
-                            match state.get(&u).copied().unwrap_or(0) {
-                                0 => {
-                                    state.insert(u, 1);
-                                    stack.push((u, 0));
-                                }
-                                1 => {
-                                    self.wait_cycles += 1;
-                                    if std::env::var_os("SHOAL_SIM_DEBUG").is_some() {
-                                        let path: Vec<usize> = stack.iter().map(|(v, _)| *v).collect();
-                                        eprintln!("t={:.2} cycle blob {b}: {v} waits on {u}; stack {path:?}", self.now);
-                                        for &x in path.iter().chain([&u]) {
-                                            let dl = self.nodes[x].blobs[b].dl.as_ref();
-                                            let ph = dl.map(|d| match &d.phase {
-                                                Phase::Peers { sources, home, follow, .. } => {
-                                                    format!("peers {sources:?} home {home} follow {follow}")
-                                                }
-                                                other => format!("{other:?}").chars().take(40).collect(),
-                                            });
-                                            eprintln!(
-                                                "  node {x} have {} home {} phase {ph:?}",
-                                                self.nodes[x].blobs[b].have,
-                                                self.home_of(x, b)
-                                            );
-                                        }
-                                    }
-                                }
-                                _ => {}
-                            }
-                        }
-                        None => {
-                            state.insert(v, 2);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// Runs to the end: every surviving node complete, or the time limit.
     pub fn run(mut self) -> Report {
         let wall = Instant::now();
@@ -1207,11 +1098,8 @@ impl Sim {
                         self.now = t;
                         self.on_piece_done(node, blob, piece, source, generation);
                     }
-                    Carry::Upstream { node, blob, generation, offset } => {
+                    Carry::Upstream { node, blob, generation, .. } => {
                         self.now = t;
-                        if std::env::var_os("SHOAL_SIM_DEBUG").is_some() {
-                            eprintln!("t={t:.2} upstream done: node {node} blob {blob} from offset {offset}");
-                        }
                         if self.dl_generation(node, blob) == Some(generation) {
                             self.complete(node, blob);
                         }
@@ -1223,24 +1111,8 @@ impl Sim {
             self.upstream_progress();
             if self.now >= next_check {
                 next_check += 1.0;
-                if std::env::var_os("SHOAL_SIM_DEBUG").is_some() {
-                    let u = self.net.utilisation();
-                    let mean = |f: &dyn Fn(&Node) -> LinkId| {
-                        let alive: Vec<&Node> = self.nodes.iter().filter(|n| n.alive && n.done_at.is_none()).collect();
-                        alive.iter().map(|n| u[f(n)]).sum::<f64>() / alive.len().max(1) as f64
-                    };
-                    let waiting: usize =
-                        self.nodes.iter().map(|n| n.blobs.iter().map(|b| b.waiters.len()).sum::<usize>()).sum();
-                    let have: Vec<u64> = self.nodes.iter().map(|n| n.blobs.iter().map(|b| b.have).sum()).collect();
-                    eprintln!(
-                        "t={:.0} down {:.2} up {:.2} flows {} waiters {waiting} have min {} max {}",
-                        self.now,
-                        mean(&|n| n.down),
-                        mean(&|n| n.up),
-                        self.net.live(),
-                        have.iter().min().unwrap_or(&0),
-                        have.iter().max().unwrap_or(&0)
-                    );
+                if self.debug {
+                    self.trace_second();
                 }
                 // While views disagree (a death reaching nodes at different times), nodes on the old tree and
                 // nodes on the new one may wait on each other until their view changes: only cycles that exist
@@ -1255,63 +1127,9 @@ impl Sim {
                 break;
             }
         }
-        if std::env::var_os("SHOAL_SIM_DEBUG").is_some() {
-            for (i, n) in self.nodes.iter().enumerate().filter(|(_, n)| n.alive && n.done_at.is_none()) {
-                for (b, bs) in n.blobs.iter().enumerate().filter(|(_, bs)| !bs.complete) {
-                    let ph = bs.dl.as_ref().map(|d| match &d.phase {
-                        Phase::Peers { sources, home, follow, flows, sched } => format!(
-                            "peers {sources:?} home {home} follow {follow} flows {flows:?} written {} outstanding {} exhausted {}",
-                            sched.written(), sched.outstanding(), sched.is_exhausted()
-                        ),
-                        other => format!("{other:?}"),
-                    });
-                    eprintln!("stuck: node {i} blob {b} have {} home {} {ph:?}", bs.have, self.home_of(i, b));
-                }
-            }
+        if self.debug {
+            self.dump_stuck();
         }
         self.report(wall.elapsed().as_secs_f64())
-    }
-
-    fn report(&self, wall_s: f64) -> Report {
-        let image: u64 = self.layers.iter().map(|l| l.size).sum();
-        let ideal = image as f64 / self.p.node_rate;
-        let survivors: Vec<&Node> = self.nodes.iter().filter(|n| n.alive).collect();
-        let own_ideal = |n: &Node| image as f64 / n.rate;
-        let mut times: Vec<f64> = survivors.iter().filter_map(|n| Some(n.done_at? / own_ideal(n))).collect();
-        times.sort_by(f64::total_cmp);
-        let completed = times.len();
-        // Nodes that never completed count as the time limit.
-        let mut all = times.clone();
-        all.extend(survivors.iter().filter(|n| n.done_at.is_none()).map(|n| self.p.limit / own_ideal(n)));
-        all.sort_by(f64::total_cmp);
-        let pct = |q: f64| {
-            if all.is_empty() {
-                return 0.0;
-            }
-            let i = ((q * all.len() as f64).ceil() as usize).clamp(1, all.len()) - 1;
-            all[i]
-        };
-        let end = survivors.iter().filter_map(|n| n.done_at).fold(0.0f64, f64::max).max(1e-9);
-        let control: u64 = self.nodes.iter().map(|n| n.control).sum();
-        Report {
-            scenario: self.p.name.clone(),
-            nodes: self.p.nodes,
-            completed,
-            survivors: survivors.len(),
-            p50: pct(0.5),
-            p99: pct(0.99),
-            p999: pct(0.999),
-            max: pct(1.0),
-            ideal_s: ideal,
-            upstream_bytes_per_zone: self.zone_in.iter().map(|&l| self.net.carried[l] / image as f64).collect(),
-            upstream_total: self.net.carried[self.upstream] / image as f64,
-            control_msgs_per_node_s: control as f64 / self.p.nodes as f64 / end,
-            max_uploads: self.nodes.iter().map(|n| n.max_uploads).max().unwrap_or(0),
-            waits_on_self: self.waits_on_self,
-            wait_cycles: self.wait_cycles,
-            sim_s: self.now,
-            wall_s,
-            times,
-        }
     }
 }
