@@ -125,6 +125,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         cancel.child_token(),
         Others { mesh: mesh.clone(), containerd: containerd.clone() },
     );
+    if let Some(m) = &mesh {
+        m.serve(resolver.clone(), &tasks, cancel.child_token());
+    }
     if let Some(c) = &containerd {
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         tasks.spawn(c.clone().follow(tx, cancel.child_token()));

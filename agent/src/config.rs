@@ -218,7 +218,12 @@ fn parse_registry_flag(s: &str) -> Result<RegistryFlag, String> {
         match p.split_once('=') {
             None if p == "plain_http" => raw.plain_http = Some(true),
             Some(("credentials_file", path)) => raw.credentials_file = Some(PathBuf::from(path)),
-            _ => return Err(format!("unknown registry option `{p}` (expected plain_http or credentials_file=PATH)")),
+            Some(("token_host", h)) => raw.token_hosts.get_or_insert_with(Vec::new).push(h.to_owned()),
+            _ => {
+                return Err(format!(
+                    "unknown registry option `{p}` (expected plain_http, credentials_file=PATH or token_host=HOST)"
+                ));
+            }
         }
     }
     Ok(RegistryFlag { host: host.to_owned(), raw })
@@ -235,6 +240,10 @@ pub struct RawRegistry {
     pub plain_http: Option<bool>,
     /// A file holding `username:password` for Basic auth or the token flow. Default none (anonymous).
     pub credentials_file: Option<PathBuf>,
+    /// Hosts (`host` or `host:port`) besides the endpoint's whose token realm the agent follows, with the
+    /// configured credentials. Default none (`["auth.docker.io"]` for `docker.io`): a realm elsewhere is not
+    /// followed, so a registry cannot make the agent call other services.
+    pub token_hosts: Option<Vec<String>>,
 }
 
 /// Log output format.
@@ -268,7 +277,12 @@ pub struct RegistryConfig {
     pub endpoint: reqwest::Url,
     /// Credentials from `credentials_file`.
     pub credentials: Option<Credentials>,
+    /// Other hosts whose token realm is followed.
+    pub token_hosts: Vec<String>,
 }
+
+/// Docker Hub's token service.
+const DOCKER_HUB_AUTH: &str = "auth.docker.io";
 
 /// Upstream client settings, validated.
 #[derive(Debug, Clone)]
@@ -565,6 +579,7 @@ impl RawConfig {
         registries.entry(docker).or_insert_with(|| RegistryConfig {
             endpoint: reqwest::Url::parse("https://registry-1.docker.io").expect("a valid URL"),
             credentials: None,
+            token_hosts: vec![DOCKER_HUB_AUTH.to_owned()],
         });
 
         Ok(Config {
@@ -746,7 +761,19 @@ fn validate_registry(key: &str, host: &RegistryHost, raw: RawRegistry) -> Result
         .credentials_file
         .map(|path| read_credentials(&path).map_err(|r| invalid(format!("{key}.credentials_file"), r)))
         .transpose()?;
-    Ok(RegistryConfig { endpoint: url, credentials })
+    let token_hosts = match raw.token_hosts {
+        Some(hosts) => {
+            for h in &hosts {
+                if RegistryHost::parse(h).is_err() {
+                    return Err(invalid(format!("{key}.token_hosts"), format!("`{h}` is not a host[:port]")));
+                }
+            }
+            hosts
+        }
+        None if host.as_str() == "docker.io" => vec![DOCKER_HUB_AUTH.to_owned()],
+        None => Vec::new(),
+    };
+    Ok(RegistryConfig { endpoint: url, credentials, token_hosts })
 }
 
 fn read_credentials(path: &Path) -> Result<Credentials, String> {

@@ -301,8 +301,6 @@ pub struct MeshMetrics {
     pub bytes_received_cross_zone: Counter,
     /// Downloads this node ran as a home on another member's behalf (one per digest per zone in a burst).
     pub home_fetches: Counter,
-    /// Tags resolved by asking the tag's home instead of upstream.
-    pub tags_from_home: Counter,
 }
 
 /// All metrics of the agent.
@@ -432,11 +430,6 @@ impl Metrics {
             "home_fetches",
             "Downloads started as a digest's home on another member's behalf",
             self.mesh.home_fetches.clone(),
-        );
-        r.register(
-            "tags_from_home",
-            "Tags resolved by the tag's home instead of upstream",
-            self.mesh.tags_from_home.clone(),
         );
     }
 }

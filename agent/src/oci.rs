@@ -7,6 +7,15 @@
 
 use std::fmt;
 
+/// Manifest or blob: what a request, a download, an order to a home or an upstream request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/manifests/<digest>`
+    Manifest,
+    /// `/blobs/<digest>`
+    Blob,
+}
+
 /// Longest repository name the spec allows (including the registry host in a full reference).
 const MAX_NAME_LEN: usize = 255;
 
@@ -242,6 +251,19 @@ impl RegistryHost {
 impl fmt::Display for RegistryHost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl serde::Serialize for RegistryHost {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RegistryHost {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options};
 use serde::{Deserialize, Serialize};
 
-use crate::oci::Digest;
+use crate::oci::{Digest, RegistryHost};
 use crate::pieces::PieceTable;
 
 const CF_BLOBS: &str = "blobs";
@@ -74,6 +74,10 @@ pub struct BlobMeta {
     /// Whether it was fetched without a client's credentials (peers may give it to anyone).
     #[serde(default)]
     pub public: bool,
+    /// The registry it was fetched from, when that took a client's credentials: the one registry besides the
+    /// configured ones whose word unlocks it for other clients (see `resolver/access.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryHost>,
 }
 
 /// A tag's last known answer.
@@ -88,6 +92,10 @@ pub struct TagRecord {
     /// The manifest's media type as upstream gave it (whether a client's `Accept` admits the cached answer).
     #[serde(default)]
     pub media_type: Option<String>,
+    /// The registry itself gave this answer to this node. Records without it (written by versions that took a
+    /// member's word for a tag) are ignored.
+    #[serde(default)]
+    pub from_upstream: bool,
 }
 
 /// Evidence that a digest is served by a repository upstream.
@@ -510,7 +518,13 @@ mod tests {
         let d = Digest::from_sha256(&Sha256::digest(data));
         let (path, mut file) = store.create_partial(&d).unwrap();
         write_all(&mut file, data, &path).unwrap();
-        let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs(), public: true };
+        let meta = BlobMeta {
+            size: data.len() as u64,
+            media_type: None,
+            last_access: now_secs(),
+            public: true,
+            registry: None,
+        };
         let mut h = crate::pieces::PieceHasher::new(crate::pieces::MIN_PIECE);
         h.update(data);
         store.commit(&path, &file, &d, &meta, Some(&h.finish(data.len() as u64))).unwrap();

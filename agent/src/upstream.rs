@@ -3,6 +3,9 @@
 //! - Auth: a client's own `Authorization` is forwarded as is, and a 401 then goes back to the client with the
 //!   registry's challenge. Without one, the agent follows the challenge itself: the Bearer token flow (anonymous
 //!   or with the registry's configured credentials; tokens cached per repository until they expire) or Basic.
+//! - A token realm is followed only on the registry's own host or a host configured for it (`token_hosts`;
+//!   Docker Hub's `auth.docker.io` by default): a registry cannot make the agent call other services and forward
+//!   what they answer. Tokens are cached per registry and repository and sent to that registry's origin only.
 //! - Redirects (registries send blobs to object storage) are followed by hand, and credentials are sent to the
 //!   registry's own origin only.
 //! - Connection errors, timeouts, 429 and 5xx are retried with jittered exponential backoff; the caller resumes
@@ -165,7 +168,7 @@ impl Upstream {
             return Err(UpstreamError::NotAllowed(host.clone()));
         }
         let endpoint = Url::parse(&format!("https://{host}")).map_err(|_| UpstreamError::NotAllowed(host.clone()))?;
-        Ok(RegistryConfig { endpoint, credentials: None })
+        Ok(RegistryConfig { endpoint, credentials: None, token_hosts: Vec::new() })
     }
 
     /// Sends a request, following auth challenges, redirects and retries. Returns a 2xx response (200, or 206
@@ -264,11 +267,10 @@ impl Upstream {
         lock(&self.down).contains_key(host)
     }
 
-    /// A member found `host` unreachable: treat it as down here too (until this node's own probe hears from it).
-    pub fn reported_down(&self, host: &RegistryHost, reason: &str) {
-        if let Ok(reg) = self.registry(host) {
-            self.mark_down(host, &reg, &format!("a member found it unreachable: {reason}"));
-        }
+    /// Whether the operator configured `host` (its answers about any content are believed; an unlisted
+    /// registry's only about what it served itself).
+    pub fn is_configured(&self, host: &RegistryHost) -> bool {
+        self.cfg.registries.contains_key(host)
     }
 
     /// Marks `host` down and starts its probe (unless one runs): `GET /v2/` every [`PROBE_EVERY`] until anything
@@ -407,6 +409,15 @@ impl Upstream {
         if !matches!(url.scheme(), "https" | "http") {
             return Ok(None);
         }
+        if !realm_allowed(reg, &url) {
+            tracing::warn!(
+                registry = %reg.endpoint,
+                realm = %url.origin().ascii_serialization(),
+                "not following a token realm on another host (add it to the registry's `token_hosts` if it is the \
+                 registry's auth service)"
+            );
+            return Ok(None);
+        }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -457,6 +468,14 @@ impl Upstream {
         let life = Duration::from_secs(t.expires_in.unwrap_or(60).clamp(10, 3600));
         Ok(Some(CachedAuth { value, expires: Some(Instant::now() + life - Duration::from_secs(5)) }))
     }
+}
+
+/// Whether a token realm may be asked: on the registry endpoint's own host and port, or on a host configured for
+/// the registry (`host` or `host:port`).
+fn realm_allowed(reg: &RegistryConfig, realm: &Url) -> bool {
+    let (Some(host), Some(port)) = (realm.host_str(), realm.port_or_known_default()) else { return false };
+    let own = reg.endpoint.host_str() == Some(host) && reg.endpoint.port_or_known_default() == Some(port);
+    own || reg.token_hosts.iter().any(|t| t == host || *t == format!("{host}:{port}"))
 }
 
 fn basic(creds: &Credentials) -> HeaderValue {

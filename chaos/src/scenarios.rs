@@ -282,21 +282,24 @@ impl Run<'_> {
         self.report.pulls(collect(bed.burst([0, 0], "v1")).await);
         self.report.pulls(collect(bed.burst([0], &digest)).await);
         bed.up.blackhole_port(PROXY_PORT)?;
-        let mut pulls = bed.burst(0..n, "v1");
+        // By digest, every node gets it from the mesh. By tag, only the node that resolved it while upstream was up:
+        // a member's word about a tag is never taken, and no member says upstream is down for another.
+        let mut pulls = bed.burst([0], "v1");
         pulls.extend(bed.burst(0..n, &digest));
         self.report.pulls(collect(pulls).await);
-        // What nobody cached fails with an OCI error the client can act on, on every node: the first node to ask
-        // pays for finding upstream down (the testbed's timeouts: 1 s connect, 5 s stall, 2 attempts), the tag's
-        // home tells the others so, and every later request is answered at once.
-        let mut slow_first = 0;
+        // What a node cannot resolve fails with an OCI error the client can act on: each node's first request pays
+        // for finding upstream down (the testbed's timeouts: 1 s connect, 5 s stall, 2 attempts), every later one
+        // is answered at once.
         for i in 0..n {
-            let url = format!("{}/v2/{REPO}/manifests/v2?ns={}", bed.nodes[i].agent.url(), bed.upstream_host);
+            let tags = if i == 0 { ["v2", "v2"] } else { ["v1", "v2"] };
+            let urls =
+                tags.map(|t| format!("{}/v2/{REPO}/manifests/{t}?ns={}", bed.nodes[i].agent.url(), bed.upstream_host));
             let answers = bed.nodes[i]
                 .ns
                 .spawn(move || async move {
                     let http = reqwest::Client::builder().no_proxy().build()?;
                     let mut answers = Vec::new();
-                    for _ in 0..2 {
+                    for url in urls {
                         let start = Instant::now();
                         let resp = http.get(&url).send().await?;
                         let status = resp.status().as_u16();
@@ -309,10 +312,12 @@ impl Run<'_> {
                 .await??;
             let (first, again) = (&answers[0], &answers[1]);
             self.report.note(format!(
-                "node {i}: uncached tag answered {} {} in {:.2} s, asked again {:.3} s",
+                "node {i}: uncached tag {} answered {} {} in {:.2} s, then {} in {:.3} s",
+                tags[0],
                 first.0,
                 first.1,
                 first.2.as_secs_f64(),
+                tags[1],
                 again.2.as_secs_f64()
             ));
             for (status, code, took) in [first, again] {
@@ -326,9 +331,7 @@ impl Run<'_> {
                 again.2 < Duration::from_secs(1),
                 format!("node {i}: once upstream was found down, an uncached tag still took {:?}", again.2),
             );
-            slow_first += usize::from(first.2 >= Duration::from_secs(1));
         }
-        self.report.check(slow_first <= 1, format!("{slow_first} nodes each paid the timeouts to find upstream down"));
         bed.up.heal()?;
         bed.finish(self.report).await;
         Ok(())

@@ -52,7 +52,8 @@ fn put_blob(f: &Fixture, repo: &str, data: &[u8], public: bool) -> Digest {
     let d = Digest::from_sha256(&Sha256::digest(data));
     let (path, mut file) = f.store.create_partial(&d).unwrap();
     crate::store::write_all(&mut file, data, &path).unwrap();
-    let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs(), public: true };
+    let registry = (!public).then(|| RegistryHost::parse("127.0.0.1:1").unwrap());
+    let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: now_secs(), public, registry };
     f.store.commit(&path, &file, &d, &meta, None).unwrap();
     f.store.put_link(&format!("127.0.0.1:1/{repo}@{d}"), LinkRecord { public, at: now_secs() }).unwrap();
     d

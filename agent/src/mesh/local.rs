@@ -1,0 +1,153 @@
+//! The boundary between the mesh and the node's content (the resolver): what a member may ask this node for,
+//! typed, and the one mapping of refusals to wire codes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use shoal_proto::peer::{self, error::Code};
+
+use crate::oci::{Digest, Kind, RegistryHost, RepoName};
+
+/// A piece read for a peer.
+#[derive(Debug, Clone)]
+pub struct Piece {
+    /// Its bytes.
+    pub data: Bytes,
+    /// Its hash, as recorded when the bytes were written here.
+    pub hash: [u8; 32],
+    /// The blob's size.
+    pub blob_size: u64,
+}
+
+/// Why this node cannot do what a member asked. [`Refusal::code`] is the only mapping to wire codes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Not held (any more), or nobody usable is known to hold it.
+    #[error("not held: {0}")]
+    NotFound(String),
+    /// Being downloaded; this piece is not there yet.
+    #[error("not downloaded yet")]
+    NotReady,
+    /// The request names something that does not exist (not a piece of this blob, a bad digest).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The upload limit is reached.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// This node could not fetch it for the member (upstream refused or failed, no room): the member asks
+    /// upstream itself, which gives its client upstream's own answer.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A local failure.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Refusal {
+    /// The wire code.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::NotFound(_) => Code::NotFound,
+            Self::NotReady => Code::NotReady,
+            Self::BadRequest(_) => Code::BadRequest,
+            Self::Busy(_) => Code::Busy,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+/// What a member asks a home to fetch on its client's behalf (checked from the wire).
+#[derive(Debug, Clone)]
+pub struct Order {
+    /// The registry the client named.
+    pub registry: RegistryHost,
+    /// The repository.
+    pub repo: RepoName,
+    /// Manifest or blob.
+    pub kind: Kind,
+    /// The client's `Authorization`.
+    pub auth: Option<http::HeaderValue>,
+    /// The client's `Accept`.
+    pub accept: Option<http::HeaderValue>,
+}
+
+/// Longest forwarded header value accepted.
+const MAX_FORWARDED_HEADER: usize = 8 << 10;
+
+impl Order {
+    /// Checks a wire order.
+    pub fn from_wire(o: peer::FetchOrder) -> Result<Self, String> {
+        let registry = RegistryHost::parse(&o.registry).map_err(|e| format!("registry: {e}"))?;
+        let repo = RepoName::parse(&o.repository).map_err(|e| format!("repository: {e}"))?;
+        let header = |v: Option<Vec<u8>>, what: &str| -> Result<Option<http::HeaderValue>, String> {
+            v.map(|b| {
+                if b.len() > MAX_FORWARDED_HEADER {
+                    return Err(format!("{what}: longer than {MAX_FORWARDED_HEADER} bytes"));
+                }
+                let mut v = http::HeaderValue::from_bytes(&b).map_err(|_| format!("{what}: not a header value"))?;
+                // Credentials never print (`Debug` of a sensitive value is `Sensitive`).
+                v.set_sensitive(true);
+                Ok(v)
+            })
+            .transpose()
+        };
+        Ok(Self {
+            registry,
+            repo,
+            kind: if o.manifest { Kind::Manifest } else { Kind::Blob },
+            auth: header(o.authorization, "authorization")?,
+            accept: header(o.accept.map(String::into_bytes), "accept")?,
+        })
+    }
+
+    /// The wire form.
+    pub fn to_wire(&self) -> peer::FetchOrder {
+        peer::FetchOrder {
+            registry: self.registry.to_string(),
+            repository: self.repo.to_string(),
+            manifest: self.kind == Kind::Manifest,
+            authorization: self.auth.as_ref().map(|a| a.as_bytes().to_vec()),
+            accept: self.accept.as_ref().and_then(|a| a.to_str().ok()).map(str::to_owned),
+        }
+    }
+}
+
+/// What a home's own fetch (or copy) of a digest looks like, once its size is known.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Size.
+    pub size: u64,
+    /// Media type.
+    pub media_type: Option<String>,
+    /// Held completely already.
+    pub complete: bool,
+    /// Fetched without credentials.
+    pub public: bool,
+    /// This call started the download.
+    pub started: bool,
+}
+
+/// What this node does for members: the content side of the mesh (the resolver implements it).
+pub trait Local: Send + Sync + 'static {
+    /// Reads piece `[offset, offset + len)` of `digest`, waiting up to `wait` for it if it is being downloaded.
+    fn piece(
+        self: Arc<Self>,
+        digest: Digest,
+        offset: u64,
+        len: u32,
+        wait: Duration,
+    ) -> BoxFuture<'static, Result<Piece, Refusal>>;
+
+    /// Makes sure this node holds or downloads `digest` (as the home, for the asker's client), and returns once
+    /// its size is known.
+    fn fetch(self: Arc<Self>, digest: Digest, order: Order) -> BoxFuture<'static, Result<Fetched, Refusal>>;
+}
+
+impl std::fmt::Debug for dyn Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Local")
+    }
+}

@@ -1,0 +1,207 @@
+//! Serving members: the answers this node gives as a digest's home (announcements applied to its directory,
+//! locates answered, downloads started for the zone) and as a holder (pieces, under an upload limit and a rate
+//! cap). Started by [`Mesh::serve`] once the node's content ([`Local`]) exists; every answer that fails is a
+//! [`Refusal`] turned into its wire code in one place.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use libp2p::PeerId;
+use shoal_proto::peer::{self, request, response};
+use tokio::sync::Semaphore;
+
+use super::{Holding, Local, Located, Mesh, Order, Refusal, lock};
+use crate::oci::Digest;
+use crate::transfer::{Service, respond, respond_error};
+
+/// Bytes written to a peer per rate-limiter grant.
+const UPLOAD_CHUNK: usize = 256 << 10;
+
+/// A token bucket capping upload bandwidth.
+#[derive(Debug)]
+struct RateLimiter {
+    rate: f64,
+    state: tokio::sync::Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    async fn take(&self, n: usize) {
+        let mut s = self.state.lock().await;
+        let now = Instant::now();
+        // At most a quarter second of burst.
+        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.rate / 4.0);
+        s.1 = now;
+        s.0 -= n as f64;
+        if s.0 < 0.0 {
+            // Holding the lock while waiting queues the other uploads behind this one: the cap is shared.
+            tokio::time::sleep(Duration::from_secs_f64(-s.0 / self.rate)).await;
+        }
+    }
+}
+
+/// What answers members' requests.
+#[derive(Debug)]
+pub(super) struct PeerServer {
+    mesh: Arc<Mesh>,
+    local: Arc<dyn Local>,
+    uploads: Arc<Semaphore>,
+    limiter: Option<RateLimiter>,
+}
+
+impl PeerServer {
+    pub(super) fn new(mesh: Arc<Mesh>, local: Arc<dyn Local>) -> Self {
+        let limiter = mesh
+            .cfg
+            .upload_rate
+            .map(|r| RateLimiter { rate: r as f64, state: tokio::sync::Mutex::new((0.0, Instant::now())) });
+        let uploads = Arc::new(Semaphore::new(mesh.cfg.max_uploads));
+        Self { mesh, local, uploads, limiter }
+    }
+
+    /// Answers a locate. Without an order: who holds it (complete first). With one, from a member about to
+    /// download it: if no usable complete holder is known, this node makes sure it downloads it itself (the one
+    /// download for the zone), then hands the asker a few sources ahead of it ([`super::directory::Directory::sources`])
+    /// and records the asker (of this zone) as a partial holder, a source for later askers.
+    async fn answer_locate(&self, asker: PeerId, digest: &Digest, order: Option<Order>) -> Result<Located, Refusal> {
+        let mesh = &self.mesh;
+        let me = mesh.me;
+        let view = mesh.view();
+        let usable = |p: &PeerId| *p == me || (view.is_alive(p) && !mesh.is_quarantined(p));
+        let no_holder = || Refusal::NotFound("no holder known".to_owned());
+        let Some(order) = order else {
+            return lock(&mesh.directory).locate(digest, &asker, usable).ok_or_else(no_holder);
+        };
+        let same_zone = view.zone_of(&asker) == Some(view.zone.as_str());
+        // Views disagree for a moment after a change (the asker may see a death first): give this node's view the
+        // time to agree. Two nodes that each think the other is the home would wait on each other: past that, the
+        // asker goes upstream instead.
+        if view.home(digest) != me {
+            let mut rx = mesh.view.clone();
+            let agreed = tokio::time::timeout(mesh.settle_time(), rx.wait_for(|v| v.home(digest) == me)).await;
+            if !matches!(agreed, Ok(Ok(_))) {
+                return Err(Refusal::NotFound("not the digest's home".to_owned()));
+            }
+        }
+        let view = mesh.view();
+        let usable = |p: &PeerId| *p == me || (view.is_alive(p) && !mesh.is_quarantined(p));
+        let needs_origin = lock(&mesh.directory).needs_origin(digest, &asker, usable);
+        if needs_origin {
+            let f = self.local.clone().fetch(digest.clone(), order.clone()).await?;
+            if f.started {
+                mesh.metrics.mesh.home_fetches.inc();
+            }
+            let mut dir = lock(&mesh.directory);
+            dir.apply(
+                me,
+                &Holding {
+                    digest: digest.clone(),
+                    size: f.size,
+                    media_type: f.media_type,
+                    complete: f.complete,
+                    public: f.public,
+                    removed: false,
+                },
+            );
+        }
+        let mut dir = lock(&mesh.directory);
+        let record = same_zone.then_some(order.auth.is_none());
+        let loc = dir.hand_out(digest, &asker, &me, usable, record).ok_or_else(no_holder)?;
+        mesh.directory_gauges(&dir);
+        Ok(loc)
+    }
+
+    /// Sends a piece. The wait for a piece being downloaded comes before the upload slot (waiting askers hold no
+    /// slot); a slot is held only while the asker reads: a write that makes no progress for the stall timeout
+    /// resets the stream and frees the slot.
+    async fn serve_piece(&self, send: &mut quinn::SendStream, p: peer::GetPiece) -> Result<(), Refusal> {
+        let digest = Digest::parse(&p.digest).map_err(|_| Refusal::BadRequest("bad digest".into()))?;
+        let stall = self.mesh.cfg.peer_stall_timeout;
+        let wait = Duration::from_millis(u64::from(p.wait_ms)).min(stall / 2);
+        let piece = self.local.clone().piece(digest, p.offset, p.length, wait).await;
+        let Ok(_permit) = self.uploads.clone().try_acquire_owned() else {
+            self.mesh.metrics.mesh.uploads_refused.inc();
+            return Err(Refusal::Busy("upload limit reached".into()));
+        };
+        let piece = piece?;
+        let header = peer::PieceHeader {
+            length: piece.data.len() as u32,
+            blake3: piece.hash.to_vec(),
+            blob_size: piece.blob_size,
+        };
+        let data = piece.data;
+        #[cfg(feature = "fault-injection")]
+        let (header, data) = crate::fault::piece(header, data);
+        let frame = crate::transfer::encode_frame(&peer::Response { kind: Some(response::Kind::Piece(header)) });
+        let stalled = |send: &mut quinn::SendStream| {
+            let _ = send.reset(0u32.into());
+            Ok(())
+        };
+        match tokio::time::timeout(stall, send.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Ok(()),
+            Err(_) => return stalled(send),
+        }
+        let mut at = 0;
+        while at < data.len() {
+            // Slices of the read buffer go to quinn as they are: no copy.
+            let chunk = data.slice(at..(at + UPLOAD_CHUNK).min(data.len()));
+            at += chunk.len();
+            if let Some(l) = &self.limiter {
+                l.take(chunk.len()).await;
+            }
+            let n = chunk.len() as u64;
+            match tokio::time::timeout(stall, send.write_chunk(chunk)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => return stalled(send),
+            }
+            self.mesh.metrics.mesh.bytes_sent.inc_by(n);
+        }
+        let _ = send.finish();
+        Ok(())
+    }
+
+    async fn handle_impl(&self, peer: PeerId, req: request::Kind, send: &mut quinn::SendStream) -> Result<(), Refusal> {
+        match req {
+            request::Kind::Announce(a) => {
+                self.mesh.apply_announcement(peer, a);
+                respond(send, response::Kind::Announced(peer::AnnounceAck {})).await;
+            }
+            request::Kind::Locate(l) => {
+                let digest = Digest::parse(&l.digest).map_err(|_| Refusal::BadRequest("bad digest".into()))?;
+                let order = l.fetch.map(Order::from_wire).transpose().map_err(Refusal::BadRequest)?;
+                let loc = self.answer_locate(peer, &digest, order).await?;
+                let holders = loc
+                    .holders
+                    .iter()
+                    .map(|(p, s)| peer::Holder { peer_id: p.to_bytes(), complete: s.complete, public: s.public })
+                    .collect();
+                let l = peer::Located { size: loc.size, media_type: loc.media_type, holders };
+                respond(send, response::Kind::Located(l)).await;
+            }
+            // A member's answer about a tag is a claim nobody may serve by: every node asks upstream itself.
+            request::Kind::ResolveTag(_) => {
+                return Err(Refusal::NotFound("members do not resolve tags for each other".into()));
+            }
+            request::Kind::GetPiece(p) => self.serve_piece(send, p).await?,
+            request::Kind::Hello(_) => return Err(Refusal::BadRequest("already authenticated".into())),
+        }
+        Ok(())
+    }
+}
+
+impl Service for PeerServer {
+    fn handle(
+        self: Arc<Self>,
+        peer: PeerId,
+        req: request::Kind,
+        mut send: quinn::SendStream,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let Err(refusal) = self.handle_impl(peer, req, &mut send).await {
+                respond_error(&mut send, refusal.code(), refusal.to_string()).await;
+            }
+        })
+    }
+}

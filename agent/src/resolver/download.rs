@@ -1,0 +1,596 @@
+//! Downloads: the table of downloads running on this node (one per digest), each a task that fills a partial file
+//! from peers (pieces as the [`PieceScheduler`] decides) and then upstream, hashing as it writes, and commits it;
+//! readers follow its [`Progress`].
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::header;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::access::{Origin, Provenance};
+use super::{Client, Kind, MAX_MANIFEST_SIZE, ResolveError, Resolver, blocking, lock, order, removed, target};
+use crate::mesh::{Holding, Mesh, Order, Tier};
+use crate::metrics::TransferFailure;
+use crate::oci::{Digest, Reference};
+use crate::pieces::{PieceHasher, piece_count, piece_range, piece_size};
+use crate::store::{BlobMeta, LinkRecord, now_secs};
+use crate::swarm::scheduler::{Action as SchedAction, PieceScheduler, SchedulerConfig};
+use crate::transfer::{FetchError, VerifiedPiece};
+use crate::upstream::Request;
+
+/// Times in a row a download asks where to continue and gets nothing from the answer, before going upstream.
+const PEER_ROUNDS: usize = 3;
+
+#[derive(Debug, Clone)]
+pub(super) enum State {
+    Running,
+    Done,
+    Failed(ResolveError),
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Progress {
+    /// The partial file, once created.
+    pub(super) partial: Option<PathBuf>,
+    /// Size and media type, once upstream answered.
+    pub(super) header: Option<(Option<u64>, Option<String>)>,
+    /// Bytes written to the partial file.
+    pub(super) written: u64,
+    /// The sha256 matched: every byte may be sent, while the commit (fsync, rename, record) is still running.
+    pub(super) verified: bool,
+    pub(super) state: State,
+}
+
+#[derive(Debug)]
+pub(super) struct Download {
+    pub(super) origin: Origin,
+    pub(super) progress: watch::Sender<Progress>,
+    /// Piece size and the hashes of the pieces written so far (for serving peers while the download runs).
+    pub(super) pieces: Mutex<Option<(u32, Vec<[u8; 32]>)>>,
+}
+
+/// Room reserved in the store for a running download; given back when it ends.
+pub(super) struct Room {
+    pub(super) reserved: Arc<AtomicU64>,
+    pub(super) size: u64,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.size, Ordering::SeqCst);
+    }
+}
+
+impl Resolver {
+    pub(super) async fn run_download(self: Arc<Self>, client: Client, digest: Digest, kind: Kind, dl: Arc<Download>) {
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = self.download_impl(&client, &digest, kind, &dl) => r,
+            () = self.cancel.cancelled() => Err(ResolveError::Unavailable("agent shutting down".into())),
+        };
+        {
+            let mut map = lock(&self.downloads);
+            if map.get(&digest).is_some_and(|d| Arc::ptr_eq(d, &dl)) {
+                map.remove(&digest);
+            }
+        }
+        let state = match result {
+            Ok(()) => {
+                tracing::info!(bytes = dl.progress.borrow().written, elapsed = ?started.elapsed(), "download committed");
+                State::Done
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "download failed");
+                // The home may have recorded this node as a holder when it asked for sources: take that back,
+                // whatever stage the download failed at (a removal of nothing is harmless).
+                if let Some(mesh) = &self.mesh
+                    && !self.containerd_holds(&digest)
+                {
+                    mesh.hold(removed(digest.clone()));
+                }
+                State::Failed(e)
+            }
+        };
+        dl.progress.send_modify(|p| p.state = state);
+        self.maybe_gc();
+    }
+
+    async fn download_impl(
+        &self,
+        client: &Client,
+        digest: &Digest,
+        kind: Kind,
+        dl: &Download,
+    ) -> Result<(), ResolveError> {
+        // A download that finished between the caller's store lookup and this one's start: nothing to fetch.
+        let store = self.store.clone();
+        let d = digest.clone();
+        if let Some(meta) = blocking(move || store.blob(&d)).await? {
+            dl.progress.send_modify(|p| {
+                p.written = meta.size;
+                p.verified = true;
+                p.header = Some((Some(meta.size), meta.media_type));
+            });
+            return Ok(());
+        }
+        let reference = Reference::Digest(digest.clone());
+        let target = target(kind, digest, &reference);
+        let mut req = client.request(target, false);
+        let order = order(client, kind);
+        let tiers = self.peer_tiers(client, digest, kind, &order).await?;
+        let mut first_resp = None;
+        let (size, media_type) = match tiers.first() {
+            Some(t) => (Some(t.located.size), t.located.media_type.clone()),
+            None => {
+                let resp = self.upstream.send(req).await?;
+                let size = resp.content_length();
+                let mt = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                first_resp = Some(resp);
+                self.access.note_accepted(&self.access.origin(client), Instant::now());
+                (size, mt)
+            }
+        };
+        if kind == Kind::Manifest && size.is_none_or(|s| s > MAX_MANIFEST_SIZE) {
+            return Err(ResolveError::Unavailable(format!(
+                "manifest size {size:?} is over {MAX_MANIFEST_SIZE} bytes or unknown"
+            )));
+        }
+        // Room for all of it, or none is cached (the client is served through instead).
+        let _room = match size {
+            Some(size) => Some(self.reserve_room(size).await?),
+            None => None,
+        };
+        let store = self.store.clone();
+        let d = digest.clone();
+        let (partial, file) = blocking(move || store.create_partial(&d)).await?;
+        // The file is removed on failure; on success the commit has renamed it and this finds nothing.
+        let _cleanup = RemoveOnDrop(partial.clone());
+        dl.progress.send_modify(|p| {
+            p.partial = Some(partial.clone());
+            p.header = Some((size, media_type.clone()));
+        });
+        let public = client.auth.is_none();
+        let holding = |complete: bool, removed: bool| Holding {
+            digest: digest.clone(),
+            size: size.unwrap_or_default(),
+            media_type: media_type.clone(),
+            complete,
+            public,
+            removed,
+        };
+        // Peers may fetch what is already here while the rest arrives (only with a known size: pieces need it).
+        if let (Some(mesh), Some(_)) = (&self.mesh, size) {
+            mesh.hold(holding(false, false));
+        }
+        let mut sink = Sink::new(file, partial.clone(), size, dl);
+        // On failure, run_download tells the home this node holds nothing.
+        self.fill(client, digest, kind, &mut req, &mut sink, tiers, first_resp).await?;
+        let Sink { writer, written, pieces, peers_used, .. } = sink;
+        let (file, hasher) = writer.expect("the writer is put back after every batch");
+        let actual = Digest::from_sha256(&hasher.finalize());
+        if actual != *digest {
+            self.metrics.store.verify_failures.inc();
+            if let Some(mesh) = &self.mesh {
+                for p in &peers_used {
+                    self.metrics
+                        .mesh
+                        .failures
+                        .get_or_create(&crate::metrics::FailureLabels { reason: TransferFailure::digest_mismatch })
+                        .inc();
+                    mesh.quarantine(*p, "its pieces made up a blob that does not match its digest");
+                }
+            }
+            return Err(ResolveError::Unavailable(format!("content does not match its digest (got {actual})")));
+        }
+        // Clients get their last byte now; the fsync of a large blob must not delay them (a crash before the
+        // commit only loses the cached copy, never serves a wrong byte).
+        dl.progress.send_modify(|p| p.verified = true);
+        let table = pieces.map(|h| h.finish(written));
+        let meta = BlobMeta {
+            size: written,
+            media_type: media_type.clone(),
+            last_access: now_secs(),
+            public,
+            registry: (!public).then(|| client.registry.clone()),
+        };
+        let store = self.store.clone();
+        let d = digest.clone();
+        let link = format!("{}@{digest}", client.repo_key());
+        blocking(move || {
+            store.commit(&partial, &file, &d, &meta, table.as_ref())?;
+            store.put_link(&link, LinkRecord { public, at: now_secs() })
+        })
+        .await?;
+        if let Some(mesh) = &self.mesh {
+            let mut h = holding(true, false);
+            h.size = written;
+            mesh.hold(h);
+        }
+        self.metrics.store.commits.inc();
+        self.update_store_gauges();
+        Ok(())
+    }
+
+    /// Sources this client may be given bytes from ([`Mesh::sources`]). A client without credentials gets
+    /// public copies only; a client with credentials gets any copy once a configured registry accepted them for
+    /// this repository (peers' copies have no provenance this node can check: an unlisted registry cannot vouch
+    /// for them), or public copies only, when upstream cannot be asked.
+    async fn peer_tiers(
+        &self,
+        client: &Client,
+        digest: &Digest,
+        kind: Kind,
+        order: &Order,
+    ) -> Result<Vec<Tier>, ResolveError> {
+        let Some(mesh) = &self.mesh else { return Ok(Vec::new()) };
+        let mut tiers = mesh.sources(digest, order, self.home_wait()).await;
+        let private = tiers.iter().any(|t| t.located.holders.iter().any(|(_, s)| !s.public));
+        let private_ok = match (&client.auth, private) {
+            (None, _) | (_, false) => false,
+            (Some(_), true) => {
+                match self.authorize(client, digest, kind, &Provenance { public: false, registry: None }).await {
+                    Ok(()) => true,
+                    Err(ResolveError::Unavailable(_)) => false,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let size = tiers.first().map(|t| t.located.size);
+        for t in &mut tiers {
+            t.located.holders.retain(|(_, s)| s.public || private_ok);
+        }
+        // Every tier must agree on the size (the first one's is the download's).
+        tiers.retain(|t| !t.located.holders.is_empty() && Some(t.located.size) == size);
+        Ok(tiers)
+    }
+
+    /// Writes the blob into `sink`: from peers while they deliver (asking again where to get it when every
+    /// source failed: the home may have moved), then from upstream from where they stopped.
+    #[allow(clippy::too_many_arguments)]
+    async fn fill(
+        &self,
+        client: &Client,
+        digest: &Digest,
+        kind: Kind,
+        req: &mut Request<'_>,
+        sink: &mut Sink<'_>,
+        mut tiers: Vec<Tier>,
+        first_resp: Option<reqwest::Response>,
+    ) -> Result<(), ResolveError> {
+        if let (Some(mesh), Some(size)) = (&self.mesh, sink.size)
+            && !tiers.is_empty()
+        {
+            let piece = u64::from(piece_size(size));
+            // Rounds that brought nothing, in a row.
+            let mut fruitless = 0;
+            loop {
+                let before = sink.written;
+                for t in &tiers {
+                    if !sink.written.is_multiple_of(piece) || sink.complete() {
+                        break;
+                    }
+                    self.fill_from_peers(mesh, digest, sink, t).await?;
+                }
+                if sink.complete() {
+                    return Ok(());
+                }
+                fruitless = if sink.written > before { 0 } else { fruitless + 1 };
+                if fruitless == PEER_ROUNDS || !sink.written.is_multiple_of(piece) {
+                    break;
+                }
+                tracing::info!(offset = sink.written, "sources ran out: asking where to continue");
+                tiers = self.peer_tiers(client, digest, kind, &order(client, kind)).await?;
+                tiers.retain(|t| t.located.size == size);
+                if tiers.is_empty() {
+                    break;
+                }
+            }
+            tracing::info!(offset = sink.written, "no peer could finish the blob: continuing from upstream");
+        }
+        let resp = match first_resp {
+            Some(r) => r,
+            None => {
+                req.offset = sink.written;
+                let r = self.upstream.send(*req).await?;
+                self.access.note_accepted(&self.access.origin(client), Instant::now());
+                r
+            }
+        };
+        self.fill_from_upstream(req, sink, resp).await
+    }
+
+    /// Takes pieces from a tier's sources as the [`PieceScheduler`] decides (in order, a window of them, each to
+    /// the source expected to deliver it soonest, the piece everyone waits on hedged when it straggles) and writes
+    /// them in order. Returns when the tier has nothing more to give (every source failed, or, not following, a
+    /// partial source lacks the next piece) or the digest's home moved.
+    async fn fill_from_peers(
+        &self,
+        mesh: &Mesh,
+        digest: &Digest,
+        sink: &mut Sink<'_>,
+        tier: &Tier,
+    ) -> Result<(), ResolveError> {
+        let size = tier.located.size;
+        let piece = piece_size(size);
+        let count = piece_count(size, piece);
+        let sources: Vec<libp2p::PeerId> =
+            tier.located.holders.iter().map(|(p, _)| *p).filter(|p| !mesh.is_quarantined(p)).collect();
+        if sources.is_empty() {
+            return Ok(());
+        }
+        // Partial sources are followed for as long as their own source may stall; else pieces they lack end the tier.
+        let follow = if tier.follow { self.upstream.stall_timeout() } else { Duration::ZERO };
+        let first = sink.written / u64::from(piece);
+        let mut sched = PieceScheduler::new(SchedulerConfig::for_piece(piece), count, first, sources.len());
+        let fetch = |i: u64, source: usize, stop: CancellationToken| {
+            let (offset, len) = piece_range(size, piece, i);
+            let peer = sources[source];
+            async move {
+                let r = tokio::select! {
+                    r = fetch_when_ready(mesh, peer, digest, (offset, len as u32), follow) => Some(r),
+                    () = stop.cancelled() => None,
+                };
+                (i, source, r)
+            }
+        };
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut stops: HashMap<(u64, usize), CancellationToken> = HashMap::new();
+        let mut delivered: HashMap<u64, VerifiedPiece> = HashMap::new();
+        // When the digest's home moves (it died, or a member joined), the sources it gave may be waiting on a dead
+        // node, and this node may be the new home: stop and ask again.
+        let home = mesh.home_of(digest);
+        let moved = mesh.home_moved(digest, home);
+        tokio::pin!(moved);
+        loop {
+            for a in sched.poll(Instant::now()) {
+                if let SchedAction::Fetch { piece: i, source } = a {
+                    let stop = CancellationToken::new();
+                    stops.insert((i, source), stop.clone());
+                    inflight.push(fetch(i, source, stop));
+                }
+            }
+            if sched.is_complete() {
+                return Ok(());
+            }
+            if sched.is_exhausted() {
+                tracing::info!(offset = sink.written, "no source of this tier could give the next piece");
+                return Ok(());
+            }
+            let wakeup = sched.next_wakeup();
+            let done = tokio::select! {
+                biased;
+                d = inflight.next() => d,
+                () = &mut moved => {
+                    tracing::info!(offset = sink.written, "the digest's home moved: asking where to continue");
+                    return Ok(());
+                }
+                () = sleep_until_some(wakeup) => continue,
+            };
+            let Some((i, source, result)) = done else { return Ok(()) };
+            stops.remove(&(i, source));
+            match result {
+                // Cancelled: another source delivered it first.
+                None => {}
+                // A hedge's loser that arrived before its cancellation: already have it.
+                Some(Ok(_)) if !sched.awaits(i) => {}
+                Some(Ok(p)) => {
+                    for c in sched.delivered(i, source, Instant::now()) {
+                        if let SchedAction::Cancel { piece: ci, source: cs } = c
+                            && let Some(stop) = stops.remove(&(ci, cs))
+                        {
+                            stop.cancel();
+                        }
+                    }
+                    sink.peers_used.insert(sources[source]);
+                    delivered.insert(i, p);
+                    while let Some(next) = sched.next_to_write() {
+                        let p = delivered.remove(&next).expect("the scheduler releases only delivered pieces");
+                        sink.write_piece(p).await?;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::info!(peer = %sources[source], piece = i, error = %e, "source failed");
+                    sched.failed(i, source);
+                }
+            }
+        }
+    }
+
+    async fn fill_from_upstream(
+        &self,
+        req: &mut Request<'_>,
+        sink: &mut Sink<'_>,
+        mut resp: reqwest::Response,
+    ) -> Result<(), ResolveError> {
+        let size = sink.size;
+        let mut resumes = 0;
+        let stall = self.upstream.stall_timeout();
+        loop {
+            // Bytes already written that a resumed response repeats (a registry that ignored our Range).
+            let mut skip = 0u64;
+            if sink.written > 0 && resp.status() != http::StatusCode::PARTIAL_CONTENT {
+                skip = sink.written;
+            }
+            let mut body = resp.bytes_stream().ready_chunks(64);
+            let broken = loop {
+                let next = match tokio::time::timeout(stall, body.next()).await {
+                    Err(_) => break format!("no data for {stall:?}"),
+                    Ok(None) => break String::new(),
+                    Ok(Some(chunks)) => chunks,
+                };
+                let mut batch = Vec::with_capacity(next.len());
+                let mut err = None;
+                for c in next {
+                    match c {
+                        Ok(mut b) => {
+                            let n = b.len() as u64;
+                            if skip > 0 {
+                                let drop_n = skip.min(n);
+                                let _ = b.split_to(drop_n as usize);
+                                skip -= drop_n;
+                            }
+                            if !b.is_empty() {
+                                batch.push(b);
+                            }
+                        }
+                        Err(e) => {
+                            err = Some(crate::upstream::error_chain(&e));
+                            break;
+                        }
+                    }
+                }
+                let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
+                if size.is_some_and(|s| sink.written + n > s) {
+                    return Err(ResolveError::Unavailable("upstream sent more bytes than it announced".into()));
+                }
+                if n > 0 {
+                    sink.write(batch).await?;
+                    self.upstream.count_bytes(n);
+                }
+                if let Some(e) = err {
+                    break e;
+                }
+            };
+            let complete = match size {
+                Some(_) => sink.complete(),
+                None => broken.is_empty(),
+            };
+            if complete {
+                return Ok(());
+            }
+            let reason = if broken.is_empty() { "body ended early".to_owned() } else { broken };
+            resumes += 1;
+            if resumes > 5 {
+                return Err(ResolveError::Unavailable(format!("upstream body broke {resumes} times: {reason}")));
+            }
+            tracing::info!(offset = sink.written, %reason, "upstream body broke; resuming");
+            req.offset = sink.written;
+            resp = self.upstream.send(*req).await?;
+        }
+    }
+}
+
+pub(super) async fn wait_progress(
+    rx: &mut watch::Receiver<Progress>,
+    ready: impl Fn(&Progress) -> bool,
+) -> Result<Progress, ResolveError> {
+    let p = rx
+        .wait_for(|p| ready(p) || !matches!(p.state, State::Running))
+        .await
+        .map_err(|_| ResolveError::Unavailable("download ended".into()))?
+        .clone();
+    match p.state {
+        State::Failed(e) => Err(e),
+        _ => Ok(p),
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Fetches a piece. Following a partial holder (`follow` > 0), the holder itself waits for a piece it does not
+/// have yet, and is asked again while it still lacks it, for up to `follow` in all; otherwise one ask.
+async fn fetch_when_ready(
+    mesh: &Mesh,
+    peer: libp2p::PeerId,
+    digest: &Digest,
+    piece: (u64, u32),
+    follow: Duration,
+) -> Result<VerifiedPiece, FetchError> {
+    let deadline = Instant::now() + follow;
+    loop {
+        match mesh.fetch_piece(peer, digest, piece, follow).await {
+            Err(FetchError::Refused { code: shoal_proto::peer::error::Code::NotReady, .. })
+                if Instant::now() < deadline => {}
+            r => return r,
+        }
+    }
+}
+
+pub(super) struct Sink<'a> {
+    pub(super) dl: &'a Download,
+    pub(super) path: PathBuf,
+    pub(super) writer: Option<(std::fs::File, Sha256)>,
+    pub(super) pieces: Option<PieceHasher>,
+    pub(super) written: u64,
+    pub(super) size: Option<u64>,
+    pub(super) peers_used: HashSet<libp2p::PeerId>,
+}
+
+impl<'a> Sink<'a> {
+    fn new(file: std::fs::File, path: PathBuf, size: Option<u64>, dl: &'a Download) -> Self {
+        let pieces = size.map(|s| PieceHasher::new(piece_size(s)));
+        if let Some(h) = &pieces {
+            *lock(&dl.pieces) = Some((h.piece(), Vec::new()));
+        }
+        Self { dl, path, writer: Some((file, Sha256::new())), pieces, written: 0, size, peers_used: HashSet::new() }
+    }
+
+    fn complete(&self) -> bool {
+        self.size.is_some_and(|s| self.written == s)
+    }
+
+    /// Writes a piece whose hash was checked on receipt: its hash goes into the table as is (when it is exactly
+    /// the next piece), saving a second BLAKE3 pass.
+    async fn write_piece(&mut self, piece: VerifiedPiece) -> Result<(), ResolveError> {
+        let len = piece.len();
+        let aligned = self.pieces.as_mut().is_some_and(|p| p.push_verified(piece.hash, len, self.size));
+        self.write_impl(piece.chunks, !aligned).await
+    }
+
+    /// Hashes and writes a batch off the async workers, then tells readers and the piece table.
+    async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), ResolveError> {
+        self.write_impl(batch, true).await
+    }
+
+    async fn write_impl(&mut self, batch: Vec<Bytes>, piece_hash: bool) -> Result<(), ResolveError> {
+        let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
+        let (mut file, mut hasher) = self.writer.take().expect("the writer is put back after every batch");
+        let mut pieces = self.pieces.take();
+        let path = self.path.clone();
+        let (file, hasher, pieces) = blocking(move || {
+            for b in &batch {
+                hasher.update(b);
+                if let Some(p) = pieces.as_mut().filter(|_| piece_hash) {
+                    p.update(b);
+                }
+                crate::store::write_all(&mut file, b, &path)?;
+            }
+            Ok((file, hasher, pieces))
+        })
+        .await?;
+        self.writer = Some((file, hasher));
+        self.written += n;
+        if let Some(p) = &pieces {
+            let mut shared = lock(&self.dl.pieces);
+            if let Some((_, hashes)) = shared.as_mut() {
+                hashes.extend_from_slice(&p.hashes()[hashes.len()..]);
+            }
+        }
+        self.pieces = pieces;
+        let written = self.written;
+        self.dl.progress.send_modify(|p| p.written = written);
+        Ok(())
+    }
+}
+
+pub(super) struct RemoveOnDrop(pub(super) PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,185 @@
+//! Serving peers: pieces of what this node holds or is downloading, and the home's fetches on a member's behalf,
+//! through the mesh's [`Local`] boundary.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::download::{Progress, State};
+use super::{Client, Kind, ResolveError, Resolver, blocking, lock};
+use crate::containerd::ContainerdError;
+use crate::mesh::{Fetched, Local, Order, Piece, Refusal};
+use crate::oci::Digest;
+use crate::pieces::{PieceHasher, PieceTable, piece_index, piece_size};
+use crate::store::StoreError;
+
+impl Resolver {
+    /// Reads a piece of a stored blob, containerd's copy, or a running download, with the hash recorded when it
+    /// was written.
+    async fn read_piece(
+        self: Arc<Self>,
+        digest: Digest,
+        offset: u64,
+        len: u32,
+        wait: Duration,
+    ) -> Result<Piece, Refusal> {
+        let internal = |e: ResolveError| Refusal::Internal(e.to_string());
+        let _guard = self.guard(&digest);
+        let store = self.store.clone();
+        let d = digest.clone();
+        if let Some(meta) = blocking(move || store.blob(&d)).await.map_err(internal)? {
+            let store = self.store.clone();
+            let d = digest.clone();
+            let size = meta.size;
+            let table = blocking(move || match store.pieces(&d)? {
+                Some(t) => Ok(t),
+                // Committed before piece hashes were recorded: hash the verified file once and keep the table.
+                None => {
+                    let t = hash_file(&store.blob_path(&d), size)?;
+                    store.put_pieces(&d, &t)?;
+                    Ok(t)
+                }
+            })
+            .await
+            .map_err(internal)?;
+            let hash = table
+                .hash_of(offset, u64::from(len))
+                .ok_or_else(|| Refusal::BadRequest(format!("[{offset}, +{len}) is not a piece")))?;
+            let data = read_range(self.store.blob_path(&digest), None, offset, len).await?;
+            return Ok(Piece { data, hash, blob_size: meta.size });
+        }
+        if let Some(c) = &self.containerd
+            && let Some(size) = c.readable(&digest)
+        {
+            let refusal = |e: ContainerdError| match e {
+                ContainerdError::NotFound(_) => Refusal::NotFound("containerd no longer holds it".into()),
+                e => Refusal::Internal(e.to_string()),
+            };
+            let table = c.piece_table(&digest).await.map_err(refusal)?;
+            let hash = table
+                .hash_of(offset, u64::from(len))
+                .ok_or_else(|| Refusal::BadRequest(format!("[{offset}, +{len}) is not a piece")))?;
+            let data = c.read_range(&digest, size, offset, u64::from(len)).await.map_err(refusal)?;
+            return Ok(Piece { data, hash, blob_size: size });
+        }
+        let dl = lock(&self.downloads).get(&digest).cloned().ok_or(Refusal::NotFound("not held".into()))?;
+        // The piece's hash, once it is written (waiting up to `wait` for it).
+        let ready = |p: &Progress| -> Result<Option<(PathBuf, u64, [u8; 32])>, Refusal> {
+            if let State::Failed(_) = p.state {
+                return Err(Refusal::NotFound("not held".into()));
+            }
+            let (Some(partial), Some((Some(size), _))) = (&p.partial, &p.header) else { return Ok(None) };
+            let pieces = lock(&dl.pieces);
+            let Some((piece, hashes)) = pieces.as_ref() else { return Ok(None) };
+            let i = piece_index(*size, *piece, offset, u64::from(len))
+                .ok_or_else(|| Refusal::BadRequest(format!("[{offset}, +{len}) is not a piece")))?;
+            Ok(hashes.get(i).map(|h| (partial.clone(), *size, *h)))
+        };
+        let mut rx = dl.progress.subscribe();
+        let found = tokio::time::timeout(wait, async {
+            loop {
+                let p = rx.borrow_and_update().clone();
+                if let Some(r) = ready(&p)? {
+                    return Ok(Some(r));
+                }
+                // Done or gone: the committed copy (or nothing) is all there is.
+                if !matches!(p.state, State::Running) || rx.changed().await.is_err() {
+                    return ready(&rx.borrow().clone());
+                }
+            }
+        })
+        .await;
+        let (partial, size, hash) = match found {
+            Ok(r) => r?.ok_or(Refusal::NotReady)?,
+            Err(_) => ready(&dl.progress.borrow().clone())?.ok_or(Refusal::NotReady)?,
+        };
+        let data = read_range(partial, Some(self.store.blob_path(&digest)), offset, len).await?;
+        Ok(Piece { data, hash, blob_size: size })
+    }
+}
+
+impl From<ResolveError> for Refusal {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::NotFound => Self::NotFound("not found upstream".into()),
+            e @ (ResolveError::Unauthorized { .. }
+            | ResolveError::Denied
+            | ResolveError::Unavailable(_)
+            | ResolveError::NoSpace(_)) => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl Local for Resolver {
+    fn piece(
+        self: Arc<Self>,
+        digest: Digest,
+        offset: u64,
+        len: u32,
+        wait: Duration,
+    ) -> futures_util::future::BoxFuture<'static, Result<Piece, Refusal>> {
+        Box::pin(self.read_piece(digest, offset, len, wait))
+    }
+
+    fn fetch(
+        self: Arc<Self>,
+        digest: Digest,
+        order: Order,
+    ) -> futures_util::future::BoxFuture<'static, Result<Fetched, Refusal>> {
+        Box::pin(async move {
+            let client = Client { registry: order.registry, repo: order.repo, auth: order.auth, accept: order.accept };
+            Ok(self.fetch_for_peer(&client, &digest, order.kind).await?)
+        })
+    }
+}
+
+/// The order a home needs to fetch for this client.
+pub(super) fn order(client: &Client, kind: Kind) -> Order {
+    Order {
+        registry: client.registry.clone(),
+        repo: client.repo.clone(),
+        kind,
+        auth: client.auth.clone(),
+        accept: client.accept.clone(),
+    }
+}
+/// Reads `len` bytes at `offset` of `path` (or of `fallback` if `path` was renamed away meanwhile).
+async fn read_range(path: PathBuf, fallback: Option<PathBuf>, offset: u64, len: u32) -> Result<Bytes, Refusal> {
+    tokio::task::spawn_blocking(move || {
+        let mut f = match std::fs::File::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && fallback.is_some() => {
+                std::fs::File::open(fallback.as_ref().expect("checked"))
+            }
+            r => r,
+        }?;
+        io::Seek::seek(&mut f, io::SeekFrom::Start(offset))?;
+        let mut buf = Vec::with_capacity(len as usize);
+        io::Read::read_to_end(&mut io::Read::take(&mut f, u64::from(len)), &mut buf)?;
+        if buf.len() < len as usize {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than the piece"));
+        }
+        Ok::<_, io::Error>(Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| Refusal::Internal(e.to_string()))?
+    .map_err(|e| Refusal::Internal(format!("read: {e}")))
+}
+
+/// Computes the piece table of a stored file.
+fn hash_file(path: &std::path::Path, size: u64) -> Result<PieceTable, StoreError> {
+    let io_err = |source| StoreError::Io { op: "read", path: path.to_owned(), source };
+    let mut f = std::fs::File::open(path).map_err(io_err)?;
+    let mut h = PieceHasher::new(piece_size(size));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = io::Read::read(&mut f, &mut buf).map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish(size))
+}
