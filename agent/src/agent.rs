@@ -151,11 +151,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let mirror_app = mirror::router(MirrorState { resolver, metrics });
     let mirror_addr = mirror_listener.local_addr().map_err(AgentError::Serve)?;
     let metrics_addr = metrics_listener.local_addr().map_err(AgentError::Serve)?;
-    let stop = stop_accepting.clone();
-    let mirror_server = axum::serve(mirror_listener, mirror_app).with_graceful_shutdown(stop.cancelled_owned());
-    let stop = stop_accepting.clone();
+    let mirror_server = mirror::server::serve(mirror_listener, mirror_app, cfg.client_limits, stop_accepting.clone());
+    // The health and metrics endpoints see a scraper and the kubelet's probes: a few connections suffice.
+    let health_limits = mirror::server::Limits { max_connections: 64, ..cfg.client_limits };
     let health_server =
-        axum::serve(metrics_listener, health_router(health.clone())).with_graceful_shutdown(stop.cancelled_owned());
+        mirror::server::serve(metrics_listener, health_router(health.clone()), health_limits, stop_accepting.clone());
     match (&mesh, &cfg.mesh) {
         (Some(mesh), Some(mc)) => {
             // Ready once another member is seen, or after a while alone (the first node of a cluster).
@@ -172,8 +172,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         }
     }
 
-    let mirror_task = tokio::spawn(mirror_server.into_future());
-    let health_task = tokio::spawn(health_server.into_future());
+    let mirror_task = tokio::spawn(mirror_server);
+    let health_task = tokio::spawn(health_server);
     shutdown.await;
 
     tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining in-flight responses");

@@ -83,6 +83,16 @@ pub struct RawConfig {
     /// How long in-flight responses may drain after SIGTERM. Keep it below the pod's grace period. Default `20s`.
     #[arg(long, env = "SHOAL_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,
+    /// Client connections the mirror keeps open at once; accepting pauses at the cap. Default `1024`.
+    #[arg(long, env = "SHOAL_MAX_CLIENT_CONNECTIONS")]
+    pub max_client_connections: Option<u32>,
+    /// A client must send a request's headers within this, and an idle keep-alive connection is closed after it.
+    /// Default `10s`.
+    #[arg(long, env = "SHOAL_CLIENT_HEADER_TIMEOUT")]
+    pub client_header_timeout: Option<String>,
+    /// A response the client reads nothing of for this long is dropped. Default `30s`.
+    #[arg(long, env = "SHOAL_CLIENT_STALL_TIMEOUT")]
+    pub client_stall_timeout: Option<String>,
     /// Timeout for connecting to an upstream registry. Default `5s`.
     #[arg(long, env = "SHOAL_UPSTREAM_CONNECT_TIMEOUT")]
     pub upstream_connect_timeout: Option<String>,
@@ -326,6 +336,8 @@ pub struct Config {
     pub auth_ttl: Duration,
     /// Drain time on shutdown.
     pub shutdown_grace: Duration,
+    /// Limits of the mirror's HTTP server.
+    pub client_limits: crate::mirror::server::Limits,
     /// Log format.
     pub log_format: LogFormat,
     /// Upstream client settings.
@@ -428,6 +440,9 @@ impl RawConfig {
             tag_ttl: self.tag_ttl.or(file.tag_ttl),
             auth_ttl: self.auth_ttl.or(file.auth_ttl),
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
+            max_client_connections: self.max_client_connections.or(file.max_client_connections),
+            client_header_timeout: self.client_header_timeout.or(file.client_header_timeout),
+            client_stall_timeout: self.client_stall_timeout.or(file.client_stall_timeout),
             upstream_connect_timeout: self.upstream_connect_timeout.or(file.upstream_connect_timeout),
             upstream_stall_timeout: self.upstream_stall_timeout.or(file.upstream_stall_timeout),
             upstream_response_timeout: self.upstream_response_timeout.or(file.upstream_response_timeout),
@@ -546,6 +561,20 @@ impl RawConfig {
 
         let auth_ttl = dur("auth_ttl", &self.auth_ttl, "60s", Duration::ZERO)?;
         let shutdown_grace = dur("shutdown_grace", &self.shutdown_grace, "20s", Duration::ZERO)?;
+        let max_connections = self.max_client_connections.unwrap_or(1024);
+        if !(1..=65_536).contains(&max_connections) {
+            return Err(invalid("max_client_connections", "must be between 1 and 65536"));
+        }
+        let client_limits = crate::mirror::server::Limits {
+            max_connections: max_connections as usize,
+            header_timeout: dur(
+                "client_header_timeout",
+                &self.client_header_timeout,
+                "10s",
+                Duration::from_millis(100),
+            )?,
+            stall_timeout: dur("client_stall_timeout", &self.client_stall_timeout, "30s", Duration::from_millis(100))?,
+        };
         let connect_timeout =
             dur("upstream_connect_timeout", &self.upstream_connect_timeout, "5s", Duration::from_millis(10))?;
         let stall_timeout =
@@ -596,6 +625,7 @@ impl RawConfig {
             tag_ttl,
             auth_ttl,
             shutdown_grace,
+            client_limits,
             log_format,
             upstream: UpstreamConfig {
                 connect_timeout,
@@ -788,7 +818,15 @@ fn read_credentials(path: &Path) -> Result<Credentials, String> {
 }
 
 fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse().map_err(|e| invalid(key, format!("`{v}` is not an address like 127.0.0.1:30020: {e}")))
+    let err = |e: &dyn std::fmt::Display| invalid(key, format!("`{v}` is not an address like 127.0.0.1:30020: {e}"));
+    match v.parse::<SocketAddr>() {
+        Ok(a) => Ok(a),
+        // An unbracketed IPv6 address and a port, as `$(HOST_IP):PORT` expands to on an IPv6 node.
+        Err(e) => match v.rsplit_once(':').map(|(ip, port)| (ip.parse::<std::net::Ipv6Addr>(), port.parse::<u16>())) {
+            Some((Ok(ip), Ok(port))) => Ok(SocketAddr::new(ip.into(), port)),
+            _ => Err(err(&e)),
+        },
+    }
 }
 
 /// Parses a size like `10GiB`, `500MB`, `4096` (bytes).
@@ -930,5 +968,13 @@ mod tests {
         assert!(parse_size("-1").is_err());
         assert!(parse_size("1e99GiB").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn an_unbracketed_ipv6_host_ip_and_a_port_is_an_address() {
+        let c = RawConfig::from_toml("metrics_listen = \"fd00::5:30021\"").unwrap().validate().unwrap();
+        assert_eq!(c.metrics_listen, "[fd00::5]:30021".parse().unwrap());
+        let e = RawConfig::from_toml("metrics_listen = \"fd00::5\"").unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("metrics_listen"), "{e}");
     }
 }

@@ -300,12 +300,18 @@ fn respond(
     if end != u64::MAX {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     }
-    let body = if head { Body::empty() } else { Body::from_stream(opened.stream(start, end, &state.metrics)) };
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from_stream(opened.stream(start, end, &state.metrics, state.resolver.response_budget()))
+    };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     Ok(resp)
 }
+
+pub mod server;
 
 #[cfg(test)]
 mod tests;

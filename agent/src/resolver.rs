@@ -32,7 +32,7 @@ mod peers;
 mod tags;
 
 use access::{Access, Decision, Provenance};
-pub use body::Opened;
+pub use body::{Opened, RESPONSE_BUFFERS, ResponseBudget};
 use body::{OpenedSource, PassThrough};
 use download::{Download, Progress, Room, State, wait_progress};
 use peers::order;
@@ -47,6 +47,8 @@ use crate::upstream::{Request, Target, Upstream, UpstreamError};
 
 /// Largest manifest accepted from upstream (the distribution spec suggests 4 MiB).
 pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+/// How often, in bytes written, a download of unannounced length checks the file system's free space.
+const ROOM_CHECK_EVERY: u64 = 8 << 20;
 
 /// Why a manifest or blob cannot be served. Every variant is decided before the first byte is sent.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -177,6 +179,8 @@ pub struct Resolver {
     in_use: Arc<Mutex<HashMap<Digest, usize>>>,
     /// Credentials upstream accepted.
     access: Access,
+    /// Response buffers, shared by every response.
+    budget: ResponseBudget,
     gc_running: AtomicBool,
     /// Bytes that running downloads have yet to write (what the free-space check must leave them).
     reserved: Arc<AtomicU64>,
@@ -236,6 +240,7 @@ impl Resolver {
             store,
             upstream,
             access: Access::new(cfg.auth_ttl),
+            budget: ResponseBudget::new(RESPONSE_BUFFERS),
             cfg,
             metrics,
             downloads: Mutex::default(),
@@ -300,6 +305,11 @@ impl Resolver {
 
     fn containerd_holds(&self, digest: &Digest) -> bool {
         self.containerd.as_ref().is_some_and(|c| c.held(digest).is_some())
+    }
+
+    /// The budget response bodies read into.
+    pub fn response_budget(&self) -> &ResponseBudget {
+        &self.budget
     }
 
     /// The upstream client.
@@ -478,7 +488,7 @@ impl Resolver {
                         verified: false,
                         state: State::Running,
                     });
-                    let dl = Arc::new(Download { origin: origin.clone(), progress, pieces: Mutex::new(None) });
+                    let dl = Arc::new(Download::new(origin.clone(), progress));
                     map.insert(digest.clone(), dl.clone());
                     Some((dl, true))
                 }
@@ -542,14 +552,20 @@ impl Resolver {
         Ok(Fetched { size, media_type, complete: p.verified, public: dl.origin.cred.is_none(), started })
     }
 
-    /// Reserves room in the store for a blob of `size` bytes: the file system must keep `min_free_space` free
-    /// after every running download has written all of its bytes.
+    /// Reserves room in the store for a blob of `size` bytes: no larger than the cache's high watermark, and the
+    /// file system must keep `min_free_space` free after every running download has written all of its bytes.
     async fn reserve_room(&self, size: u64) -> Result<Room, ResolveError> {
-        let store = self.store.clone();
-        let free = blocking(move || store.free_bytes()).await?;
         // Reserved before the check, so two downloads checking at once both count each other.
         let promised = self.reserved.fetch_add(size, Ordering::SeqCst);
-        let room = Room { reserved: self.reserved.clone(), size };
+        let room = Room { reserved: self.reserved.clone(), size, checked: size };
+        if size > self.cfg.gc_high_bytes {
+            return Err(ResolveError::NoSpace(format!(
+                "{size} bytes are more than the cache keeps ({} bytes, the high watermark of disk_budget)",
+                self.cfg.gc_high_bytes
+            )));
+        }
+        let store = self.store.clone();
+        let free = blocking(move || store.free_bytes()).await?;
         let needed = promised.saturating_add(size).saturating_add(self.cfg.min_free_space);
         if free < needed {
             return Err(ResolveError::NoSpace(format!(
@@ -559,6 +575,33 @@ impl Resolver {
             )));
         }
         Ok(room)
+    }
+
+    /// Grows the room of a download whose size upstream did not say by `n` bytes written: the same limits as
+    /// [`Resolver::reserve_room`], checked as it grows (free space every [`ROOM_CHECK_EVERY`] bytes).
+    async fn grow_room(&self, room: &mut Room, n: u64) -> Result<(), ResolveError> {
+        room.size += n;
+        let promised = self.reserved.fetch_add(n, Ordering::SeqCst) + n;
+        if room.size > self.cfg.gc_high_bytes {
+            return Err(ResolveError::Unavailable(format!(
+                "a body of unannounced length passed {} bytes, more than the cache keeps",
+                self.cfg.gc_high_bytes
+            )));
+        }
+        if room.size - room.checked >= ROOM_CHECK_EVERY {
+            room.checked = room.size;
+            let store = self.store.clone();
+            let free = blocking(move || store.free_bytes()).await?;
+            // What this download has written is on disk already: only the others' promises are still to come.
+            let others = promised.saturating_sub(room.size);
+            if free < others.saturating_add(self.cfg.min_free_space) {
+                return Err(ResolveError::Unavailable(format!(
+                    "a body of unannounced length reached {} bytes and would leave less than min_free_space ({}) free",
+                    room.size, self.cfg.min_free_space
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Serves a blob or manifest the store has no room for straight from upstream, verified as it streams (the

@@ -8,11 +8,15 @@ use anyhow::{Context, Result, bail};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use shoal_testbed::client::{self, Endpoint};
 use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
 use shoal_testbed::netns::Rate;
-use shoal_testbed::{Agent, Containerd, cluster::Cluster};
+use shoal_testbed::{Agent, Containerd, Registry, cluster::Cluster};
 
 use crate::bed::{Bed, Links, PROXY_PORT, PullRecord, REPO, all_done, collect};
+
+/// The port of the evil registry of `byzantine-tag` (in the upstream namespace).
+const EVIL_PORT: u16 = 5002;
 use crate::report::Report;
 
 /// How big a run is.
@@ -79,11 +83,13 @@ pub enum Scenario {
     AgentDown,
     /// Nodes join and leave throughout a burst.
     Churn,
+    /// One member's upstream for the registry is an evil registry with the same names and other images.
+    ByzantineTag,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::PeerKill,
         Self::Partition,
         Self::ByzantinePeer,
@@ -93,6 +99,7 @@ impl Scenario {
         Self::DiskFull,
         Self::AgentDown,
         Self::Churn,
+        Self::ByzantineTag,
     ];
 
     /// Its name on the command line.
@@ -107,6 +114,7 @@ impl Scenario {
             Self::DiskFull => "disk-full",
             Self::AgentDown => "agent-down",
             Self::Churn => "churn",
+            Self::ByzantineTag => "byzantine-tag",
         }
     }
 
@@ -138,6 +146,7 @@ impl Scenario {
             Self::DiskFull => run.disk_full().await?,
             Self::AgentDown => run.agent_down().await?,
             Self::Churn => run.churn().await?,
+            Self::ByzantineTag => run.byzantine_tag().await?,
         }
         report.elapsed = start.elapsed();
         Ok(report)
@@ -268,6 +277,57 @@ impl Run<'_> {
              hold {quarantined} quarantines"
         ));
         self.report.check(quarantined >= 1.0, "no honest node quarantined the byzantine peer");
+        bed.finish(self.report).await;
+        Ok(())
+    }
+
+    async fn byzantine_tag(&mut self) -> Result<()> {
+        let n = self.size.nodes();
+        // Enough tags that, whatever the members' ids, some would be homed at the liar if members asked each other.
+        let tags: Vec<String> = (0..n * 4).map(|i| format!("t{i}")).collect();
+        let mut bed = self.bed(n - 1, |_, b| b).await?;
+        let evil = Registry::start_in(&bed.up, EVIL_PORT, None).await?;
+        let honest = Artifact::Image(Image::random(&[256 << 10], self.seed, "amd64", Compression::None)?);
+        let forged = Artifact::Image(Image::random(&[256 << 10], self.seed ^ 0xbad, "amd64", Compression::None)?);
+        for tag in &tags {
+            push(&honest, &bed.registry.host(), REPO, tag, None, Format::Oci)?;
+            push(&forged, &evil.host(), REPO, tag, None, Format::Oci)?;
+        }
+        // The liar: an honest agent whose endpoint for the registry is the evil one (a modified agent could say
+        // anything; this one believes what it says). It pulls every tag first, so it holds the forged images and
+        // offers them to the mesh.
+        let upstream = bed.upstream_host.clone();
+        let liar = bed.add_node(|b| b.registry_at(&upstream, &evil.host())).await?;
+        bed.wait_converged(Duration::from_secs(30)).await?;
+        let http = reqwest::Client::builder().no_proxy().build()?;
+        let only_agent = |i: usize| Endpoint { base: bed.nodes[i].agent.url(), ns: Some(bed.upstream_host.clone()) };
+        for tag in &tags {
+            let ep = only_agent(liar);
+            let (h, t) = (http.clone(), tag.clone());
+            let got = bed.nodes[liar].ns.spawn(move || async move { client::pull(&h, &ep, REPO, &t).await }).await?;
+            let first = got.ok().and_then(|p| p.digests.first().cloned());
+            self.report.check(
+                first.as_deref() == Some(forged.top().digest.as_str()),
+                format!("the liar did not get the forged image for {tag} ({first:?}): the scenario tests nothing"),
+            );
+        }
+        // Every honest node pulls every tag through its own agent only (no fallback that could mask a substitution).
+        let (mut substituted, mut right) = (0, 0);
+        for i in 0..n - 1 {
+            for tag in &tags {
+                let ep = only_agent(i);
+                let (h, t) = (http.clone(), tag.clone());
+                let got = bed.nodes[i].ns.spawn(move || async move { client::pull(&h, &ep, REPO, &t).await }).await?;
+                match got {
+                    Ok(p) if p.digests.contains(&forged.top().digest) => substituted += 1,
+                    Ok(p) if p.digests.first() == Some(&honest.top().digest) => right += 1,
+                    Ok(p) => self.report.check(false, format!("node {i} {tag}: pulled {:?}", p.digests)),
+                    Err(e) => self.report.check(false, format!("node {i} {tag}: {e:#}")),
+                }
+            }
+        }
+        self.report.note(format!("{right} honest pulls of {} tags, {substituted} substituted", tags.len()));
+        self.report.check(substituted == 0, format!("{substituted} pulls got the liar's image under an honest tag"));
         bed.finish(self.report).await;
         Ok(())
     }

@@ -57,3 +57,8 @@ async fn agent_down() {
 async fn churn() {
     short(Scenario::Churn).await;
 }
+
+#[tokio::test]
+async fn byzantine_tag() {
+    short(Scenario::ByzantineTag).await;
+}

@@ -30,6 +30,15 @@ impl AgentBuilder {
         self
     }
 
+    /// Proxies `host` over plain HTTP from another server, `endpoint` (`ip:port`), replacing any earlier setting for
+    /// `host`: a node whose idea of a registry differs from everyone else's.
+    pub fn registry_at(mut self, host: &str, endpoint: &str) -> Self {
+        let table = format!("[registry.\"{host}\"]");
+        self.registries.retain(|r| !r.starts_with(&table));
+        self.registries.push(format!("{table}\nendpoint = \"http://{endpoint}\"\nplain_http = true\n"));
+        self
+    }
+
     /// Proxies `host` over plain HTTP with credentials from a file holding `user:password`.
     pub fn registry_with_credentials(mut self, host: &str, credentials_file: &Path) -> Self {
         self.registries.push(format!(

@@ -136,29 +136,6 @@ fn check_agent(objs: &[serde_json::Value]) -> Result<(String, String)> {
     let cfg: toml::Table = text.parse()?;
     let s = |k: &str| cfg.get(k).and_then(toml::Value::as_str).map(str::to_owned).unwrap_or_else(|| panic!("{k}"));
 
-    // Ports and probes.
-    let ports: BTreeMap<String, (i32, String)> = c
-        .ports
-        .as_ref()
-        .context("ports")?
-        .iter()
-        .map(|p| (p.name.clone().unwrap_or_default(), (p.container_port, p.protocol.clone().unwrap_or_default())))
-        .collect();
-    assert_eq!(ports["metrics"], (port_of(&s("metrics_listen")), "TCP".into()));
-    assert_eq!(ports["gossip"], (port_of(&s("gossip_listen")), "TCP".into()));
-    assert_eq!(ports["transfer"], (port_of(&s("transfer_listen")), "UDP".into()));
-    assert!(s("listen").starts_with("127.0.0.1:"), "the mirror stays on loopback");
-    for (probe, path) in [(&c.liveness_probe, "/healthz"), (&c.readiness_probe, "/readyz")] {
-        let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).context("an HTTP probe")?;
-        assert_eq!(get.path.as_deref(), Some(path));
-        let port = match &get.port {
-            IntOrString::String(name) => ports[name].0,
-            IntOrString::Int(n) => *n,
-        };
-        assert_eq!(port, port_of(&s("metrics_listen")), "{path} is probed where the agent serves it");
-    }
-    assert!(s("metrics_listen").starts_with("0.0.0.0:"), "the kubelet probes the node IP");
-
     // Downward API.
     let env: BTreeMap<String, String> = c
         .env
@@ -169,6 +146,41 @@ fn check_agent(objs: &[serde_json::Value]) -> Result<(String, String)> {
         .collect();
     assert_eq!(env.get("SHOAL_NODE_NAME").map(String::as_str), Some("spec.nodeName"));
     assert_eq!(env.get("SHOAL_ADVERTISE_IP").map(String::as_str), Some("status.hostIP"));
+    // Metrics and probes on the node's address only, from the env (after the variable it expands).
+    let vars: Vec<(String, Option<String>)> =
+        c.env.as_ref().context("env")?.iter().map(|e| (e.name.clone(), e.value.clone())).collect();
+    let at = |name: &str| vars.iter().position(|(n, _)| n == name);
+    let metrics_listen = vars
+        .iter()
+        .find(|(n, _)| n == "SHOAL_METRICS_LISTEN")
+        .and_then(|(_, v)| v.clone())
+        .context("SHOAL_METRICS_LISTEN set in the env")?;
+    assert!(metrics_listen.starts_with("$(SHOAL_ADVERTISE_IP):"), "metrics on the node address: {metrics_listen}");
+    assert!(at("SHOAL_ADVERTISE_IP") < at("SHOAL_METRICS_LISTEN"), "Kubernetes expands only variables defined before");
+    assert!(cfg.get("metrics_listen").is_none(), "the env, not the file, says where metrics listen");
+    let metrics_port = port_of(&metrics_listen);
+
+    // Ports and probes.
+    let ports: BTreeMap<String, (i32, String)> = c
+        .ports
+        .as_ref()
+        .context("ports")?
+        .iter()
+        .map(|p| (p.name.clone().unwrap_or_default(), (p.container_port, p.protocol.clone().unwrap_or_default())))
+        .collect();
+    assert_eq!(ports["metrics"], (metrics_port, "TCP".into()));
+    assert_eq!(ports["gossip"], (port_of(&s("gossip_listen")), "TCP".into()));
+    assert_eq!(ports["transfer"], (port_of(&s("transfer_listen")), "UDP".into()));
+    assert!(s("listen").starts_with("127.0.0.1:"), "the mirror stays on loopback");
+    for (probe, path) in [(&c.liveness_probe, "/healthz"), (&c.readiness_probe, "/readyz")] {
+        let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).context("an HTTP probe")?;
+        assert_eq!(get.path.as_deref(), Some(path));
+        let port = match &get.port {
+            IntOrString::String(name) => ports[name].0,
+            IntOrString::Int(n) => *n,
+        };
+        assert_eq!(port, metrics_port, "{path} is probed where the agent serves it");
+    }
 
     // The Secret is mounted where the config reads it.
     let secret_file = Path::new(&s("cluster_secret_file")).to_owned();

@@ -427,3 +427,96 @@ async fn a_stalled_upstream_ends_in_an_error_not_a_hang() -> Result<()> {
     eprintln!("stalled download failed after {:?}", started.elapsed());
     Ok(())
 }
+
+/// The agent's resident memory, in MiB.
+fn rss_mib(agent: &Agent) -> f64 {
+    let pid = agent.pid().expect("the agent runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's /proc status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc status");
+    kib / 1024.0
+}
+
+/// Reads until the server closes the connection or `within` passes; returns the bytes read and whether it closed.
+async fn read_until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> (usize, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (total, true),
+            Ok(Ok(n)) => total += n,
+            Err(_) => return (total, false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn stalled_clients_cost_bounded_memory_and_are_dropped() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let n = node_with(Registry::start().await?, |b| {
+        b.setting("client_header_timeout", "\"2s\"").setting("client_stall_timeout", "\"3s\"")
+    })
+    .await?;
+    let image = Artifact::Image(Image::random(&[16 << 20], 7, "amd64", Compression::None)?);
+    push(&image, &n.registry.host(), "big/app", "v1", None, Format::Oci)?;
+    let big = image.all_blobs().into_iter().max_by_key(|b| b.data.len()).expect("the layer");
+    let (layer, size) = (big.digest.clone(), big.data.len());
+    let http = reqwest::Client::new();
+    let url = blob_url(&n, "big/app", &layer);
+    assert_eq!(http.get(&url).send().await?.bytes().await?.len(), size, "the layer is cached");
+    let baseline = rss_mib(&n.agent);
+
+    // 1,000 connections that send half a request head and stop.
+    let mut stalled = Vec::new();
+    for _ in 0..1000 {
+        let mut s = tokio::net::TcpStream::connect(n.agent.addr).await?;
+        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: ").await?;
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with_stalled = rss_mib(&n.agent) - baseline;
+    // Each is closed once the header deadline passes.
+    let closed =
+        futures_util::future::join_all(stalled.iter_mut().map(|s| read_until_closed(s, Duration::from_secs(6))))
+            .await
+            .into_iter()
+            .filter(|(_, closed)| *closed)
+            .count();
+    assert_eq!(closed, 1000, "stalled connections still open after the header timeout");
+    drop(stalled);
+    assert!(with_stalled < 64.0, "1,000 stalled connections cost {with_stalled:.0} MiB");
+
+    // 150 clients ask for the 16 MiB layer and read nothing: what their responses hold stays within the budget.
+    let path = format!("/v2/big/app/blobs/{layer}?ns={}", n.proxy.host());
+    let mut unread = Vec::new();
+    for _ in 0..150 {
+        let mut s = tokio::net::TcpStream::connect(n.agent.addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await?;
+        unread.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let with_unread = rss_mib(&n.agent) - baseline;
+    // Meanwhile a client that reads gets the whole layer.
+    let got = tokio::time::timeout(Duration::from_secs(20), async { http.get(&url).send().await?.bytes().await })
+        .await
+        .map_err(|_| anyhow::anyhow!("a reading client was starved by the stalled ones"))??;
+    assert_eq!(got.len(), size);
+    // The stalled responses are cut off after the stall timeout: each client then finds its connection closed
+    // before the whole layer arrived.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let results =
+        futures_util::future::join_all(unread.iter_mut().map(|s| read_until_closed(s, Duration::from_secs(10)))).await;
+    let cut = results.iter().filter(|(read, closed)| *closed && *read < size).count();
+    assert_eq!(cut, 150, "unread responses not dropped: {results:?}");
+    assert!(with_unread < 64.0 + 48.0, "150 unread 16 MiB responses cost {with_unread:.0} MiB");
+    println!(
+        "RSS over a {baseline:.0} MiB baseline: 1,000 stalled heads {with_stalled:.1} MiB, 150 unread responses {with_unread:.1} MiB"
+    );
+    Ok(())
+}

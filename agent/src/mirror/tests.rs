@@ -5,6 +5,7 @@ use crate::config::RawConfig;
 use crate::store::{BlobMeta, LinkRecord, Store, now_secs};
 use crate::upstream::Upstream;
 use axum::body::to_bytes;
+use futures_util::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,13 +18,16 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
     // Nothing listens on port 1: every upstream request fails at once.
-    let raw = RawConfig::from_toml(
+    fixture_with(
         "upstream_attempts = 1\nupstream_connect_timeout = \"200ms\"\ndefault_registry = \"127.0.0.1:1\"\n\
          [registry.\"127.0.0.1:1\"]\nplain_http = true\n",
     )
-    .unwrap();
+}
+
+fn fixture_with(toml: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = RawConfig::from_toml(toml).unwrap();
     let cfg = raw.validate().unwrap();
     let (store, _) = Store::open(dir.path()).unwrap();
     let store = Arc::new(store);
@@ -187,4 +191,44 @@ async fn private_content_is_not_served_without_upstream_consent() {
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert_ne!(body, data);
     }
+}
+
+#[tokio::test]
+async fn a_body_of_unannounced_length_stops_at_the_cache_budget() {
+    // An upstream that answers every blob with a body that never ends and says no length.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    let endless = Router::new().fallback(|| async {
+        let chunk = bytes::Bytes::from(vec![7u8; 64 << 10]);
+        Body::from_stream(futures_util::stream::repeat(chunk).map(Ok::<_, std::convert::Infallible>))
+    });
+    tokio::spawn(async move { axum::serve(l, endless).await.unwrap() });
+    let f = fixture_with(&format!(
+        "disk_budget = \"4MiB\"\nmin_free_space = \"0\"\ndefault_registry = \"{upstream}\"\n\
+         [registry.\"{upstream}\"]\nplain_http = true\n"
+    ));
+    let digest = format!("sha256:{}", "e".repeat(64));
+    let req = http::Request::get(format!("/v2/a/blobs/{digest}")).body(Body::empty()).unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "the download started");
+    let mut body = resp.into_body().into_data_stream();
+    let mut read = 0usize;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => read += c.len(),
+                Err(_) => return true,
+            }
+        }
+        false
+    })
+    .await
+    .expect("the download went on past the budget");
+    assert!(ended, "the response must end in an error, not look complete");
+    assert!(read <= 4 << 20, "{read} bytes streamed past a 4 MiB budget");
+    // Nothing was kept: the partial file is gone and the store is empty.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(f.store.bytes(), 0);
+    let partials = std::fs::read_dir(f._dir.path().join("partial")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(partials, 0, "a partial file was left behind");
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::InUse;
 use super::download::{Progress, State};
@@ -23,6 +23,55 @@ const STORED_CHUNK: usize = 2 << 20;
 /// Read size when following a download: smaller, so bytes reach the client as they arrive (measured: 2 MiB made
 /// cold pulls ~5–10 % slower than 512 KiB).
 const STREAM_CHUNK: usize = 512 << 10;
+
+/// Bytes read from files for responses and not yet written to clients, at most, across all responses. A client
+/// that reads nothing holds its chunk until the server's stall timeout closes its connection; when the budget runs
+/// short, responses continue in small chunks (and wait for room), so stalled clients cannot grow memory.
+pub const RESPONSE_BUFFERS: usize = 64 << 20;
+/// Chunk size when the budget cannot give a full chunk at once.
+const SMALL_CHUNK: usize = 64 << 10;
+/// Budget permits are KiB.
+const UNIT: usize = 1 << 10;
+
+/// The budget of response buffers, shared by every response.
+#[derive(Debug, Clone)]
+pub struct ResponseBudget(Arc<Semaphore>);
+
+impl ResponseBudget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes / UNIT)))
+    }
+
+    /// Room for a chunk of up to `want` bytes: all of it if the budget has it now, else a small chunk, waiting for
+    /// room. Returns the chunk size granted.
+    async fn take(&self, want: usize) -> (usize, OwnedSemaphorePermit) {
+        let units = |n: usize| n.div_ceil(UNIT).max(1) as u32;
+        if let Ok(p) = self.0.clone().try_acquire_many_owned(units(want)) {
+            return (want, p);
+        }
+        let small = want.min(SMALL_CHUNK);
+        let p = self.0.clone().acquire_many_owned(units(small)).await.expect("the budget semaphore is never closed");
+        (small, p)
+    }
+
+    /// Bytes free now.
+    pub fn available(&self) -> usize {
+        self.0.available_permits() * UNIT
+    }
+}
+
+/// A response chunk holding its share of the budget.
+struct Budgeted {
+    buf: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Budgeted {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
 
 /// A manifest or blob ready to be streamed.
 #[derive(Debug)]
@@ -125,11 +174,13 @@ pub(super) fn sendable(written: u64, verified: bool, size: Option<u64>, end: u64
 impl Opened {
     /// Streams bytes `[start, end)`. A download's bytes are sent as they arrive, but never its last byte before
     /// the download was verified; if it fails, the stream ends with an error.
+    /// Chunks read from files come out of `budget` (see [`ResponseBudget`]).
     pub fn stream(
         self,
         start: u64,
         end: u64,
         metrics: &Metrics,
+        budget: &ResponseBudget,
     ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
         let source = match &self.source {
             OpenedSource::Stored(_) | OpenedSource::HeadOnly => Source::store,
@@ -138,7 +189,7 @@ impl Opened {
             OpenedSource::PassThrough(_) => Source::passthrough,
         };
         let counter = metrics.mirror.bytes_served.get_or_create(&SourceLabels { source }).clone();
-        let reader = Reader { opened: self, file: None, remote: None, pos: start, end };
+        let reader = Reader { opened: self, file: None, remote: None, pos: start, end, budget: budget.clone() };
         futures_util::stream::unfold(reader, move |mut r| {
             let counter = counter.clone();
             async move {
@@ -165,6 +216,7 @@ struct Reader {
     remote: Option<ContentReader>,
     pos: u64,
     end: u64,
+    budget: ResponseBudget,
 }
 
 impl Reader {
@@ -248,16 +300,17 @@ impl Reader {
             OpenedSource::Stored(_) => STORED_CHUNK,
             _ => STREAM_CHUNK,
         };
-        let want = (avail - self.pos).min(max as u64) as usize;
+        let (want, permit) = self.budget.take((avail - self.pos).min(max as u64) as usize).await;
         // Read straight into the buffer that goes to the socket (uninitialised capacity: no zeroing), off the
         // async workers. Each reader has its own file, and one read in flight, so the file offset is its cursor.
+        // The buffer gives its share of the budget back when the server has written (and dropped) it.
         let buf = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
             let mut buf = Vec::with_capacity(want);
             io::Read::read_to_end(&mut io::Read::take(&*file, want as u64), &mut buf)?;
             if buf.len() < want {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file shorter than recorded"));
             }
-            Ok(Bytes::from(buf))
+            Ok(Bytes::from_owner(Budgeted { buf, _permit: permit }))
         })
         .await
         .map_err(io::Error::other)??;
@@ -284,6 +337,30 @@ mod tests {
                 Err(e) => return (out, Err(e)),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn response_chunks_hold_their_share_of_the_budget_until_dropped() {
+        let budget = ResponseBudget::new(4 << 20);
+        let (n, p1) = budget.take(2 << 20).await;
+        assert_eq!(n, 2 << 20);
+        let chunk = Bytes::from_owner(Budgeted { buf: vec![0; n], _permit: p1 });
+        let (n, p2) = budget.take(2 << 20).await;
+        assert_eq!((n, budget.available()), (2 << 20, 0));
+        // No room for a full chunk: a small one, once room comes back.
+        let waiting = tokio::spawn({
+            let b = budget.clone();
+            async move { b.take(2 << 20).await.0 }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "granted room the budget does not have");
+        let slice = chunk.slice(0..10);
+        drop(chunk);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a slice of a chunk still holds its room");
+        drop(slice);
+        assert_eq!(waiting.await.expect("granted"), SMALL_CHUNK);
+        drop(p2);
     }
 
     #[test]

@@ -26,6 +26,9 @@ use crate::swarm::scheduler::{Action as SchedAction, PieceScheduler, SchedulerCo
 use crate::transfer::{FetchError, VerifiedPiece};
 use crate::upstream::Request;
 
+/// A download nobody wants for this long (its clients left, no member asks for its pieces) is abandoned: it
+/// would otherwise go on fetching, and filling the disk, for nobody.
+const ABANDON_AFTER: Duration = Duration::from_secs(30);
 /// Times in a row a download asks where to continue and gets nothing from the answer, before going upstream.
 const PEER_ROUNDS: usize = 3;
 
@@ -55,12 +58,36 @@ pub(super) struct Download {
     pub(super) progress: watch::Sender<Progress>,
     /// Piece size and the hashes of the pieces written so far (for serving peers while the download runs).
     pub(super) pieces: Mutex<Option<(u32, Vec<[u8; 32]>)>>,
+    /// When someone last wanted it (a client reading it, a member asking for a piece).
+    pub(super) wanted: Mutex<Instant>,
+}
+
+impl Download {
+    pub(super) fn new(origin: Origin, progress: watch::Sender<Progress>) -> Self {
+        Self { origin, progress, pieces: Mutex::new(None), wanted: Mutex::new(Instant::now()) }
+    }
+
+    /// Someone wants it now.
+    pub(super) fn wanted(&self) {
+        *lock(&self.wanted) = Instant::now();
+    }
+
+    /// Whether nobody has wanted it for [`ABANDON_AFTER`]: no client follows it and no member asked for a piece.
+    fn abandoned(&self, now: Instant) -> bool {
+        if self.progress.receiver_count() > 0 {
+            *lock(&self.wanted) = now;
+            return false;
+        }
+        now.saturating_duration_since(*lock(&self.wanted)) > ABANDON_AFTER
+    }
 }
 
 /// Room reserved in the store for a running download; given back when it ends.
 pub(super) struct Room {
     pub(super) reserved: Arc<AtomicU64>,
     pub(super) size: u64,
+    /// The size at the last free-space check (room taken as bytes arrive).
+    pub(super) checked: u64,
 }
 
 impl Drop for Room {
@@ -143,11 +170,9 @@ impl Resolver {
                 "manifest size {size:?} is over {MAX_MANIFEST_SIZE} bytes or unknown"
             )));
         }
-        // Room for all of it, or none is cached (the client is served through instead).
-        let _room = match size {
-            Some(size) => Some(self.reserve_room(size).await?),
-            None => None,
-        };
+        // Room for all of it, or none is cached (the client is served through instead); without a size, room is
+        // taken as the bytes arrive.
+        let room = self.reserve_room(size.unwrap_or(0)).await?;
         let store = self.store.clone();
         let d = digest.clone();
         let (partial, file) = blocking(move || store.create_partial(&d)).await?;
@@ -170,7 +195,7 @@ impl Resolver {
         if let (Some(mesh), Some(_)) = (&self.mesh, size) {
             mesh.hold(holding(false, false));
         }
-        let mut sink = Sink::new(file, partial.clone(), size, dl);
+        let mut sink = Sink::new(file, partial.clone(), size, dl, room);
         // On failure, run_download tells the home this node holds nothing.
         self.fill(client, digest, kind, &mut req, &mut sink, tiers, first_resp).await?;
         let Sink { writer, written, pieces, peers_used, .. } = sink;
@@ -452,6 +477,9 @@ impl Resolver {
                     return Err(ResolveError::Unavailable("upstream sent more bytes than it announced".into()));
                 }
                 if n > 0 {
+                    if size.is_none() {
+                        self.grow_room(&mut sink.room, n).await?;
+                    }
                     sink.write(batch).await?;
                     self.upstream.count_bytes(n);
                 }
@@ -528,15 +556,18 @@ pub(super) struct Sink<'a> {
     pub(super) written: u64,
     pub(super) size: Option<u64>,
     pub(super) peers_used: HashSet<libp2p::PeerId>,
+    /// The room it takes in the store.
+    pub(super) room: Room,
 }
 
 impl<'a> Sink<'a> {
-    fn new(file: std::fs::File, path: PathBuf, size: Option<u64>, dl: &'a Download) -> Self {
+    fn new(file: std::fs::File, path: PathBuf, size: Option<u64>, dl: &'a Download, room: Room) -> Self {
         let pieces = size.map(|s| PieceHasher::new(piece_size(s)));
         if let Some(h) = &pieces {
             *lock(&dl.pieces) = Some((h.piece(), Vec::new()));
         }
-        Self { dl, path, writer: Some((file, Sha256::new())), pieces, written: 0, size, peers_used: HashSet::new() }
+        let writer = Some((file, Sha256::new()));
+        Self { dl, path, writer, pieces, written: 0, size, peers_used: HashSet::new(), room }
     }
 
     fn complete(&self) -> bool {
@@ -557,6 +588,12 @@ impl<'a> Sink<'a> {
     }
 
     async fn write_impl(&mut self, batch: Vec<Bytes>, piece_hash: bool) -> Result<(), ResolveError> {
+        if self.dl.abandoned(Instant::now()) {
+            return Err(ResolveError::Unavailable(format!(
+                "abandoned at {} bytes: nobody wanted it for {ABANDON_AFTER:?}",
+                self.written
+            )));
+        }
         let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
         let (mut file, mut hasher) = self.writer.take().expect("the writer is put back after every batch");
         let mut pieces = self.pieces.take();

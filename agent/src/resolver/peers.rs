@@ -66,6 +66,7 @@ impl Resolver {
             return Ok(Piece { data, hash, blob_size: size });
         }
         let dl = lock(&self.downloads).get(&digest).cloned().ok_or(Refusal::NotFound("not held".into()))?;
+        dl.wanted();
         // The piece's hash, once it is written (waiting up to `wait` for it).
         let ready = |p: &Progress| -> Result<Option<(PathBuf, u64, [u8; 32])>, Refusal> {
             if let State::Failed(_) = p.state {
