@@ -1,5 +1,6 @@
 //! Fault injection for the chaos suite, compiled only with the cargo feature `fault-injection` (the chaos crate
-//! turns it on; `cargo build -p shoal-agent` and the release image never have it). `SHOAL_FAULT=<mode>` makes the
+//! turns it on; `cargo build -p shoal-agent` and the release image never have it), and inert in release builds
+//! even then (a workspace-wide `cargo build --release` unifies the chaos crate's features into the agent). `SHOAL_FAULT=<mode>` makes the
 //! node a byzantine peer that tampers with every piece it serves:
 //!
 //! - `flip`: one byte of the piece flipped, the recorded hash sent (bit rot, a bad disk);
@@ -52,6 +53,11 @@ fn configured() -> Option<PieceFault> {
     static FAULT: OnceLock<Option<PieceFault>> = OnceLock::new();
     *FAULT.get_or_init(|| {
         let mode = std::env::var("SHOAL_FAULT").ok()?;
+        // A release build never tampers, whatever features a workspace-wide build unified into it.
+        if !cfg!(debug_assertions) {
+            tracing::error!("SHOAL_FAULT is set, but fault injection works in debug builds only: ignored");
+            return None;
+        }
         match PieceFault::parse(&mode) {
             Ok(f) => {
                 tracing::warn!(?f, "FAULT INJECTION: this node tampers with every piece it serves");

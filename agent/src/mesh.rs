@@ -144,7 +144,7 @@ impl Mesh {
             cfg: cfg.clone(),
             view,
             transfer: transfer.clone(),
-            directory: Mutex::default(),
+            directory: Mutex::new(directory::Directory::new(me)),
             quarantine: Mutex::default(),
             holdings,
             settling: Mutex::new((initial_epoch, Instant::now())),

@@ -236,7 +236,11 @@ async fn serve(state: &MirrorState, req: Request) -> Result<Response, MirrorErro
     let client_for = |repo: RepoName| Client {
         registry: registry.clone(),
         repo,
-        auth: headers.get(header::AUTHORIZATION).cloned(),
+        auth: headers.get(header::AUTHORIZATION).cloned().map(|mut a| {
+            // Never printed (`Debug` of a sensitive value is `Sensitive`).
+            a.set_sensitive(true);
+            a
+        }),
         accept: headers.get(header::ACCEPT).cloned(),
     };
     match parsed {

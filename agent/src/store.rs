@@ -165,9 +165,12 @@ pub fn now_secs() -> u64 {
 impl Store {
     /// Opens (creating if needed) the store under `root` and reconciles files with the index.
     pub fn open(root: &Path) -> Result<(Self, Reconciled), StoreError> {
-        for dir in ["blobs/sha256", "partial", "index"] {
+        // Only the agent reads the store: private layers must not be readable by other users of the node.
+        for dir in ["", "blobs", "blobs/sha256", "partial", "index"] {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(io_err("chmod", &p))?;
         }
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -322,7 +325,9 @@ impl Store {
         let n = self.partial_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.root.join("partial").join(format!("{}.{n}", digest.hex()));
         let file =
-            File::options().create_new(true).read(true).write(true).open(&path).map_err(io_err("create", &path))?;
+            std::os::unix::fs::OpenOptionsExt::mode(File::options().create_new(true).read(true).write(true), 0o600)
+                .open(&path)
+                .map_err(io_err("create", &path))?;
         Ok((path, file))
     }
 
@@ -529,6 +534,19 @@ mod tests {
         h.update(data);
         store.commit(&path, &file, &d, &meta, Some(&h.finish(data.len() as u64))).unwrap();
         d
+    }
+
+    #[test]
+    fn only_the_agent_can_read_the_store() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let d = put_blob(&store, b"private layer");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&store.blob_path(&d)), 0o600);
+        for sub in ["", "blobs", "blobs/sha256", "partial", "index"] {
+            assert_eq!(mode(&dir.path().join(sub)), 0o700, "{sub}");
+        }
     }
 
     #[test]

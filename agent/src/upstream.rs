@@ -37,6 +37,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// How often a registry found down is probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// A registry found down that nobody asked for this long is forgotten (its probe ends; the next request tries it
+/// afresh).
+pub const PROBE_IDLE: Duration = Duration::from_secs(60);
+/// Unlisted registries (named by clients) probed at once, at most: past it the one asked for longest ago is
+/// forgotten. Configured registries are always probed.
+pub const MAX_UNLISTED_PROBES: usize = 16;
 
 /// Why an upstream request did not produce a usable response.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +119,10 @@ pub struct Upstream {
 struct Down {
     reason: String,
     probe: Option<tokio::task::JoinHandle<()>>,
+    /// When a request for it was last refused because it is down (tokio's clock: the probes sleep on it).
+    asked: tokio::time::Instant,
+    /// Named by a client, not configured.
+    unlisted: bool,
 }
 
 impl Drop for Down {
@@ -179,7 +189,11 @@ impl Upstream {
             Target::Blob(d) => (UpstreamKind::blob, format!("blobs/{d}")),
             Target::Manifest(r) => (UpstreamKind::manifest, format!("manifests/{}", r.as_str())),
         };
-        if let Some(reason) = lock(&self.down).get(req.registry).map(|d| d.reason.clone()) {
+        let down = lock(&self.down).get_mut(req.registry).map(|d| {
+            d.asked = tokio::time::Instant::now();
+            d.reason.clone()
+        });
+        if let Some(reason) = down {
             self.count(kind, UpstreamOutcome::unreachable);
             return Err(UpstreamError::Unreachable(format!("{reason} (down: not asked until a probe answers)")));
         }
@@ -274,18 +288,37 @@ impl Upstream {
     }
 
     /// Marks `host` down and starts its probe (unless one runs): `GET /v2/` every [`PROBE_EVERY`] until anything
-    /// answers.
+    /// answers, or until nobody has asked for `host` for [`PROBE_IDLE`]. At most [`MAX_UNLISTED_PROBES`] unlisted
+    /// registries are tracked at once.
     fn mark_down(&self, host: &RegistryHost, reg: &RegistryConfig, reason: &str) {
         let Ok(url) = reg.endpoint.join("/v2/") else { return };
         let mut down = lock(&self.down);
         if down.contains_key(host) {
             return;
         }
+        let unlisted = !self.cfg.registries.contains_key(host);
+        if unlisted {
+            let tracked: Vec<(&RegistryHost, tokio::time::Instant)> =
+                down.iter().filter(|(_, d)| d.unlisted).map(|(h, d)| (h, d.asked)).collect();
+            if tracked.len() >= MAX_UNLISTED_PROBES
+                && let Some(oldest) = tracked.iter().min_by_key(|(_, t)| *t).map(|(h, _)| (*h).clone())
+            {
+                down.remove(&oldest);
+            }
+        }
         tracing::warn!(registry = %host, reason, "upstream unreachable: requests to it fail at once until it answers");
         let (http, map, h, wait) = (self.http.clone(), self.down.clone(), host.clone(), self.cfg.response_timeout);
         let probe = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
+                {
+                    let mut m = lock(&map);
+                    if m.get(&h).is_some_and(|d| d.asked.elapsed() > PROBE_IDLE) {
+                        tracing::info!(registry = %h, "nobody asked for the unreachable registry for a while: forgotten");
+                        m.remove(&h);
+                        return;
+                    }
+                }
                 if let Ok(Ok(_)) = tokio::time::timeout(wait, http.get(url.clone()).send()).await {
                     tracing::info!(registry = %h, "upstream answers again");
                     lock(&map).remove(&h);
@@ -293,7 +326,15 @@ impl Upstream {
                 }
             }
         });
-        down.insert(host.clone(), Down { reason: reason.to_owned(), probe: Some(probe) });
+        down.insert(
+            host.clone(),
+            Down { reason: reason.to_owned(), probe: Some(probe), asked: tokio::time::Instant::now(), unlisted },
+        );
+    }
+
+    /// Registries currently treated as down.
+    pub fn down_count(&self) -> usize {
+        lock(&self.down).len()
     }
 
     fn count(&self, kind: UpstreamKind, outcome: UpstreamOutcome) {

@@ -322,14 +322,15 @@ impl Sim {
         let nodes: Vec<Node> = (0..p.nodes)
             .map(|i| {
                 let rate = if rng.unit() < p.slow { p.node_rate * p.slow_factor } else { p.node_rate };
+                let id = test_id(format!("{}/{}/node/{i}", p.name, p.seed).as_bytes());
                 Node {
                     rate,
-                    id: test_id(format!("{}/{}/node/{i}", p.name, p.seed).as_bytes()),
+                    id,
                     zone: i % p.zones.max(1),
                     alive: true,
                     up: net.link(rate),
                     down: net.link(rate),
-                    dir: Directory::default(),
+                    dir: Directory::new(id),
                     ann: Announcer::new(),
                     view: 0,
                     blobs: (0..layers.len()).map(|_| BlobState::default()).collect(),

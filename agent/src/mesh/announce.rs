@@ -99,7 +99,13 @@ impl Mesh {
         }
     }
 
+    /// Applies a member's announcement to this home's directory. Only members the view knows (alive or suspect)
+    /// are recorded: a holder nobody can reach is no source, and ids outside the view cannot fill the directory.
     pub(super) fn apply_announcement(&self, peer: PeerId, a: peer::Announce) {
+        if self.view().reachable_addr(&peer).is_none() {
+            tracing::debug!(%peer, "announcement from a node that is not a member ignored");
+            return;
+        }
         let mut dir = lock(&self.directory);
         for h in a.holdings.into_iter().take(ANNOUNCE_BATCH) {
             match Holding::from_wire(h) {

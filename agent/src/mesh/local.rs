@@ -151,3 +151,24 @@ impl std::fmt::Debug for dyn Local {
         f.write_str("Local")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_credentials_never_print() {
+        let wire = peer::FetchOrder {
+            registry: "registry.example".into(),
+            repository: "team/app".into(),
+            manifest: false,
+            authorization: Some(b"Bearer s3cr3t-token".to_vec()),
+            accept: None,
+        };
+        let order = Order::from_wire(wire).expect("a valid order");
+        let printed = format!("{order:?}");
+        assert!(!printed.contains("s3cr3t"), "{printed}");
+        // And it still goes on the wire as it came.
+        assert_eq!(order.to_wire().authorization.as_deref(), Some(&b"Bearer s3cr3t-token"[..]));
+    }
+}

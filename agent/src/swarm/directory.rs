@@ -17,6 +17,9 @@ pub const MAX_DIGESTS: usize = 1 << 20;
 pub const MAX_HOLDERS: usize = 8192;
 /// Holder entries over all digests, at most (~120 bytes each: ~120 MiB at the limit).
 pub const MAX_ENTRIES: usize = 1 << 20;
+/// Holder entries one member may have in one home's directory, over all digests (an eighth of the whole): one
+/// member cannot crowd out the others.
+pub const MAX_PER_MEMBER: usize = MAX_ENTRIES / 8;
 /// Holders returned by one locate.
 pub const MAX_LOCATED: usize = 16;
 /// Sources handed to one asker that is about to download (spread its pieces over them).
@@ -89,6 +92,8 @@ pub struct HolderState {
 #[derive(Debug, Clone, Copy)]
 struct Holder {
     state: HolderState,
+    /// The size it claims.
+    size: u64,
     /// Order of arrival: a partial holder that arrived earlier is ahead in the stream.
     since: u64,
     /// Askers it was handed to.
@@ -119,18 +124,38 @@ pub struct Directory {
     entries: HashMap<Digest, Entry>,
     /// Holder entries over all digests (kept as they change: counting them would walk the whole map).
     holders: usize,
+    /// Holder entries per member: one member cannot fill the directory.
+    per_member: HashMap<PeerId, usize>,
     /// Arrival counter.
     seq: u64,
+    /// The home this directory belongs to: its own complete copy has been verified here, so its size decides.
+    owner: Option<PeerId>,
 }
 
 impl Directory {
-    /// Records what `from` says it holds. Returns false if the directory is full and the announcement was dropped.
+    /// The directory of home `owner`: what the owner itself holds completely it has verified, so its size is the
+    /// digest's.
+    pub fn new(owner: PeerId) -> Self {
+        Self { owner: Some(owner), ..Self::default() }
+    }
+
+    /// Records what `from` says it holds. Returns false if the directory (or `from`'s share of it) is full and the
+    /// announcement was dropped.
+    ///
+    /// A size is a claim: each holder's is kept with it, and the digest's size is the owner's own verified one
+    /// when it holds the digest completely, else the one most complete holders claim (the first claimed, on a
+    /// tie). Holders of another size are not handed out; a claim that loses is never locked in.
     pub fn apply(&mut self, from: PeerId, h: &Holding) -> bool {
         if h.removed {
             if let Some(e) = self.entries.get_mut(&h.digest) {
-                self.holders -= usize::from(e.holders.remove(&from).is_some());
+                if e.holders.remove(&from).is_some() {
+                    self.holders -= 1;
+                    Self::uncount(&mut self.per_member, &from);
+                }
                 if e.holders.is_empty() {
                     self.entries.remove(&h.digest);
+                } else {
+                    Self::decide_size(e, self.owner.as_ref());
                 }
             }
             return true;
@@ -143,17 +168,15 @@ impl Directory {
             media_type: h.media_type.clone(),
             holders: HashMap::new(),
         });
-        // A complete holder has verified size and bytes: its word wins over a partial holder's.
-        let only_partials = e.holders.values().all(|s| !s.state.complete);
-        if h.complete && only_partials {
-            e.size = h.size;
-            e.media_type.clone_from(&h.media_type);
-        } else if h.size != e.size {
-            // Disagreeing with what complete holders verified: not a holder of this digest's bytes.
-            return true;
-        }
         let state = HolderState { complete: h.complete, public: h.public };
-        if !e.holders.contains_key(&from) && (e.holders.len() >= MAX_HOLDERS || self.holders >= MAX_ENTRIES) {
+        let new = !e.holders.contains_key(&from);
+        if new && self.per_member.get(&from).copied().unwrap_or(0) >= MAX_PER_MEMBER {
+            if e.holders.is_empty() {
+                self.entries.remove(&h.digest);
+            }
+            return false;
+        }
+        if new && (e.holders.len() >= MAX_HOLDERS || self.holders >= MAX_ENTRIES) {
             // Only a partial holder nobody was sent to may make room: one that others follow must stay known, or
             // it would ask as a newcomer and could be handed the very holders that wait on it (a cycle).
             let victim = e.holders.iter().find(|(_, s)| !s.state.complete && s.given == 0).map(|(p, _)| *p);
@@ -161,26 +184,74 @@ impl Directory {
                 Some(v) if h.complete => {
                     e.holders.remove(&v);
                     self.holders -= 1;
+                    Self::uncount(&mut self.per_member, &v);
                 }
                 _ => return true,
             }
         }
         match e.holders.get_mut(&from) {
-            Some(known) => known.state = state,
+            Some(known) => {
+                known.state = state;
+                known.size = h.size;
+            }
             None => {
-                e.holders.insert(from, Holder { state, since: self.seq, given: 0 });
+                e.holders.insert(from, Holder { state, size: h.size, since: self.seq, given: 0 });
                 self.seq += 1;
                 self.holders += 1;
+                *self.per_member.entry(from).or_default() += 1;
+            }
+        }
+        if h.complete || new {
+            let before = e.size;
+            Self::decide_size(e, self.owner.as_ref());
+            if e.size == h.size && (before != h.size || e.media_type.is_none()) {
+                e.media_type.clone_from(&h.media_type);
             }
         }
         true
     }
 
+    fn uncount(per_member: &mut HashMap<PeerId, usize>, p: &PeerId) {
+        if let Some(n) = per_member.get_mut(p) {
+            *n -= 1;
+            if *n == 0 {
+                per_member.remove(p);
+            }
+        }
+    }
+
+    /// The digest's size: the owner's verified one, else the one most complete holders claim (the earliest on a
+    /// tie), else the earliest partial holder's.
+    fn decide_size(e: &mut Entry, owner: Option<&PeerId>) {
+        if let Some(own) = owner.and_then(|o| e.holders.get(o)).filter(|h| h.state.complete) {
+            e.size = own.size;
+            return;
+        }
+        let mut votes: HashMap<u64, (usize, u64)> = HashMap::new();
+        for h in e.holders.values().filter(|h| h.state.complete) {
+            let v = votes.entry(h.size).or_insert((0, h.since));
+            v.0 += 1;
+            v.1 = v.1.min(h.since);
+        }
+        let chosen = match votes.into_iter().max_by_key(|(_, (n, first))| (*n, std::cmp::Reverse(*first))) {
+            Some((size, _)) => size,
+            None => match e.holders.values().min_by_key(|h| h.since) {
+                Some(h) => h.size,
+                None => return,
+            },
+        };
+        e.size = chosen;
+    }
+
     /// Who holds `digest`, among members `usable` accepts, `asker` left out; complete holders first.
     pub fn locate(&self, digest: &Digest, asker: &PeerId, usable: impl Fn(&PeerId) -> bool) -> Option<Located> {
         let e = self.entries.get(digest)?;
-        let mut holders: Vec<_> =
-            e.holders.iter().filter(|(p, _)| *p != asker && usable(p)).map(|(p, h)| (*p, h.state)).collect();
+        let mut holders: Vec<_> = e
+            .holders
+            .iter()
+            .filter(|(p, h)| *p != asker && h.size == e.size && usable(p))
+            .map(|(p, h)| (*p, h.state))
+            .collect();
         if holders.is_empty() {
             return None;
         }
@@ -206,8 +277,13 @@ impl Directory {
         let asker_since = e.holders.get(asker).map_or(u64::MAX, |h| h.since);
         // The home itself fetches from outside, never waiting on the others: it is ahead of everyone.
         let ahead = |p: &PeerId, h: &Holder| h.state.complete || h.since < asker_since || p == home;
-        let mut chosen: Vec<(PeerId, Holder)> =
-            e.holders.iter().filter(|(p, h)| *p != asker && usable(p) && ahead(p, h)).map(|(p, h)| (*p, *h)).collect();
+        let size = e.size;
+        let mut chosen: Vec<(PeerId, Holder)> = e
+            .holders
+            .iter()
+            .filter(|(p, h)| *p != asker && h.size == size && usable(p) && ahead(p, h))
+            .map(|(p, h)| (*p, *h))
+            .collect();
         chosen.sort_by_key(|(_, h)| (h.given / FANOUT, !h.state.complete, h.since));
         chosen.truncate(SOURCES);
         if chosen.is_empty() {
@@ -256,26 +332,35 @@ impl Directory {
 
     /// Forgets holders `keep` rejects (members that died), and digests left without holders.
     pub fn prune(&mut self, keep: impl Fn(&PeerId) -> bool) {
-        let mut holders = 0;
+        let owner = self.owner;
         self.entries.retain(|_, e| {
+            let before = e.holders.len();
             e.holders.retain(|p, _| keep(p));
-            holders += e.holders.len();
+            if e.holders.len() != before && !e.holders.is_empty() {
+                Self::decide_size(e, owner.as_ref());
+            }
             !e.holders.is_empty()
         });
+        self.recount();
+    }
+
+    /// Counts holder entries again, in all and per member.
+    fn recount(&mut self) {
+        self.per_member.clear();
+        let mut holders = 0;
+        for e in self.entries.values() {
+            holders += e.holders.len();
+            for p in e.holders.keys() {
+                *self.per_member.entry(*p).or_default() += 1;
+            }
+        }
         self.holders = holders;
     }
 
     /// Forgets the digests `homed_here` rejects: after a membership change their holders tell the new home.
     pub fn keep_homed(&mut self, homed_here: impl Fn(&Digest) -> bool) {
-        let mut holders = 0;
-        self.entries.retain(|d, e| {
-            let keep = homed_here(d);
-            if keep {
-                holders += e.holders.len();
-            }
-            keep
-        });
-        self.holders = holders;
+        self.entries.retain(|d, _| homed_here(d));
+        self.recount();
     }
 
     /// Holder entries over all digests.
@@ -320,20 +405,78 @@ mod tests {
         assert_eq!(dir.locate(&d(1), &b, |_| true).unwrap().holders.len(), 1);
         assert_eq!(dir.holders(), 2);
         assert!(dir.locate(&d(1), &c, |p| *p == c).is_none());
-        // A holder with another size than the verified one is ignored.
+        // A holder claiming another size than the first complete one is kept, not handed out (a tie goes to the
+        // first claim).
         assert!(dir.apply(c, &h(1, 11, true)));
-        assert_eq!(dir.locate(&d(1), &a, |_| true).unwrap().holders.len(), 1);
+        assert_eq!(
+            dir.locate(&d(1), &a, |_| true).unwrap().holders,
+            vec![(b, HolderState { complete: true, public: true })]
+        );
         let mut gone = h(1, 10, true);
         gone.removed = true;
         dir.apply(b, &gone);
-        assert_eq!(dir.holders(), 1);
-        dir.prune(|p| *p != a);
+        assert_eq!(dir.holders(), 2);
+        dir.prune(|p| *p == b);
         assert!(dir.is_empty());
         assert_eq!(dir.holders(), 0);
         dir.apply(a, &h(2, 1, true));
         dir.apply(b, &h(3, 1, true));
         dir.keep_homed(|x| *x == d(3));
         assert_eq!((dir.len(), dir.holders()), (1, 1));
+    }
+
+    #[test]
+    fn a_size_claim_never_locks_honest_holders_out() {
+        let (liar, a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random(), PeerId::random());
+        let mut dir = Directory::default();
+        // The liar announces a wrong size first; two honest complete holders follow.
+        dir.apply(liar, &h(1, 999, true));
+        dir.apply(a, &h(1, 10, true));
+        dir.apply(b, &h(1, 10, true));
+        let loc = dir.locate(&d(1), &c, |_| true).unwrap();
+        assert_eq!(loc.size, 10);
+        assert!(loc.holders.iter().all(|(p, _)| *p != liar), "{loc:?}");
+        assert_eq!(loc.holders.len(), 2);
+        let src = dir.sources(&d(1), &c, &c, |_| true).unwrap();
+        assert!(src.holders.iter().all(|(p, _)| *p != liar));
+        // The home's own verified copy decides, however many claim otherwise.
+        let home = PeerId::random();
+        let mut dir = Directory::new(home);
+        for _ in 0..3 {
+            dir.apply(PeerId::random(), &h(2, 999, true));
+        }
+        dir.apply(home, &h(2, 10, true));
+        let loc = dir.locate(&d(2), &c, |_| true).unwrap();
+        assert_eq!((loc.size, loc.holders.len()), (10, 1));
+        // When it goes, the majority decides again.
+        let mut gone = h(2, 10, true);
+        gone.removed = true;
+        dir.apply(home, &gone);
+        assert_eq!(dir.locate(&d(2), &c, |_| true).unwrap().size, 999);
+    }
+
+    #[test]
+    fn one_member_cannot_fill_the_directory() {
+        let (flooder, honest) = (PeerId::random(), PeerId::random());
+        let mut dir = Directory::default();
+        let digest = |i: usize| Digest::from_sha256(&sha2::Sha256::digest(i.to_le_bytes()));
+        let holding = |i: usize| Holding {
+            digest: digest(i),
+            size: 1,
+            media_type: None,
+            complete: true,
+            public: true,
+            removed: false,
+        };
+        for i in 0..MAX_PER_MEMBER {
+            assert!(dir.apply(flooder, &holding(i)));
+        }
+        assert!(!dir.apply(flooder, &holding(MAX_PER_MEMBER)), "past its share");
+        assert_eq!(dir.len(), MAX_PER_MEMBER, "a refused announcement leaves no empty entry");
+        assert!(dir.apply(honest, &holding(MAX_PER_MEMBER)), "others still have room");
+        // Its share comes back as its holdings go.
+        dir.prune(|p| *p != flooder);
+        assert!(dir.apply(flooder, &holding(0)));
     }
 
     #[test]

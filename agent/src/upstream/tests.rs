@@ -217,3 +217,81 @@ async fn a_registry_that_cannot_be_reached_is_not_asked_again_until_a_probe_answ
     tokio::time::timeout(PROBE_EVERY * 5, probe).await.expect("the probe noticed the registry was back").unwrap();
     assert!(up.send(req).await.is_ok());
 }
+
+/// A registry whose challenge sends the token request to `realm`.
+async fn registry_with_realm_at(realm: &str) -> std::net::SocketAddr {
+    let challenge = format!(r#"Bearer realm="{realm}",service="fake",scope="repository:lib/app:pull""#);
+    serve(Router::new().fallback(move || {
+        let challenge = challenge.clone();
+        async move {
+            let mut r: Response = StatusCode::UNAUTHORIZED.into_response();
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, challenge.parse().unwrap());
+            r
+        }
+    }))
+    .await
+}
+
+/// An "internal service": answers anything with a token-shaped body, counting calls and credentials seen.
+async fn internal_service(seen: Arc<Seen>) -> std::net::SocketAddr {
+    serve(
+        Router::new()
+            .fallback(|State(s): State<Arc<Seen>>, req: HttpRequest| async move {
+                s.token_calls.fetch_add(1, Ordering::SeqCst);
+                if req.headers().contains_key(header::AUTHORIZATION) {
+                    s.token_with_creds.fetch_add(1, Ordering::SeqCst);
+                }
+                r#"{"token":"internal-secret"}"#.into_response()
+            })
+            .with_state(seen),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_realm_on_another_host_is_not_followed() {
+    let seen = Arc::new(Seen::default());
+    let internal = internal_service(seen.clone()).await;
+    let registry = registry_with_realm_at(&format!("http://{internal}/admin/token")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::write(&creds, "bot:pw").unwrap();
+    let up = client(registry, Some(&creds));
+    let host = RegistryHost::parse(&registry.to_string()).unwrap();
+    let repo = RepoName::parse("lib/app").unwrap();
+    let d = digest();
+    let req = request(&host, &repo, Target::Blob(&d), true, None);
+    assert!(matches!(up.send(req).await, Err(UpstreamError::Unauthorized { .. })));
+    assert_eq!(seen.token_calls.load(Ordering::SeqCst), 0, "the agent called a service the registry named");
+    assert_eq!(seen.token_with_creds.load(Ordering::SeqCst), 0, "configured credentials went to another host");
+
+    // The same realm, configured for the registry: followed, with the credentials.
+    let toml = format!(
+        "[registry.\"{registry}\"]\nplain_http = true\ncredentials_file = \"{}\"\ntoken_hosts = [\"{internal}\"]\n",
+        creds.display()
+    );
+    let cfg = RawConfig::from_toml(&toml).unwrap().validate().unwrap();
+    let up = Upstream::new(cfg.upstream, UpstreamMetrics::default()).unwrap();
+    let _ = up.send(req).await;
+    assert_eq!(seen.token_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.token_with_creds.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unreachable_unlisted_registries_are_probed_in_bounded_number_and_forgotten_when_idle() {
+    let cfg = RawConfig::from_toml("upstream_attempts = 1").unwrap().validate().unwrap();
+    let up = Upstream::new(cfg.upstream, UpstreamMetrics::default()).unwrap();
+    let repo = RepoName::parse("x").unwrap();
+    let d = digest();
+    // Clients name 40 registries nobody answers at (nothing listens on these loopback ports).
+    for port in 1..=40u16 {
+        let host = RegistryHost::parse(&format!("127.0.0.1:{port}")).unwrap();
+        let req = request(&host, &repo, Target::Blob(&d), true, None);
+        assert!(matches!(up.send(req).await, Err(UpstreamError::Unreachable(_))));
+        assert!(up.down_count() <= MAX_UNLISTED_PROBES, "{} registries probed", up.down_count());
+    }
+    assert_eq!(up.down_count(), MAX_UNLISTED_PROBES);
+    // Nobody asks for them any more: every probe ends.
+    tokio::time::sleep(PROBE_IDLE + PROBE_EVERY * 3).await;
+    assert_eq!(up.down_count(), 0, "probes outlived the clients that asked");
+}
