@@ -1,9 +1,10 @@
-//! The agent process: opens the store, binds the mirror, the metrics/health endpoints and (with a cluster secret)
-//! the mesh's gossip and transfer endpoints, serves until the shutdown future resolves, then shuts down in order:
+//! The agent process: [`Agent::start`] opens the store, binds the mirror, the metrics/health endpoints and (with a
+//! cluster secret) the mesh's gossip and transfer endpoints, and serves; [`Agent::addrs`] says where (ports the OS
+//! picked for a 0 included, also written to `ready_file` once ready); [`Agent::shutdown`] shuts down in order:
 //! readiness off, stop accepting, drain in-flight responses under the grace timeout, stop downloads and background
 //! tasks (gossip announces the leave), close the QUIC endpoint, flush the index.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -65,140 +66,227 @@ struct HealthState {
     registry: Registry,
 }
 
+/// Where a started agent listens (what the OS picked for a port 0), as written to `ready_file`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Addrs {
+    /// The mirror.
+    pub mirror: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics: SocketAddr,
+    /// The gossip listener (TCP), with a mesh.
+    pub gossip: Option<SocketAddr>,
+    /// The transfer endpoint (UDP), with a mesh.
+    pub transfer: Option<SocketAddr>,
+}
+
+/// A running agent: every listener bound, serving until [`Agent::shutdown`].
+#[derive(Debug)]
+pub struct Agent {
+    addrs: Addrs,
+    health: Arc<HealthState>,
+    store: Arc<Store>,
+    mesh: Option<Arc<Mesh>>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    stop_accepting: CancellationToken,
+    mirror_task: tokio::task::JoinHandle<()>,
+    health_task: tokio::task::JoinHandle<()>,
+    shutdown_grace: std::time::Duration,
+}
+
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
-    // libp2p enables both of rustls' providers; the process uses one (a second call keeps the first).
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let data_dir = cfg.data_dir.clone();
-    let (store, rec) = tokio::task::spawn_blocking(move || Store::open(&data_dir))
-        .await
-        .expect("the store-opening task does not panic")
-        .map_err(|source| AgentError::Store { path: cfg.data_dir.clone(), source })?;
-    tracing::info!(
-        blobs = rec.blobs,
-        dangling_records = rec.dangling_records,
-        orphan_files = rec.orphan_files,
-        partials = rec.partials,
-        "store opened and reconciled"
-    );
-    let store = Arc::new(store);
-    let mirror_listener = TcpListener::bind(cfg.listen).await.map_err(|source| AgentError::Bind {
-        what: "the mirror",
-        addr: cfg.listen,
-        source,
-    })?;
-    let metrics_listener = TcpListener::bind(cfg.metrics_listen).await.map_err(|source| AgentError::Bind {
-        what: "metrics",
-        addr: cfg.metrics_listen,
-        source,
-    })?;
+    let agent = Agent::start(cfg).await?;
+    shutdown.await;
+    agent.shutdown().await;
+    Ok(())
+}
 
-    let metrics = Metrics::default();
-    let mut registry = Registry::default();
-    metrics.register(&mut registry);
-    let cancel = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let upstream = Arc::new(Upstream::new(cfg.upstream.clone(), metrics.upstream.clone())?);
-    let mut cfg = cfg;
-    if let (Some(m), Some(node)) = (&mut cfg.mesh, &cfg.node_name)
-        && m.zone_from_node
-    {
-        m.zone = zone_of_node(node).await;
-    }
-    let mesh = match &cfg.mesh {
-        Some(m) => Some(Mesh::start(m, &cfg.data_dir, metrics.clone(), &tasks, &cancel)?),
-        None => None,
-    };
-    let containerd = cfg.containerd.clone().map(|c| Containerd::new(c, metrics.containerd.clone(), tasks.clone()));
-    let resolver = Resolver::new(
-        store.clone(),
-        upstream,
-        ResolverConfig {
-            tag_ttl: cfg.tag_ttl,
-            auth_ttl: cfg.auth_ttl,
-            gc_high_bytes: cfg.gc_high_bytes,
-            min_free_space: cfg.min_free_space,
-            gc_low_bytes: cfg.gc_low_bytes,
-        },
-        metrics.clone(),
-        tasks.clone(),
-        cancel.child_token(),
-        Others { mesh: mesh.clone(), containerd: containerd.clone() },
-    );
-    if let Some(m) = &mesh {
-        m.serve(resolver.clone(), &tasks, cancel.child_token());
-    }
-    if let Some(c) = &containerd {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        tasks.spawn(c.clone().follow(tx, cancel.child_token()));
-        let r = resolver.clone();
-        tasks.spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                r.containerd_changed(batch).await;
-            }
-        });
-    }
-    resolver.maybe_gc();
-    if let Err(e) = resolver.announce_stored().await {
-        tracing::warn!(error = %e, "could not list the store for the mesh: peers learn of its blobs later");
-    }
+impl Agent {
+    /// Opens the store, binds the mirror, the metrics/health endpoints and (with a cluster secret) the mesh's
+    /// listeners, and starts serving. Readiness follows once the mesh has joined (see [`Agent::addrs`] for where
+    /// it listens; with `ready_file`, the addresses are written there once ready).
+    pub async fn start(cfg: Config) -> Result<Self, AgentError> {
+        // libp2p enables both of rustls' providers; the process uses one (a second call keeps the first).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let data_dir = cfg.data_dir.clone();
+        let (store, rec) = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+            .await
+            .expect("the store-opening task does not panic")
+            .map_err(|source| AgentError::Store { path: cfg.data_dir.clone(), source })?;
+        tracing::info!(
+            blobs = rec.blobs,
+            dangling_records = rec.dangling_records,
+            orphan_files = rec.orphan_files,
+            partials = rec.partials,
+            "store opened and reconciled"
+        );
+        let store = Arc::new(store);
+        let mirror_listener = TcpListener::bind(cfg.listen).await.map_err(|source| AgentError::Bind {
+            what: "the mirror",
+            addr: cfg.listen,
+            source,
+        })?;
+        let metrics_listener = TcpListener::bind(cfg.metrics_listen).await.map_err(|source| AgentError::Bind {
+            what: "metrics",
+            addr: cfg.metrics_listen,
+            source,
+        })?;
 
-    if let Some(h) = &cfg.hosts {
-        write_hosts(&cfg, h);
-    }
-    let health = Arc::new(HealthState { ready: AtomicBool::new(false), registry });
-    let stop_accepting = CancellationToken::new();
-    let mirror_app = mirror::router(MirrorState { resolver, metrics });
-    let mirror_addr = mirror_listener.local_addr().map_err(AgentError::Serve)?;
-    let metrics_addr = metrics_listener.local_addr().map_err(AgentError::Serve)?;
-    let mirror_server = mirror::server::serve(mirror_listener, mirror_app, cfg.client_limits, stop_accepting.clone());
-    // The health and metrics endpoints see a scraper and the kubelet's probes: a few connections suffice.
-    let health_limits = mirror::server::Limits { max_connections: 64, ..cfg.client_limits };
-    let health_server =
-        mirror::server::serve(metrics_listener, health_router(health.clone()), health_limits, stop_accepting.clone());
-    match (&mesh, &cfg.mesh) {
-        (Some(mesh), Some(mc)) => {
-            // Ready once another member is seen, or after a while alone (the first node of a cluster).
-            let (mesh, health, wait) = (mesh.clone(), health.clone(), mc.suspect_after);
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let upstream = Arc::new(Upstream::new(cfg.upstream.clone(), metrics.upstream.clone())?);
+        let mut cfg = cfg;
+        if let (Some(m), Some(node)) = (&mut cfg.mesh, &cfg.node_name)
+            && m.zone_from_node
+        {
+            m.zone = zone_of_node(node).await;
+        }
+        let mesh = match &cfg.mesh {
+            Some(m) => Some(Mesh::start(m, &cfg.data_dir, metrics.clone(), &tasks, &cancel).await?),
+            None => None,
+        };
+        let containerd = cfg.containerd.clone().map(|c| Containerd::new(c, metrics.containerd.clone(), tasks.clone()));
+        let resolver = Resolver::new(
+            store.clone(),
+            upstream,
+            ResolverConfig {
+                tag_ttl: cfg.tag_ttl,
+                auth_ttl: cfg.auth_ttl,
+                gc_high_bytes: cfg.gc_high_bytes,
+                min_free_space: cfg.min_free_space,
+                gc_low_bytes: cfg.gc_low_bytes,
+            },
+            metrics.clone(),
+            tasks.clone(),
+            cancel.child_token(),
+            Others { mesh: mesh.clone(), containerd: containerd.clone() },
+        );
+        if let Some(m) = &mesh {
+            m.serve(resolver.clone(), &tasks, cancel.child_token());
+        }
+        if let Some(c) = &containerd {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            tasks.spawn(c.clone().follow(tx, cancel.child_token()));
+            let r = resolver.clone();
             tasks.spawn(async move {
-                let joined = mesh.joined(wait).await;
-                health.ready.store(true, Ordering::Release);
-                tracing::info!(%mirror_addr, %metrics_addr, joined, "shoal agent ready");
+                while let Some(batch) = rx.recv().await {
+                    r.containerd_changed(batch).await;
+                }
             });
         }
-        _ => {
-            health.ready.store(true, Ordering::Release);
-            tracing::info!(%mirror_addr, %metrics_addr, "shoal agent ready");
+        resolver.maybe_gc();
+        if let Err(e) = resolver.announce_stored().await {
+            tracing::warn!(error = %e, "could not list the store for the mesh: peers learn of its blobs later");
         }
+
+        let health = Arc::new(HealthState { ready: AtomicBool::new(false), registry });
+        let stop_accepting = CancellationToken::new();
+        let addrs = Addrs {
+            mirror: mirror_listener.local_addr().map_err(AgentError::Serve)?,
+            metrics: metrics_listener.local_addr().map_err(AgentError::Serve)?,
+            gossip: mesh.as_ref().map(|m| m.gossip_addr()),
+            transfer: mesh.as_ref().map(|m| m.transfer_addr()),
+        };
+        if let Some(h) = &mut cfg.hosts {
+            // Derived from a `listen` on port 0 (an explicit `mirror_url` cannot name port 0): the port bound.
+            if h.mirror_url.ends_with(":0") {
+                let ip =
+                    if addrs.mirror.ip().is_unspecified() { Ipv4Addr::LOCALHOST.into() } else { addrs.mirror.ip() };
+                h.mirror_url = format!("http://{}", SocketAddr::new(ip, addrs.mirror.port()));
+            }
+        }
+        if let Some(h) = &cfg.hosts {
+            write_hosts(&cfg, h);
+        }
+        let mirror_app = mirror::router(MirrorState { resolver, metrics });
+        let mirror_server =
+            mirror::server::serve(mirror_listener, mirror_app, cfg.client_limits, stop_accepting.clone());
+        // The health and metrics endpoints see a scraper and the kubelet's probes: a few connections suffice.
+        let health_limits = mirror::server::Limits { max_connections: 64, ..cfg.client_limits };
+        let health_server = mirror::server::serve(
+            metrics_listener,
+            health_router(health.clone()),
+            health_limits,
+            stop_accepting.clone(),
+        );
+        // Ready once another member is seen, or after a while alone (the first node of a cluster).
+        let join_wait = cfg.mesh.as_ref().map(|m| (mesh.clone(), m.suspect_after));
+        let (h, ready_file) = (health.clone(), cfg.ready_file.clone());
+        tasks.spawn(async move {
+            let joined = match join_wait {
+                Some((Some(mesh), wait)) => Some(mesh.joined(wait).await),
+                _ => None,
+            };
+            if let Some(path) = &ready_file
+                && let Err(e) = write_ready_file(path, &addrs)
+            {
+                tracing::error!(path = %path.display(), error = %e, "could not write the ready file");
+            }
+            h.ready.store(true, Ordering::Release);
+            tracing::info!(mirror = %addrs.mirror, metrics = %addrs.metrics, ?joined, "shoal agent ready");
+        });
+        Ok(Self {
+            addrs,
+            health,
+            store,
+            mesh,
+            tasks,
+            cancel,
+            stop_accepting,
+            mirror_task: tokio::spawn(mirror_server),
+            health_task: tokio::spawn(health_server),
+            shutdown_grace: cfg.shutdown_grace,
+        })
     }
 
-    let mirror_task = tokio::spawn(mirror_server);
-    let health_task = tokio::spawn(health_server);
-    shutdown.await;
+    /// Where it listens.
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
 
-    tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining in-flight responses");
-    health.ready.store(false, Ordering::Release);
-    stop_accepting.cancel();
-    let drained = tokio::time::timeout(cfg.shutdown_grace, async {
-        let _ = mirror_task.await;
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("grace period over: dropping the responses still in flight");
+    /// Whether it is ready (`/readyz`).
+    pub fn is_ready(&self) -> bool {
+        self.health.ready.load(Ordering::Acquire)
     }
-    cancel.cancel();
-    if let Some(mesh) = &mesh {
-        mesh.close().await;
+
+    /// Shuts down in order: readiness off, stop accepting, drain in-flight responses under the grace timeout,
+    /// stop downloads and background tasks (gossip announces the leave), close the QUIC endpoint, flush the index.
+    pub async fn shutdown(self) {
+        tracing::info!(grace = ?self.shutdown_grace, "shutting down: draining in-flight responses");
+        self.health.ready.store(false, Ordering::Release);
+        self.stop_accepting.cancel();
+        let drained = tokio::time::timeout(self.shutdown_grace, async {
+            let _ = self.mirror_task.await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("grace period over: dropping the responses still in flight");
+        }
+        self.cancel.cancel();
+        if let Some(mesh) = &self.mesh {
+            mesh.close().await;
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.health_task.abort();
+        let store = self.store;
+        let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::error!(error = %e, "flushing the index failed");
+        }
+        tracing::info!("shoal agent stopped");
     }
-    tasks.close();
-    tasks.wait().await;
-    health_task.abort();
-    let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
-    if let Ok(Err(e)) = flushed {
-        tracing::error!(error = %e, "flushing the index failed");
-    }
-    tracing::info!("shoal agent stopped");
-    Ok(())
+}
+
+/// Writes the addresses as JSON, atomically (a reader never sees half a file).
+fn write_ready_file(path: &std::path::Path, addrs: &Addrs) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(addrs).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The node's zone from its label; `default` (with a warning) when it has none or the API server cannot say

@@ -93,6 +93,10 @@ pub struct RawConfig {
     /// A response the client reads nothing of for this long is dropped. Default `30s`.
     #[arg(long, env = "SHOAL_CLIENT_STALL_TIMEOUT")]
     pub client_stall_timeout: Option<String>,
+    /// Once ready, write where the agent listens (JSON: `mirror`, `metrics`, `gossip`, `transfer`) to this file:
+    /// for supervisors and tests that let the OS pick ports (`:0`). Default none.
+    #[arg(long, env = "SHOAL_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
     /// Timeout for connecting to an upstream registry. Default `5s`.
     #[arg(long, env = "SHOAL_UPSTREAM_CONNECT_TIMEOUT")]
     pub upstream_connect_timeout: Option<String>,
@@ -338,6 +342,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Limits of the mirror's HTTP server.
     pub client_limits: crate::mirror::server::Limits,
+    /// Where to write the bound addresses once ready.
+    pub ready_file: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
     /// Upstream client settings.
@@ -443,6 +449,7 @@ impl RawConfig {
             max_client_connections: self.max_client_connections.or(file.max_client_connections),
             client_header_timeout: self.client_header_timeout.or(file.client_header_timeout),
             client_stall_timeout: self.client_stall_timeout.or(file.client_stall_timeout),
+            ready_file: self.ready_file.or(file.ready_file),
             upstream_connect_timeout: self.upstream_connect_timeout.or(file.upstream_connect_timeout),
             upstream_stall_timeout: self.upstream_stall_timeout.or(file.upstream_stall_timeout),
             upstream_response_timeout: self.upstream_response_timeout.or(file.upstream_response_timeout),
@@ -626,6 +633,7 @@ impl RawConfig {
             auth_ttl,
             shutdown_grace,
             client_limits,
+            ready_file: self.ready_file.clone(),
             log_format,
             upstream: UpstreamConfig {
                 connect_timeout,

@@ -72,6 +72,8 @@ pub struct Tier {
 #[derive(Debug)]
 pub struct Mesh {
     me: PeerId,
+    /// The gossip (TCP) and transfer (UDP) listeners' addresses.
+    addrs: (SocketAddr, SocketAddr),
     cfg: MeshConfig,
     view: watch::Receiver<Arc<MembersView>>,
     transfer: Arc<Transfer>,
@@ -122,7 +124,7 @@ impl Mesh {
     /// Binds the transfer endpoint and the gossip listener and starts membership and announcements. Members'
     /// requests are answered once [`Mesh::serve`] is called (until then their connections wait in the endpoint's
     /// queue).
-    pub fn start(
+    pub async fn start(
         cfg: &MeshConfig,
         data_dir: &Path,
         metrics: Metrics,
@@ -131,16 +133,18 @@ impl Mesh {
     ) -> Result<Arc<Self>, MeshError> {
         let keypair = node_key(&data_dir.join("node.key"))?;
         let me = keypair.public().to_peer_id();
-        let transfer = Arc::new(Transfer::bind(cfg.transfer_listen, me, &cfg.secret, cfg.peer_stall_timeout)?);
+        let transfer = Arc::new(Transfer::bind(cfg.transfer_listen, &keypair, &cfg.secret, cfg.peer_stall_timeout)?);
         let bound = transfer.local_addr().map_err(|e| TransferError::Bind { addr: cfg.transfer_listen, source: e })?;
         let transfer_addr = SocketAddr::new(cfg.advertise_ip, bound.port());
         let initial = MembersView::new(me, cfg.zone.clone(), Vec::new());
         let initial_epoch = initial.epoch();
         let (view_tx, view) = watch::channel(Arc::new(initial));
-        let gossip = gossip::Gossip::new(cfg, keypair, transfer_addr, view_tx, metrics.clone())?;
+        let gossip = gossip::Gossip::new(cfg, keypair, transfer_addr, view_tx, metrics.clone()).await?;
+        let gossip_addr = gossip.local_addr();
         let (holdings, rx) = mpsc::unbounded_channel();
         let mesh = Arc::new(Self {
             me,
+            addrs: (gossip_addr, bound),
             cfg: cfg.clone(),
             view,
             transfer: transfer.clone(),
@@ -151,7 +155,7 @@ impl Mesh {
             directory_changed: tokio::sync::Notify::new(),
             metrics,
         });
-        tracing::info!(peer_id = %me, zone = %cfg.zone, gossip = %cfg.gossip_listen, transfer = %transfer_addr, "mesh started");
+        tracing::info!(peer_id = %me, zone = %cfg.zone, gossip = %gossip_addr, transfer = %transfer_addr, "mesh started");
         tasks.spawn(gossip.run(cancel.child_token()));
         tasks.spawn(mesh.clone().announce_loop(rx, cancel.child_token()));
         Ok(mesh)
@@ -161,6 +165,16 @@ impl Mesh {
     pub fn serve(self: &Arc<Self>, local: Arc<dyn Local>, tasks: &TaskTracker, cancel: CancellationToken) {
         let server = Arc::new(serve::PeerServer::new(self.clone(), local));
         tasks.spawn(self.transfer.clone().serve(server, tasks.clone(), cancel));
+    }
+
+    /// The gossip listener's address.
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.addrs.0
+    }
+
+    /// The transfer endpoint's address.
+    pub fn transfer_addr(&self) -> SocketAddr {
+        self.addrs.1
     }
 
     /// This node's id.

@@ -4,7 +4,9 @@
 //! Every bidirectional stream carries one request frame and one response frame (see `proto/peer.proto`), followed
 //! for a piece by its raw bytes. A connection is admitted by its first stream, the Hello exchange: each side
 //! proves it holds the cluster secret with a MAC over the connection's TLS exporter value (channel binding), so a
-//! node without the secret gets no answer, and a relay in the middle cannot reuse a proof on its own TLS session.
+//! node without the secret gets no answer, and a relay in the middle cannot reuse a proof on its own TLS session;
+//! and signs the same binding with its node key, the key its peer id is derived from, so a member that knows the
+//! secret still cannot speak as another member.
 //! TLS itself uses throwaway self-signed certificates: the secret, not a PKI, is what authenticates.
 //!
 //! Input from the other side is bounded before anything is allocated: frames over [`MAX_FRAME`] bytes, pieces over
@@ -35,6 +37,8 @@ use crate::pieces::MAX_PIECE;
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest Hello frame.
 const MAX_HELLO: usize = 1024;
+/// Connections awaiting their Hello at once, at most (each may have a little buffered here meanwhile).
+const MAX_PENDING: usize = 64;
 /// Time a new connection has to complete the Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Stream reset codes.
@@ -135,6 +139,8 @@ pub trait Service: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Transfer {
     me: PeerId,
+    /// The node key: signs this node's side of each Hello.
+    key: libp2p::identity::Keypair,
     endpoint: quinn::Endpoint,
     auth_key: [u8; 32],
     conns: Mutex<HashMap<PeerId, quinn::Connection>>,
@@ -170,6 +176,19 @@ fn proof(key: &[u8; 32], role: &[u8], exporter: &[u8; 32], peer: &PeerId) -> [u8
     *h.finalize().as_bytes()
 }
 
+/// What each side signs with its node key: the role and the channel binding.
+fn signed(role: &[u8], exporter: &[u8; 32]) -> Vec<u8> {
+    [b"shoal transfer hello v1 ".as_slice(), role, exporter].concat()
+}
+
+/// Whether `signature` over `msg` is by the key `peer` was derived from (ed25519 ids carry their public key).
+fn signed_by(peer: &PeerId, msg: &[u8], signature: &[u8]) -> bool {
+    let mh: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    // The identity multihash (code 0) holds the protobuf-encoded public key itself.
+    mh.code() == 0
+        && libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()).is_ok_and(|k| k.verify(msg, signature))
+}
+
 fn proof_matches(expected: &[u8; 32], got: &[u8]) -> bool {
     // blake3::Hash compares in constant time.
     <[u8; 32]>::try_from(got).is_ok_and(|g| blake3::Hash::from_bytes(g) == blake3::Hash::from_bytes(*expected))
@@ -183,7 +202,13 @@ fn exporter(conn: &quinn::Connection) -> Result<[u8; 32], String> {
 
 impl Transfer {
     /// Binds the endpoint on `addr`.
-    pub fn bind(addr: SocketAddr, me: PeerId, secret: &ClusterSecret, stall: Duration) -> Result<Self, TransferError> {
+    pub fn bind(
+        addr: SocketAddr,
+        key: &libp2p::identity::Keypair,
+        secret: &ClusterSecret,
+        stall: Duration,
+    ) -> Result<Self, TransferError> {
+        let me = key.public().to_peer_id();
         let (server, client) = tls::configs().map_err(TransferError::Tls)?;
         let socket = std::net::UdpSocket::bind(addr).map_err(|source| TransferError::Bind { addr, source })?;
         let runtime = quinn::default_runtime().ok_or_else(|| TransferError::Tls("no async runtime".into()))?;
@@ -191,7 +216,7 @@ impl Transfer {
             .map_err(|source| TransferError::Bind { addr, source })?;
         endpoint.set_default_client_config(client);
         let auth_key = blake3::derive_key("shoal 2026 transfer admission v1", &secret.0);
-        Ok(Self { me, endpoint, auth_key, conns: Mutex::default(), stall })
+        Ok(Self { me, key: key.clone(), endpoint, auth_key, conns: Mutex::default(), stall })
     }
 
     /// The bound address.
@@ -200,17 +225,24 @@ impl Transfer {
     }
 
     /// Accepts connections until `cancel` fires; each authenticated stream goes to `service`.
+    /// At most [`MAX_PENDING`] connections wait for their admission at once; more are refused.
     pub async fn serve(self: Arc<Self>, service: Arc<dyn Service>, tasks: TaskTracker, cancel: CancellationToken) {
+        let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING));
         loop {
             let incoming = tokio::select! {
                 i = self.endpoint.accept() => match i { Some(i) => i, None => return },
                 () = cancel.cancelled() => return,
             };
+            let Ok(admitting) = pending.clone().try_acquire_owned() else {
+                tracing::debug!(remote = %incoming.remote_address(), "too many connections awaiting admission: refused");
+                incoming.refuse();
+                continue;
+            };
             let (this, service, t) = (self.clone(), service.clone(), tasks.clone());
             let cancel = cancel.clone();
             tasks.spawn(async move {
                 let remote = incoming.remote_address();
-                if let Err(e) = this.serve_connection(incoming, service, t, cancel).await {
+                if let Err(e) = this.serve_connection(incoming, service, t, cancel, admitting).await {
                     tracing::debug!(%remote, error = %e, "peer connection ended");
                 }
             });
@@ -223,13 +255,19 @@ impl Transfer {
         service: Arc<dyn Service>,
         tasks: TaskTracker,
         cancel: CancellationToken,
+        admitting: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<(), String> {
         let conn = tokio::time::timeout(HELLO_TIMEOUT, incoming)
             .await
             .map_err(|_| "handshake timed out".to_owned())?
             .map_err(|e| e.to_string())?;
         let peer = match tokio::time::timeout(HELLO_TIMEOUT, self.accept_hello(&conn)).await {
-            Ok(Ok(peer)) => peer,
+            Ok(Ok(peer)) => {
+                // Admitted: the requests it may have open at once (one stream, the Hello, until now).
+                conn.set_max_concurrent_bi_streams(tls::MAX_STREAMS.into());
+                drop(admitting);
+                peer
+            }
             Ok(Err(e)) => {
                 conn.close(RESET_UNAUTHENTICATED.into(), b"unauthenticated");
                 return Err(format!("rejected: {e}"));
@@ -285,15 +323,24 @@ impl Transfer {
         if !proof_matches(&proof(&self.auth_key, b"client", &ex, &peer), &hello.proof) {
             return Err(format!("{peer} does not hold the cluster secret"));
         }
+        if !signed_by(&peer, &signed(b"client", &ex), &hello.signature) {
+            return Err(format!("the hello is not signed by {peer}'s key: another member's id"));
+        }
         let ack = Response {
             kind: Some(response::Kind::Hello(peer::HelloAck {
                 peer_id: self.me.to_bytes(),
                 proof: proof(&self.auth_key, b"server", &ex, &self.me).to_vec(),
+                signature: self.sign(b"server", &ex)?,
             })),
         };
         send.write_all(&encode_frame(&ack)).await.map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;
         Ok(peer)
+    }
+
+    /// This node's signature over its side of a Hello.
+    fn sign(&self, role: &[u8], exporter: &[u8; 32]) -> Result<Vec<u8>, String> {
+        self.key.sign(&signed(role, exporter)).map_err(|e| format!("signing the hello: {e}"))
     }
 
     /// An authenticated connection to `peer` at `addr`, reused while it lives.
@@ -319,6 +366,7 @@ impl Transfer {
             kind: Some(request::Kind::Hello(peer::Hello {
                 peer_id: self.me.to_bytes(),
                 proof: proof(&self.auth_key, b"client", &ex, &self.me).to_vec(),
+                signature: self.sign(b"client", &ex).map_err(err)?,
             })),
         };
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
@@ -335,6 +383,10 @@ impl Transfer {
         if !proof_matches(&proof(&self.auth_key, b"server", &ex, &theirs), &ack.proof) {
             conn.close(RESET_UNAUTHENTICATED.into(), b"unauthenticated");
             return Err(err(format!("{peer} does not hold the cluster secret")));
+        }
+        if !signed_by(&theirs, &signed(b"server", &ex), &ack.signature) {
+            conn.close(RESET_UNAUTHENTICATED.into(), b"unauthenticated");
+            return Err(err(format!("{addr} answers for {peer} without its key")));
         }
         Ok(conn)
     }

@@ -10,14 +10,15 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sha2::Digest as _;
 
-use crate::{free_port, shoal_bin, wait_for};
+use crate::{shoal_bin, wait_for};
 
 /// Builds an [`Agent`].
 #[derive(Debug, Default)]
 pub struct AgentBuilder {
     lines: Vec<String>,
     registries: Vec<String>,
-    gossip: Option<SocketAddr>,
+    /// The address the mesh listens on, when in one (the port is the OS's pick).
+    gossip_ip: Option<std::net::Ipv4Addr>,
     netns: Option<(String, std::net::Ipv4Addr)>,
     env: Vec<(String, String)>,
     data_dir: Option<PathBuf>,
@@ -58,11 +59,9 @@ impl AgentBuilder {
     /// bootstrapping from `bootstrap` (gossip addresses of other agents). Liveness timing is shortened for tests
     /// (announce every 250ms, suspect after 1s, dead after 2s) unless the test sets those keys.
     pub fn mesh(mut self, secret_file: &Path, ip: std::net::Ipv4Addr, bootstrap: &[SocketAddr]) -> Self {
-        let gossip = SocketAddr::new(ip.into(), free_port().unwrap_or(0));
-        self.gossip = Some(gossip);
+        self.gossip_ip = Some(ip);
         let list: Vec<String> = bootstrap.iter().map(|a| format!("\"{a}\"")).collect();
         self.lines.push(format!("cluster_secret_file = \"{}\"", secret_file.display()));
-        self.lines.push(format!("gossip_listen = \"{gossip}\""));
         self.lines.push(format!("transfer_listen = \"{ip}:0\""));
         self.lines.push(format!("bootstrap = [{}]", list.join(", ")));
         for (key, value) in [("gossip_interval", "\"250ms\""), ("suspect_after", "\"1s\""), ("dead_after", "\"2s\"")] {
@@ -99,22 +98,13 @@ impl AgentBuilder {
         self
     }
 
-    /// Starts the agent and waits until it is ready.
+    /// Starts the agent and waits until it is ready. Its ports are the OS's picks (no race for free ports): the
+    /// agent writes them to its ready file, and a restart binds the same ones again.
     pub async fn start(self) -> Result<Agent> {
         let dir = tempfile::Builder::new().prefix("shoal-agent").tempdir()?;
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let metrics_ip = self.netns.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |(_, ip)| *ip);
-        // Two free ports asked for in a row can be the same one: draw again until they differ.
-        let mut metrics_port = free_port()?;
-        while metrics_port == addr.port() {
-            metrics_port = free_port()?;
-        }
-        let metrics_addr = SocketAddr::new(metrics_ip.into(), metrics_port);
         let data_dir = self.data_dir.clone().unwrap_or_else(|| dir.path().join("data"));
-        let mut config = format!(
-            "listen = \"{addr}\"\nmetrics_listen = \"{metrics_addr}\"\ndata_dir = \"{}\"\n",
-            data_dir.display()
-        );
+        let mut config = format!("data_dir = \"{}\"\n", data_dir.display());
         // Testbed defaults, unless the test set the key itself.
         let defaults = [
             ("upstream_connect_timeout", "\"1s\""),
@@ -127,7 +117,7 @@ impl AgentBuilder {
             ("containerd_socket", "\"\""),
         ];
         for (key, value) in defaults {
-            if key == "peer_stall_timeout" && self.gossip.is_none() {
+            if key == "peer_stall_timeout" && self.gossip_ip.is_none() {
                 continue;
             }
             if !self.lines.iter().any(|l| l.starts_with(&format!("{key} ="))) {
@@ -138,18 +128,19 @@ impl AgentBuilder {
             config.push_str(l);
             config.push('\n');
         }
+        let mut registries = String::new();
         for r in &self.registries {
-            config.push_str(r);
+            registries.push_str(r);
         }
-        let config_path = dir.path().join("shoal.toml");
-        std::fs::write(&config_path, config)?;
         let mut agent = Agent {
             child: None,
+            config_path: dir.path().join("shoal.toml"),
             dir,
-            addr,
-            metrics_addr,
-            gossip_addr: self.gossip,
-            config_path,
+            addr: SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 0),
+            metrics_addr: SocketAddr::new(metrics_ip.into(), 0),
+            gossip_addr: self.gossip_ip.map(|ip| SocketAddr::new(ip.into(), 0)),
+            config,
+            registries,
             http: reqwest::Client::builder().no_proxy().build()?,
             netns: self.netns.map(|(n, _)| n),
             env: self.env,
@@ -158,6 +149,14 @@ impl AgentBuilder {
         agent.spawn().await?;
         Ok(agent)
     }
+}
+
+/// What the agent writes to its `ready_file` (`shoal_agent::agent::Addrs`).
+#[derive(Debug, serde::Deserialize)]
+struct ReadyFile {
+    mirror: SocketAddr,
+    metrics: SocketAddr,
+    gossip: Option<SocketAddr>,
 }
 
 /// A running `shoal agent`.
@@ -172,6 +171,10 @@ pub struct Agent {
     /// Gossip address, when in a mesh.
     pub gossip_addr: Option<SocketAddr>,
     config_path: PathBuf,
+    /// The config file but for the listeners and the ready file (written at each start, with the ports bound).
+    config: String,
+    /// The `[registry."…"]` tables, after the top-level keys.
+    registries: String,
     http: reqwest::Client,
     netns: Option<String>,
     env: Vec<(String, String)>,
@@ -184,7 +187,23 @@ impl Agent {
         AgentBuilder::default()
     }
 
+    fn ready_path(&self) -> PathBuf {
+        self.dir.path().join("ready.json")
+    }
+
+    /// Starts the process on the addresses it has (port 0 the first time) and waits for its ready file, which says
+    /// the addresses it bound.
     async fn spawn(&mut self) -> Result<()> {
+        let mut config = format!("listen = \"{}\"\nmetrics_listen = \"{}\"\n", self.addr, self.metrics_addr);
+        if let Some(g) = self.gossip_addr {
+            config.push_str(&format!("gossip_listen = \"{g}\"\n"));
+        }
+        let ready = self.ready_path();
+        config.push_str(&format!("ready_file = \"{}\"\n", ready.display()));
+        config.push_str(&self.config);
+        config.push_str(&self.registries);
+        std::fs::write(&self.config_path, config)?;
+        let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -206,19 +225,21 @@ impl Agent {
             .spawn()
             .context("starting shoal agent")?;
         self.child = Some(child);
-        let url = format!("http://{}/readyz", self.metrics_addr);
-        let http = self.http.clone();
         let child = self.child.as_mut().expect("spawned just above");
+        let mut bound: Option<ReadyFile> = None;
         let res = wait_for("the agent to be ready", Duration::from_secs(30), async || {
+            bound = std::fs::read(&ready).ok().and_then(|b| serde_json::from_slice(&b).ok());
             // An agent that exited (a bad config) will never be ready: stop waiting.
-            matches!(child.try_wait(), Ok(Some(_)))
-                || http.get(&url).send().await.is_ok_and(|r| r.status().is_success())
+            bound.is_some() || matches!(child.try_wait(), Ok(Some(_)))
         })
         .await;
         let exited = matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
-        if res.is_err() || exited {
+        let Some(bound) = bound.filter(|_| res.is_ok() && !exited) else {
             bail!("agent did not become ready; log:\n{}", self.log());
-        }
+        };
+        self.addr = bound.mirror;
+        self.metrics_addr = bound.metrics;
+        self.gossip_addr = bound.gossip;
         Ok(())
     }
 

@@ -77,6 +77,8 @@ pub(super) struct Gossip {
     table: MemberTable,
     view: watch::Sender<Arc<MembersView>>,
     own_addrs: HashSet<Multiaddr>,
+    /// The gossip listener's address.
+    bound: SocketAddr,
     connected: HashSet<PeerId>,
     cfg: MeshConfig,
     metrics: Metrics,
@@ -89,8 +91,8 @@ impl std::fmt::Debug for Gossip {
 }
 
 impl Gossip {
-    /// Builds the swarm and starts listening.
-    pub(super) fn new(
+    /// Builds the swarm and starts listening (on the port the OS picks, when the configured one is 0).
+    pub(super) async fn new(
         cfg: &MeshConfig,
         keypair: identity::Keypair,
         transfer_addr: SocketAddr,
@@ -142,11 +144,32 @@ impl Gossip {
             .build();
         let topic = gossipsub::IdentTopic::new(TOPIC);
         swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| setup(&e))?;
-        let listen = tcp_multiaddr(cfg.gossip_listen);
-        swarm
-            .listen_on(listen.clone())
-            .map_err(|e| GossipError::Listen { addr: cfg.gossip_listen, reason: e.to_string() })?;
-        let advertised = tcp_multiaddr(SocketAddr::new(cfg.advertise_ip, cfg.gossip_listen.port()));
+        let listen_err = |reason: String| GossipError::Listen { addr: cfg.gossip_listen, reason };
+        swarm.listen_on(tcp_multiaddr(cfg.gossip_listen)).map_err(|e| listen_err(e.to_string()))?;
+        // The listener's port (the configured one, or the one the OS picked for port 0).
+        let port = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::NewListenAddr { address, .. } => {
+                        if let Some(p) = address.iter().find_map(|p| match p {
+                            Protocol::Tcp(p) => Some(p),
+                            _ => None,
+                        }) {
+                            return Ok(p);
+                        }
+                    }
+                    SwarmEvent::ListenerClosed { reason: Err(e), .. } | SwarmEvent::ListenerError { error: e, .. } => {
+                        return Err(listen_err(e.to_string()));
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .map_err(|_| listen_err("the listener did not come up".into()))??;
+        let bound = SocketAddr::new(cfg.gossip_listen.ip(), port);
+        let listen = tcp_multiaddr(bound);
+        let advertised = tcp_multiaddr(SocketAddr::new(cfg.advertise_ip, port));
         let incarnation = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let ann = |leaving| shoal_proto::peer::MemberAnnouncement {
             peer_id: me.to_bytes(),
@@ -170,10 +193,16 @@ impl Gossip {
             table: MemberTable::new(me, timing),
             view,
             own_addrs: HashSet::from([listen, advertised]),
+            bound,
             connected: HashSet::new(),
             cfg: cfg.clone(),
             metrics,
         })
+    }
+
+    /// The gossip listener's address.
+    pub(super) fn local_addr(&self) -> SocketAddr {
+        self.bound
     }
 
     /// Runs until `cancel` fires, then announces that this node leaves.

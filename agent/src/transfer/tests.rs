@@ -75,8 +75,9 @@ fn secret(s: &str) -> ClusterSecret {
 }
 
 fn start(s: &str) -> (Arc<Transfer>, Arc<Counting>, PeerId, SocketAddr, CancellationToken) {
-    let id = PeerId::random();
-    let t = Arc::new(Transfer::bind("127.0.0.1:0".parse().unwrap(), id, &secret(s), Duration::from_secs(2)).unwrap());
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let id = key.public().to_peer_id();
+    let t = Arc::new(Transfer::bind("127.0.0.1:0".parse().unwrap(), &key, &secret(s), Duration::from_secs(2)).unwrap());
     let svc = Arc::new(Counting::default());
     let cancel = CancellationToken::new();
     let addr = t.local_addr().unwrap();
@@ -119,5 +120,83 @@ async fn a_connection_that_skips_the_hello_is_closed() {
     send.finish().unwrap();
     let r: Result<Response, _> = read_frame(&mut recv, MAX_FRAME).await;
     assert!(r.is_err(), "a request before the hello gets no answer");
+    assert_eq!(svc.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn before_its_hello_a_connection_gets_one_stream_and_a_small_window() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let (_server, _svc, _, addr, _c) = start("the right cluster secret");
+    let (_, client_cfg) = tls::configs().unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client_cfg);
+    let conn = ep.connect(addr, "shoal").unwrap().await.unwrap();
+    // The first stream (where the Hello would go) is allowed; a second is not, until admission.
+    let (mut first, _r1) = conn.open_bi().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
+    assert!(second.is_err(), "an unadmitted connection opened a second stream");
+    // On the one stream, 4 MiB of anything but a Hello never all get in (the stream window is a frame and a
+    // little, and what is not a Hello closes the connection).
+    let pushed = tokio::time::timeout(Duration::from_millis(500), first.write_all(&vec![0u8; 4 << 20])).await;
+    assert!(!matches!(pushed, Ok(Ok(()))), "an unadmitted connection pushed 4 MiB into the server");
+}
+
+#[tokio::test]
+async fn connections_awaiting_admission_are_bounded() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let (_server, svc, server_id, addr, _c) = start("the right cluster secret");
+    let (_, client_cfg) = tls::configs().unwrap();
+    // MAX_PENDING connections that never say hello; the next ones are refused while they wait.
+    let mut idle = Vec::new();
+    for _ in 0..MAX_PENDING {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(client_cfg.clone());
+        let conn = ep.connect(addr, "shoal").unwrap().await.unwrap();
+        idle.push((ep, conn));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client_cfg.clone());
+    let refused = ep.connect(addr, "shoal").unwrap().await;
+    assert!(refused.is_err(), "a connection past the admission bound was accepted");
+    // Once the idle ones time out (HELLO_TIMEOUT), a member gets in again.
+    drop(idle);
+    tokio::time::sleep(HELLO_TIMEOUT + Duration::from_secs(1)).await;
+    let (member, _, _, _, _c2) = start("the right cluster secret");
+    assert!(matches!(member.call(server_id, addr, locate()).await, Ok(response::Kind::Located(_))));
+    assert_eq!(svc.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_member_cannot_speak_as_another_member() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let s = "the right cluster secret";
+    let (_server, svc, _, addr, _c) = start(s);
+    let victim = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id();
+    let attacker = libp2p::identity::Keypair::generate_ed25519();
+    let auth_key = blake3::derive_key("shoal 2026 transfer admission v1", &secret(s).0);
+    let (_, client_cfg) = tls::configs().unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client_cfg);
+    let conn = ep.connect(addr, "shoal").unwrap().await.unwrap();
+    let ex = exporter(&conn).unwrap();
+    // It knows the secret, so its MAC for the victim's id is right; only the node key it lacks gives it away.
+    let hello = Request {
+        kind: Some(request::Kind::Hello(peer::Hello {
+            peer_id: victim.to_bytes(),
+            proof: proof(&auth_key, b"client", &ex, &victim).to_vec(),
+            signature: attacker.sign(&signed(b"client", &ex)).unwrap(),
+        })),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode_frame(&hello)).await.unwrap();
+    send.finish().unwrap();
+    let r: Result<Response, _> = read_frame(&mut recv, MAX_HELLO).await;
+    assert!(r.is_err(), "a hello for another member's id was answered: {r:?}");
+    // Nothing it sends afterwards reaches the service.
+    if let Ok((mut s2, _)) = conn.open_bi().await {
+        let _ = s2.write_all(&encode_frame(&Request { kind: Some(locate()) })).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(svc.0.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

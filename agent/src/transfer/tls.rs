@@ -51,16 +51,35 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
+/// Concurrent requests an admitted member may have open on one connection.
+pub(super) const MAX_STREAMS: u32 = 256;
+/// Bytes a member may have in flight towards this node on one connection (requests only: an announcement batch is
+/// the largest, under a MiB).
+const SERVER_RECEIVE_WINDOW: u32 = 2 << 20;
+/// Incoming connections not yet accepted, at most.
+const MAX_INCOMING: usize = 256;
+
 /// Flow control sized for pieces: a stream carries one piece (at most 2 MiB and its header frame), a connection a
 /// downloader's window of them. These bound memory per connection, both ways: a node serving several peers in a
 /// burst holds at most `send_window` unacknowledged bytes for each (8-node burst: 24 MiB windows, 88 MiB peak;
 /// 4 MiB, 70 MiB; the windows stay far above a LAN's bandwidth-delay product).
-fn transport() -> Arc<quinn::TransportConfig> {
+///
+/// The serving side only ever receives requests (pieces flow the other way), so it takes little: a connection
+/// before its Hello may open one stream and have [`SERVER_RECEIVE_WINDOW`] bytes buffered here, and after
+/// admission [`MAX_STREAMS`] streams ([`Transfer`](super::Transfer) raises the limit) within the same window.
+fn transport(server: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(256u32.into());
+    if server {
+        t.max_concurrent_bidi_streams(1u32.into());
+        t.stream_receive_window((super::MAX_FRAME as u32 + 1024).into());
+        t.receive_window(SERVER_RECEIVE_WINDOW.into());
+    } else {
+        // A client never accepts streams: it only opens them.
+        t.max_concurrent_bidi_streams(0u32.into());
+        t.stream_receive_window(((2u32 << 20) + (64 << 10)).into());
+        t.receive_window((4u32 << 20).into());
+    }
     t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window(((2u32 << 20) + (64 << 10)).into());
-    t.receive_window((4u32 << 20).into());
     t.send_window(4 << 20);
     // Packet size is most of the per-byte cost (a syscall and an AEAD call each): let MTU discovery find the
     // path's real maximum (jumbo frames, loopback) instead of stopping at Ethernet's 1452.
@@ -94,8 +113,12 @@ pub(super) fn configs() -> Result<(quinn::ServerConfig, quinn::ClientConfig), St
     let server = quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(|e| e.to_string())?;
     let client = quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(|e| e.to_string())?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
-    server.transport_config(transport());
+    server.transport_config(transport(true));
+    // Connections waiting for their handshake to be accepted, and what they may have buffered meanwhile.
+    server.max_incoming(MAX_INCOMING);
+    server.incoming_buffer_size(64 << 10);
+    server.incoming_buffer_size_total(MAX_INCOMING as u64 * (64 << 10));
     let mut client = quinn::ClientConfig::new(Arc::new(client));
-    client.transport_config(transport());
+    client.transport_config(transport(false));
     Ok((server, client))
 }
