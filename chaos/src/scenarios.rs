@@ -85,11 +85,14 @@ pub enum Scenario {
     Churn,
     /// One member's upstream for the registry is an evil registry with the same names and other images.
     ByzantineTag,
+    /// A pod on one node attacks its mirror (stalled connections, unread responses, unreachable registries,
+    /// malformed requests) while every node pulls.
+    HostilePod,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::PeerKill,
         Self::Partition,
         Self::ByzantinePeer,
@@ -100,6 +103,7 @@ impl Scenario {
         Self::AgentDown,
         Self::Churn,
         Self::ByzantineTag,
+        Self::HostilePod,
     ];
 
     /// Its name on the command line.
@@ -115,6 +119,7 @@ impl Scenario {
             Self::AgentDown => "agent-down",
             Self::Churn => "churn",
             Self::ByzantineTag => "byzantine-tag",
+            Self::HostilePod => "hostile-pod",
         }
     }
 
@@ -147,6 +152,7 @@ impl Scenario {
             Self::AgentDown => run.agent_down().await?,
             Self::Churn => run.churn().await?,
             Self::ByzantineTag => run.byzantine_tag().await?,
+            Self::HostilePod => run.hostile_pod().await?,
         }
         report.elapsed = start.elapsed();
         Ok(report)
@@ -328,6 +334,73 @@ impl Run<'_> {
         }
         self.report.note(format!("{right} honest pulls of {} tags, {substituted} substituted", tags.len()));
         self.report.check(substituted == 0, format!("{substituted} pulls got the liar's image under an honest tag"));
+        bed.finish(self.report).await;
+        Ok(())
+    }
+
+    async fn hostile_pod(&mut self) -> Result<()> {
+        let n = self.size.nodes();
+        let limits = |_, b: shoal_testbed::AgentBuilder| {
+            b.setting("client_header_timeout", "\"2s\"").setting("client_stall_timeout", "\"3s\"")
+        };
+        let bed = self.bed(n, limits).await?;
+        let image = self.push(&bed, "v1", 1)?;
+        let layer = image.all_blobs().into_iter().max_by_key(|b| b.data.len()).context("a layer")?.digest.clone();
+        let pid = bed.nodes[0].agent.pid().context("node 0's agent runs")?;
+        let baseline = rss_mib(pid).unwrap_or(0.0);
+        let (target, upstream) = (bed.nodes[0].agent.addr, bed.upstream_host.clone());
+        // The hostile pod, on node 0, while every node pulls.
+        let hostile = bed.nodes[0].ns.spawn(move || async move {
+            use tokio::io::AsyncWriteExt;
+            let mut held = Vec::new();
+            // Heads that never end.
+            for _ in 0..300 {
+                let mut s = tokio::net::TcpStream::connect(target).await?;
+                s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: ").await?;
+                held.push(s);
+            }
+            // The largest layer, asked for and never read.
+            for _ in 0..40 {
+                let mut s = tokio::net::TcpStream::connect(target).await?;
+                let head = format!("GET /v2/{REPO}/blobs/{layer}?ns={upstream} HTTP/1.1\r\nHost: x\r\n\r\n");
+                s.write_all(head.as_bytes()).await?;
+                held.push(s);
+            }
+            // Registries nobody answers at, each named once, and malformed requests.
+            let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(20)).build()?;
+            let unreachable = (0..64u16).map(|i| {
+                let url = format!("http://{target}/v2/a/manifests/latest?ns=10.255.{}.{}:5000", i / 250, i % 250 + 1);
+                let http = http.clone();
+                async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+            });
+            let statuses = futures_util::future::join_all(unreachable).await;
+            let mut bad = 0;
+            for path in ["/v2/../../etc/passwd/blobs/x", "/v2/a/blobs/sha256:%2e%2e", "/v2/a/manifests/latest?ns=%zz"] {
+                let status = http.get(format!("http://{target}{path}")).send().await?.status();
+                bad += usize::from(status.is_client_error());
+            }
+            // Keep the stalled connections through the burst.
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let answered = statuses.iter().filter(|s| matches!(s, Ok(404))).count();
+            Ok((held.len(), answered, bad))
+        });
+        let pulls = bed.burst(0..n, "v1");
+        let mut peak = baseline;
+        while !hostile.is_finished() {
+            peak = peak.max(rss_mib(pid).unwrap_or(0.0));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (held, answered, bad) = hostile.await??;
+        self.report.pulls(collect(pulls).await);
+        let grew = peak - baseline;
+        self.report.note(format!(
+            "hostile pod: {held} connections held open, {answered}/64 unreachable registries answered 404, {bad}/3 \
+             malformed requests refused; node 0's agent grew {grew:.0} MiB over {baseline:.0} MiB"
+        ));
+        self.report.check(answered == 64, format!("{answered} of 64 requests naming unreachable registries got a 404"));
+        self.report.check(bad == 3, format!("{bad} of 3 malformed requests got a 4xx"));
+        // The response budget (64 MiB), the stalled heads (a few MiB) and the burst's own buffers.
+        self.report.check(grew < 160.0, format!("node 0's agent grew {grew:.0} MiB under attack"));
         bed.finish(self.report).await;
         Ok(())
     }
@@ -583,6 +656,13 @@ async fn home(bed: &Bed) -> Option<usize> {
         }
     }
     best.map(|(i, _)| i)
+}
+
+/// A process's resident memory, in MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 async fn sum(agents: &[&Agent], metric: &str) -> f64 {

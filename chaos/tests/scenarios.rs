@@ -62,3 +62,8 @@ async fn churn() {
 async fn byzantine_tag() {
     short(Scenario::ByzantineTag).await;
 }
+
+#[tokio::test]
+async fn hostile_pod() {
+    short(Scenario::HostilePod).await;
+}
