@@ -165,6 +165,15 @@ async fn lying_upstream_is_never_cached_or_fully_served() -> Result<()> {
     }
     assert_eq!(n.agent.metric("shoal_verify_failures_total", &[]).await?, 1.0);
     assert_eq!(n.agent.metric("shoal_store_blobs", &[]).await?, 0.0);
+    // A range of the blob (containerd 2.x reads layers in parallel ranges) gets its last byte only once the whole
+    // blob matched its digest: never a clean 206 of bytes that turn out wrong.
+    let ranged = reqwest::Client::new().get(&url).header("range", "bytes=0-99").send().await?;
+    assert_eq!(ranged.status(), 206);
+    match ranged.bytes().await {
+        Ok(b) => panic!("a range of a corrupt blob was delivered whole ({} bytes)", b.len()),
+        Err(e) => assert!(e.is_body() || e.is_decode() || e.is_request(), "unexpected error {e}"),
+    }
+    assert_eq!(n.agent.metric("shoal_verify_failures_total", &[]).await?, 2.0);
 
     n.proxy.set_fault(Fault::None);
     let body = reqwest::get(&url).await?.bytes().await?;
