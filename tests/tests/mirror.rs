@@ -529,3 +529,85 @@ async fn stalled_clients_cost_bounded_memory_and_are_dropped() -> Result<()> {
     );
     Ok(())
 }
+
+/// An HTTPS "registry" on loopback that answers 200 to every request, whatever the credentials: the swapped
+/// registry of the audit. Its certificate is written to `ca`, for the agent to trust (`SSL_CERT_FILE`).
+async fn yes_registry(
+    ca: &std::path::Path,
+) -> Result<(std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])?;
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, cert.cert.der());
+    let lines: Vec<&str> =
+        b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("base64 is ASCII")).collect();
+    std::fs::write(ca, format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n")))?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let tls =
+        rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![cert.cert.der().clone()], key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, counter) = (acceptor.clone(), counter.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = hyper::service::service_fn(move |_req| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        let mut r = http::Response::new(String::from("{}"));
+                        r.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, asked))
+}
+
+#[tokio::test]
+async fn a_swapped_registry_unlocks_no_private_content() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("ca.pem");
+    let (yes, asked) = yes_registry(&ca).await?;
+    let n = node_with(Registry::start_private("alice", "wonderland").await?, |b| {
+        b.env("SSL_CERT_FILE", ca.to_str().expect("a UTF-8 path"))
+    })
+    .await?;
+    let image = Artifact::Image(Image::random(&[300_000], 9, "amd64", Compression::None)?);
+    push(&image, &n.registry.host(), "private/app", "v1", n.registry.creds_arg().as_deref(), Format::Oci)?;
+    let layer = image.all_blobs().into_iter().max_by_key(|b| b.data.len()).expect("a layer").clone();
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    // Alice pulls the private layer through the agent: it is cached, as private content of that registry.
+    let alice = "Basic YWxpY2U6d29uZGVybGFuZA==";
+    let got = http.get(blob_url(&n, "private/app", &layer.digest)).header("authorization", alice).send().await?;
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await?.len(), layer.data.len());
+    // Another pod names a registry that says yes to anything: with no credentials, with made-up ones.
+    for auth in [None, Some("Basic bWFsbG9yeTp4")] {
+        let url = format!("{}/v2/any/thing/blobs/{}?ns={yes}", n.agent.url(), layer.digest);
+        let mut req = http.get(&url);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        assert!(body != layer.data, "the private layer leaked through a swapped registry ({status}, auth {auth:?})");
+        assert_ne!(status, 200, "auth {auth:?}");
+    }
+    // And by digest under alice's repository name, but the swapped registry: the same.
+    let url = format!("{}/v2/private/app/blobs/{}?ns={yes}", n.agent.url(), layer.digest);
+    let resp = http.get(&url).send().await?;
+    assert_ne!(resp.status(), 200);
+    println!("the yes-registry was asked {} times", asked.load(std::sync::atomic::Ordering::SeqCst));
+    Ok(())
+}
