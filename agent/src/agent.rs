@@ -179,6 +179,16 @@ impl Agent {
             });
         }
         resolver.maybe_gc();
+        let (r, stop) = (resolver.clone(), cancel.child_token());
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => r.expire_records().await,
+                }
+            }
+        });
         if let Err(e) = resolver.announce_stored().await {
             tracing::warn!(error = %e, "could not list the store for the mesh: peers learn of its blobs later");
         }

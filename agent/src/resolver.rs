@@ -47,6 +47,9 @@ use crate::upstream::{Request, Target, Upstream, UpstreamError};
 
 /// Largest manifest accepted from upstream (the distribution spec suggests 4 MiB).
 pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+/// Tag answers and repository links not refreshed for this long are forgotten (a tag is served stale through an
+/// upstream outage for at most this long).
+pub const RECORD_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often, in bytes written, a download of unannounced length checks the file system's free space.
 const ROOM_CHECK_EVERY: u64 = 8 << 20;
 
@@ -660,6 +663,18 @@ impl Resolver {
     fn update_store_gauges(&self) {
         self.metrics.store.bytes.set(self.store.bytes() as i64);
         self.metrics.store.blobs.set(self.store.blob_count() as i64);
+    }
+
+    /// Forgets tag answers and repository links not refreshed for [`RECORD_MAX_AGE`] (clients can name any
+    /// number of tags and repositories: the index must not keep them all forever).
+    pub async fn expire_records(&self) {
+        let store = self.store.clone();
+        let max_age = RECORD_MAX_AGE.as_secs();
+        match blocking(move || store.expire_records(now_secs(), max_age)).await {
+            Ok((tags, links)) if tags + links > 0 => tracing::info!(tags, links, "old index records expired"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "expiring old index records failed"),
+        }
     }
 
     /// Starts a GC pass if the store is above its high watermark and none is running.

@@ -427,6 +427,32 @@ impl Store {
         self.put(CF_LINKS, key, &rec)
     }
 
+    /// Forgets tag answers and repository links older than `max_age` seconds at `now` (and records that no longer
+    /// parse): names clients made up must not grow the index forever. Returns (tags, links) removed.
+    pub fn expire_records(&self, now: u64, max_age: u64) -> Result<(usize, usize), StoreError> {
+        let old = |t: u64| now.saturating_sub(t) > max_age;
+        let mut removed = (0, 0);
+        for (cf, count) in [(CF_TAGS, &mut removed.0), (CF_LINKS, &mut removed.1)] {
+            let mut doomed = Vec::new();
+            for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+                let (k, v) = item?;
+                let expired = if cf == CF_TAGS {
+                    serde_json::from_slice::<TagRecord>(&v).map_or(true, |r| old(r.fetched_at))
+                } else {
+                    serde_json::from_slice::<LinkRecord>(&v).map_or(true, |r| old(r.at))
+                };
+                if expired {
+                    doomed.push(k);
+                }
+            }
+            for k in doomed {
+                self.db.delete_cf(self.cf(cf), k)?;
+                *count += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     fn get<T: for<'de> Deserialize<'de>>(&self, cf: &str, key: &str) -> Result<Option<T>, StoreError> {
         match self.db.get_cf(self.cf(cf), key)? {
             None => Ok(None),
@@ -534,6 +560,22 @@ mod tests {
         h.update(data);
         store.commit(&path, &file, &d, &meta, Some(&h.finish(data.len() as u64))).unwrap();
         d
+    }
+
+    #[test]
+    fn old_tag_and_link_records_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let d = Digest::from_sha256(&Sha256::digest(b"x"));
+        let tag =
+            |at| TagRecord { digest: d.clone(), fetched_at: at, public: true, media_type: None, from_upstream: true };
+        store.put_tag("r/a:old", &tag(100)).unwrap();
+        store.put_tag("r/a:new", &tag(1000)).unwrap();
+        store.put_link("r/a@old", LinkRecord { public: true, at: 100 }).unwrap();
+        store.put_link("r/a@new", LinkRecord { public: true, at: 1000 }).unwrap();
+        assert_eq!(store.expire_records(1000, 500).unwrap(), (1, 1));
+        assert!(store.tag("r/a:old").unwrap().is_none() && store.tag("r/a:new").unwrap().is_some());
+        assert!(store.link("r/a@old").unwrap().is_none() && store.link("r/a@new").unwrap().is_some());
     }
 
     #[test]

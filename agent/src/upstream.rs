@@ -35,6 +35,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().expect("upstream locks are never poisoned: no panics while held")
 }
 
+/// Tokens (per registry and repository) cached at most.
+const MAX_CACHED_AUTH: usize = 4096;
 /// How often a registry found down is probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// A registry found down that nobody asked for this long is forgotten (its probe ends; the next request tries it
@@ -435,7 +437,18 @@ impl Upstream {
             _ => return Ok(None),
         };
         let header = value.value.clone();
-        lock(&self.auth).insert(key, value);
+        let mut cache = lock(&self.auth);
+        if cache.len() >= MAX_CACHED_AUTH && !cache.contains_key(&key) {
+            // Repositories are clients' to name: expired tokens go first, then the one expiring soonest.
+            let now = Instant::now();
+            cache.retain(|_, a| a.expires.is_none_or(|e| e > now));
+            if cache.len() >= MAX_CACHED_AUTH
+                && let Some(k) = cache.iter().min_by_key(|(_, a)| a.expires).map(|(k, _)| k.clone())
+            {
+                cache.remove(&k);
+            }
+        }
+        cache.insert(key, value);
         Ok(Some(header))
     }
 
