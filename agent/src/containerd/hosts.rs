@@ -291,9 +291,22 @@ fn check_config(doc: &toml::Table, hosts_dir: &Path) -> Vec<String> {
         let local_pull = get(doc, &["plugins", "io.containerd.cri.v1.images", "use_local_image_pull"])
             .and_then(toml::Value::as_bool)
             == Some(true);
-        let transfer = get(doc, &["plugins", "io.containerd.transfer.v1.local", "config_path"])
-            .and_then(toml::Value::as_str)
-            .is_some_and(|p| !p.is_empty());
+        let transfer_path =
+            get(doc, &["plugins", "io.containerd.transfer.v1.local", "config_path"]).and_then(toml::Value::as_str);
+        let transfer = transfer_path.is_some_and(|p| !p.is_empty());
+        // containerd 2.1/2.2's transfer service takes `config_path` as one directory: a list (EKS's default,
+        // `/etc/containerd/certs.d:/etc/docker/certs.d`) names a directory that does not exist, and every pull
+        // silently bypasses every mirror.
+        let cri_path = reg.and_then(|r| r.get("config_path")).and_then(toml::Value::as_str);
+        for (key, path) in [("registry", cri_path), ("io.containerd.transfer.v1.local", transfer_path)] {
+            if let Some(p) = path.filter(|p| p.contains(':')) {
+                w.push(format!(
+                    "containerd 2.x's {key} `config_path` is the list {p}: its transfer service reads it as one \
+                     directory and bypasses every mirror; set it to {} alone",
+                    hosts_dir.display()
+                ));
+            }
+        }
         if !local_pull && !transfer {
             w.push(format!(
                 "containerd 2.x pulls through its transfer service, which reads hosts files only from \
@@ -420,6 +433,23 @@ mod tests {
             .parse()
             .unwrap();
         assert!(check_config(&other, hosts)[0].contains("/other"));
+        // EKS's list of directories: fine for 1.x's CRI, a silent bypass for 2.x's transfer service.
+        let eks_v2: toml::Table = r#"version = 2
+            [plugins."io.containerd.grpc.v1.cri".registry]
+              config_path = "/etc/containerd/certs.d:/etc/docker/certs.d""#
+            .parse()
+            .unwrap();
+        assert!(check_config(&eks_v2, hosts).is_empty());
+        let eks_v3: toml::Table = r#"version = 3
+            [plugins."io.containerd.cri.v1.images".registry]
+              config_path = "/etc/containerd/certs.d:/etc/docker/certs.d"
+            [plugins."io.containerd.transfer.v1.local"]
+              config_path = "/etc/containerd/certs.d:/etc/docker/certs.d""#
+            .parse()
+            .unwrap();
+        let w = check_config(&eks_v3, hosts);
+        assert_eq!(w.len(), 2, "{w:#?}");
+        assert!(w.iter().all(|w| w.contains("one directory") && w.contains("/etc/containerd/certs.d alone")));
         assert!(preflight(Path::new("/nonexistent/config.toml"), hosts)[0].contains("cannot read"));
     }
 }
