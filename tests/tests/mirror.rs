@@ -611,3 +611,61 @@ async fn a_swapped_registry_unlocks_no_private_content() -> Result<()> {
     println!("the yes-registry was asked {} times", asked.load(std::sync::atomic::Ordering::SeqCst));
     Ok(())
 }
+
+/// What containerd 2.x sends (with `concurrent_layer_fetch_buffer` set): the tag's HEAD, then the manifest by digest
+/// with `Range: bytes=0-`, then parallel open-ended ranges of one layer, every GET with
+/// `Accept-Encoding: zstd, gzip, deflate`. Against a cold agent (the ranges join one download) and a warm one.
+#[tokio::test]
+async fn containerd_2_requests_cold_and_warm() -> Result<()> {
+    let n = node().await?;
+    let image = Artifact::Image(Image::random(&[6 << 20], 12, "amd64", Compression::None)?);
+    push(&image, &n.registry.host(), "two/x", "v1", None, Format::Oci)?;
+    n.proxy.reset_counts();
+    let layer = image.all_blobs().into_iter().max_by_key(|b| b.data.len()).expect("a layer").clone();
+    let manifest = image.top().clone();
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let enc = ("accept-encoding", "zstd, gzip, deflate");
+    let base = format!("{}/v2/two/x", n.agent.url());
+    let ns = n.proxy.host();
+    // Upstream crawls at first, so the cold ranges all join the download while it runs.
+    n.proxy.set_fault(Fault::Throttle(4 << 20));
+    for round in ["cold", "warm"] {
+        let head = http
+            .head(format!("{base}/manifests/v1?ns={ns}"))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await?;
+        assert_eq!(head.status(), 200, "{round}");
+        let got = http
+            .get(format!("{base}/manifests/{}?ns={ns}", manifest.digest))
+            .header("range", "bytes=0-")
+            .header(enc.0, enc.1)
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await?;
+        assert!(got.status() == 200 || got.status() == 206, "{round}: manifest with bytes=0- got {}", got.status());
+        assert!(got.headers().get("content-encoding").is_none(), "{round}: a manifest was encoded");
+        assert_eq!(got.bytes().await?, manifest.data, "{round}: the manifest's bytes");
+        let size = layer.data.len();
+        let starts = [0, size / 4, size / 2, 3 * size / 4];
+        let ranges = starts.map(|start| {
+            let (http, url) = (http.clone(), format!("{base}/blobs/{}?ns={ns}", layer.digest));
+            async move {
+                let resp = http.get(url).header("range", format!("bytes={start}-")).header(enc.0, enc.1).send().await?;
+                anyhow::ensure!(resp.status() == 206, "status {}", resp.status());
+                anyhow::ensure!(resp.headers().get("content-encoding").is_none(), "a layer was encoded");
+                let want = format!("bytes {start}-{}/{size}", size - 1);
+                anyhow::ensure!(resp.headers()["content-range"] == want.as_str(), "content-range");
+                Ok::<_, anyhow::Error>((start, resp.bytes().await?))
+            }
+        });
+        for r in futures_util::future::join_all(ranges).await {
+            let (start, body) = r?;
+            assert!(body == layer.data[start..], "{round}: range from {start}");
+        }
+        n.proxy.set_fault(Fault::None);
+    }
+    assert_eq!(n.proxy.count("GET", &format!("/blobs/{}", layer.digest)), 1, "one download for every range");
+    assert_eq!(n.proxy.count("GET", &format!("/manifests/{}", manifest.digest)), 1);
+    Ok(())
+}
