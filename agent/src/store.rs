@@ -56,6 +56,39 @@ pub enum StoreError {
         /// The decoding error.
         source: serde_json::Error,
     },
+    /// The data dir was written by a newer agent (or is not a store): nothing was touched.
+    #[error(
+        "{path} says store format {found:?}; this agent reads format {FORMAT} and older: run the newer agent, or \
+         point data_dir elsewhere (nothing was changed)"
+    )]
+    Format {
+        /// The format file.
+        path: PathBuf,
+        /// What it says.
+        found: String,
+    },
+}
+
+/// The store's format: written to `<data_dir>/FORMAT` when created, checked before anything is touched at start.
+/// Format 1: blobs/sha256, partial, index (rocksdb: blobs, tags, links, pieces). Stores from before the file was
+/// written are format 1.
+pub const FORMAT: u32 = 1;
+const FORMAT_FILE: &str = "FORMAT";
+
+/// Checks (and on a new or older store, records) the store's format, before anything else is touched.
+fn check_format(root: &Path) -> Result<(), StoreError> {
+    let path = root.join(FORMAT_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse::<u32>() {
+            Ok(n) if n <= FORMAT => Ok(()),
+            _ => Err(StoreError::Format { path, found: text.trim().chars().take(64).collect() }),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(root).map_err(io_err("create", root))?;
+            fs::write(&path, format!("{FORMAT}\n")).map_err(io_err("write", &path))
+        }
+        Err(e) => Err(StoreError::Io { op: "read", path, source: e }),
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -165,6 +198,7 @@ pub fn now_secs() -> u64 {
 impl Store {
     /// Opens (creating if needed) the store under `root` and reconciles files with the index.
     pub fn open(root: &Path) -> Result<(Self, Reconciled), StoreError> {
+        check_format(root)?;
         // Only the agent reads the store: private layers must not be readable by other users of the node.
         for dir in ["", "blobs", "blobs/sha256", "partial", "index"] {
             let p = root.join(dir);
@@ -560,6 +594,27 @@ mod tests {
         h.update(data);
         store.commit(&path, &file, &d, &meta, Some(&h.finish(data.len() as u64))).unwrap();
         d
+    }
+
+    #[test]
+    fn a_store_of_a_newer_format_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            put_blob(&store, b"kept");
+        }
+        assert_eq!(fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap().trim(), FORMAT.to_string());
+        fs::write(dir.path().join(FORMAT_FILE), "2\n").unwrap();
+        let before = fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count();
+        let Err(e) = Store::open(dir.path()) else { panic!("a newer format is refused") };
+        assert!(e.to_string().contains("format \"2\"") && e.to_string().contains("nothing was changed"), "{e}");
+        assert_eq!(fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count(), before);
+        // A store from before the format file: format 1, recorded, opened.
+        fs::remove_file(dir.path().join(FORMAT_FILE)).unwrap();
+        let (store, rec) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec.blobs, 1);
+        drop(store);
+        assert_eq!(fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap().trim(), "1");
     }
 
     #[test]
