@@ -159,6 +159,7 @@ impl Agent {
                 gc_high_bytes: cfg.gc_high_bytes,
                 min_free_space: cfg.min_free_space,
                 gc_low_bytes: cfg.gc_low_bytes,
+                abandon_after: crate::resolver::ABANDON_AFTER,
             },
             metrics.clone(),
             tasks.clone(),

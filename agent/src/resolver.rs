@@ -149,7 +149,13 @@ pub struct ResolverConfig {
     pub gc_low_bytes: u64,
     /// Free bytes the store's file system keeps after a download: what does not fit is served through.
     pub min_free_space: u64,
+    /// A download nobody wants for this long (its clients left, no member asks for its pieces) is abandoned: it
+    /// would otherwise go on fetching, and filling the disk, for nobody ([`ABANDON_AFTER`] in the agent).
+    pub abandon_after: Duration,
 }
+
+/// How long a download may go on with nobody wanting it.
+pub const ABANDON_AFTER: Duration = Duration::from_secs(30);
 
 /// The other holders of bytes a resolver uses besides its store and upstream.
 #[derive(Debug, Default)]
@@ -491,7 +497,7 @@ impl Resolver {
                         verified: false,
                         state: State::Running,
                     });
-                    let dl = Arc::new(Download::new(origin.clone(), progress));
+                    let dl = Arc::new(Download::new(origin.clone(), progress, self.cfg.abandon_after));
                     map.insert(digest.clone(), dl.clone());
                     Some((dl, true))
                 }

@@ -26,6 +26,10 @@ fn fixture() -> Fixture {
 }
 
 fn fixture_with(toml: &str) -> Fixture {
+    fixture_abandoning(toml, crate::resolver::ABANDON_AFTER)
+}
+
+fn fixture_abandoning(toml: &str, abandon_after: std::time::Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let raw = RawConfig::from_toml(toml).unwrap();
     let cfg = raw.validate().unwrap();
@@ -42,6 +46,7 @@ fn fixture_with(toml: &str) -> Fixture {
             gc_high_bytes: cfg.gc_high_bytes,
             min_free_space: cfg.min_free_space,
             gc_low_bytes: cfg.gc_low_bytes,
+            abandon_after,
         },
         metrics.clone(),
         TaskTracker::new(),
@@ -231,4 +236,44 @@ async fn a_body_of_unannounced_length_stops_at_the_cache_budget() {
     assert_eq!(f.store.bytes(), 0);
     let partials = std::fs::read_dir(f._dir.path().join("partial")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(partials, 0, "a partial file was left behind");
+}
+
+#[tokio::test]
+async fn a_download_nobody_wants_is_abandoned() {
+    // An upstream that sends a body of unannounced length slowly, for ever, counting what it sent.
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    let counter = sent.clone();
+    let slow = Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            let chunks = futures_util::stream::unfold(counter, |c| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                c.fetch_add(16 << 10, std::sync::atomic::Ordering::SeqCst);
+                Some((Ok::<_, std::convert::Infallible>(bytes::Bytes::from(vec![1u8; 16 << 10])), c))
+            });
+            Body::from_stream(chunks)
+        }
+    });
+    tokio::spawn(async move { axum::serve(l, slow).await.unwrap() });
+    let f = fixture_abandoning(
+        &format!("default_registry = \"{upstream}\"\n[registry.\"{upstream}\"]\nplain_http = true\n"),
+        std::time::Duration::from_secs(1),
+    );
+    let digest = format!("sha256:{}", "f".repeat(64));
+    let req = http::Request::get(format!("/v2/a/blobs/{digest}")).body(Body::empty()).unwrap();
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The client reads a little and leaves.
+    let mut body = resp.into_body().into_data_stream();
+    let _ = body.next().await;
+    drop(body);
+    // Within the abandon time and a little, the download stops asking upstream for more and its file goes.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let at = sent.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), at, "the download went on for nobody");
+    let partials = std::fs::read_dir(f._dir.path().join("partial")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(partials, 0, "the abandoned download's partial file was left behind");
 }

@@ -26,9 +26,6 @@ use crate::swarm::scheduler::{Action as SchedAction, PieceScheduler, SchedulerCo
 use crate::transfer::{FetchError, VerifiedPiece};
 use crate::upstream::Request;
 
-/// A download nobody wants for this long (its clients left, no member asks for its pieces) is abandoned: it
-/// would otherwise go on fetching, and filling the disk, for nobody.
-const ABANDON_AFTER: Duration = Duration::from_secs(30);
 /// Times in a row a download asks where to continue and gets nothing from the answer, before going upstream.
 const PEER_ROUNDS: usize = 3;
 
@@ -60,11 +57,13 @@ pub(super) struct Download {
     pub(super) pieces: Mutex<Option<(u32, Vec<[u8; 32]>)>>,
     /// When someone last wanted it (a client reading it, a member asking for a piece).
     pub(super) wanted: Mutex<Instant>,
+    /// Nobody wanting it for this long abandons it.
+    abandon_after: Duration,
 }
 
 impl Download {
-    pub(super) fn new(origin: Origin, progress: watch::Sender<Progress>) -> Self {
-        Self { origin, progress, pieces: Mutex::new(None), wanted: Mutex::new(Instant::now()) }
+    pub(super) fn new(origin: Origin, progress: watch::Sender<Progress>, abandon_after: Duration) -> Self {
+        Self { origin, progress, pieces: Mutex::new(None), wanted: Mutex::new(Instant::now()), abandon_after }
     }
 
     /// Someone wants it now.
@@ -72,13 +71,13 @@ impl Download {
         *lock(&self.wanted) = Instant::now();
     }
 
-    /// Whether nobody has wanted it for [`ABANDON_AFTER`]: no client follows it and no member asked for a piece.
+    /// Whether nobody has wanted it for `abandon_after`: no client follows it and no member asked for a piece.
     fn abandoned(&self, now: Instant) -> bool {
         if self.progress.receiver_count() > 0 {
             *lock(&self.wanted) = now;
             return false;
         }
-        now.saturating_duration_since(*lock(&self.wanted)) > ABANDON_AFTER
+        now.saturating_duration_since(*lock(&self.wanted)) > self.abandon_after
     }
 }
 
@@ -590,8 +589,8 @@ impl<'a> Sink<'a> {
     async fn write_impl(&mut self, batch: Vec<Bytes>, piece_hash: bool) -> Result<(), ResolveError> {
         if self.dl.abandoned(Instant::now()) {
             return Err(ResolveError::Unavailable(format!(
-                "abandoned at {} bytes: nobody wanted it for {ABANDON_AFTER:?}",
-                self.written
+                "abandoned at {} bytes: nobody wanted it for {:?}",
+                self.written, self.dl.abandon_after
             )));
         }
         let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
