@@ -8,7 +8,7 @@
 //!   upstream, hashing as it writes, and commits it; readers follow its progress.
 //! - `body.rs`: response bodies, one reader per source, none sending the last byte of content not yet verified.
 //! - `access.rs`: who may be given content fetched under a client's credentials.
-//! - `peers.rs`: serving members (pieces, and fetches as a digest's home) through [`Local`].
+//! - `peers.rs`: serving members (pieces, and fetches as a digest's home) through [`Local`](crate::mesh::Local).
 //!
 //! Access to cached content follows upstream's word: content fetched without a client's credentials is public;
 //! content a client's credentials were needed for is served from the cache only after a registry trusted for it

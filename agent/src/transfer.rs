@@ -225,7 +225,7 @@ impl Transfer {
     }
 
     /// Accepts connections until `cancel` fires; each authenticated stream goes to `service`.
-    /// At most [`MAX_PENDING`] connections wait for their admission at once; more are refused.
+    /// At most 64 connections wait for their admission at once; more are refused.
     pub async fn serve(self: Arc<Self>, service: Arc<dyn Service>, tasks: TaskTracker, cancel: CancellationToken) {
         let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING));
         loop {
