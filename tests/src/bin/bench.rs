@@ -20,6 +20,8 @@
 mod burst;
 #[path = "bench/load.rs"]
 mod load;
+#[path = "bench/small.rs"]
+mod small;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -54,9 +56,10 @@ fn parse_args() -> Result<Args> {
         Some("mirror") => Bench::Mirror,
         Some("mesh") => Bench::Mesh,
         _ => bail!(
-            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]\n       {}\n       {}",
+            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]\n       {}\n       {}\n       {}",
             burst::USAGE,
-            load::USAGE
+            load::USAGE,
+            small::USAGE
         ),
     };
     let mut a = Args { bench, blob_mib: 1024, image_mib: 256, runs: 3, out: None, cold_only: false, hit_only: false };
@@ -114,6 +117,7 @@ async fn main() -> Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("burst") => return burst::run(burst::parse(std::env::args().skip(2))?).await,
         Some("load") => return load::run(load::parse(std::env::args().skip(2))?).await,
+        Some("small") => return small::run(small::parse(std::env::args().skip(2))?).await,
         _ => {}
     }
     let args = parse_args()?;
