@@ -216,8 +216,14 @@ impl Agent {
         let mirror_app = mirror::router(MirrorState { resolver, metrics });
         let mirror_server =
             mirror::server::serve(mirror_listener, mirror_app, cfg.client_limits, stop_accepting.clone());
-        // The health and metrics endpoints see a scraper and the kubelet's probes: a few connections suffice.
-        let health_limits = mirror::server::Limits { max_connections: 64, ..cfg.client_limits };
+        // The health and metrics endpoints see a scraper and the kubelet's probes: a few connections suffice, and a
+        // scraper's kept-alive connection must outlive its scrape interval (the header deadline is also the idle
+        // one), or scrapes race the server closing it.
+        let health_limits = mirror::server::Limits {
+            max_connections: 64,
+            header_timeout: cfg.client_limits.header_timeout.max(std::time::Duration::from_secs(120)),
+            ..cfg.client_limits
+        };
         let health_server = mirror::server::serve(
             metrics_listener,
             health_router(health.clone()),

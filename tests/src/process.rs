@@ -264,7 +264,13 @@ impl Agent {
 
     /// The `/metrics` text.
     pub async fn metrics(&self) -> Result<String> {
-        Ok(self.http.get(format!("http://{}/metrics", self.metrics_addr)).send().await?.text().await?)
+        let url = format!("http://{}/metrics", self.metrics_addr);
+        match self.http.get(&url).send().await {
+            Ok(r) => Ok(r.text().await?),
+            // A kept-alive connection the agent closed as idle just as it was reused: once more, on a new one.
+            Err(e) if e.is_request() || e.is_connect() => Ok(self.http.get(&url).send().await?.text().await?),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Sum of the samples of metric `name` (the full sample name, e.g. `shoal_bytes_served_total`) whose labels
