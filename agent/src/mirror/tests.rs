@@ -231,11 +231,12 @@ async fn a_body_of_unannounced_length_stops_at_the_cache_budget() {
     .expect("the download went on past the budget");
     assert!(ended, "the response must end in an error, not look complete");
     assert!(read <= 4 << 20, "{read} bytes streamed past a 4 MiB budget");
-    // Nothing was kept: the partial file is gone and the store is empty.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Nothing was kept: the partial file goes (once the failed download has cleaned up) and the store is empty.
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || partials(&f) == 0).await,
+        "a partial file was left behind"
+    );
     assert_eq!(f.store.bytes(), 0);
-    let partials = std::fs::read_dir(f._dir.path().join("partial")).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(partials, 0, "a partial file was left behind");
 }
 
 #[tokio::test]
@@ -269,11 +270,28 @@ async fn a_download_nobody_wants_is_abandoned() {
     let mut body = resp.into_body().into_data_stream();
     let _ = body.next().await;
     drop(body);
-    // Within the abandon time and a little, the download stops asking upstream for more and its file goes.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // Within the abandon time and a little, the download ends and its file goes; upstream is asked for no more.
+    let gone = eventually(std::time::Duration::from_secs(5), || partials(&f) == 0).await;
+    assert!(gone, "the abandoned download's partial file was left behind");
     let at = sent.load(std::sync::atomic::Ordering::SeqCst);
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // A few of the upstream's chunk intervals (50 ms): a download still running would have taken more.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), at, "the download went on for nobody");
-    let partials = std::fs::read_dir(f._dir.path().join("partial")).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(partials, 0, "the abandoned download's partial file was left behind");
+}
+
+/// Partial files in the fixture's store.
+fn partials(f: &Fixture) -> usize {
+    std::fs::read_dir(f._dir.path().join("partial")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Whether `cond` holds within `within` (checked every 20 ms).
+async fn eventually(within: std::time::Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
 }
