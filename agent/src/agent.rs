@@ -231,7 +231,7 @@ impl Agent {
             stop_accepting.clone(),
         );
         // Ready once another member is seen, or after a while alone (the first node of a cluster).
-        let join_wait = cfg.mesh.as_ref().map(|m| (mesh.clone(), m.suspect_after));
+        let join_wait = cfg.mesh.as_ref().map(|m| (mesh.clone(), m.dead_after));
         let (h, ready_file) = (health.clone(), cfg.ready_file.clone());
         tasks.spawn(async move {
             let joined = match join_wait {

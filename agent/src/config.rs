@@ -153,13 +153,16 @@ pub struct RawConfig {
     /// This node's zone: digests get a home per zone. Default `default`.
     #[arg(long, env = "SHOAL_ZONE")]
     pub zone: Option<String>,
-    /// How often a member announces itself. Default `1s`.
+    /// Membership's probe period: each node probes one member this often. Default `1s`.
     #[arg(long, env = "SHOAL_GOSSIP_INTERVAL")]
     pub gossip_interval: Option<String>,
-    /// A member not heard from for this long is suspect (no longer a home or source). Default `3s`.
+    /// How long a probed member has to answer before others are asked to probe it; a member that answers none of
+    /// them by the end of the period is suspect (no longer a home or source). Shorter than `gossip_interval`.
+    /// Default `500ms`.
     #[arg(long, env = "SHOAL_SUSPECT_AFTER")]
     pub suspect_after: Option<String>,
-    /// A member not heard from for this long is dead (forgotten by the directory). Default `6s`.
+    /// A suspect member that does not refute the suspicion within this is dead (forgotten by the directory).
+    /// Default `5s`.
     #[arg(long, env = "SHOAL_DEAD_AFTER")]
     pub dead_after: Option<String>,
     /// Pieces this node uploads to peers at once; further requests are told to ask elsewhere. Default `16`.
@@ -725,13 +728,16 @@ impl RawConfig {
             return Err(invalid("zone", "must be 1-63 characters of [A-Za-z0-9._-]"));
         }
         let gossip_interval = dur("gossip_interval", &self.gossip_interval, "1s", Duration::from_millis(100))?;
-        let suspect_after = dur("suspect_after", &self.suspect_after, "3s", Duration::from_millis(200))?;
-        let dead_after = dur("dead_after", &self.dead_after, "6s", Duration::from_millis(300))?;
-        if suspect_after <= gossip_interval {
-            return Err(invalid("suspect_after", "must be longer than `gossip_interval`"));
+        let suspect_after = dur("suspect_after", &self.suspect_after, "500ms", Duration::from_millis(20))?;
+        let dead_after = dur("dead_after", &self.dead_after, "5s", Duration::from_millis(300))?;
+        if suspect_after >= gossip_interval {
+            return Err(invalid(
+                "suspect_after",
+                "must be shorter than `gossip_interval` (it is the probe's wait for a direct answer)",
+            ));
         }
-        if dead_after <= suspect_after {
-            return Err(invalid("dead_after", "must be longer than `suspect_after`"));
+        if dead_after <= gossip_interval {
+            return Err(invalid("dead_after", "must be longer than `gossip_interval`"));
         }
         let max_uploads = self.max_uploads.unwrap_or(16);
         if !(1..=1024).contains(&max_uploads) {
@@ -944,7 +950,7 @@ mod tests {
         let m = c.mesh.unwrap();
         assert_eq!(m.secret.0, b"0123456789abcdef0123456789abcdef");
         assert_eq!(m.gossip_listen.port(), 30023);
-        assert_eq!((m.suspect_after, m.dead_after), (Duration::from_secs(3), Duration::from_secs(6)));
+        assert_eq!((m.suspect_after, m.dead_after), (Duration::from_millis(500), Duration::from_secs(5)));
         assert!(format!("{m:?}").contains("ClusterSecret(..)"), "the secret is never printed");
         assert!(check("").unwrap().mesh.is_none());
         let cases = [
@@ -957,7 +963,8 @@ mod tests {
                 "`bootstrap`",
             ),
             (with("advertise_ip = \"10.0.0.5\"\nzone = \"a zone\""), "`zone`"),
-            (with("advertise_ip = \"10.0.0.5\"\ndead_after = \"2s\""), "`dead_after`"),
+            (with("advertise_ip = \"10.0.0.5\"\ndead_after = \"1s\""), "`dead_after`"),
+            (with("advertise_ip = \"10.0.0.5\"\nsuspect_after = \"3s\""), "`suspect_after`"),
             (with("advertise_ip = \"10.0.0.5\"\nmax_uploads = 0"), "`max_uploads`"),
             (with("advertise_ip = \"10.0.0.5\"\nupload_rate = \"1KiB\""), "`upload_rate`"),
         ];

@@ -297,6 +297,14 @@ pub struct MeshMetrics {
     pub directory_holders: Gauge,
     /// Incoming gossip connections refused (a wrong or missing cluster secret fails here).
     pub gossip_refused: Counter,
+    /// Membership messages refused (undecodable, a bad signature, sent in another member's name, a full table).
+    pub membership_refused: Counter,
+    /// Open membership (gossip) connections.
+    pub membership_connections: Gauge,
+    /// Membership message bytes sent (probes, gossip, tables; framing and handshakes not counted).
+    pub membership_bytes_sent: Counter,
+    /// Membership message bytes received.
+    pub membership_bytes_received: Counter,
     /// Piece bytes received from members of another zone.
     pub bytes_received_cross_zone: Counter,
     /// Downloads this node ran as a home on another member's behalf (one per digest per zone in a burst).
@@ -420,6 +428,22 @@ impl Metrics {
             "gossip_refused_connections",
             "Incoming gossip connections refused (wrong or missing cluster secret, bad handshake)",
             self.mesh.gossip_refused.clone(),
+        );
+        r.register(
+            "membership_refused_messages",
+            "Membership messages refused (undecodable, bad signature, another member's name, table full)",
+            self.mesh.membership_refused.clone(),
+        );
+        r.register("membership_connections", "Open membership connections", self.mesh.membership_connections.clone());
+        r.register(
+            "membership_sent_bytes",
+            "Membership message bytes sent (framing and handshakes not counted)",
+            self.mesh.membership_bytes_sent.clone(),
+        );
+        r.register(
+            "membership_received_bytes",
+            "Membership message bytes received (framing and handshakes not counted)",
+            self.mesh.membership_bytes_received.clone(),
         );
         r.register(
             "peer_received_cross_zone_bytes",

@@ -14,4 +14,5 @@
 pub mod announcer;
 pub mod directory;
 pub mod homes;
+pub mod membership;
 pub mod scheduler;

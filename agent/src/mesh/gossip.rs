@@ -1,45 +1,130 @@
-//! Membership over libp2p: TCP protected by a pre-shared key derived from the cluster secret (pnet), then noise
-//! and yamux; identify to check the protocol version; gossipsub to spread every member's signed announcement;
-//! optionally mDNS. Runs as one actor task owning the swarm; publishes the member table through a `watch`.
+//! Membership over libp2p: the SWIM core ([`crate::swarm::membership`]) driven over TCP protected by a pre-shared
+//! key derived from the cluster secret (pnet), then noise and yamux; optionally mDNS. One actor task owns the swarm
+//! and the core, and publishes the member table through a `watch`.
 //!
-//! Bootstrap addresses are resolved again every few seconds and dialled while not connected, and so is every known
-//! member this node has no connection to: members end up directly connected to each other (no node is a hub whose
-//! death cuts the others apart), a restarted node rejoins and a healed partition merges by itself.
+//! A node talks only to the members the protocol picks: one probe per period, a few gossip targets while there is
+//! news, indirect probes for a member that did not answer. Connections close after a few idle seconds and are capped
+//! at [`MAX_CONNECTIONS`], so a node's connections, messages and bytes do not grow with the cluster.
+//!
+//! Joining: bootstrap names are resolved every few seconds; while this node knows no alive member (or a bootstrap
+//! address is not one), it dials a few of them, announces itself to whoever answers, and asks for the whole member
+//! table once (SWIM's gossip carries changes, not the steady state).
 
-use std::collections::HashSet;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
+use futures_util::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::core::ConnectedPoint;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::upgrade::Version;
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, Transport, gossipsub, identify, identity, mdns, noise, tcp, yamux};
-use prost::Message;
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, Transport, connection_limits, identity, mdns, noise, tcp, yamux,
+};
+use rand::seq::IteratorRandom;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::members::{Liveness, MemberInfo, MemberTable, MembersView, Timing};
+use super::members::{Liveness, MembersView};
 use crate::config::MeshConfig;
 use crate::metrics::{Metrics, PeerState, PeerStateLabels};
+use crate::swarm::membership::{
+    MAX_MEMBERS, MAX_MESSAGE, MemberRecord, Membership, MembershipTiming, Output, SwimRng, tcp_multiaddr,
+};
 
-/// identify's protocol version: members with another one are disconnected.
-const PROTOCOL_VERSION: &str = "/shoal/peer/1";
-/// The membership topic.
-const TOPIC: &str = "shoal/members/1";
-/// How often bootstrap names are resolved and silent members redialled.
+/// SWIM messages (one per stream; the answer is empty). Another version fails stream negotiation.
+const SWIM_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/swim/1");
+/// The whole member table, for a joining node.
+const TABLE_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/members/1");
+/// The largest member table read (16,384 records of ~170 bytes).
+const MAX_TABLE: usize = 4 << 20;
+/// How often bootstrap names are resolved and, if need be, dialled.
 const REDIAL_EVERY: Duration = Duration::from_secs(3);
-/// How long a dead member is still redialled before it is forgotten.
-const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// Bootstrap addresses dialled per round.
+const DIALS_PER_ROUND: usize = 3;
+/// Open membership connections at most, whatever the cluster's size.
+pub(super) const MAX_CONNECTIONS: u32 = 64;
+/// A connection nobody used for this long closes.
+const IDLE_CONNECTION: Duration = Duration::from_secs(5);
+/// Tables served at most per [`TABLE_WINDOW`] (a table costs a few hundred kilobytes at thousands of members).
+const TABLES_PER_WINDOW: usize = 64;
+const TABLE_WINDOW: Duration = Duration::from_secs(10);
+/// How often liveness changes foca reports no notification for (suspicions) are looked for.
+const VIEW_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Reads and writes one length-bounded frame per stream.
+#[derive(Debug, Clone, Copy)]
+struct Frames {
+    max_request: usize,
+    max_response: usize,
+}
+
+async fn read_bounded<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    io.take(max as u64 + 1).read_to_end(&mut v).await?;
+    if v.len() > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame larger than {max} bytes")));
+    }
+    Ok(v)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, data: Vec<u8>) -> std::io::Result<()> {
+    io.write_all(&data).await?;
+    io.close().await
+}
+
+impl request_response::Codec for Frames {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
+        read_bounded(io, self.max_request).await
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
+        read_bounded(io, self.max_response).await
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()> {
+        write_frame(io, req).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> std::io::Result<()> {
+        write_frame(io, res).await
+    }
+}
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    gossipsub: gossipsub::Behaviour,
-    identify: identify::Behaviour,
+    limits: connection_limits::Behaviour,
+    swim: request_response::Behaviour<Frames>,
+    table: request_response::Behaviour<Frames>,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -59,27 +144,37 @@ pub enum GossipError {
     },
 }
 
-fn tcp_multiaddr(addr: SocketAddr) -> Multiaddr {
-    let ip = match addr.ip() {
-        IpAddr::V4(ip) => Protocol::Ip4(ip),
-        IpAddr::V6(ip) => Protocol::Ip6(ip),
-    };
-    Multiaddr::empty().with(ip).with(Protocol::Tcp(addr.port()))
+fn socket_addr(addr: &Multiaddr) -> Option<SocketAddr> {
+    let mut ip = None;
+    let mut port = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(IpAddr::V6(a)),
+            Protocol::Tcp(p) => port = Some(p),
+            _ => {}
+        }
+    }
+    Some(SocketAddr::new(ip?, port?))
 }
 
 /// The membership actor.
 pub(super) struct Gossip {
     swarm: Swarm<Behaviour>,
-    topic: gossipsub::IdentTopic,
+    core: Membership,
     me: PeerId,
-    announcement: Vec<u8>,
-    leaving: Vec<u8>,
-    table: MemberTable,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    timer_events: HashMap<u64, foca::Timer<MemberRecord>>,
+    timer_seq: u64,
     view: watch::Sender<Arc<MembersView>>,
-    own_addrs: HashSet<Multiaddr>,
+    fingerprint: [u8; 32],
+    own_addrs: HashSet<SocketAddr>,
     /// The gossip listener's address.
     bound: SocketAddr,
-    connected: HashSet<PeerId>,
+    /// Peers dialled as bootstrap addresses: once connected, this node joins through them.
+    joining: HashSet<Multiaddr>,
+    tables_served: VecDeque<Instant>,
+    connections: i64,
     cfg: MeshConfig,
     metrics: Metrics,
 }
@@ -103,7 +198,16 @@ impl Gossip {
         let psk = PreSharedKey::new(blake3::derive_key("shoal 2026 gossip pnet v1", &cfg.secret.0));
         let setup = |e: &dyn std::fmt::Display| GossipError::Setup(e.to_string());
         let mdns_on = cfg.mdns;
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        let rr = |max_request, max_response, protocol| {
+            request_response::Behaviour::with_codec(
+                Frames { max_request, max_response },
+                [(protocol, ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(5))
+                    .with_max_concurrent_streams(64),
+            )
+        };
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
             .with_tokio()
             .with_other_transport(|key| {
                 let noise = noise::Config::new(key)?;
@@ -119,31 +223,26 @@ impl Gossip {
             })
             .map_err(|e| setup(&e))?
             .with_behaviour(|key| {
-                let gossip_cfg = gossipsub::ConfigBuilder::default()
-                    .heartbeat_interval(Duration::from_millis(500))
-                    .max_transmit_size(16 << 10)
-                    .validation_mode(gossipsub::ValidationMode::Strict)
-                    .build()?;
-                let gossipsub =
-                    gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg)?;
-                let identify =
-                    identify::Behaviour::new(identify::Config::new(PROTOCOL_VERSION.to_owned(), key.public()));
                 let mdns = if mdns_on {
                     Some(mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id())?)
                 } else {
                     None
                 };
+                let limits = connection_limits::ConnectionLimits::default()
+                    .with_max_established(Some(MAX_CONNECTIONS))
+                    .with_max_pending_incoming(Some(MAX_CONNECTIONS))
+                    .with_max_pending_outgoing(Some(MAX_CONNECTIONS))
+                    .with_max_established_per_peer(Some(2));
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
-                    gossipsub,
-                    identify,
+                    limits: connection_limits::Behaviour::new(limits),
+                    swim: rr(MAX_MESSAGE, 0, SWIM_PROTOCOL),
+                    table: rr(0, MAX_TABLE, TABLE_PROTOCOL),
                     mdns: Toggle::from(mdns),
                 })
             })
             .map_err(|e| setup(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION))
             .build();
-        let topic = gossipsub::IdentTopic::new(TOPIC);
-        swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| setup(&e))?;
         let listen_err = |reason: String| GossipError::Listen { addr: cfg.gossip_listen, reason };
         swarm.listen_on(tcp_multiaddr(cfg.gossip_listen)).map_err(|e| listen_err(e.to_string()))?;
         // The listener's port (the configured one, or the one the OS picked for port 0).
@@ -151,11 +250,8 @@ impl Gossip {
             loop {
                 match swarm.select_next_some().await {
                     SwarmEvent::NewListenAddr { address, .. } => {
-                        if let Some(p) = address.iter().find_map(|p| match p {
-                            Protocol::Tcp(p) => Some(p),
-                            _ => None,
-                        }) {
-                            return Ok(p);
+                        if let Some(a) = socket_addr(&address) {
+                            return Ok(a.port());
                         }
                     }
                     SwarmEvent::ListenerClosed { reason: Err(e), .. } | SwarmEvent::ListenerError { error: e, .. } => {
@@ -168,33 +264,30 @@ impl Gossip {
         .await
         .map_err(|_| listen_err("the listener did not come up".into()))??;
         let bound = SocketAddr::new(cfg.gossip_listen.ip(), port);
-        let listen = tcp_multiaddr(bound);
-        let advertised = tcp_multiaddr(SocketAddr::new(cfg.advertise_ip, port));
+        let advertised = SocketAddr::new(cfg.advertise_ip, port);
         let incarnation = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let ann = |leaving| shoal_proto::peer::MemberAnnouncement {
-            peer_id: me.to_bytes(),
-            incarnation,
-            zone: cfg.zone.clone(),
-            gossip_addrs: vec![advertised.to_vec()],
-            transfer_addr: transfer_addr.to_string(),
-            leaving,
+        let record = MemberRecord::sign(&keypair, incarnation, 0, cfg.zone.clone(), advertised, transfer_addr);
+        let timing = MembershipTiming {
+            probe_period: cfg.gossip_interval,
+            probe_timeout: cfg.suspect_after,
+            suspicion: cfg.dead_after,
+            indirect_probes: 3,
         };
-        let timing = Timing {
-            suspect_after: cfg.suspect_after,
-            dead_after: cfg.dead_after,
-            forget_after: FORGET_AFTER.max(cfg.dead_after * 2),
-        };
+        let core = Membership::new(keypair, record, timing, SwimRng::from_os());
         Ok(Self {
             swarm,
-            topic,
+            core,
             me,
-            announcement: ann(false).encode_to_vec(),
-            leaving: ann(true).encode_to_vec(),
-            table: MemberTable::new(me, timing),
+            timers: BinaryHeap::new(),
+            timer_events: HashMap::new(),
+            timer_seq: 0,
             view,
-            own_addrs: HashSet::from([listen, advertised]),
+            fingerprint: [0; 32],
+            own_addrs: HashSet::from([bound, advertised]),
             bound,
-            connected: HashSet::new(),
+            joining: HashSet::new(),
+            tables_served: VecDeque::new(),
+            connections: 0,
             cfg: cfg.clone(),
             metrics,
         })
@@ -205,28 +298,31 @@ impl Gossip {
         self.bound
     }
 
-    /// Runs until `cancel` fires, then announces that this node leaves.
+    /// Runs until `cancel` fires, then tells the cluster this node leaves.
     pub(super) async fn run(mut self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(self.cfg.gossip_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_redial: Option<Instant> = None;
+        let mut redial = tokio::time::interval(REDIAL_EVERY);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = tokio::time::interval(VIEW_CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            let timer = async {
+                match next_timer {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = cancel.cancelled() => break,
-                _ = tick.tick() => {
-                    self.publish(false);
-                    if self.table.tick(Instant::now()) {
-                        self.publish_view();
-                    }
-                    if last_redial.is_none_or(|t| t.elapsed() >= REDIAL_EVERY) {
-                        last_redial = Some(Instant::now());
-                        self.redial().await;
-                    }
-                }
+                () = timer => self.fire_timers(),
+                _ = redial.tick() => self.redial().await,
+                _ = check.tick() => self.publish_if_changed(),
                 event = self.swarm.select_next_some() => self.on_event(event),
             }
+            self.flush();
         }
-        self.publish(true);
+        self.core.leave();
+        self.flush();
         // Give the leaving message a moment to go out.
         let flush = tokio::time::sleep(Duration::from_millis(300));
         tokio::pin!(flush);
@@ -238,18 +334,52 @@ impl Gossip {
         }
     }
 
-    fn publish(&mut self, leaving: bool) {
-        let data = if leaving { self.leaving.clone() } else { self.announcement.clone() };
-        // With no peer subscribed yet there is nobody to tell: not an error.
-        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), data)
-            && !matches!(e, gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate)
-        {
-            tracing::debug!(error = %e, "gossip publish failed");
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, seq))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(t) = self.timer_events.remove(&seq) {
+                self.core.handle_timer(t);
+            }
+        }
+    }
+
+    /// Carries out what the core asked for, and publishes the view if it changed.
+    fn flush(&mut self) {
+        while let Some(o) = self.core.poll_output() {
+            match o {
+                Output::Send { to, addr, data } => {
+                    self.metrics.mesh.membership_bytes_sent.inc_by(data.len() as u64);
+                    self.swarm.behaviour_mut().swim.send_request_with_addresses(
+                        &to,
+                        data.to_vec(),
+                        vec![tcp_multiaddr(addr)],
+                    );
+                }
+                Output::Timer { after, timer } => {
+                    self.timer_seq += 1;
+                    self.timers.push(Reverse((Instant::now() + after, self.timer_seq)));
+                    self.timer_events.insert(self.timer_seq, timer);
+                }
+            }
+        }
+        if self.core.take_changed() {
+            self.publish_view();
+        }
+    }
+
+    fn publish_if_changed(&mut self) {
+        if self.core.fingerprint() != self.fingerprint {
+            self.publish_view();
         }
     }
 
     fn publish_view(&mut self) {
-        let members = self.table.snapshot();
+        self.fingerprint = self.core.fingerprint();
+        let members = self.core.members();
         for state in [PeerState::alive, PeerState::suspect, PeerState::dead] {
             let want = match state {
                 PeerState::alive => Liveness::Alive,
@@ -259,71 +389,76 @@ impl Gossip {
             let n = members.iter().filter(|(_, s)| *s == want).count();
             self.metrics.mesh.peers.get_or_create(&PeerStateLabels { state }).set(n as i64);
         }
+        tracing::debug!(members = members.len(), "membership view changed");
         let view = MembersView::new(self.me, self.cfg.zone.clone(), members);
         self.view.send_replace(Arc::new(view));
     }
 
-    /// Dials bootstrap addresses and members this node is not connected to.
+    /// Resolves the bootstrap names and dials a few addresses that are not alive members (all of them while this
+    /// node knows nobody; one otherwise, so a healed partition or a missed member is found again). A name that
+    /// resolves to every node of a large cluster costs a few dials, not one per node.
     async fn redial(&mut self) {
-        let mut targets: Vec<Multiaddr> = Vec::new();
+        let mut resolved: Vec<SocketAddr> = Vec::new();
         for entry in &self.cfg.bootstrap {
-            let resolved = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(entry.as_str())).await;
-            match resolved {
-                Ok(Ok(addrs)) => targets.extend(addrs.map(tcp_multiaddr)),
+            let r = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(entry.as_str())).await;
+            match r {
+                Ok(Ok(addrs)) => resolved.extend(addrs),
                 Ok(Err(e)) => tracing::debug!(bootstrap = %entry, error = %e, "bootstrap name did not resolve"),
                 Err(_) => tracing::debug!(bootstrap = %entry, "bootstrap name resolution timed out"),
             }
         }
-        // Addresses of members already connected need no dial.
-        let mut covered: HashSet<Multiaddr> = self.own_addrs.clone();
-        for (info, _) in self.table.snapshot() {
-            if self.connected.contains(&info.id) {
-                covered.extend(info.gossip_addrs.iter().cloned());
-            }
+        let members = self.core.members();
+        let alive: HashSet<SocketAddr> = members
+            .iter()
+            .filter(|(_, l)| *l != Liveness::Dead)
+            .flat_map(|(i, _)| i.gossip_addrs.iter().filter_map(socket_addr))
+            .collect();
+        let lonely = !members.iter().any(|(_, l)| *l == Liveness::Alive);
+        let candidates = resolved.into_iter().filter(|a| !self.own_addrs.contains(a) && !alive.contains(a));
+        let n = if lonely { DIALS_PER_ROUND } else { 1 };
+        for addr in candidates.choose_multiple(&mut rand::rng(), n) {
+            self.dial_to_join(tcp_multiaddr(addr));
         }
-        // Every member, alive or silent, gets a direct connection: gossip then does not depend on any one node
-        // (the bootstrap node dying must not cut the others apart), and silent members are retried.
-        for state in [Liveness::Alive, Liveness::Suspect, Liveness::Dead] {
-            for info in self.table.in_state(state) {
-                if !self.connected.contains(&info.id) {
-                    targets.extend(info.gossip_addrs.iter().cloned());
-                }
-            }
-        }
-        let mut seen = HashSet::new();
-        for addr in targets {
-            if covered.contains(&addr) || !seen.insert(addr.clone()) {
-                continue;
-            }
-            if let Err(e) = self.swarm.dial(addr.clone()) {
-                tracing::debug!(%addr, error = %e, "dial failed");
-            }
+    }
+
+    fn dial_to_join(&mut self, addr: Multiaddr) {
+        self.joining.insert(addr.clone());
+        if let Err(e) = self.swarm.dial(addr.clone()) {
+            self.joining.remove(&addr);
+            tracing::debug!(%addr, error = %e, "dial failed");
         }
     }
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. })) => {
-                self.on_announcement(message);
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
-                if info.protocol_version != PROTOCOL_VERSION =>
-            {
-                tracing::warn!(%peer_id, version = %info.protocol_version, "peer speaks another protocol version");
-                let _ = self.swarm.disconnect_peer_id(peer_id);
-            }
+            SwarmEvent::Behaviour(BehaviourEvent::Swim(e)) => self.on_swim(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Table(e)) => self.on_table(e),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                let known: HashSet<PeerId> = self.core.members().iter().map(|(i, _)| i.id).collect();
                 for (peer, addr) in found {
-                    if peer != self.me && !self.connected.contains(&peer) {
-                        let _ = self.swarm.dial(addr);
+                    if peer != self.me && !known.contains(&peer) {
+                        self.dial_to_join(addr);
                     }
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                self.connected.insert(peer_id);
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                self.connections += 1;
+                self.metrics.mesh.membership_connections.set(self.connections);
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint
+                    && self.joining.remove(address)
+                    && let Some(addr) = socket_addr(address)
+                {
+                    tracing::debug!(peer = %peer_id, %addr, "joining through");
+                    self.core.join(peer_id, addr);
+                    self.swarm.behaviour_mut().table.send_request(&peer_id, Vec::new());
+                }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                self.connected.remove(&peer_id);
+            SwarmEvent::ConnectionClosed { .. } => {
+                self.connections -= 1;
+                self.metrics.mesh.membership_connections.set(self.connections);
+            }
+            SwarmEvent::OutgoingConnectionError { error, .. } => {
+                tracing::trace!(error = %error, "membership dial failed");
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
                 // A node without the secret fails here (pnet or noise).
@@ -335,38 +470,68 @@ impl Gossip {
         }
     }
 
-    fn on_announcement(&mut self, message: gossipsub::Message) {
-        let Ok(ann) = shoal_proto::peer::MemberAnnouncement::decode(message.data.as_slice()) else {
-            tracing::debug!("undecodable member announcement dropped");
-            return;
-        };
-        let Ok(id) = PeerId::from_bytes(&ann.peer_id) else { return };
-        // The signed source must be the member described: nobody announces for another.
-        if message.source != Some(id) {
-            tracing::debug!(%id, "announcement not signed by the member it describes: dropped");
-            return;
-        }
-        let Ok(transfer_addr) = ann.transfer_addr.parse::<SocketAddr>() else { return };
-        let zone_ok = !ann.zone.is_empty()
-            && ann.zone.len() <= 63
-            && ann.zone.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !zone_ok || ann.gossip_addrs.len() > 8 {
-            return;
-        }
-        let gossip_addrs: Vec<Multiaddr> =
-            ann.gossip_addrs.iter().filter_map(|a| Multiaddr::try_from(a.clone()).ok()).collect();
-        let dial = (!ann.leaving && !self.connected.contains(&id)).then(|| gossip_addrs.clone());
-        let info = MemberInfo { id, incarnation: ann.incarnation, zone: ann.zone, gossip_addrs, transfer_addr };
-        if self.table.observe(info, ann.leaving, Instant::now()) {
-            tracing::info!(%id, leaving = ann.leaving, "membership changed");
-            self.publish_view();
-            // A member heard of through another one gets a direct connection now, not at the next redial: until
-            // then its gossip depends on the node that relayed it.
-            for addr in dial.into_iter().flatten() {
-                if let Err(e) = self.swarm.dial(addr.clone()) {
-                    tracing::debug!(%addr, error = %e, "dial failed");
+    fn refused(&self, peer: PeerId, what: &str, error: &dyn std::fmt::Display) {
+        self.metrics.mesh.membership_refused.inc();
+        tracing::debug!(%peer, error = %error, "{what} refused");
+    }
+
+    fn on_swim(&mut self, e: request_response::Event<Vec<u8>, Vec<u8>>) {
+        use request_response::{Event, Message};
+        match e {
+            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+                let _ = self.swarm.behaviour_mut().swim.send_response(channel, Vec::new());
+                self.metrics.mesh.membership_bytes_received.inc_by(request.len() as u64);
+                if let Err(e) = self.core.handle_data(peer, &request) {
+                    self.refused(peer, "membership message", &e);
                 }
             }
+            Event::OutboundFailure { peer, error: request_response::OutboundFailure::UnsupportedProtocols, .. } => {
+                tracing::warn!(%peer, "member speaks another membership protocol version");
+            }
+            Event::OutboundFailure { peer, error, .. } => {
+                // SWIM copes with lost messages: the probe cycle and suspicion decide, not one failure.
+                tracing::trace!(%peer, error = %error, "membership message not delivered");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_table(&mut self, e: request_response::Event<Vec<u8>, Vec<u8>>) {
+        use request_response::{Event, Message};
+        match e {
+            Event::Message { peer, message: Message::Request { channel, .. }, .. } => {
+                let now = Instant::now();
+                while self.tables_served.front().is_some_and(|t| now.duration_since(*t) > TABLE_WINDOW) {
+                    self.tables_served.pop_front();
+                }
+                // Over the rate, the answer is empty: the asker still learns members from SWIM's feeds.
+                let table = if self.tables_served.len() < TABLES_PER_WINDOW {
+                    self.tables_served.push_back(now);
+                    self.core.table()
+                } else {
+                    tracing::debug!(%peer, "member table request over the rate: empty answer");
+                    Vec::new()
+                };
+                self.metrics.mesh.membership_bytes_sent.inc_by(table.len() as u64);
+                let _ = self.swarm.behaviour_mut().table.send_response(channel, table);
+            }
+            Event::Message { peer, message: Message::Response { response, .. }, .. } => {
+                self.metrics.mesh.membership_bytes_received.inc_by(response.len() as u64);
+                if response.is_empty() {
+                    return;
+                }
+                match self.core.apply_table(peer, &response) {
+                    Ok(n) => tracing::debug!(%peer, members = n, "member table received"),
+                    Err(e) => self.refused(peer, "member table", &e),
+                }
+            }
+            Event::OutboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, error = %error, "member table request failed");
+            }
+            _ => {}
         }
     }
 }
+
+/// At most this many members: see [`MAX_MEMBERS`].
+const _: () = assert!(MAX_MEMBERS * 200 < MAX_TABLE);

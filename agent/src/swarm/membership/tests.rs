@@ -1,0 +1,317 @@
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+const TIMING: MembershipTiming = MembershipTiming {
+    probe_period: Duration::from_millis(1000),
+    probe_timeout: Duration::from_millis(400),
+    suspicion: Duration::from_secs(4),
+    indirect_probes: 3,
+};
+
+enum Event {
+    Deliver { to: usize, from: PeerId, data: Bytes },
+    Timer { node: usize, timer: foca::Timer<MemberRecord> },
+}
+
+/// Nodes on a virtual network: 1 ms per message, optional loss, virtual time.
+struct Cluster {
+    nodes: Vec<Option<Membership>>,
+    index: HashMap<PeerId, usize>,
+    now: Duration,
+    queue: BinaryHeap<Reverse<(Duration, u64)>>,
+    events: HashMap<u64, Event>,
+    seq: u64,
+    loss: f64,
+    /// Nodes whose process is starved: every message they get waits 0.2–1.5 s before it is handled.
+    starved: Vec<bool>,
+    rng: rand::rngs::StdRng,
+    sent: Vec<u64>,
+}
+
+fn record(key: &identity::Keypair, n: usize) -> MemberRecord {
+    let addr: SocketAddr = format!("10.0.{}.{}:7000", n / 250, n % 250 + 1).parse().unwrap();
+    MemberRecord::sign(key, 1, 0, "z".into(), addr, addr)
+}
+
+impl Cluster {
+    fn new(n: usize, loss: f64) -> Self {
+        let mut c = Self {
+            nodes: Vec::new(),
+            index: HashMap::new(),
+            now: Duration::ZERO,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            seq: 0,
+            loss,
+            starved: vec![false; n],
+            rng: rand::rngs::StdRng::seed_from_u64(7),
+            sent: vec![0; n],
+        };
+        for i in 0..n {
+            let key = identity::Keypair::generate_ed25519();
+            let me = record(&key, i);
+            c.index.insert(me.peer(), i);
+            c.nodes.push(Some(Membership::new(key, me, TIMING, SwimRng::seeded(i as u64))));
+        }
+        c
+    }
+
+    fn peer(&self, i: usize) -> PeerId {
+        self.nodes[i].as_ref().unwrap().me().peer()
+    }
+
+    fn push(&mut self, at: Duration, e: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq)));
+        self.events.insert(self.seq, e);
+    }
+
+    fn drain(&mut self, i: usize) {
+        let Some(m) = self.nodes[i].as_mut() else { return };
+        let from = m.me().peer();
+        let mut out = Vec::new();
+        while let Some(o) = m.poll_output() {
+            out.push(o);
+        }
+        for o in out {
+            match o {
+                Output::Send { to, data, .. } => {
+                    self.sent[i] += 1;
+                    if self.rng.random::<f64>() < self.loss {
+                        continue;
+                    }
+                    if let Some(&to) = self.index.get(&to) {
+                        let delay = if self.starved[to] { self.rng.random_range(200..1500) } else { 1 };
+                        self.push(self.now + Duration::from_millis(delay), Event::Deliver { to, from, data });
+                    }
+                }
+                Output::Timer { after, timer } => self.push(self.now + after, Event::Timer { node: i, timer }),
+            }
+        }
+    }
+
+    fn join_all_through(&mut self, seed: usize) {
+        let (p, a) = {
+            let m = self.nodes[seed].as_ref().unwrap().me();
+            (m.peer(), m.gossip())
+        };
+        for i in 0..self.nodes.len() {
+            if i != seed {
+                self.nodes[i].as_mut().unwrap().join(p, a);
+                self.drain(i);
+            }
+        }
+    }
+
+    fn run_until(&mut self, until: Duration) {
+        while let Some(Reverse((at, seq))) = self.queue.peek().copied() {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            self.now = at;
+            let e = self.events.remove(&seq).unwrap();
+            let node = match e {
+                Event::Deliver { to, from, data } => {
+                    if let Some(m) = self.nodes[to].as_mut() {
+                        let _ = m.handle_data(from, &data);
+                    }
+                    to
+                }
+                Event::Timer { node, timer } => {
+                    if let Some(m) = self.nodes[node].as_mut() {
+                        m.handle_timer(timer);
+                    }
+                    node
+                }
+            };
+            self.drain(node);
+        }
+        self.now = until;
+    }
+
+    /// How each live node sees member `of`.
+    fn seen_as(&self, of: PeerId) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for m in self.nodes.iter().flatten() {
+            if m.me().peer() == of {
+                continue;
+            }
+            let s = m.members().into_iter().find(|(i, _)| i.id == of).map(|(_, l)| format!("{l:?}"));
+            *counts.entry(s.unwrap_or_else(|| "unknown".into())).or_default() += 1;
+        }
+        counts
+    }
+
+    fn all_alive(&self) -> bool {
+        let n = self.nodes.iter().flatten().count();
+        self.nodes.iter().flatten().all(|m| m.members().iter().filter(|(_, l)| *l == Liveness::Alive).count() == n - 1)
+    }
+}
+
+#[test]
+fn a_cluster_forms_through_one_node_and_a_death_is_seen_by_all() {
+    let mut c = Cluster::new(40, 0.0);
+    c.join_all_through(0);
+    let mut converged = None;
+    for step in 1..=40 {
+        c.run_until(Duration::from_millis(250 * step));
+        if c.all_alive() {
+            converged = Some(c.now);
+            break;
+        }
+    }
+    let converged = converged.expect("40 nodes see each other alive within 10 s");
+    assert!(converged <= Duration::from_secs(5), "converged after {converged:?}");
+    // Kill one: every live node calls it dead within a few periods plus the suspicion time.
+    let victim = c.peer(17);
+    c.nodes[17] = None;
+    let killed = c.now;
+    let mut dead_all = None;
+    for step in 1..=60 {
+        c.run_until(killed + Duration::from_millis(250 * step));
+        if c.seen_as(victim) == BTreeMap::from([("Dead".to_owned(), 39)]) {
+            dead_all = Some(c.now - killed);
+            break;
+        }
+    }
+    let took = dead_all.unwrap_or_else(|| panic!("not seen dead by all: {:?}", c.seen_as(victim)));
+    assert!(took <= Duration::from_secs(10), "death seen by all after {took:?}");
+}
+
+#[test]
+fn lost_messages_cause_no_false_death() {
+    let mut c = Cluster::new(30, 0.01);
+    c.join_all_through(0);
+    c.run_until(Duration::from_secs(10));
+    assert!(c.all_alive(), "joined despite 1 % loss");
+    // A minute of 1 % loss: suspicions happen and are refuted; nobody is declared dead.
+    for step in 1..=60 {
+        c.run_until(Duration::from_secs(10 + step));
+        for i in 0..30 {
+            let seen = c.seen_as(c.peer(i));
+            assert!(!seen.contains_key("Dead"), "node {i} falsely dead at {:?}: {seen:?}", c.now);
+        }
+    }
+}
+
+#[test]
+fn starved_nodes_are_not_declared_dead() {
+    let mut c = Cluster::new(100, 0.01);
+    for i in (0..100).step_by(20) {
+        c.starved[i] = true;
+    }
+    c.join_all_through(1);
+    c.run_until(Duration::from_secs(15));
+    for i in 0..100 {
+        let seen = c.seen_as(c.peer(i));
+        assert!(!seen.contains_key("unknown") && !seen.contains_key("Dead"), "node {i} not joined: {seen:?}");
+    }
+    for step in 1..=60 {
+        c.run_until(Duration::from_secs(15 + step));
+        for i in (0..100).step_by(20) {
+            let seen = c.seen_as(c.peer(i));
+            assert!(!seen.contains_key("Dead"), "starved node {i} falsely dead at {:?}: {seen:?}", c.now);
+        }
+    }
+}
+
+#[test]
+fn idle_cost_per_node_does_not_grow_with_the_cluster() {
+    let mut per_node = Vec::new();
+    for n in [20, 80] {
+        let mut c = Cluster::new(n, 0.0);
+        c.join_all_through(0);
+        c.run_until(Duration::from_secs(20));
+        assert!(c.all_alive());
+        let before: u64 = c.sent.iter().sum();
+        c.run_until(Duration::from_secs(80));
+        let after: u64 = c.sent.iter().sum();
+        per_node.push((after - before) as f64 / n as f64 / 60.0);
+    }
+    // Idle: a probe (and its answer) per period, whatever the size.
+    assert!(per_node[1] < per_node[0] * 1.2, "messages per node per second: {per_node:?}");
+    assert!(per_node[1] < 3.0, "messages per node per second: {per_node:?}");
+}
+
+fn node(n: usize) -> (identity::Keypair, MemberRecord) {
+    let key = identity::Keypair::generate_ed25519();
+    let r = record(&key, n);
+    (key, r)
+}
+
+/// A ping from `src` to `dst`, encoded as foca would.
+fn ping(src: &MemberRecord, dst: &MemberRecord) -> Vec<u8> {
+    let header = Header { src: src.clone(), src_incarnation: 0, dst: dst.clone(), message: Message::Ping(1) };
+    let mut buf = Vec::new();
+    foca::PostcardCodec.encode_header(&header, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn records_are_signed_and_the_sender_is_the_authenticated_peer() {
+    let (key, me) = node(1);
+    let (_, honest) = node(2);
+    let mut m = Membership::new(key, me.clone(), TIMING, SwimRng::seeded(1));
+    assert_eq!(honest.verify(), Ok(()));
+
+    // A record whose fields were changed after signing (another transfer address) is refused.
+    let forged = MemberRecord { transfer: "10.9.9.9:1".parse().unwrap(), ..honest.clone() };
+    assert_eq!(forged.verify(), Err(RecordError::Signature(honest.peer())));
+    assert_eq!(m.handle_data(honest.peer(), &ping(&forged, &me)), Err(RecordError::Signature(honest.peer())));
+    // A member sending a message in another member's name (its genuine record) is refused.
+    let (_, liar) = node(3);
+    assert_eq!(
+        m.handle_data(liar.peer(), &ping(&honest, &me)),
+        Err(RecordError::Impersonation { claimed: honest.peer() })
+    );
+    // A record signed by another key than its peer id names.
+    let (other_key, _) = node(4);
+    let stolen = MemberRecord::sign(&other_key, 1, 0, "z".into(), honest.gossip, honest.transfer);
+    let stolen = MemberRecord { peer: honest.peer(), ..stolen };
+    assert_eq!(stolen.verify(), Err(RecordError::Signature(honest.peer())));
+    // A bad zone.
+    let (k5, _) = node(5);
+    let bad_zone = MemberRecord::sign(&k5, 1, 0, "a/b".into(), honest.gossip, honest.transfer);
+    assert!(matches!(bad_zone.verify(), Err(RecordError::Field(_))));
+    assert!(m.members().is_empty(), "nothing refused got in");
+    // Garbage and oversized input.
+    assert!(matches!(m.handle_data(honest.peer(), b"\xff\xff\xff"), Err(RecordError::Decode(_))));
+    assert!(m.handle_data(honest.peer(), &vec![0; MAX_MESSAGE + 1]).is_err());
+    // The honest ping is taken: the sender becomes a member and gets an answer.
+    assert_eq!(m.handle_data(honest.peer(), &ping(&honest, &me)), Ok(()));
+    assert_eq!(m.members().len(), 1);
+    let mut answered = false;
+    while let Some(o) = m.poll_output() {
+        answered |= matches!(o, Output::Send { to, .. } if to == honest.peer());
+    }
+    assert!(answered);
+}
+
+#[test]
+fn a_table_brings_a_new_node_every_member_at_once() {
+    let mut c = Cluster::new(12, 0.0);
+    c.join_all_through(0);
+    c.run_until(Duration::from_secs(8));
+    assert!(c.all_alive());
+    let table = c.nodes[0].as_ref().unwrap().table();
+    let sender = c.peer(0);
+    let (key, me) = node(99);
+    let mut fresh = Membership::new(key, me, TIMING, SwimRng::seeded(99));
+    assert_eq!(fresh.apply_table(sender, &table), Ok(12));
+    assert_eq!(fresh.members().iter().filter(|(_, l)| *l == Liveness::Alive).count(), 12);
+    assert!(fresh.take_changed());
+    // A table that does not hold its sender, or that was tampered with, is refused whole.
+    let (key, me) = node(100);
+    let mut other = Membership::new(key, me, TIMING, SwimRng::seeded(100));
+    assert!(other.apply_table(PeerId::random(), &table).is_err());
+    let mut bad = table.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x55;
+    assert!(other.apply_table(sender, &bad).is_err());
+    assert!(other.members().is_empty());
+}
