@@ -140,10 +140,19 @@ impl Agent {
         let tasks = TaskTracker::new();
         let upstream = Arc::new(Upstream::new(cfg.upstream.clone(), metrics.upstream.clone())?);
         let mut cfg = cfg;
-        if let (Some(m), Some(node)) = (&mut cfg.mesh, &cfg.node_name)
-            && m.zone_from_node
-        {
-            m.zone = zone_of_node(node).await;
+        if let (Some(m), Some(node)) = (&mut cfg.mesh, &cfg.node_name) {
+            let bound = matches!(m.binding, crate::config::MemberBinding::Kubernetes { .. });
+            if m.zone_from_node {
+                m.zone = zone_of_node(node).await.unwrap_or_else(|| "default".to_owned());
+            } else if bound
+                && let Some(label) = zone_of_node(node).await
+                && label != m.zone
+            {
+                // Bound to its Node, a member's zone is the Node's label: the others would refuse any other.
+                tracing::warn!(node, configured = %m.zone, label = %label, "`zone` differs from the Node's zone label; \
+                    with member_binding = kubernetes the label is the zone");
+                m.zone = label;
+            }
         }
         let mesh = match &cfg.mesh {
             Some(m) => Some(Mesh::start(m, &cfg.data_dir, metrics.clone(), &tasks, &cancel).await?),
@@ -306,26 +315,26 @@ fn write_ready_file(path: &std::path::Path, addrs: &Addrs) -> std::io::Result<()
     std::fs::rename(&tmp, path)
 }
 
-/// The node's zone from its label; `default` (with a warning) when it has none or the API server cannot say
-/// (the agent must start even when the API server is down: it serves image pulls).
-async fn zone_of_node(node: &str) -> String {
+/// The node's zone from its label; `None` (logged) when it has none or the API server cannot say (the agent must
+/// start even when the API server is down: it serves image pulls).
+async fn zone_of_node(node: &str) -> Option<String> {
     let lookup = async { crate::kubernetes::node_zone(crate::kubernetes::client().await?, node).await };
     match tokio::time::timeout(std::time::Duration::from_secs(10), lookup).await {
         Ok(Ok(Some(zone))) => {
             tracing::info!(node, zone, "zone from the node's label");
-            zone
+            Some(zone)
         }
         Ok(Ok(None)) => {
-            tracing::info!(node, label = crate::kubernetes::ZONE_LABEL, "the node has no zone label: zone `default`");
-            "default".to_owned()
+            tracing::info!(node, label = crate::kubernetes::ZONE_LABEL, "the node has no zone label");
+            None
         }
         Ok(Err(e)) => {
-            tracing::warn!(node, error = %e, "cannot read the node's zone: zone `default` (set `zone` to override)");
-            "default".to_owned()
+            tracing::warn!(node, error = %e, "cannot read the node's zone label (set `zone` to override)");
+            None
         }
         Err(_) => {
-            tracing::warn!(node, "the API server did not answer within 10s: zone `default` (set `zone` to override)");
-            "default".to_owned()
+            tracing::warn!(node, "the API server did not answer within 10s: no zone label (set `zone` to override)");
+            None
         }
     }
 }

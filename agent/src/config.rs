@@ -2,7 +2,7 @@
 //! read into [`RawConfig`] and converted once into the typed [`Config`] the agent runs with. Every check happens
 //! in [`RawConfig::validate`], before any port is bound, and every error names the key and the reason.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -150,6 +150,15 @@ pub struct RawConfig {
     /// Also discover members on the local network by mDNS. Default `false`.
     #[arg(long, env = "SHOAL_MDNS")]
     pub mdns: Option<bool>,
+    /// What a member's identity is bound to: `kubernetes` (its Node, checked against the API server: the default
+    /// with `node_name`), `list` (the peer ids in `members_file`: the default with it), or `open` (any holder of
+    /// the cluster secret, under any id: the default otherwise).
+    #[arg(long, env = "SHOAL_MEMBER_BINDING")]
+    pub member_binding: Option<String>,
+    /// With `member_binding = "list"`: a file of members' peer ids, one per line, each optionally followed by the
+    /// IP it must come from (`12D3KooW… 10.0.0.5`); `#` starts a comment.
+    #[arg(long, env = "SHOAL_MEMBERS_FILE")]
+    pub members_file: Option<PathBuf>,
     /// This node's zone: digests get a home per zone. Default `default`.
     #[arg(long, env = "SHOAL_ZONE")]
     pub zone: Option<String>,
@@ -399,6 +408,8 @@ pub struct MeshConfig {
     pub bootstrap: Vec<String>,
     /// mDNS discovery.
     pub mdns: bool,
+    /// What members' identities are bound to.
+    pub binding: MemberBinding,
     /// This node's zone.
     pub zone: String,
     /// Whether `zone` was left unset: with a node name, the node's zone label decides.
@@ -468,6 +479,8 @@ impl RawConfig {
             advertise_ip: self.advertise_ip.or(file.advertise_ip),
             bootstrap: if self.bootstrap.is_empty() { file.bootstrap } else { self.bootstrap },
             mdns: self.mdns.or(file.mdns),
+            member_binding: self.member_binding.or(file.member_binding),
+            members_file: self.members_file.or(file.members_file),
             zone: self.zone.or(file.zone),
             gossip_interval: self.gossip_interval.or(file.gossip_interval),
             suspect_after: self.suspect_after.or(file.suspect_after),
@@ -563,8 +576,8 @@ impl RawConfig {
             }
         };
         let node_name = match &self.node_name {
-            Some(n) if n.is_empty() || n.len() > 253 || n.contains('/') => {
-                return Err(invalid("node_name", "not a Kubernetes node name"));
+            Some(n) if !valid_node_name(n) => {
+                return Err(invalid("node_name", "not a Kubernetes node name (a DNS subdomain: [a-z0-9.-], ≤ 253)"));
             }
             other => other.clone(),
         };
@@ -727,6 +740,7 @@ impl RawConfig {
         if !valid_zone(&zone) {
             return Err(invalid("zone", "must be 1-63 characters of [A-Za-z0-9._-]"));
         }
+        let binding = self.member_binding()?;
         let gossip_interval = dur("gossip_interval", &self.gossip_interval, "1s", Duration::from_millis(100))?;
         let suspect_after = dur("suspect_after", &self.suspect_after, "500ms", Duration::from_millis(20))?;
         let dead_after = dur("dead_after", &self.dead_after, "5s", Duration::from_millis(300))?;
@@ -755,6 +769,7 @@ impl RawConfig {
             advertise_ip,
             bootstrap: self.bootstrap.clone(),
             mdns: self.mdns.unwrap_or(false),
+            binding,
             zone,
             zone_from_node: self.zone.is_none() && self.node_name.is_some(),
             gossip_interval,
@@ -766,6 +781,83 @@ impl RawConfig {
             peer_quarantine: dur("peer_quarantine", &self.peer_quarantine, "5m", Duration::ZERO)?,
         }))
     }
+}
+
+/// What members' identities are bound to (see `member_binding`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberBinding {
+    /// Any holder of the cluster secret, under any peer id.
+    Open,
+    /// The listed peer ids, each from its IP when one is given.
+    List(HashMap<libp2p::PeerId, Option<std::net::IpAddr>>),
+    /// Kubernetes Nodes: this node is `node`; members are checked against the API server's Nodes.
+    Kubernetes {
+        /// This node's name.
+        node: String,
+    },
+}
+
+impl RawConfig {
+    fn member_binding(&self) -> Result<MemberBinding, ConfigError> {
+        let default = if self.node_name.is_some() {
+            "kubernetes"
+        } else if self.members_file.is_some() {
+            "list"
+        } else {
+            "open"
+        };
+        match self.member_binding.as_deref().unwrap_or(default) {
+            "open" => Ok(MemberBinding::Open),
+            "kubernetes" => match &self.node_name {
+                Some(node) => Ok(MemberBinding::Kubernetes { node: node.clone() }),
+                None => {
+                    Err(invalid("member_binding", "`kubernetes` needs `node_name` (the downward API's spec.nodeName)"))
+                }
+            },
+            "list" => {
+                let Some(path) = &self.members_file else {
+                    return Err(invalid("member_binding", "`list` needs `members_file`"));
+                };
+                parse_members(path).map(MemberBinding::List).map_err(|r| invalid("members_file", r))
+            }
+            other => Err(invalid("member_binding", format!("`{other}`: one of kubernetes, list, open"))),
+        }
+    }
+}
+
+/// Reads a members file: a peer id per line, optionally followed by an IP; `#` comments and blank lines skipped.
+fn parse_members(path: &Path) -> Result<HashMap<libp2p::PeerId, Option<std::net::IpAddr>>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (Some(id), ip, None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!("{}:{}: expected `PEER_ID [IP]`", path.display(), n + 1));
+        };
+        let id: libp2p::PeerId = id.parse().map_err(|e| format!("{}:{}: `{id}`: {e}", path.display(), n + 1))?;
+        let ip = ip
+            .map(|ip| ip.parse::<std::net::IpAddr>().map_err(|e| format!("{}:{}: `{ip}`: {e}", path.display(), n + 1)))
+            .transpose()?;
+        out.insert(id, ip);
+    }
+    if out.is_empty() {
+        return Err(format!("{} lists no member", path.display()));
+    }
+    Ok(out)
+}
+
+/// Whether `name` can name a Kubernetes Node (a DNS subdomain: lowercase alphanumerics, `-` and `.`, at most 253
+/// characters, starting and ending with an alphanumeric).
+pub fn valid_node_name(name: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    name.len() <= 253
+        && edge(name.chars().next())
+        && edge(name.chars().last())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
 }
 
 /// Whether `zone` can name a zone (the config key's rule, also applied to a node's label).

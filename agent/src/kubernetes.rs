@@ -1,13 +1,22 @@
-//! Kubernetes: the two things the agent asks the API server. The node's zone (its
-//! `topology.kubernetes.io/zone` label, read once at start with `get` on its own Node), and, for the uninstall
-//! hook, whether a DaemonSet's pods are all ready (`get` on that DaemonSet). The client comes from the pod's
-//! service account (or `KUBECONFIG` outside a cluster).
+//! Kubernetes: what the agent asks the API server. The node's zone (its `topology.kubernetes.io/zone` label, read
+//! once at start with `get` on its own Node); the cluster's Nodes, listed then watched, so members' identities are
+//! checked against them ([`watch_nodes`], `member_binding = "kubernetes"`); and, for the uninstall hook, whether a
+//! DaemonSet's pods are all ready (`get` on that DaemonSet). The client comes from the pod's service account (or
+//! `KUBECONFIG` outside a cluster).
 
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
+use kube::api::{ListParams, WatchEvent, WatchParams};
 use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+use crate::swarm::binding::{NodeBook, NodeFacts};
 
 /// The label a node's zone is read from.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -43,6 +52,129 @@ pub enum KubeError {
 pub async fn client() -> Result<Client, KubeError> {
     let config = kube::Config::infer().await.map_err(|e| KubeError::Config(e.to_string()))?;
     Client::try_from(config).map_err(|e| KubeError::Config(e.to_string()))
+}
+
+/// What binds a member to a Node: its addresses and zone label (a label that cannot name a zone counts as none).
+pub fn node_facts(node: &Node) -> Option<(String, NodeFacts)> {
+    let name = node.metadata.name.clone()?;
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(|a| {
+            a.iter()
+                .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).filter(|z| crate::config::valid_zone(z));
+    Some((name, NodeFacts { addresses, zone: zone.cloned() }))
+}
+
+/// Lists every Node (in pages of 500) into `book`, then follows changes with a watch; relists after a watch error
+/// (an expired resource version, the API server restarting) or when a watch cannot start. Runs until `cancel`.
+pub async fn watch_nodes(client: Client, book: Arc<NodeBook>, cancel: CancellationToken) {
+    let nodes: Api<Node> = Api::all(client);
+    let retry = Duration::from_secs(5);
+    loop {
+        let listed = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = list_nodes(&nodes) => r,
+        };
+        let mut version = match listed {
+            Ok((all, version)) => {
+                tracing::info!(nodes = all.len(), "Nodes listed: members are checked against them");
+                book.replace_all(all);
+                version
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list Nodes: members cannot be admitted until it can");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(retry) => continue,
+                }
+            }
+        };
+        // Watch from the list's version; a watch that ends (its timeout) is started again from the last version.
+        loop {
+            let started = Instant::now();
+            let wp = WatchParams::default().timeout(290);
+            let stream = match nodes.watch(&wp, &version).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot watch Nodes: listing again");
+                    break;
+                }
+            };
+            let mut stream = stream.boxed();
+            let mut relist = false;
+            loop {
+                let event = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    e = stream.try_next() => e,
+                };
+                match event {
+                    Ok(Some(WatchEvent::Added(n) | WatchEvent::Modified(n))) => {
+                        if let Some(v) = n.metadata.resource_version.clone() {
+                            version = v;
+                        }
+                        if let Some((name, facts)) = node_facts(&n) {
+                            book.upsert(name, facts);
+                        }
+                    }
+                    Ok(Some(WatchEvent::Deleted(n))) => {
+                        if let Some(v) = n.metadata.resource_version.clone() {
+                            version = v;
+                        }
+                        if let Some(name) = &n.metadata.name {
+                            book.remove(name);
+                        }
+                    }
+                    Ok(Some(WatchEvent::Bookmark(b))) => version = b.metadata.resource_version,
+                    Ok(Some(WatchEvent::Error(e))) => {
+                        tracing::debug!(code = e.code, message = %e.message, "Node watch error: listing again");
+                        relist = true;
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "Node watch failed: listing again");
+                        relist = true;
+                        break;
+                    }
+                }
+            }
+            if relist {
+                break;
+            }
+            // A watch that ended at once (a server that does not hold watches open) is not restarted in a loop.
+            if started.elapsed() < Duration::from_secs(1) {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn list_nodes(nodes: &Api<Node>) -> Result<(HashMap<String, NodeFacts>, String), KubeError> {
+    let mut all = HashMap::new();
+    let mut lp = ListParams::default().limit(500);
+    loop {
+        let page =
+            nodes.list(&lp).await.map_err(|e| KubeError::Api { what: "listing Nodes".into(), source: Box::new(e) })?;
+        all.extend(page.items.iter().filter_map(node_facts));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => lp = lp.continue_token(&c),
+            None => return Ok((all, page.metadata.resource_version.unwrap_or_default())),
+        }
+    }
 }
 
 /// The zone label of node `name`: `None` when the node has no such label.
@@ -173,5 +305,54 @@ mod tests {
         assert_eq!(reads.load(Ordering::SeqCst), 3, "ready on the third read, not before");
         let err = wait_daemonset_ready(client, "ns", "other", every, Duration::from_millis(50)).await.unwrap_err();
         assert!(matches!(err, KubeError::Api { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn nodes_are_listed_in_pages_then_watched() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let node = |name: &str, ip: &str, zone: Option<&str>| {
+            let labels = zone.map_or(json!({}), |z| json!({ZONE_LABEL: z}));
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "resourceVersion": "5", "labels": labels},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}})
+        };
+        let (n1, n2, n3) =
+            (node("n1", "10.0.0.1", Some("z1")), node("n2", "10.0.0.2", None), node("n3", "10.0.0.3", Some("z3")));
+        let app = axum::Router::new().route(
+            "/api/v1/nodes",
+            get(move |q: axum::extract::RawQuery| {
+                let (n1, n2, n3) = (n1.clone(), n2.clone(), n3.clone());
+                async move {
+                    let q = q.0.unwrap_or_default();
+                    if q.contains("watch=true") {
+                        // One change, then the watch ends (its timeout): the watcher starts another.
+                        let ev = json!({"type": "ADDED", "object": n3});
+                        return ([(http::header::CONTENT_TYPE, "application/json")], format!("{ev}\n"));
+                    }
+                    let (items, cont) = if q.contains("continue=page2") { (vec![n2], "") } else { (vec![n1], "page2") };
+                    json_body(&json!({"apiVersion": "v1", "kind": "NodeList",
+                        "metadata": {"resourceVersion": "5", "continue": cont}, "items": items}))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let client = Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+        let book = Arc::new(NodeBook::default());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(watch_nodes(client, book.clone(), cancel.clone()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while book.len() < 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(book.is_ready());
+        assert_eq!(
+            book.get("n1"),
+            Some(NodeFacts { addresses: vec!["10.0.0.1".parse().unwrap()], zone: Some("z1".into()) })
+        );
+        assert_eq!(book.get("n2"), Some(NodeFacts { addresses: vec!["10.0.0.2".parse().unwrap()], zone: None }));
+        assert_eq!(book.get("n3").map(|f| f.zone), Some(Some("z3".into())), "from the watch");
     }
 }

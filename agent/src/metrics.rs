@@ -236,11 +236,11 @@ pub struct StoreMetrics {
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum PeerState {
-    /// Announced itself recently.
+    /// Answers probes.
     alive,
-    /// Silent for `suspect_after`: no longer a home or a source.
+    /// Answered no probe in a period: no longer a home or a source until it refutes.
     suspect,
-    /// Silent for `dead_after`, or left.
+    /// Did not refute a suspicion within `dead_after`, or left.
     dead,
 }
 

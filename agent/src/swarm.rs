@@ -7,11 +7,14 @@
 //! - [`scheduler`]: which source gets which piece of a download, in a bounded window, with failed sources
 //!   dropped and straggling pieces hedged.
 //! - [`announcer`]: what this node must tell which home, re-announcing only what moved.
+//! - [`membership`]: who is in the cluster and alive (SWIM over signed member records), and [`binding`]: what a
+//!   member's identity is bound to (its Kubernetes Node, a list), so nobody can pick its place on the ring.
 //!
 //! The agent drives them from thin async loops ([`crate::mesh`], [`crate::resolver`]); the simulator
 //! (`shoal-sim`) drives the very same code over a modelled network of thousands of nodes.
 
 pub mod announcer;
+pub mod binding;
 pub mod directory;
 pub mod homes;
 pub mod membership;

@@ -294,6 +294,7 @@ fn view_of(nodes: &[Node], alive: &[bool]) -> MembersView {
                 zone: format!("z{}", n.zone),
                 gossip_addrs: Vec::new(),
                 transfer_addr: std::net::SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 30024)),
+                node: None,
             };
             (info, if alive[i] { Liveness::Alive } else { Liveness::Dead })
         })

@@ -19,6 +19,7 @@ pub struct AgentBuilder {
     registries: Vec<String>,
     /// The address the mesh listens on, when in one (the port is the OS's pick).
     gossip_ip: Option<std::net::Ipv4Addr>,
+    gossip_port: u16,
     netns: Option<(String, std::net::Ipv4Addr)>,
     env: Vec<(String, String)>,
     data_dir: Option<PathBuf>,
@@ -70,6 +71,13 @@ impl AgentBuilder {
                 self.lines.push(format!("{key} = {value}"));
             }
         }
+        self
+    }
+
+    /// Listens for gossip on this port (of the address [`Self::mesh`] set) instead of one the OS picks: the address
+    /// is then known before the agent starts, so agents started at once can bootstrap from each other.
+    pub fn gossip_port(mut self, port: u16) -> Self {
+        self.gossip_port = port;
         self
     }
 
@@ -139,7 +147,7 @@ impl AgentBuilder {
             dir,
             addr: SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 0),
             metrics_addr: SocketAddr::new(metrics_ip.into(), 0),
-            gossip_addr: self.gossip_ip.map(|ip| SocketAddr::new(ip.into(), 0)),
+            gossip_addr: self.gossip_ip.map(|ip| SocketAddr::new(ip.into(), self.gossip_port)),
             config,
             registries,
             http: reqwest::Client::builder().no_proxy().build()?,

@@ -251,7 +251,7 @@ fn check_agent(objs: &[serde_json::Value]) -> Result<(String, String)> {
         subjects.iter().all(|s| s.kind == "ServiceAccount" && s.name == sa_name && s.namespace.as_deref() == Some(&ns))
     );
     let role: ClusterRole = one(objs, "ClusterRole", &binding.role_ref.name)?;
-    assert_eq!(role.rules, Some(vec![rule(&[""], &["nodes"], None, &["get"])]));
+    assert_eq!(role.rules, Some(vec![rule(&[""], &["nodes"], None, &["get", "list", "watch"])]));
     assert!(
         all::<Role>(objs, "Role")?.iter().all(|r| r
             .metadata
@@ -352,15 +352,32 @@ async fn every_metric_the_dashboard_charts_is_exported_by_the_agent() -> Result<
 
 #[tokio::test]
 async fn the_agent_takes_its_zone_from_its_nodes_label() -> Result<()> {
-    // A fake API server serving one Node; the agent finds it through a kubeconfig, as outside a cluster.
-    let app = axum::Router::new().route(
-        "/api/v1/nodes/worker-7",
-        axum::routing::get(|| async {
-            let node = serde_json::json!({"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": "worker-7", "labels": {"topology.kubernetes.io/zone": "eu-west-1b"}}});
-            ([(http::header::CONTENT_TYPE, "application/json")], node.to_string())
-        }),
-    );
+    // A fake API server serving one Node (get, list; a watch that ends at once); the agent finds it through a
+    // kubeconfig, as outside a cluster.
+    let node = serde_json::json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "worker-7", "resourceVersion": "1", "labels": {"topology.kubernetes.io/zone": "eu-west-1b"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.81"}]}});
+    let one = node.clone();
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/nodes/worker-7",
+            axum::routing::get(
+                move || async move { ([(http::header::CONTENT_TYPE, "application/json")], one.to_string()) },
+            ),
+        )
+        .route(
+            "/api/v1/nodes",
+            axum::routing::get(move |q: axum::extract::RawQuery| async move {
+                let body = if q.0.unwrap_or_default().contains("watch=true") {
+                    String::new()
+                } else {
+                    serde_json::json!({"apiVersion": "v1", "kind": "NodeList",
+                        "metadata": {"resourceVersion": "1"}, "items": [node]})
+                    .to_string()
+                };
+                ([(http::header::CONTENT_TYPE, "application/json")], body)
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -381,10 +398,26 @@ async fn the_agent_takes_its_zone_from_its_nodes_label() -> Result<()> {
         .start()
         .await?;
     assert!(zoned.log().contains("zone=eu-west-1b"), "{}", zoned.log());
-    // The config key overrides the label.
-    let pinned = cl
+    let listed = shoal_testbed::wait_for("the Nodes listed", std::time::Duration::from_secs(10), async || {
+        zoned.log().contains("Nodes listed: members are checked against them nodes=1")
+    })
+    .await;
+    assert!(listed.is_ok(), "members are checked against the Nodes: {}", zoned.log());
+    // Bound to its Node (the default with a node name), the label is the zone even over the config key: other
+    // members would refuse any other.
+    let bound = cl
         .agent(82, &[])
         .setting("node_name", "\"worker-7\"")
+        .setting("zone", "\"rack-3\"")
+        .env("KUBECONFIG", kubeconfig.to_str().context("utf-8")?)
+        .start()
+        .await?;
+    assert!(bound.log().contains("zone=eu-west-1b") && bound.log().contains("differs from the Node's zone label"));
+    // Not bound, the config key overrides the label.
+    let pinned = cl
+        .agent(83, &[])
+        .setting("node_name", "\"worker-7\"")
+        .setting("member_binding", "\"open\"")
         .setting("zone", "\"rack-3\"")
         .env("KUBECONFIG", kubeconfig.to_str().context("utf-8")?)
         .start()

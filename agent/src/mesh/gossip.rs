@@ -3,8 +3,9 @@
 //! and the core, and publishes the member table through a `watch`.
 //!
 //! A node talks only to the members the protocol picks: one probe per period, a few gossip targets while there is
-//! news, indirect probes for a member that did not answer. Connections close after a few idle seconds and are capped
-//! at [`MAX_CONNECTIONS`], so a node's connections, messages and bytes do not grow with the cluster.
+//! news, indirect probes for a member that did not answer. The least recently used connections close beyond
+//! [`KEEP_CONNECTIONS`] (and any after 30 idle seconds), with [`MAX_CONNECTIONS`] as a hard cap, so a node's
+//! connections, messages and bytes do not grow with the cluster.
 //!
 //! Joining: bootstrap names are resolved every few seconds; while this node knows no alive member (or a bootstrap
 //! address is not one), it dials a few of them, announces itself to whoever answers, and asks for the whole member
@@ -24,7 +25,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, Transport, connection_limits, identity, mdns, noise, tcp, yamux,
 };
@@ -33,10 +34,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::members::{Liveness, MembersView};
+use crate::config::MemberBinding;
 use crate::config::MeshConfig;
 use crate::metrics::{Metrics, PeerState, PeerStateLabels};
+use crate::swarm::binding::{Binding, NodeBook};
 use crate::swarm::membership::{
-    MAX_MEMBERS, MAX_MESSAGE, MemberRecord, Membership, MembershipTiming, Output, SwimRng, tcp_multiaddr,
+    About, MAX_MEMBERS, MAX_MESSAGE, MemberRecord, Membership, MembershipTiming, Output, SwimRng, tcp_multiaddr,
 };
 
 /// SWIM messages (one per stream; the answer is empty). Another version fails stream negotiation.
@@ -49,10 +52,14 @@ const MAX_TABLE: usize = 4 << 20;
 const REDIAL_EVERY: Duration = Duration::from_secs(3);
 /// Bootstrap addresses dialled per round.
 const DIALS_PER_ROUND: usize = 3;
-/// Open membership connections at most, whatever the cluster's size.
+/// Open membership connections at most, whatever the cluster's size (a backstop: new ones are refused).
 pub(super) const MAX_CONNECTIONS: u32 = 64;
+/// Past this many open connections, the least recently used are closed as new ones open: a node keeps
+/// connections to the members it talks to most (all of them in a small cluster: no handshake per message) and
+/// never reaches [`MAX_CONNECTIONS`] in a large one.
+const KEEP_CONNECTIONS: usize = 48;
 /// A connection nobody used for this long closes.
-const IDLE_CONNECTION: Duration = Duration::from_secs(5);
+const IDLE_CONNECTION: Duration = Duration::from_secs(30);
 /// Tables served at most per [`TABLE_WINDOW`] (a table costs a few hundred kilobytes at thousands of members).
 const TABLES_PER_WINDOW: usize = 64;
 const TABLE_WINDOW: Duration = Duration::from_secs(10);
@@ -174,7 +181,12 @@ pub(super) struct Gossip {
     /// Peers dialled as bootstrap addresses: once connected, this node joins through them.
     joining: HashSet<Multiaddr>,
     tables_served: VecDeque<Instant>,
-    connections: i64,
+    /// Open connections and when each last carried a message.
+    connections: HashMap<ConnectionId, Instant>,
+    /// The Nodes members are checked against (`member_binding = "kubernetes"`).
+    book: Option<Arc<NodeBook>>,
+    /// This node's Kubernetes Node, when bound to one.
+    node: Option<String>,
     cfg: MeshConfig,
     metrics: Metrics,
 }
@@ -266,14 +278,34 @@ impl Gossip {
         let bound = SocketAddr::new(cfg.gossip_listen.ip(), port);
         let advertised = SocketAddr::new(cfg.advertise_ip, port);
         let incarnation = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let record = MemberRecord::sign(&keypair, incarnation, 0, cfg.zone.clone(), advertised, transfer_addr);
+        let (binding, book, node) = match &cfg.binding {
+            MemberBinding::Open => {
+                tracing::warn!(
+                    "member_binding = open: any holder of the cluster secret can join under any id and pick its \
+                     place on the homes' ring; bind members to their Nodes (node_name) or list them (members_file)"
+                );
+                (Binding::Open, None, None)
+            }
+            MemberBinding::List(list) => (Binding::List(Arc::new(list.clone())), None, None),
+            MemberBinding::Kubernetes { node } => {
+                let book = Arc::new(NodeBook::default());
+                (Binding::Nodes(book.clone()), Some(book), Some(node.clone()))
+            }
+        };
+        let about = About {
+            node: node.clone().unwrap_or_default(),
+            zone: cfg.zone.clone(),
+            gossip: advertised,
+            transfer: transfer_addr,
+        };
+        let record = MemberRecord::sign(&keypair, incarnation, 0, &about);
         let timing = MembershipTiming {
             probe_period: cfg.gossip_interval,
             probe_timeout: cfg.suspect_after,
             suspicion: cfg.dead_after,
             indirect_probes: 3,
         };
-        let core = Membership::new(keypair, record, timing, SwimRng::from_os());
+        let core = Membership::new(keypair, record, timing, SwimRng::from_os(), binding);
         Ok(Self {
             swarm,
             core,
@@ -287,7 +319,9 @@ impl Gossip {
             bound,
             joining: HashSet::new(),
             tables_served: VecDeque::new(),
-            connections: 0,
+            connections: HashMap::new(),
+            book,
+            node,
             cfg: cfg.clone(),
             metrics,
         })
@@ -300,6 +334,17 @@ impl Gossip {
 
     /// Runs until `cancel` fires, then tells the cluster this node leaves.
     pub(super) async fn run(mut self, cancel: CancellationToken) {
+        if let Some(book) = self.book.clone() {
+            let cancel = cancel.child_token();
+            tokio::spawn(async move {
+                match crate::kubernetes::client().await {
+                    Ok(client) => crate::kubernetes::watch_nodes(client, book, cancel).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "member_binding = kubernetes but no API client: no member can be admitted")
+                    }
+                }
+            });
+        }
         let mut redial = tokio::time::interval(REDIAL_EVERY);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut check = tokio::time::interval(VIEW_CHECK_EVERY);
@@ -390,7 +435,7 @@ impl Gossip {
             self.metrics.mesh.peers.get_or_create(&PeerStateLabels { state }).set(n as i64);
         }
         tracing::debug!(members = members.len(), "membership view changed");
-        let view = MembersView::new(self.me, self.cfg.zone.clone(), members);
+        let view = MembersView::bound(self.me, self.node.as_deref(), self.cfg.zone.clone(), members);
         self.view.send_replace(Arc::new(view));
     }
 
@@ -398,6 +443,10 @@ impl Gossip {
     /// node knows nobody; one otherwise, so a healed partition or a missed member is found again). A name that
     /// resolves to every node of a large cluster costs a few dials, not one per node.
     async fn redial(&mut self) {
+        // Nobody can be admitted before the Nodes are listed: joining now would only have the answers refused.
+        if self.book.as_ref().is_some_and(|b| !b.is_ready()) {
+            return;
+        }
         let mut resolved: Vec<SocketAddr> = Vec::new();
         for entry in &self.cfg.bootstrap {
             let r = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(entry.as_str())).await;
@@ -441,9 +490,10 @@ impl Gossip {
                     }
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
-                self.connections += 1;
-                self.metrics.mesh.membership_connections.set(self.connections);
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                self.connections.insert(connection_id, Instant::now());
+                self.trim_connections(connection_id);
+                self.metrics.mesh.membership_connections.set(self.connections.len() as i64);
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint
                     && self.joining.remove(address)
                     && let Some(addr) = socket_addr(address)
@@ -453,9 +503,9 @@ impl Gossip {
                     self.swarm.behaviour_mut().table.send_request(&peer_id, Vec::new());
                 }
             }
-            SwarmEvent::ConnectionClosed { .. } => {
-                self.connections -= 1;
-                self.metrics.mesh.membership_connections.set(self.connections);
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                self.connections.remove(&connection_id);
+                self.metrics.mesh.membership_connections.set(self.connections.len() as i64);
             }
             SwarmEvent::OutgoingConnectionError { error, .. } => {
                 tracing::trace!(error = %error, "membership dial failed");
@@ -470,6 +520,28 @@ impl Gossip {
         }
     }
 
+    /// Closes the least recently used connections beyond [`KEEP_CONNECTIONS`] (never `keep`, the one just opened).
+    fn trim_connections(&mut self, keep: ConnectionId) {
+        let excess = self.connections.len().saturating_sub(KEEP_CONNECTIONS);
+        if excess == 0 {
+            return;
+        }
+        let mut by_age: Vec<(Instant, ConnectionId)> =
+            self.connections.iter().filter(|(c, _)| **c != keep).map(|(c, t)| (*t, *c)).collect();
+        by_age.sort_unstable();
+        for (_, c) in by_age.into_iter().take(excess) {
+            // Forgotten now (its ConnectionClosed finds nothing): a close is not asked for twice.
+            self.connections.remove(&c);
+            self.swarm.close_connection(c);
+        }
+    }
+
+    fn used(&mut self, c: ConnectionId) {
+        if let Some(t) = self.connections.get_mut(&c) {
+            *t = Instant::now();
+        }
+    }
+
     fn refused(&self, peer: PeerId, what: &str, error: &dyn std::fmt::Display) {
         self.metrics.mesh.membership_refused.inc();
         tracing::debug!(%peer, error = %error, "{what} refused");
@@ -478,13 +550,15 @@ impl Gossip {
     fn on_swim(&mut self, e: request_response::Event<Vec<u8>, Vec<u8>>) {
         use request_response::{Event, Message};
         match e {
-            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
+            Event::Message { peer, connection_id, message: Message::Request { request, channel, .. } } => {
+                self.used(connection_id);
                 let _ = self.swarm.behaviour_mut().swim.send_response(channel, Vec::new());
                 self.metrics.mesh.membership_bytes_received.inc_by(request.len() as u64);
                 if let Err(e) = self.core.handle_data(peer, &request) {
                     self.refused(peer, "membership message", &e);
                 }
             }
+            Event::Message { connection_id, message: Message::Response { .. }, .. } => self.used(connection_id),
             Event::OutboundFailure { peer, error: request_response::OutboundFailure::UnsupportedProtocols, .. } => {
                 tracing::warn!(%peer, "member speaks another membership protocol version");
             }
@@ -521,7 +595,11 @@ impl Gossip {
                     return;
                 }
                 match self.core.apply_table(peer, &response) {
-                    Ok(n) => tracing::debug!(%peer, members = n, "member table received"),
+                    Ok((n, 0)) => tracing::debug!(%peer, members = n, "member table received"),
+                    Ok((n, left_out)) => {
+                        self.metrics.mesh.membership_refused.inc_by(left_out as u64);
+                        tracing::debug!(%peer, members = n, left_out, "member table received; unbound members left out");
+                    }
                     Err(e) => self.refused(peer, "member table", &e),
                 }
             }

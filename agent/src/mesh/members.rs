@@ -1,16 +1,14 @@
-//! The member table: who is in the cluster, where to reach them, and whether they are alive, from the
-//! announcements gossip delivers. Sans-IO: the clock is passed in, so liveness is tested without sockets. The view
-//! it publishes carries each zone's [`HomeRing`] (a digest's home).
+//! The member view: who is in the cluster, where to reach them, and whether they are alive, as membership
+//! ([`crate::swarm::membership`]) last saw it, with each zone's [`HomeRing`] (a digest's home).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 
 use crate::oci::Digest;
-use crate::swarm::homes::HomeRing;
+use crate::swarm::homes::{HomeRing, member_point};
 
 /// What a member says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,112 +23,19 @@ pub struct MemberInfo {
     pub gossip_addrs: Vec<Multiaddr>,
     /// Its transfer endpoint.
     pub transfer_addr: SocketAddr,
+    /// The Kubernetes Node it is bound to (its point on the homes' ring comes from this name), if any.
+    pub node: Option<String>,
 }
 
 /// How alive a member looks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Liveness {
-    /// Heard from within `suspect_after`.
+    /// Answers probes.
     Alive,
-    /// Silent for `suspect_after`: not a home, not a source.
+    /// Answered no probe, direct or indirect, in a period: not a home, not a source, until it refutes.
     Suspect,
-    /// Silent for `dead_after`, or announced that it left.
+    /// Did not refute within `dead_after`, or said it left.
     Dead,
-}
-
-#[derive(Debug, Clone)]
-struct Entry {
-    info: MemberInfo,
-    last_heard: Instant,
-    state: Liveness,
-}
-
-/// Liveness timing.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
-    /// Silence before suspect.
-    pub suspect_after: Duration,
-    /// Silence before dead.
-    pub dead_after: Duration,
-    /// Silence before a dead member is forgotten (no more redials).
-    pub forget_after: Duration,
-}
-
-/// Every member this node has heard of, other than itself.
-#[derive(Debug)]
-pub struct MemberTable {
-    me: PeerId,
-    timing: Timing,
-    members: HashMap<PeerId, Entry>,
-}
-
-impl MemberTable {
-    /// An empty table for node `me`.
-    pub fn new(me: PeerId, timing: Timing) -> Self {
-        Self { me, timing, members: HashMap::new() }
-    }
-
-    /// Takes in an announcement. Returns whether the view changed (a new member, a state or address change).
-    /// Announcements of an older incarnation than the one known are ignored: they are gossip arriving late.
-    pub fn observe(&mut self, info: MemberInfo, leaving: bool, now: Instant) -> bool {
-        if info.id == self.me {
-            return false;
-        }
-        let state = if leaving { Liveness::Dead } else { Liveness::Alive };
-        match self.members.get_mut(&info.id) {
-            Some(e) if info.incarnation < e.info.incarnation => false,
-            Some(e) if leaving && info.incarnation == e.info.incarnation && e.state == Liveness::Dead => false,
-            Some(e) => {
-                let changed = e.state != state || e.info != info;
-                e.info = info;
-                e.state = state;
-                e.last_heard = now;
-                changed
-            }
-            None if leaving => false,
-            None => {
-                self.members.insert(info.id, Entry { info, last_heard: now, state });
-                true
-            }
-        }
-    }
-
-    /// Advances the clock: silent members become suspect, then dead, then forgotten. Returns whether any member's
-    /// state changed (or one was forgotten).
-    pub fn tick(&mut self, now: Instant) -> bool {
-        let t = self.timing;
-        let mut changed = false;
-        self.members.retain(|_, e| {
-            let silent = now.saturating_duration_since(e.last_heard);
-            if silent >= t.forget_after && e.state == Liveness::Dead {
-                changed = true;
-                return false;
-            }
-            let state = match e.state {
-                // A member that left stays dead until it announces itself again.
-                Liveness::Dead => Liveness::Dead,
-                _ if silent >= t.dead_after => Liveness::Dead,
-                _ if silent >= t.suspect_after => Liveness::Suspect,
-                _ => Liveness::Alive,
-            };
-            changed |= state != e.state;
-            e.state = state;
-            true
-        });
-        changed
-    }
-
-    /// Members in a given state.
-    pub fn in_state(&self, state: Liveness) -> impl Iterator<Item = &MemberInfo> {
-        self.members.values().filter(move |e| e.state == state).map(|e| &e.info)
-    }
-
-    /// A snapshot of the table.
-    pub fn snapshot(&self) -> Vec<(MemberInfo, Liveness)> {
-        let mut v: Vec<_> = self.members.values().map(|e| (e.info.clone(), e.state)).collect();
-        v.sort_by_key(|(i, _)| i.id);
-        v
-    }
 }
 
 /// What the rest of the agent sees of the membership: this node, its zone, and every other member with its state;
@@ -153,14 +58,19 @@ pub struct MembersView {
 impl MembersView {
     /// The view of node `me` in `zone`, given the other members.
     pub fn new(me: PeerId, zone: String, members: Vec<(MemberInfo, Liveness)>) -> Self {
-        let mut alive: BTreeMap<String, Vec<PeerId>> = BTreeMap::new();
-        alive.entry(zone.clone()).or_default().push(me);
+        Self::bound(me, None, zone, members)
+    }
+
+    /// The view of node `me`, bound to Kubernetes Node `node` if any, in `zone`, given the other members.
+    pub fn bound(me: PeerId, node: Option<&str>, zone: String, members: Vec<(MemberInfo, Liveness)>) -> Self {
+        let mut alive: BTreeMap<String, Vec<(PeerId, u64)>> = BTreeMap::new();
+        alive.entry(zone.clone()).or_default().push((me, member_point(&me, node)));
         for (i, s) in &members {
             if *s == Liveness::Alive {
-                alive.entry(i.zone.clone()).or_default().push(i.id);
+                alive.entry(i.zone.clone()).or_default().push((i.id, member_point(&i.id, i.node.as_deref())));
             }
         }
-        let rings = alive.into_iter().map(|(z, ids)| (z, HomeRing::new(ids))).collect();
+        let rings = alive.into_iter().map(|(z, ids)| (z, HomeRing::with_points(ids))).collect();
         let index = members.iter().enumerate().map(|(k, (i, _))| (i.id, k)).collect();
         Self { me, zone, members, rings: Arc::new(rings), index: Arc::new(index) }
     }
@@ -267,40 +177,8 @@ mod tests {
             zone: "z".into(),
             gossip_addrs: vec![],
             transfer_addr: "127.0.0.1:1".parse().unwrap(),
+            node: None,
         }
-    }
-
-    const T: Timing = Timing {
-        suspect_after: Duration::from_secs(3),
-        dead_after: Duration::from_secs(6),
-        forget_after: Duration::from_secs(60),
-    };
-
-    #[test]
-    fn silence_makes_suspect_then_dead_then_forgotten_and_a_restart_revives() {
-        let me = PeerId::random();
-        let a = PeerId::random();
-        let mut t = MemberTable::new(me, T);
-        let t0 = Instant::now();
-        assert!(t.observe(info(a, 1), false, t0));
-        assert!(!t.observe(info(me, 1), false, t0), "itself is not a member");
-        assert!(!t.tick(t0 + Duration::from_secs(2)));
-        assert!(t.tick(t0 + Duration::from_secs(3)));
-        assert_eq!(t.snapshot()[0].1, Liveness::Suspect);
-        assert!(t.tick(t0 + Duration::from_secs(7)));
-        assert_eq!(t.snapshot()[0].1, Liveness::Dead);
-        // Late gossip from the old incarnation does not revive it; the restarted one does.
-        assert!(t.observe(info(a, 1), false, t0 + Duration::from_secs(8)));
-        assert!(t.observe(info(a, 2), false, t0 + Duration::from_secs(9)));
-        assert!(!t.observe(info(a, 1), false, t0 + Duration::from_secs(9)));
-        assert_eq!(t.snapshot()[0].0.incarnation, 2);
-        // Leaving is immediate and sticks until it announces itself again.
-        assert!(t.observe(info(a, 2), true, t0 + Duration::from_secs(10)));
-        assert!(!t.tick(t0 + Duration::from_secs(11)));
-        assert_eq!(t.snapshot()[0].1, Liveness::Dead);
-        assert!(!t.tick(t0 + Duration::from_secs(69)));
-        assert!(t.tick(t0 + Duration::from_secs(70)));
-        assert!(t.snapshot().is_empty(), "forgotten after forget_after");
     }
 
     fn digest(n: u64) -> Digest {

@@ -31,10 +31,15 @@ pub struct HomeRing {
     members: Vec<PeerId>,
 }
 
-/// A member's point on the ring.
-fn member_point(id: &PeerId) -> u64 {
-    let h = blake3::Hasher::new_derive_key("shoal 2026 home ring v1").update(&id.to_bytes()).finalize();
-    u64::from_be_bytes(h.as_bytes()[..8].try_into().expect("32 bytes"))
+/// A member's point on the ring: from its Kubernetes Node's name when it is bound to one (a name it did not
+/// choose), else from its peer id.
+pub fn member_point(id: &PeerId, node: Option<&str>) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key("shoal 2026 home ring v1");
+    match node {
+        None => h.update(&id.to_bytes()),
+        Some(n) => h.update(b"node\0").update(n.as_bytes()),
+    };
+    u64::from_be_bytes(h.finalize().as_bytes()[..8].try_into().expect("32 bytes"))
 }
 
 /// A digest's probe positions on the ring.
@@ -51,13 +56,18 @@ pub fn probes(digest: &Digest) -> [u64; PROBES] {
 }
 
 impl HomeRing {
-    /// The ring of `members` (duplicates count once).
+    /// The ring of `members`, each at the point of its peer id (duplicates count once).
     pub fn new(members: impl IntoIterator<Item = PeerId>) -> Self {
-        let mut members: Vec<PeerId> = members.into_iter().collect();
+        Self::with_points(members.into_iter().map(|m| (m, member_point(&m, None))))
+    }
+
+    /// The ring of `members` at the given points ([`member_point`]); a member listed twice counts once.
+    pub fn with_points(members: impl IntoIterator<Item = (PeerId, u64)>) -> Self {
+        let mut members: Vec<(PeerId, u64)> = members.into_iter().collect();
         members.sort();
-        members.dedup();
-        let mut points: Vec<(u64, u32)> =
-            members.iter().enumerate().map(|(i, m)| (member_point(m), i as u32)).collect();
+        members.dedup_by_key(|(m, _)| *m);
+        let mut points: Vec<(u64, u32)> = members.iter().enumerate().map(|(i, (_, p))| (*p, i as u32)).collect();
+        let members: Vec<PeerId> = members.into_iter().map(|(m, _)| m).collect();
         // Ties (vanishingly rare) break on the member order, which is the sorted ids: the same on every node.
         points.sort_unstable();
         Self { points, members }

@@ -27,12 +27,16 @@ use foca::{AccumulatingRuntime, Codec, Config, Foca, Header, Identity, Member, M
 use libp2p::{Multiaddr, PeerId, identity};
 use serde::{Deserialize, Serialize};
 
+use super::binding::{Binding, Claim};
 use crate::mesh::{Liveness, MemberInfo};
 
 /// Records this node accepts at most (a member inventing identities cannot grow the table without bound).
 pub const MAX_MEMBERS: usize = 16_384;
-/// The largest membership message (a probe with its piggybacked updates, or a join's feed).
-pub const MAX_MESSAGE: usize = 32 << 10;
+/// The largest membership message (a probe with its piggybacked updates, or a join's feed): about a dozen
+/// records. Larger messages let a backlog of updates (a burst of joins, suspicions under load) ride on every
+/// probe, which multiplies the bytes and the decoding while the cluster is busiest; the whole table has its own
+/// exchange.
+pub const MAX_MESSAGE: usize = 2 << 10;
 /// A zone name's longest length.
 const MAX_ZONE: usize = 63;
 /// Domain separation of a record's signature.
@@ -40,18 +44,88 @@ const RECORD_CONTEXT: &[u8] = b"shoal member record v1\0";
 
 /// What a member says about itself, signed with its node key.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "RecordWire", into = "RecordWire")]
 pub struct MemberRecord {
-    #[serde(with = "peer_bytes")]
     peer: PeerId,
     /// Start of its process, ms since the epoch: a restart raises it.
     incarnation: u64,
     /// Identity renewals within the process (declared dead while alive, it comes back as a new record).
     renewal: u16,
+    /// The Kubernetes Node it runs on (empty outside Kubernetes).
+    node: String,
     zone: String,
     gossip: SocketAddr,
     transfer: SocketAddr,
     /// Ed25519 over the fields above; empty only in a join's placeholder for a peer not known yet.
     sig: Vec<u8>,
+    /// Which member this is, whatever its incarnation: its Node when it names one (one member per Node), else its
+    /// peer id. Derived from the fields, never sent.
+    key: u128,
+}
+
+/// A record as it travels.
+#[derive(Clone, Serialize, Deserialize)]
+struct RecordWire {
+    #[serde(with = "peer_bytes")]
+    peer: PeerId,
+    incarnation: u64,
+    renewal: u16,
+    node: String,
+    zone: String,
+    gossip: SocketAddr,
+    transfer: SocketAddr,
+    sig: Vec<u8>,
+}
+
+impl From<RecordWire> for MemberRecord {
+    fn from(w: RecordWire) -> Self {
+        let mut h = blake3::Hasher::new_derive_key("shoal 2026 member key v1");
+        if w.node.is_empty() {
+            h.update(b"peer\0").update(&w.peer.to_bytes());
+        } else {
+            h.update(b"node\0").update(w.node.as_bytes());
+        }
+        let key = u128::from_be_bytes(h.finalize().as_bytes()[..16].try_into().unwrap_or_default());
+        Self {
+            peer: w.peer,
+            incarnation: w.incarnation,
+            renewal: w.renewal,
+            node: w.node,
+            zone: w.zone,
+            gossip: w.gossip,
+            transfer: w.transfer,
+            sig: w.sig,
+            key,
+        }
+    }
+}
+
+impl From<MemberRecord> for RecordWire {
+    fn from(r: MemberRecord) -> Self {
+        Self {
+            peer: r.peer,
+            incarnation: r.incarnation,
+            renewal: r.renewal,
+            node: r.node,
+            zone: r.zone,
+            gossip: r.gossip,
+            transfer: r.transfer,
+            sig: r.sig,
+        }
+    }
+}
+
+/// What a node says about itself in its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct About {
+    /// The Kubernetes Node it runs on (empty outside Kubernetes).
+    pub node: String,
+    /// Its zone.
+    pub zone: String,
+    /// Its gossip listener, as others reach it.
+    pub gossip: SocketAddr,
+    /// Its transfer endpoint.
+    pub transfer: SocketAddr,
 }
 
 mod peer_bytes {
@@ -98,27 +172,33 @@ pub enum RecordError {
     /// The table is full.
     #[error("member table full ({MAX_MEMBERS})")]
     Full,
+    /// Not bound to what the cluster's [`Binding`] requires (an unknown Node, another Node's address, an unlisted
+    /// peer id).
+    #[error("unbound identity: {0}")]
+    Unbound(&'static str),
 }
 
 impl MemberRecord {
     fn signing_bytes(&self) -> Vec<u8> {
-        let unsigned = Self { sig: Vec::new(), ..self.clone() };
+        let unsigned = RecordWire { sig: Vec::new(), ..self.clone().into() };
         let mut v = RECORD_CONTEXT.to_vec();
         v.extend(postcard::to_allocvec(&unsigned).unwrap_or_default());
         v
     }
 
     /// A signed record of this node.
-    pub fn sign(
-        key: &identity::Keypair,
-        incarnation: u64,
-        renewal: u16,
-        zone: String,
-        gossip: SocketAddr,
-        transfer: SocketAddr,
-    ) -> Self {
-        let mut r =
-            Self { peer: key.public().to_peer_id(), incarnation, renewal, zone, gossip, transfer, sig: Vec::new() };
+    pub fn sign(key: &identity::Keypair, incarnation: u64, renewal: u16, about: &About) -> Self {
+        let wire = RecordWire {
+            peer: key.public().to_peer_id(),
+            incarnation,
+            renewal,
+            node: about.node.clone(),
+            zone: about.zone.clone(),
+            gossip: about.gossip,
+            transfer: about.transfer,
+            sig: Vec::new(),
+        };
+        let mut r = Self::from(wire);
         // Signing with an ed25519 key cannot fail; a key type that could leaves the record unsigned (refused).
         r.sig = key.sign(&r.signing_bytes()).unwrap_or_default();
         r
@@ -126,7 +206,25 @@ impl MemberRecord {
 
     /// A stand-in for a peer known only by id and address (a bootstrap node): the destination of a join.
     fn placeholder(peer: PeerId, gossip: SocketAddr) -> Self {
-        Self { peer, incarnation: 0, renewal: 0, zone: String::new(), gossip, transfer: gossip, sig: Vec::new() }
+        Self::from(RecordWire {
+            peer,
+            incarnation: 0,
+            renewal: 0,
+            node: String::new(),
+            zone: String::new(),
+            gossip,
+            transfer: gossip,
+            sig: Vec::new(),
+        })
+    }
+
+    /// What it says about itself.
+    pub fn about(&self) -> About {
+        About { node: self.node.clone(), zone: self.zone.clone(), gossip: self.gossip, transfer: self.transfer }
+    }
+
+    fn claim(&self) -> Claim<'_> {
+        Claim { peer: self.peer, node: &self.node, zone: &self.zone, ips: [self.gossip.ip(), self.transfer.ip()] }
     }
 
     /// Checks the fields and the signature.
@@ -136,6 +234,9 @@ impl MemberRecord {
             && self.zone.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !zone_ok {
             return Err(RecordError::Field("zone: 1-63 characters of [A-Za-z0-9._-]"));
+        }
+        if !self.node.is_empty() && !crate::config::valid_node_name(&self.node) {
+            return Err(RecordError::Field("node: not a Kubernetes node name"));
         }
         let mh = self.peer.as_ref();
         if mh.code() != 0 {
@@ -166,6 +267,7 @@ impl MemberRecord {
             zone: self.zone.clone(),
             gossip_addrs: vec![tcp_multiaddr(self.gossip)],
             transfer_addr: self.transfer,
+            node: (!self.node.is_empty()).then(|| self.node.clone()),
         }
     }
 }
@@ -181,15 +283,15 @@ pub fn tcp_multiaddr(addr: SocketAddr) -> Multiaddr {
 }
 
 impl Identity for MemberRecord {
-    type Addr = PeerId;
+    type Addr = u128;
 
     /// Renewal needs the node key: [`Membership`] does it when foca reports the node defunct.
     fn renew(&self) -> Option<Self> {
         None
     }
 
-    fn addr(&self) -> PeerId {
-        self.peer
+    fn addr(&self) -> u128 {
+        self.key
     }
 
     /// The later record of the same member wins (a restart, a renewal).
@@ -201,25 +303,27 @@ impl Identity for MemberRecord {
 /// What the codec checks, shared with [`Membership`] (foca owns the codec).
 #[derive(Debug, Default)]
 struct Checks {
+    /// Who may be a member.
+    binding: Binding,
     /// The peer the transport authenticated as the sender of the message being decoded.
     sender: Option<PeerId>,
-    /// Records already verified, by peer: a record seen again costs a comparison, not a signature check.
+    /// Records whose signature verified, by peer: a record seen again costs a comparison, not a signature check.
     verified: HashMap<PeerId, MemberRecord>,
     /// Why the last decode failed.
     last_error: Option<RecordError>,
 }
 
 impl Checks {
+    /// Verifies `r`'s signature (once per record) and that the binding admits it (every time: a Node can go).
     fn check(&mut self, r: &MemberRecord) -> Result<(), RecordError> {
-        if self.verified.get(&r.peer) == Some(r) {
-            return Ok(());
+        if self.verified.get(&r.peer) != Some(r) {
+            if !self.verified.contains_key(&r.peer) && self.verified.len() >= MAX_MEMBERS {
+                return Err(RecordError::Full);
+            }
+            r.verify()?;
+            self.verified.insert(r.peer, r.clone());
         }
-        if !self.verified.contains_key(&r.peer) && self.verified.len() >= MAX_MEMBERS {
-            return Err(RecordError::Full);
-        }
-        r.verify()?;
-        self.verified.insert(r.peer, r.clone());
-        Ok(())
+        self.binding.admit(&r.claim()).map_err(RecordError::Unbound)
     }
 
     fn fail(&mut self, e: RecordError) -> RecordError {
@@ -392,9 +496,16 @@ impl std::fmt::Debug for Membership {
 }
 
 impl Membership {
-    /// Membership of the node holding `key`, described by `me` (signed with `key`).
-    pub fn new(key: identity::Keypair, me: MemberRecord, timing: MembershipTiming, rng: SwimRng) -> Self {
-        let codec = SignedCodec(Arc::new(Mutex::new(Checks::default())));
+    /// Membership of the node holding `key`, described by `me` (signed with `key`), admitting members `binding`
+    /// admits.
+    pub fn new(
+        key: identity::Keypair,
+        me: MemberRecord,
+        timing: MembershipTiming,
+        rng: SwimRng,
+        binding: Binding,
+    ) -> Self {
+        let codec = SignedCodec(Arc::new(Mutex::new(Checks { binding, ..Checks::default() })));
         let foca = Foca::new(me.clone(), timing.config(1000), rng, codec.clone());
         Self { foca, rt: AccumulatingRuntime::new(), codec, key, me, changed: false }
     }
@@ -417,7 +528,7 @@ impl Membership {
     /// A message from `from` (the peer the transport authenticated).
     pub fn handle_data(&mut self, from: PeerId, data: &[u8]) -> Result<(), RecordError> {
         if data.len() > MAX_MESSAGE {
-            return Err(RecordError::Field("message larger than 32 KiB"));
+            return Err(RecordError::Field("message larger than 2 KiB"));
         }
         {
             let mut c = self.codec.checks();
@@ -464,9 +575,7 @@ impl Membership {
                         &self.key,
                         self.me.incarnation,
                         self.me.renewal.wrapping_add(1),
-                        self.me.zone.clone(),
-                        self.me.gossip,
-                        self.me.transfer,
+                        &self.me.about(),
                     );
                     tracing::info!(renewal = me.renewal, "declared dead by the cluster while alive: rejoining");
                     if self.foca.change_identity(me.clone(), &mut self.rt).is_ok() {
@@ -547,9 +656,10 @@ impl Membership {
         postcard::to_allocvec(&all).unwrap_or_default()
     }
 
-    /// Takes in a table from `from` (see [`Self::table`]): every record is verified; the first bad one refuses
-    /// the rest.
-    pub fn apply_table(&mut self, from: PeerId, data: &[u8]) -> Result<usize, RecordError> {
+    /// Takes in a table from `from` (see [`Self::table`]): every record is verified. A bad signature or field
+    /// refuses the whole table (its sender lies or is broken); a record the binding does not admit (yet: a Node the
+    /// watch has not brought) is left out alone. Returns how many records were taken and how many left out.
+    pub fn apply_table(&mut self, from: PeerId, data: &[u8]) -> Result<(usize, usize), RecordError> {
         let all: Vec<Member<MemberRecord>> =
             postcard::from_bytes(data).map_err(|e| RecordError::Decode(e.to_string()))?;
         if all.len() > MAX_MEMBERS {
@@ -558,19 +668,29 @@ impl Membership {
         if !all.iter().any(|m| m.id().peer == from) {
             return Err(RecordError::Field("a table must hold its sender's record"));
         }
+        let mut admitted = Vec::with_capacity(all.len());
+        let mut left_out = 0;
         {
             let mut c = self.codec.checks();
-            for m in &all {
-                c.check(m.id())?;
+            for m in all {
+                match c.check(m.id()) {
+                    Ok(()) => admitted.push(m),
+                    Err(RecordError::Unbound(why)) => {
+                        tracing::debug!(member = ?m.id(), why, "unbound member left out of a table");
+                        left_out += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
-        let n = all.len();
+        let n = admitted.len();
+        let all = admitted;
         // Not re-broadcast: the rest of the cluster knows these already.
         if let Err(e) = self.foca.apply_many(all.into_iter(), false, &mut self.rt) {
             tracing::debug!(error = %e, "membership table");
         }
         self.after_input();
-        Ok(n)
+        Ok((n, left_out))
     }
 }
 

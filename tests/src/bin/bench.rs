@@ -2,6 +2,9 @@
 //!
 //! `shoal-bench burst [--nodes 8] [--image-mib 256] …`: see the `burst` module (nodes in network namespaces).
 //!
+//! `shoal-bench membership [--nodes 10,25,50,100] [--idle 30]`: idle membership cost per agent as the cluster
+//! grows (real agent processes), see `membership`.
+//!
 //! `shoal-bench load [--clients 1000] [--seconds 20] …`: one agent under many concurrent clients, see `load`.
 //!
 //! `shoal-bench mirror [--blob-mib 1024] [--image-mib 256] [--runs 3] [--out docs/benchmarks/mirror]`
@@ -20,6 +23,8 @@
 mod burst;
 #[path = "bench/load.rs"]
 mod load;
+#[path = "bench/membership.rs"]
+mod membership;
 #[path = "bench/small.rs"]
 mod small;
 
@@ -56,9 +61,10 @@ fn parse_args() -> Result<Args> {
         Some("mirror") => Bench::Mirror,
         Some("mesh") => Bench::Mesh,
         _ => bail!(
-            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]\n       {}\n       {}\n       {}",
+            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]\n       {}\n       {}\n       {}\n       {}",
             burst::USAGE,
             load::USAGE,
+            membership::USAGE,
             small::USAGE
         ),
     };
@@ -117,6 +123,7 @@ async fn main() -> Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("burst") => return burst::run(burst::parse(std::env::args().skip(2))?).await,
         Some("load") => return load::run(load::parse(std::env::args().skip(2))?).await,
+        Some("membership") => return membership::run(membership::parse(std::env::args().skip(2))?).await,
         Some("small") => return small::run(small::parse(std::env::args().skip(2))?).await,
         _ => {}
     }

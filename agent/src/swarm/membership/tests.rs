@@ -34,7 +34,11 @@ struct Cluster {
 
 fn record(key: &identity::Keypair, n: usize) -> MemberRecord {
     let addr: SocketAddr = format!("10.0.{}.{}:7000", n / 250, n % 250 + 1).parse().unwrap();
-    MemberRecord::sign(key, 1, 0, "z".into(), addr, addr)
+    MemberRecord::sign(key, 1, 0, &about("z", addr))
+}
+
+fn about(zone: &str, addr: SocketAddr) -> About {
+    About { node: String::new(), zone: zone.into(), gossip: addr, transfer: addr }
 }
 
 impl Cluster {
@@ -55,7 +59,7 @@ impl Cluster {
             let key = identity::Keypair::generate_ed25519();
             let me = record(&key, i);
             c.index.insert(me.peer(), i);
-            c.nodes.push(Some(Membership::new(key, me, TIMING, SwimRng::seeded(i as u64))));
+            c.nodes.push(Some(Membership::new(key, me, TIMING, SwimRng::seeded(i as u64), Binding::Open)));
         }
         c
     }
@@ -256,7 +260,7 @@ fn ping(src: &MemberRecord, dst: &MemberRecord) -> Vec<u8> {
 fn records_are_signed_and_the_sender_is_the_authenticated_peer() {
     let (key, me) = node(1);
     let (_, honest) = node(2);
-    let mut m = Membership::new(key, me.clone(), TIMING, SwimRng::seeded(1));
+    let mut m = Membership::new(key, me.clone(), TIMING, SwimRng::seeded(1), Binding::Open);
     assert_eq!(honest.verify(), Ok(()));
 
     // A record whose fields were changed after signing (another transfer address) is refused.
@@ -271,12 +275,12 @@ fn records_are_signed_and_the_sender_is_the_authenticated_peer() {
     );
     // A record signed by another key than its peer id names.
     let (other_key, _) = node(4);
-    let stolen = MemberRecord::sign(&other_key, 1, 0, "z".into(), honest.gossip, honest.transfer);
+    let stolen = MemberRecord::sign(&other_key, 1, 0, &honest.about());
     let stolen = MemberRecord { peer: honest.peer(), ..stolen };
     assert_eq!(stolen.verify(), Err(RecordError::Signature(honest.peer())));
     // A bad zone.
     let (k5, _) = node(5);
-    let bad_zone = MemberRecord::sign(&k5, 1, 0, "a/b".into(), honest.gossip, honest.transfer);
+    let bad_zone = MemberRecord::sign(&k5, 1, 0, &about("a/b", honest.gossip));
     assert!(matches!(bad_zone.verify(), Err(RecordError::Field(_))));
     assert!(m.members().is_empty(), "nothing refused got in");
     // Garbage and oversized input.
@@ -301,17 +305,68 @@ fn a_table_brings_a_new_node_every_member_at_once() {
     let table = c.nodes[0].as_ref().unwrap().table();
     let sender = c.peer(0);
     let (key, me) = node(99);
-    let mut fresh = Membership::new(key, me, TIMING, SwimRng::seeded(99));
-    assert_eq!(fresh.apply_table(sender, &table), Ok(12));
+    let mut fresh = Membership::new(key, me, TIMING, SwimRng::seeded(99), Binding::Open);
+    assert_eq!(fresh.apply_table(sender, &table), Ok((12, 0)));
     assert_eq!(fresh.members().iter().filter(|(_, l)| *l == Liveness::Alive).count(), 12);
     assert!(fresh.take_changed());
     // A table that does not hold its sender, or that was tampered with, is refused whole.
     let (key, me) = node(100);
-    let mut other = Membership::new(key, me, TIMING, SwimRng::seeded(100));
+    let mut other = Membership::new(key, me, TIMING, SwimRng::seeded(100), Binding::Open);
     assert!(other.apply_table(PeerId::random(), &table).is_err());
     let mut bad = table.clone();
     let at = bad.len() / 2;
     bad[at] ^= 0x55;
     assert!(other.apply_table(sender, &bad).is_err());
     assert!(other.members().is_empty());
+}
+
+#[test]
+fn only_bound_members_get_in() {
+    use crate::swarm::binding::{NodeBook, NodeFacts};
+    let (key, me) = node(1);
+    let (_, listed) = node(2);
+    let (_, unlisted) = node(3);
+    let list = Binding::List(Arc::new(HashMap::from([(me.peer(), None), (listed.peer(), None)])));
+    let mut m = Membership::new(key, me.clone(), TIMING, SwimRng::seeded(1), list);
+    assert_eq!(
+        m.handle_data(unlisted.peer(), &ping(&unlisted, &me)),
+        Err(RecordError::Unbound("peer id not in the member list"))
+    );
+    assert!(m.members().is_empty());
+    assert_eq!(m.handle_data(listed.peer(), &ping(&listed, &me)), Ok(()));
+    assert_eq!(m.members().len(), 1);
+
+    // Kubernetes: a member is its Node; a record naming another node's name from its own address is refused,
+    // and so is one naming a Node that does not exist. A table from an honest member leaves them out, alone.
+    let book = Arc::new(NodeBook::default());
+    let ip = |n: u8| std::net::IpAddr::from([10, 0, 0, n]);
+    book.replace_all(HashMap::from([
+        ("n1".to_owned(), NodeFacts { addresses: vec![ip(1)], zone: Some("z".into()) }),
+        ("n2".to_owned(), NodeFacts { addresses: vec![ip(2)], zone: Some("z".into()) }),
+    ]));
+    let on = |n: &str, a: u8| About { node: n.into(), ..about("z", SocketAddr::new(ip(a), 7000)) };
+    let k1 = identity::Keypair::generate_ed25519();
+    let r1 = MemberRecord::sign(&k1, 1, 0, &on("n1", 1));
+    let k2 = identity::Keypair::generate_ed25519();
+    let r2 = MemberRecord::sign(&k2, 1, 0, &on("n2", 2));
+    let liar = identity::Keypair::generate_ed25519();
+    let claims_n1 = MemberRecord::sign(&liar, 1, 0, &on("n1", 3));
+    let invented = MemberRecord::sign(&identity::Keypair::generate_ed25519(), 1, 0, &on("n9", 9));
+    let mut m1 = Membership::new(k1, r1.clone(), TIMING, SwimRng::seeded(1), Binding::Nodes(book.clone()));
+    assert_eq!(
+        m1.handle_data(claims_n1.peer(), &ping(&claims_n1, &r1)),
+        Err(RecordError::Unbound("address is not its Node's"))
+    );
+    assert_eq!(m1.handle_data(invented.peer(), &ping(&invented, &r1)), Err(RecordError::Unbound("no such Node")));
+    assert!(m1.members().is_empty());
+    // n2's table (built by a node that admitted everything) holds the liar and the invented member too.
+    let mut m2 = Membership::new(k2, r2.clone(), TIMING, SwimRng::seeded(2), Binding::Open);
+    for r in [&claims_n1, &invented] {
+        m2.handle_data(r.peer(), &ping(r, &r2)).unwrap();
+    }
+    assert_eq!(m1.apply_table(r2.peer(), &m2.table()), Ok((1, 2)));
+    let members = m1.members();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].0.node.as_deref(), Some("n2"));
+    assert_eq!(members[0].0.id, r2.peer());
 }
