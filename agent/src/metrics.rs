@@ -301,6 +301,10 @@ pub struct MeshMetrics {
     pub membership_refused: Counter,
     /// Open membership (gossip) connections.
     pub membership_connections: Gauge,
+    /// Membership connections opened (each a TCP, pnet and noise handshake).
+    pub membership_connections_opened: Counter,
+    /// Changes of the member view (a member joined, left, became suspect or alive again).
+    pub membership_view_changes: Counter,
     /// Membership message bytes sent (probes, gossip, tables; framing and handshakes not counted).
     pub membership_bytes_sent: Counter,
     /// Membership message bytes received.
@@ -435,6 +439,16 @@ impl Metrics {
             self.mesh.membership_refused.clone(),
         );
         r.register("membership_connections", "Open membership connections", self.mesh.membership_connections.clone());
+        r.register(
+            "membership_connections_opened",
+            "Membership connections opened (each a TCP, pnet and noise handshake)",
+            self.mesh.membership_connections_opened.clone(),
+        );
+        r.register(
+            "membership_view_changes",
+            "Changes of the member view (joins, leaves, suspicions, refutations)",
+            self.mesh.membership_view_changes.clone(),
+        );
         r.register(
             "membership_sent_bytes",
             "Membership message bytes sent (framing and handshakes not counted)",

@@ -8,10 +8,12 @@
 //! - [`Agent`]: a `shoal agent` process with its own data dir and ports.
 //! - [`netns`]: nodes in network namespaces on a bridge, with bandwidth caps (the burst benchmark's topology).
 //! - [`client`]: an image pull over HTTP as containerd does it, for bursts of many nodes.
+//! - [`kube`]: a fake Kubernetes API server serving Nodes (the one mock: no cluster runs here).
 
 pub mod client;
 pub mod cluster;
 pub mod image;
+pub mod kube;
 pub mod netns;
 mod process;
 mod proxy;

@@ -352,45 +352,15 @@ async fn every_metric_the_dashboard_charts_is_exported_by_the_agent() -> Result<
 
 #[tokio::test]
 async fn the_agent_takes_its_zone_from_its_nodes_label() -> Result<()> {
-    // A fake API server serving one Node (get, list; a watch that ends at once); the agent finds it through a
-    // kubeconfig, as outside a cluster.
-    let node = serde_json::json!({"apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "worker-7", "resourceVersion": "1", "labels": {"topology.kubernetes.io/zone": "eu-west-1b"}},
-        "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.81"}]}});
-    let one = node.clone();
-    let app = axum::Router::new()
-        .route(
-            "/api/v1/nodes/worker-7",
-            axum::routing::get(
-                move || async move { ([(http::header::CONTENT_TYPE, "application/json")], one.to_string()) },
-            ),
-        )
-        .route(
-            "/api/v1/nodes",
-            axum::routing::get(move |q: axum::extract::RawQuery| async move {
-                let body = if q.0.unwrap_or_default().contains("watch=true") {
-                    String::new()
-                } else {
-                    serde_json::json!({"apiVersion": "v1", "kind": "NodeList",
-                        "metadata": {"resourceVersion": "1"}, "items": [node]})
-                    .to_string()
-                };
-                ([(http::header::CONTENT_TYPE, "application/json")], body)
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    // A fake API server serving one Node; the agent finds it through a kubeconfig, as outside a cluster.
+    let api = shoal_testbed::kube::FakeApi::start(vec![shoal_testbed::kube::FakeNode::new(
+        "worker-7",
+        std::net::Ipv4Addr::new(127, 0, 0, 81),
+        Some("eu-west-1b"),
+    )])
+    .await?;
     let cl = shoal_testbed::cluster::Cluster::start().await?;
-    let kubeconfig = cl.dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"http://{addr}\"}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
-             current-context: c\n"
-        ),
-    )?;
+    let kubeconfig = api.kubeconfig.clone();
     let zoned = cl
         .agent(81, &[])
         .setting("node_name", "\"worker-7\"")

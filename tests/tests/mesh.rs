@@ -256,3 +256,47 @@ async fn a_private_layer_held_by_a_peer_goes_only_to_clients_upstream_accepts() 
     assert_eq!(c.metric("shoal_peer_received_bytes_total", &[]).await?, 0.0);
     Ok(())
 }
+
+#[tokio::test]
+async fn members_are_their_nodes_and_unbound_identities_are_refused() -> Result<()> {
+    use shoal_testbed::kube::{FakeApi, FakeNode};
+    let ip = |n: u8| Ipv4Addr::new(127, 0, 0, n);
+    let api = FakeApi::start(vec![
+        FakeNode::new("node-1", ip(91), Some("z1")),
+        FakeNode::new("node-2", ip(92), Some("z1")),
+        FakeNode::new("node-3", ip(93), Some("z1")),
+    ])
+    .await?;
+    let cl = Cluster::start().await?;
+    let on = |n: u8, node: &str, peers: &[&Agent]| -> Result<AgentBuilder> {
+        Ok(cl.agent(n, peers).setting("node_name", &format!("\"{node}\"")).env("KUBECONFIG", api.kubeconfig_env()?))
+    };
+    let a = on(91, "node-1", &[])?.start().await?;
+    let b = on(92, "node-2", &[&a])?.start().await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
+    // A member claiming another node's name from its own address, and one naming a node that does not exist.
+    let impostor = on(93, "node-2", &[&a])?.start().await?;
+    let invented = on(94, "node-9", &[&a])?.start().await?;
+    wait_for("A to refuse both", Duration::from_secs(15), async || {
+        a.metric("shoal_membership_refused_messages_total", &[]).await.unwrap_or(0.0) >= 2.0
+            && a.log().contains("address is not its Node's")
+            && a.log().contains("no such Node")
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\nA:\n{}", a.log()))?;
+    // Some probes and gossip later, neither got in anywhere; the bound members still see each other.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for x in [&a, &b] {
+        assert_eq!(alive(x).await, 1.0, "only the other bound member is alive");
+        assert_eq!(x.metric("shoal_peers", &["state=\"suspect\""]).await?, 0.0);
+    }
+    for x in [&impostor, &invented] {
+        assert_eq!(alive(x).await, 0.0, "an unbound node learns of nobody: its join is refused");
+    }
+    // A third, properly bound node joins through the same bootstrap and is seen by all.
+    // (127.0.0.93 is the impostor's address too: the impostor ran on node-3 all along; this agent's ports are
+    // others.)
+    let c = on(93, "node-3", &[&a])?.start().await?;
+    wait_alive(&[&a, &b, &c], 2.0, Duration::from_secs(15)).await?;
+    Ok(())
+}

@@ -248,7 +248,7 @@ impl Gossip {
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
                     limits: connection_limits::Behaviour::new(limits),
                     swim: rr(MAX_MESSAGE, 0, SWIM_PROTOCOL),
-                    table: rr(0, MAX_TABLE, TABLE_PROTOCOL),
+                    table: rr(1024, MAX_TABLE, TABLE_PROTOCOL),
                     mdns: Toggle::from(mdns),
                 })
             })
@@ -424,6 +424,7 @@ impl Gossip {
 
     fn publish_view(&mut self) {
         self.fingerprint = self.core.fingerprint();
+        self.metrics.mesh.membership_view_changes.inc();
         let members = self.core.members();
         for state in [PeerState::alive, PeerState::suspect, PeerState::dead] {
             let want = match state {
@@ -492,6 +493,7 @@ impl Gossip {
             }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                 self.connections.insert(connection_id, Instant::now());
+                self.metrics.mesh.membership_connections_opened.inc();
                 self.trim_connections(connection_id);
                 self.metrics.mesh.membership_connections.set(self.connections.len() as i64);
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint
@@ -500,7 +502,8 @@ impl Gossip {
                 {
                     tracing::debug!(peer = %peer_id, %addr, "joining through");
                     self.core.join(peer_id, addr);
-                    self.swarm.behaviour_mut().table.send_request(&peer_id, Vec::new());
+                    let request = self.core.table_request();
+                    self.swarm.behaviour_mut().table.send_request(&peer_id, request);
                 }
             }
             SwarmEvent::ConnectionClosed { connection_id, .. } => {
@@ -573,15 +576,24 @@ impl Gossip {
     fn on_table(&mut self, e: request_response::Event<Vec<u8>, Vec<u8>>) {
         use request_response::{Event, Message};
         match e {
-            Event::Message { peer, message: Message::Request { channel, .. }, .. } => {
+            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
                 let now = Instant::now();
                 while self.tables_served.front().is_some_and(|t| now.duration_since(*t) > TABLE_WINDOW) {
                     self.tables_served.pop_front();
                 }
-                // Over the rate, the answer is empty: the asker still learns members from SWIM's feeds.
+                // Over the rate, the answer is empty: the asker still learns members from SWIM's feeds. A peer the
+                // binding does not admit gets nothing.
                 let table = if self.tables_served.len() < TABLES_PER_WINDOW {
-                    self.tables_served.push_back(now);
-                    self.core.table()
+                    match self.core.table_for(peer, &request) {
+                        Ok(t) => {
+                            self.tables_served.push_back(now);
+                            t
+                        }
+                        Err(e) => {
+                            self.refused(peer, "member table request", &e);
+                            Vec::new()
+                        }
+                    }
                 } else {
                     tracing::debug!(%peer, "member table request over the rate: empty answer");
                     Vec::new()

@@ -648,6 +648,23 @@ impl Membership {
         self.len() == 0
     }
 
+    /// What a joining node asks a member for the table with: its own record, so the member answers only a peer
+    /// the binding admits.
+    pub fn table_request(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.me).unwrap_or_default()
+    }
+
+    /// The table for `from`, which asked with `request` ([`Self::table_request`]): refused unless the record is
+    /// `from`'s own, signed, and admitted by the binding.
+    pub fn table_for(&self, from: PeerId, request: &[u8]) -> Result<Vec<u8>, RecordError> {
+        let r: MemberRecord = postcard::from_bytes(request).map_err(|e| RecordError::Decode(e.to_string()))?;
+        if r.peer != from {
+            return Err(RecordError::Impersonation { claimed: r.peer });
+        }
+        self.codec.checks().check(&r)?;
+        Ok(self.table())
+    }
+
     /// The whole table, for a joining node (a full-state exchange: SWIM's gossip carries changes, not the steady
     /// state, so a node joining a large cluster would otherwise learn the other members slowly).
     pub fn table(&self) -> Vec<u8> {

@@ -369,4 +369,14 @@ fn only_bound_members_get_in() {
     assert_eq!(members.len(), 1);
     assert_eq!(members[0].0.node.as_deref(), Some("n2"));
     assert_eq!(members[0].0.id, r2.peer());
+    // The table goes only to a member the binding admits, asking in its own name.
+    let ask = |r: &MemberRecord| postcard::to_allocvec(r).unwrap();
+    assert!(m1.table_for(r2.peer(), &m2.table_request()).is_ok());
+    assert_eq!(
+        m1.table_for(claims_n1.peer(), &ask(&claims_n1)),
+        Err(RecordError::Unbound("address is not its Node's"))
+    );
+    assert_eq!(m1.table_for(invented.peer(), &ask(&invented)), Err(RecordError::Unbound("no such Node")));
+    assert_eq!(m1.table_for(claims_n1.peer(), &ask(&r2)), Err(RecordError::Impersonation { claimed: r2.peer() }));
+    assert!(m1.table_for(r2.peer(), b"junk").is_err());
 }

@@ -62,12 +62,21 @@ struct Row {
     conns_max: f64,
     /// Mean resident memory per agent, MiB.
     rss_mib: f64,
+    /// Membership connections opened per agent per second (each a handshake).
+    opened_per_sec: f64,
+    /// Member view changes per agent per second (suspicions, refutations; 0 in a quiet cluster).
+    changes_per_sec: f64,
 }
 
 fn rss(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
     Ok(line.split_whitespace().nth(1).context("malformed VmRSS")?.parse::<u64>()? << 10)
+}
+
+/// The sum of a counter over the agents.
+async fn total(agents: &[Agent], name: &str) -> f64 {
+    join_all(agents.iter().map(|a| a.metric(name, &[]))).await.into_iter().map(|v| v.unwrap_or(0.0)).sum()
 }
 
 async fn bytes(a: &Agent) -> f64 {
@@ -111,6 +120,8 @@ async fn measure(cluster: &Cluster, n: usize, args: &Args) -> Result<Row> {
     let pids: Vec<u32> = agents.iter().map(|a| a.pid().context("agent exited")).collect::<Result<_>>()?;
     let cpu0: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<_>>()?;
     let bytes0 = join_all(agents.iter().map(bytes)).await;
+    let opened0 = total(&agents, "shoal_membership_connections_opened_total").await;
+    let changes0 = total(&agents, "shoal_membership_view_changes_total").await;
     let t0 = Instant::now();
     let mut conns: Vec<f64> = Vec::new();
     let samples = 5;
@@ -122,6 +133,8 @@ async fn measure(cluster: &Cluster, n: usize, args: &Args) -> Result<Row> {
     let secs = t0.elapsed().as_secs_f64();
     let cpu1: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<_>>()?;
     let bytes1 = join_all(agents.iter().map(bytes)).await;
+    let opened = total(&agents, "shoal_membership_connections_opened_total").await - opened0;
+    let changes = total(&agents, "shoal_membership_view_changes_total").await - changes0;
     let rss_total: u64 = pids.iter().map(|&p| rss(p)).collect::<Result<Vec<_>>>()?.iter().sum();
     let mean = |v: f64| v / n as f64;
     let cpu: f64 = cpu1.iter().zip(&cpu0).map(|(a, b)| a - b).sum();
@@ -134,6 +147,8 @@ async fn measure(cluster: &Cluster, n: usize, args: &Args) -> Result<Row> {
         conns_mean: conns.iter().sum::<f64>() / conns.len().max(1) as f64,
         conns_max: conns.iter().copied().fold(0.0, f64::max),
         rss_mib: mean(rss_total as f64) / f64::from(1 << 20),
+        opened_per_sec: mean(opened) / secs,
+        changes_per_sec: mean(changes) / secs,
     })
 }
 
@@ -143,20 +158,22 @@ fn render_table(args: &Args, rows: &[Row]) -> String {
          bootstrapping from every node's address; converged = from launching all N to every agent seeing the N−1 \
          others alive; then a {} s idle window. Bytes are membership messages (probes, gossip, tables) sent + \
          received; TCP, noise and yamux framing and handshakes are not counted.\n\n\
-         | nodes | converged after | CPU per agent | membership bytes per agent | connections per agent (mean / max) | RSS per agent |\n\
-         |---|---|---|---|---|---|\n",
+         | nodes | converged after | CPU per agent | membership bytes per agent | connections per agent (mean / max) | connections opened per agent | view changes per agent | RSS per agent |\n\
+         |---|---|---|---|---|---|---|---|\n",
         args.idle_secs
     );
     for r in rows {
         let conv =
             r.converged.map_or_else(|| format!("not within {} s", args.converge_timeout), |s| format!("{s:.1} s"));
         t.push_str(&format!(
-            "| {} | {conv} | {:.2} % | {:.2} KiB/s | {:.1} / {:.0} | {:.0} MiB |\n",
+            "| {} | {conv} | {:.2} % | {:.2} KiB/s | {:.1} / {:.0} | {:.2}/s | {:.2}/s | {:.0} MiB |\n",
             r.nodes,
             r.cpu_pct,
             r.bytes_per_sec / 1024.0,
             r.conns_mean,
             r.conns_max,
+            r.opened_per_sec,
+            r.changes_per_sec,
             r.rss_mib
         ));
     }
