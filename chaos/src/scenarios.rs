@@ -88,11 +88,16 @@ pub enum Scenario {
     /// A pod on one node attacks its mirror (stalled connections, unread responses, unreachable registries,
     /// malformed requests) while every node pulls.
     HostilePod,
+    /// 50 agents (100 long) start at once and must all see each other; then 5 are killed at once and must be seen
+    /// dead by all.
+    MassJoin,
+    /// Half the cluster is killed at once and restarted at once.
+    HalfRestart,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::PeerKill,
         Self::Partition,
         Self::ByzantinePeer,
@@ -104,6 +109,8 @@ impl Scenario {
         Self::Churn,
         Self::ByzantineTag,
         Self::HostilePod,
+        Self::MassJoin,
+        Self::HalfRestart,
     ];
 
     /// Its name on the command line.
@@ -120,6 +127,8 @@ impl Scenario {
             Self::Churn => "churn",
             Self::ByzantineTag => "byzantine-tag",
             Self::HostilePod => "hostile-pod",
+            Self::MassJoin => "mass-join",
+            Self::HalfRestart => "half-restart",
         }
     }
 
@@ -153,6 +162,8 @@ impl Scenario {
             Self::Churn => run.churn().await?,
             Self::ByzantineTag => run.byzantine_tag().await?,
             Self::HostilePod => run.hostile_pod().await?,
+            Self::MassJoin => run.mass_join().await?,
+            Self::HalfRestart => run.half_restart().await?,
         }
         report.elapsed = start.elapsed();
         Ok(report)
@@ -605,6 +616,150 @@ impl Run<'_> {
             }
             Err(e) => self.report.store_problems.push(format!("the store could not be checked: {e}")),
         }
+        Ok(())
+    }
+
+    /// Waits until each of `agents` sees `alive` members alive and none suspect; how long it took, or `None`.
+    async fn all_see(agents: &[&Agent], alive: f64, within: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            let mut ok = true;
+            for a in agents {
+                let seen = shoal_testbed::cluster::alive(a).await;
+                let suspect = a.metric("shoal_peers", &["state=\"suspect\""]).await.unwrap_or(1.0);
+                if seen != alive || suspect != 0.0 {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                return Some(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        None
+    }
+
+    async fn mass_join(&mut self) -> Result<()> {
+        // The short run is CI's: debug agents (2.4× a release agent's idle CPU), so 50 of them on two cores. The
+        // long run is the issue's: 100 agents all seeing each other within 10 s (run it with a release `SHOAL_BIN`).
+        let n = match self.size {
+            Size::Short => 50,
+            Size::Long => 100,
+        };
+        let cl = Cluster::start().await?;
+        let port = shoal_testbed::free_port()?;
+        // Hosts 127.0.0.20 and up; the order they are launched in is the seed's.
+        let mut hosts: Vec<u8> = (0..n).map(|i| 20 + i as u8).collect();
+        hosts.shuffle(&mut self.rng);
+        let launched = Instant::now();
+        let mut agents = cl.start_at_once(&hosts, port, |b| b).await?;
+        let up = launched.elapsed();
+        let all: Vec<&Agent> = agents.iter().collect();
+        let (within, deaths_within) = match self.size {
+            Size::Short => (Duration::from_secs(20), Duration::from_secs(20)),
+            Size::Long => (Duration::from_secs(10), Duration::from_secs(15)),
+        };
+        let joined = Self::all_see(&all, (n - 1) as f64, within).await;
+        self.report.check(
+            joined.is_some(),
+            format!("{n} agents did not all see each other alive within {within:?} of being up"),
+        );
+        if let Some(d) = joined {
+            self.report.recovered(d);
+        }
+        // Five die at once: every other sees them dead within a probe cycle, the suspicion time and the spread.
+        let mut victims: Vec<usize> = (0..n).collect();
+        victims.shuffle(&mut self.rng);
+        victims.truncate(5);
+        for &v in &victims {
+            agents[v].kill().await;
+        }
+        let killed = Instant::now();
+        let rest: Vec<&Agent> =
+            agents.iter().enumerate().filter(|(i, _)| !victims.contains(i)).map(|(_, a)| a).collect();
+        let mut dead_seen = None;
+        while killed.elapsed() < deaths_within {
+            let mut ok = true;
+            for a in &rest {
+                if a.metric("shoal_peers", &["state=\"dead\""]).await.unwrap_or(0.0) != 5.0 {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                dead_seen = Some(killed.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        self.report.check(
+            dead_seen.is_some(),
+            format!("5 agents killed at once were not seen dead by every other within {deaths_within:?}"),
+        );
+        if let Some(d) = dead_seen {
+            self.report.recovered(d);
+        }
+        for (i, a) in agents.iter_mut().enumerate() {
+            if !victims.contains(&i) && !a.running() {
+                self.report.crashed.push(format!("agent {i} exited"));
+            }
+        }
+        self.report.note(format!(
+            "{n} agents launched at once in {up:.1?} (each up = listening and its first join done); recoveries: \
+             all-see-all after the last was up, then the 5 deaths seen by all"
+        ));
+        Ok(())
+    }
+
+    async fn half_restart(&mut self) -> Result<()> {
+        let n = match self.size {
+            Size::Short => 20,
+            Size::Long => 60,
+        };
+        let cl = Cluster::start().await?;
+        let port = shoal_testbed::free_port()?;
+        let hosts: Vec<u8> = (0..n).map(|i| 20 + i as u8).collect();
+        let mut agents = cl.start_at_once(&hosts, port, |b| b).await?;
+        let within = Duration::from_secs(20);
+        {
+            let all: Vec<&Agent> = agents.iter().collect();
+            let joined = Self::all_see(&all, (n - 1) as f64, within).await;
+            self.report.check(joined.is_some(), format!("{n} agents did not see each other within {within:?}"));
+        }
+        let mut half: Vec<usize> = (0..n).collect();
+        half.shuffle(&mut self.rng);
+        half.truncate(n / 2);
+        for &i in &half {
+            agents[i].kill().await;
+        }
+        // Down for a little while (longer than the suspicion time for some, shorter for others: it is random).
+        self.pause(2000..7000).await;
+        let restarted = Instant::now();
+        let restarts = agents.iter_mut().enumerate().filter(|(i, _)| half.contains(i)).map(|(_, a)| a.restart());
+        for r in futures_util::future::join_all(restarts).await {
+            r?;
+        }
+        let up = restarted.elapsed();
+        let all: Vec<&Agent> = agents.iter().collect();
+        let back = Self::all_see(&all, (n - 1) as f64, within).await;
+        self.report.check(
+            back.is_some(),
+            format!("after half the cluster restarted at once, not every agent saw the {} others alive", n - 1),
+        );
+        if let Some(d) = back {
+            self.report.recovered(up + d);
+        }
+        for (i, a) in agents.iter_mut().enumerate() {
+            if !a.running() {
+                self.report.crashed.push(format!("agent {i} exited"));
+            }
+        }
+        self.report.note(format!(
+            "{} of {n} agents SIGKILLed at once, restarted at once (up again after {up:.1?}); recovery = from the \
+             restart until every agent sees every other alive",
+            n / 2
+        ));
         Ok(())
     }
 

@@ -67,3 +67,13 @@ async fn byzantine_tag() {
 async fn hostile_pod() {
     short(Scenario::HostilePod).await;
 }
+
+#[tokio::test]
+async fn mass_join() {
+    short(Scenario::MassJoin).await;
+}
+
+#[tokio::test]
+async fn half_restart() {
+    short(Scenario::HalfRestart).await;
+}

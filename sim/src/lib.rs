@@ -3,8 +3,10 @@
 //!
 //! [`net`] models links and max-min fair fluid flows; [`sim`] runs the nodes (the core's decisions are the
 //! agent's code, exactly; the bytes are fluid); [`scenarios`] names the built-in cases; [`report`] prints the
-//! table, the JSON line and the CDF plot.
+//! table, the JSON line and the CDF plot. [`membership`] runs the agent's membership protocol at thousands of
+//! nodes (`--membership`).
 
+pub mod membership;
 pub mod net;
 pub mod report;
 pub mod scenarios;

@@ -29,10 +29,35 @@ struct Args {
     /// Write PREFIX.md (the table) and PREFIX.svg (CDF of completion times).
     #[arg(long)]
     out: Option<String>,
+    /// Instead of bursts: the membership protocol at these sizes, comma-separated (e.g. `1000,2000`).
+    #[arg(long, value_delimiter = ',')]
+    membership: Vec<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.membership.is_empty() {
+        let mut rows = Vec::new();
+        for &n in &args.membership {
+            if n < 3 {
+                bail!("--membership: at least 3 nodes");
+            }
+            eprintln!("membership: {n} nodes…");
+            let started = std::time::Instant::now();
+            let row = shoal_sim::membership::run(n, args.seed.unwrap_or(1));
+            eprintln!("  {row:?} ({:.0} s of CPU time)", started.elapsed().as_secs_f64());
+            if args.json {
+                println!("{}", serde_json::to_string(&row)?);
+            }
+            rows.push(row);
+        }
+        let table = shoal_sim::membership::table(&rows);
+        print!("{table}");
+        if let Some(prefix) = args.out {
+            std::fs::write(format!("{prefix}.md"), &table).with_context(|| format!("writing {prefix}.md"))?;
+        }
+        return Ok(());
+    }
     let names: Vec<&str> =
         if args.scenario == "all" { scenarios::NAMES.to_vec() } else { args.scenario.split(',').collect() };
     let mut reports = Vec::new();

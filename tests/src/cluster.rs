@@ -42,6 +42,28 @@ impl Cluster {
         Agent::builder().registry(&self.proxy.host()).mesh(&self.secret, Ipv4Addr::new(127, 0, 0, n), &bootstrap)
     }
 
+    /// Starts agents on `127.0.0.<n>` for each `n` in `hosts`, all at once, each listening for gossip on `port` and
+    /// bootstrapping from every one's address (what a headless Service's DNS name gives), with production timing
+    /// (a probe per second); `with` adds other settings to each builder.
+    pub async fn start_at_once(
+        &self,
+        hosts: &[u8],
+        port: u16,
+        with: impl Fn(AgentBuilder) -> AgentBuilder,
+    ) -> Result<Vec<Agent>> {
+        let addrs: Vec<std::net::SocketAddr> =
+            hosts.iter().map(|&n| std::net::SocketAddr::new(Ipv4Addr::new(127, 0, 0, n).into(), port)).collect();
+        let starts = hosts.iter().map(|&n| {
+            let b = Agent::builder()
+                .registry(&self.proxy.host())
+                .setting("gossip_interval", "\"1s\"")
+                .setting("suspect_after", "\"500ms\"")
+                .setting("dead_after", "\"5s\"");
+            with(b.mesh(&self.secret, Ipv4Addr::new(127, 0, 0, n), &addrs).gossip_port(port)).start()
+        });
+        futures_util::future::join_all(starts).await.into_iter().collect()
+    }
+
     /// A blob's URL on an agent's mirror.
     pub fn blob_url(&self, agent: &Agent, repo: &str, digest: &str) -> String {
         format!("{}/v2/{repo}/blobs/{digest}?ns={}", agent.url(), self.proxy.host())

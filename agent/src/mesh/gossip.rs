@@ -63,6 +63,10 @@ const IDLE_CONNECTION: Duration = Duration::from_secs(30);
 /// Tables served at most per [`TABLE_WINDOW`] (a table costs a few hundred kilobytes at thousands of members).
 const TABLES_PER_WINDOW: usize = 64;
 const TABLE_WINDOW: Duration = Duration::from_secs(10);
+/// For this long after start, a node pulls the member table from a random alive member at each redial round:
+/// when a whole cluster starts at once, the first tables are nearly empty, and SWIM alone would spread thousands of
+/// joins a dozen records per message.
+pub(crate) const PULL_TABLES_FOR: Duration = Duration::from_secs(60);
 /// How often liveness changes foca reports no notification for (suspicions) are looked for.
 const VIEW_CHECK_EVERY: Duration = Duration::from_millis(250);
 
@@ -181,6 +185,7 @@ pub(super) struct Gossip {
     /// Peers dialled as bootstrap addresses: once connected, this node joins through them.
     joining: HashSet<Multiaddr>,
     tables_served: VecDeque<Instant>,
+    started: Instant,
     /// Open connections and when each last carried a message.
     connections: HashMap<ConnectionId, Instant>,
     /// The Nodes members are checked against (`member_binding = "kubernetes"`).
@@ -319,6 +324,7 @@ impl Gossip {
             bound,
             joining: HashSet::new(),
             tables_served: VecDeque::new(),
+            started: Instant::now(),
             connections: HashMap::new(),
             book,
             node,
@@ -464,6 +470,13 @@ impl Gossip {
             .flat_map(|(i, _)| i.gossip_addrs.iter().filter_map(socket_addr))
             .collect();
         let lonely = !members.iter().any(|(_, l)| *l == Liveness::Alive);
+        if !lonely && self.started.elapsed() < PULL_TABLES_FOR {
+            let alive = members.iter().filter(|(_, l)| *l == Liveness::Alive).map(|(i, _)| i.id);
+            if let Some(peer) = alive.choose(&mut rand::rng()) {
+                let request = self.core.table_request();
+                self.swarm.behaviour_mut().table.send_request(&peer, request);
+            }
+        }
         let candidates = resolved.into_iter().filter(|a| !self.own_addrs.contains(a) && !alive.contains(a));
         let n = if lonely { DIALS_PER_ROUND } else { 1 };
         for addr in candidates.choose_multiple(&mut rand::rng(), n) {

@@ -1,8 +1,6 @@
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
-use rand::{Rng, SeedableRng};
-
+use super::lab::Lab;
 use super::*;
 
 const TIMING: MembershipTiming = MembershipTiming {
@@ -12,24 +10,8 @@ const TIMING: MembershipTiming = MembershipTiming {
     indirect_probes: 3,
 };
 
-enum Event {
-    Deliver { to: usize, from: PeerId, data: Bytes },
-    Timer { node: usize, timer: foca::Timer<MemberRecord> },
-}
-
-/// Nodes on a virtual network: 1 ms per message, optional loss, virtual time.
-struct Cluster {
-    nodes: Vec<Option<Membership>>,
-    index: HashMap<PeerId, usize>,
-    now: Duration,
-    queue: BinaryHeap<Reverse<(Duration, u64)>>,
-    events: HashMap<u64, Event>,
-    seq: u64,
-    loss: f64,
-    /// Nodes whose process is starved: every message they get waits 0.2–1.5 s before it is handled.
-    starved: Vec<bool>,
-    rng: rand::rngs::StdRng,
-    sent: Vec<u64>,
+fn about(zone: &str, addr: SocketAddr) -> About {
+    About { node: String::new(), zone: zone.into(), gossip: addr, transfer: addr }
 }
 
 fn record(key: &identity::Keypair, n: usize) -> MemberRecord {
@@ -37,149 +19,33 @@ fn record(key: &identity::Keypair, n: usize) -> MemberRecord {
     MemberRecord::sign(key, 1, 0, &about("z", addr))
 }
 
-fn about(zone: &str, addr: SocketAddr) -> About {
-    About { node: String::new(), zone: zone.into(), gossip: addr, transfer: addr }
-}
-
-impl Cluster {
-    fn new(n: usize, loss: f64) -> Self {
-        let mut c = Self {
-            nodes: Vec::new(),
-            index: HashMap::new(),
-            now: Duration::ZERO,
-            queue: BinaryHeap::new(),
-            events: HashMap::new(),
-            seq: 0,
-            loss,
-            starved: vec![false; n],
-            rng: rand::rngs::StdRng::seed_from_u64(7),
-            sent: vec![0; n],
-        };
-        for i in 0..n {
-            let key = identity::Keypair::generate_ed25519();
-            let me = record(&key, i);
-            c.index.insert(me.peer(), i);
-            c.nodes.push(Some(Membership::new(key, me, TIMING, SwimRng::seeded(i as u64), Binding::Open)));
-        }
-        c
-    }
-
-    fn peer(&self, i: usize) -> PeerId {
-        self.nodes[i].as_ref().unwrap().me().peer()
-    }
-
-    fn push(&mut self, at: Duration, e: Event) {
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq)));
-        self.events.insert(self.seq, e);
-    }
-
-    fn drain(&mut self, i: usize) {
-        let Some(m) = self.nodes[i].as_mut() else { return };
-        let from = m.me().peer();
-        let mut out = Vec::new();
-        while let Some(o) = m.poll_output() {
-            out.push(o);
-        }
-        for o in out {
-            match o {
-                Output::Send { to, data, .. } => {
-                    self.sent[i] += 1;
-                    if self.rng.random::<f64>() < self.loss {
-                        continue;
-                    }
-                    if let Some(&to) = self.index.get(&to) {
-                        let delay = if self.starved[to] { self.rng.random_range(200..1500) } else { 1 };
-                        self.push(self.now + Duration::from_millis(delay), Event::Deliver { to, from, data });
-                    }
-                }
-                Output::Timer { after, timer } => self.push(self.now + after, Event::Timer { node: i, timer }),
-            }
-        }
-    }
-
-    fn join_all_through(&mut self, seed: usize) {
-        let (p, a) = {
-            let m = self.nodes[seed].as_ref().unwrap().me();
-            (m.peer(), m.gossip())
-        };
-        for i in 0..self.nodes.len() {
-            if i != seed {
-                self.nodes[i].as_mut().unwrap().join(p, a);
-                self.drain(i);
-            }
-        }
-    }
-
-    fn run_until(&mut self, until: Duration) {
-        while let Some(Reverse((at, seq))) = self.queue.peek().copied() {
-            if at > until {
-                break;
-            }
-            self.queue.pop();
-            self.now = at;
-            let e = self.events.remove(&seq).unwrap();
-            let node = match e {
-                Event::Deliver { to, from, data } => {
-                    if let Some(m) = self.nodes[to].as_mut() {
-                        let _ = m.handle_data(from, &data);
-                    }
-                    to
-                }
-                Event::Timer { node, timer } => {
-                    if let Some(m) = self.nodes[node].as_mut() {
-                        m.handle_timer(timer);
-                    }
-                    node
-                }
-            };
-            self.drain(node);
-        }
-        self.now = until;
-    }
-
-    /// How each live node sees member `of`.
-    fn seen_as(&self, of: PeerId) -> BTreeMap<String, usize> {
-        let mut counts = BTreeMap::new();
-        for m in self.nodes.iter().flatten() {
-            if m.me().peer() == of {
-                continue;
-            }
-            let s = m.members().into_iter().find(|(i, _)| i.id == of).map(|(_, l)| format!("{l:?}"));
-            *counts.entry(s.unwrap_or_else(|| "unknown".into())).or_default() += 1;
-        }
-        counts
-    }
-
-    fn all_alive(&self) -> bool {
-        let n = self.nodes.iter().flatten().count();
-        self.nodes.iter().flatten().all(|m| m.members().iter().filter(|(_, l)| *l == Liveness::Alive).count() == n - 1)
-    }
+fn lab(n: usize, loss: f64) -> Lab {
+    Lab::new(n, TIMING, loss, 7, true)
 }
 
 #[test]
 fn a_cluster_forms_through_one_node_and_a_death_is_seen_by_all() {
-    let mut c = Cluster::new(40, 0.0);
+    let mut c = lab(40, 0.0);
     c.join_all_through(0);
     let mut converged = None;
     for step in 1..=40 {
         c.run_until(Duration::from_millis(250 * step));
         if c.all_alive() {
-            converged = Some(c.now);
+            converged = Some(c.now());
             break;
         }
     }
     let converged = converged.expect("40 nodes see each other alive within 10 s");
     assert!(converged <= Duration::from_secs(5), "converged after {converged:?}");
     // Kill one: every live node calls it dead within a few periods plus the suspicion time.
-    let victim = c.peer(17);
-    c.nodes[17] = None;
-    let killed = c.now;
+    let victim = c.peer(17).unwrap();
+    c.kill(17);
+    let killed = c.now();
     let mut dead_all = None;
     for step in 1..=60 {
         c.run_until(killed + Duration::from_millis(250 * step));
         if c.seen_as(victim) == BTreeMap::from([("Dead".to_owned(), 39)]) {
-            dead_all = Some(c.now - killed);
+            dead_all = Some(c.now() - killed);
             break;
         }
     }
@@ -189,7 +55,7 @@ fn a_cluster_forms_through_one_node_and_a_death_is_seen_by_all() {
 
 #[test]
 fn lost_messages_cause_no_false_death() {
-    let mut c = Cluster::new(30, 0.01);
+    let mut c = lab(30, 0.01);
     c.join_all_through(0);
     c.run_until(Duration::from_secs(10));
     assert!(c.all_alive(), "joined despite 1 % loss");
@@ -197,29 +63,29 @@ fn lost_messages_cause_no_false_death() {
     for step in 1..=60 {
         c.run_until(Duration::from_secs(10 + step));
         for i in 0..30 {
-            let seen = c.seen_as(c.peer(i));
-            assert!(!seen.contains_key("Dead"), "node {i} falsely dead at {:?}: {seen:?}", c.now);
+            let seen = c.seen_as(c.peer(i).unwrap());
+            assert!(!seen.contains_key("Dead"), "node {i} falsely dead at {:?}: {seen:?}", c.now());
         }
     }
 }
 
 #[test]
 fn starved_nodes_are_not_declared_dead() {
-    let mut c = Cluster::new(100, 0.01);
+    let mut c = lab(100, 0.01);
     for i in (0..100).step_by(20) {
         c.starved[i] = true;
     }
     c.join_all_through(1);
     c.run_until(Duration::from_secs(15));
     for i in 0..100 {
-        let seen = c.seen_as(c.peer(i));
+        let seen = c.seen_as(c.peer(i).unwrap());
         assert!(!seen.contains_key("unknown") && !seen.contains_key("Dead"), "node {i} not joined: {seen:?}");
     }
     for step in 1..=60 {
         c.run_until(Duration::from_secs(15 + step));
         for i in (0..100).step_by(20) {
-            let seen = c.seen_as(c.peer(i));
-            assert!(!seen.contains_key("Dead"), "starved node {i} falsely dead at {:?}: {seen:?}", c.now);
+            let seen = c.seen_as(c.peer(i).unwrap());
+            assert!(!seen.contains_key("Dead"), "starved node {i} falsely dead at {:?}: {seen:?}", c.now());
         }
     }
 }
@@ -228,7 +94,7 @@ fn starved_nodes_are_not_declared_dead() {
 fn idle_cost_per_node_does_not_grow_with_the_cluster() {
     let mut per_node = Vec::new();
     for n in [20, 80] {
-        let mut c = Cluster::new(n, 0.0);
+        let mut c = lab(n, 0.0);
         c.join_all_through(0);
         c.run_until(Duration::from_secs(20));
         assert!(c.all_alive());
@@ -298,12 +164,12 @@ fn records_are_signed_and_the_sender_is_the_authenticated_peer() {
 
 #[test]
 fn a_table_brings_a_new_node_every_member_at_once() {
-    let mut c = Cluster::new(12, 0.0);
+    let mut c = lab(12, 0.0);
     c.join_all_through(0);
     c.run_until(Duration::from_secs(8));
     assert!(c.all_alive());
-    let table = c.nodes[0].as_ref().unwrap().table();
-    let sender = c.peer(0);
+    let table = c.node(0).unwrap().table();
+    let sender = c.peer(0).unwrap();
     let (key, me) = node(99);
     let mut fresh = Membership::new(key, me, TIMING, SwimRng::seeded(99), Binding::Open);
     assert_eq!(fresh.apply_table(sender, &table), Ok((12, 0)));

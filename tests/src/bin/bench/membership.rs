@@ -4,7 +4,6 @@
 //! others alive (production timing: a probe per second), then measures an idle window: CPU per agent, membership message bytes per agent, open membership
 //! connections, resident memory.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -86,22 +85,10 @@ async fn bytes(a: &Agent) -> f64 {
 
 async fn measure(cluster: &Cluster, n: usize, args: &Args) -> Result<Row> {
     let port = free_port()?;
-    let addrs: Vec<SocketAddr> =
-        (1..=n).map(|i| SocketAddr::new(Ipv4Addr::new(127, 0, 0, i as u8).into(), port)).collect();
     eprintln!("{n} agents: starting…");
     let launched = Instant::now();
-    let starts = (1..=n).map(|i| {
-        // The production timing (the testbed's default is faster, for quick tests).
-        Agent::builder()
-            .registry(&cluster.proxy.host())
-            .setting("gossip_interval", "\"1s\"")
-            .setting("suspect_after", "\"500ms\"")
-            .setting("dead_after", "\"5s\"")
-            .mesh(&cluster.secret, Ipv4Addr::new(127, 0, 0, i as u8), &addrs)
-            .gossip_port(port)
-            .start()
-    });
-    let agents: Vec<Agent> = join_all(starts).await.into_iter().collect::<Result<_>>()?;
+    let hosts: Vec<u8> = (1..=n).map(|i| i as u8).collect();
+    let agents = cluster.start_at_once(&hosts, port, |b| b).await?;
     let want = (n - 1) as f64;
     let deadline = launched + Duration::from_secs(args.converge_timeout);
     let mut converged = None;
