@@ -32,6 +32,10 @@ struct Args {
     /// Instead of bursts: the membership protocol at these sizes, comma-separated (e.g. `1000,2000`).
     #[arg(long, value_delimiter = ',')]
     membership: Vec<usize>,
+    /// With `--membership`: gossip to M members N times a period while there is news, as `MxN` (the agent's:
+    /// 2x2).
+    #[arg(long)]
+    gossip: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,7 +48,12 @@ fn main() -> anyhow::Result<()> {
             }
             eprintln!("membership: {n} nodes…");
             let started = std::time::Instant::now();
-            let row = shoal_sim::membership::run(n, args.seed.unwrap_or(1));
+            let mut timing = shoal_sim::membership::TIMING;
+            if let Some(g) = &args.gossip {
+                let parsed = g.split_once('x').and_then(|(m, k)| Some((m.parse().ok()?, k.parse().ok()?)));
+                timing.gossip = parsed.with_context(|| format!("--gossip {g}: expected MxN, e.g. 3x4"))?;
+            }
+            let row = shoal_sim::membership::run_with(n, args.seed.unwrap_or(1), timing);
             eprintln!("  {row:?} ({:.0} s of CPU time)", started.elapsed().as_secs_f64());
             if args.json {
                 println!("{}", serde_json::to_string(&row)?);

@@ -15,11 +15,12 @@ use shoal_agent::swarm::membership::MembershipTiming;
 use shoal_agent::swarm::membership::lab::Lab;
 
 /// The agent's defaults.
-const TIMING: MembershipTiming = MembershipTiming {
+pub const TIMING: MembershipTiming = MembershipTiming {
     probe_period: Duration::from_secs(1),
     probe_timeout: Duration::from_millis(500),
     suspicion: Duration::from_secs(5),
     indirect_probes: 3,
+    gossip: MembershipTiming::GOSSIP,
 };
 
 /// One size's figures.
@@ -80,12 +81,17 @@ fn until(lab: &mut Lab, step: Duration, limit: Duration, mut done: impl FnMut(&m
     None
 }
 
-/// Runs one size.
+/// Runs one size with the agent's timing.
 pub fn run(nodes: usize, seed: u64) -> Row {
+    run_with(nodes, seed, TIMING)
+}
+
+/// Runs one size with `timing`.
+pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
     let step = Duration::from_millis(250);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // One node more than the cluster: it joins later.
-    let mut lab = Lab::new(nodes + 1, TIMING, 0.0, seed, false);
+    let mut lab = Lab::new(nodes + 1, timing, 0.0, seed, false);
     let late = nodes;
     for i in 1..nodes {
         lab.join(i, 0);
@@ -129,7 +135,7 @@ pub fn run(nodes: usize, seed: u64) -> Row {
         l.seen_as(victim_id).get("Dead").copied() == Some(l.live())
     });
     // Loss and starvation: a separate cluster, converged first.
-    let mut noisy = Lab::new(nodes, TIMING, 0.0, seed ^ 0x5eed, false);
+    let mut noisy = Lab::new(nodes, timing, 0.0, seed ^ 0x5eed, false);
     for i in 1..nodes {
         noisy.join(i, 0);
     }

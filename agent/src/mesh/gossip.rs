@@ -309,6 +309,7 @@ impl Gossip {
             probe_timeout: cfg.suspect_after,
             suspicion: cfg.dead_after,
             indirect_probes: 3,
+            gossip: MembershipTiming::GOSSIP,
         };
         let core = Membership::new(keypair, record, timing, SwimRng::from_os(), binding);
         Ok(Self {

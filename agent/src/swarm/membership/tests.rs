@@ -8,6 +8,7 @@ const TIMING: MembershipTiming = MembershipTiming {
     probe_timeout: Duration::from_millis(400),
     suspicion: Duration::from_secs(4),
     indirect_probes: 3,
+    gossip: MembershipTiming::GOSSIP,
 };
 
 fn about(zone: &str, addr: SocketAddr) -> About {
