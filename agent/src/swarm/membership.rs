@@ -42,10 +42,20 @@ const MAX_ZONE: usize = 63;
 /// Domain separation of a record's signature.
 const RECORD_CONTEXT: &[u8] = b"shoal member record v1\0";
 
-/// What a member says about itself, signed with its node key.
+/// What a member says about itself, signed with its node key (the signed fields are [`SignedFields`]).
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(from = "RecordWire", into = "RecordWire")]
+#[serde(from = "SignedFields", into = "SignedFields")]
 pub struct MemberRecord {
+    w: SignedFields,
+    /// Which member this is, whatever its incarnation: its Node when it names one (one member per Node), else its
+    /// peer id. Derived from the fields, never sent.
+    key: u128,
+}
+
+/// A record's fields, as they travel and are signed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SignedFields {
+    #[serde(with = "peer_bytes")]
     peer: PeerId,
     /// Start of its process, ms since the epoch: a restart raises it.
     incarnation: u64,
@@ -58,27 +68,18 @@ pub struct MemberRecord {
     transfer: SocketAddr,
     /// Ed25519 over the fields above; empty only in a join's placeholder for a peer not known yet.
     sig: Vec<u8>,
-    /// Which member this is, whatever its incarnation: its Node when it names one (one member per Node), else its
-    /// peer id. Derived from the fields, never sent.
-    key: u128,
 }
 
-/// A record as it travels.
-#[derive(Clone, Serialize, Deserialize)]
-struct RecordWire {
-    #[serde(with = "peer_bytes")]
-    peer: PeerId,
-    incarnation: u64,
-    renewal: u16,
-    node: String,
-    zone: String,
-    gossip: SocketAddr,
-    transfer: SocketAddr,
-    sig: Vec<u8>,
+impl std::ops::Deref for MemberRecord {
+    type Target = SignedFields;
+
+    fn deref(&self) -> &SignedFields {
+        &self.w
+    }
 }
 
-impl From<RecordWire> for MemberRecord {
-    fn from(w: RecordWire) -> Self {
+impl From<SignedFields> for MemberRecord {
+    fn from(w: SignedFields) -> Self {
         let mut h = blake3::Hasher::new_derive_key("shoal 2026 member key v1");
         if w.node.is_empty() {
             h.update(b"peer\0").update(&w.peer.to_bytes());
@@ -86,32 +87,13 @@ impl From<RecordWire> for MemberRecord {
             h.update(b"node\0").update(w.node.as_bytes());
         }
         let key = u128::from_be_bytes(h.finalize().as_bytes()[..16].try_into().unwrap_or_default());
-        Self {
-            peer: w.peer,
-            incarnation: w.incarnation,
-            renewal: w.renewal,
-            node: w.node,
-            zone: w.zone,
-            gossip: w.gossip,
-            transfer: w.transfer,
-            sig: w.sig,
-            key,
-        }
+        Self { w, key }
     }
 }
 
-impl From<MemberRecord> for RecordWire {
+impl From<MemberRecord> for SignedFields {
     fn from(r: MemberRecord) -> Self {
-        Self {
-            peer: r.peer,
-            incarnation: r.incarnation,
-            renewal: r.renewal,
-            node: r.node,
-            zone: r.zone,
-            gossip: r.gossip,
-            transfer: r.transfer,
-            sig: r.sig,
-        }
+        r.w
     }
 }
 
@@ -180,7 +162,7 @@ pub enum RecordError {
 
 impl MemberRecord {
     fn signing_bytes(&self) -> Vec<u8> {
-        let unsigned = RecordWire { sig: Vec::new(), ..self.clone().into() };
+        let unsigned = SignedFields { sig: Vec::new(), ..self.w.clone() };
         let mut v = RECORD_CONTEXT.to_vec();
         v.extend(postcard::to_allocvec(&unsigned).unwrap_or_default());
         v
@@ -188,7 +170,7 @@ impl MemberRecord {
 
     /// A signed record of this node.
     pub fn sign(key: &identity::Keypair, incarnation: u64, renewal: u16, about: &About) -> Self {
-        let wire = RecordWire {
+        let wire = SignedFields {
             peer: key.public().to_peer_id(),
             incarnation,
             renewal,
@@ -200,13 +182,13 @@ impl MemberRecord {
         };
         let mut r = Self::from(wire);
         // Signing with an ed25519 key cannot fail; a key type that could leaves the record unsigned (refused).
-        r.sig = key.sign(&r.signing_bytes()).unwrap_or_default();
+        r.w.sig = key.sign(&r.signing_bytes()).unwrap_or_default();
         r
     }
 
     /// A stand-in for a peer known only by id and address (a bootstrap node): the destination of a join.
     fn placeholder(peer: PeerId, gossip: SocketAddr) -> Self {
-        Self::from(RecordWire {
+        Self::from(SignedFields {
             peer,
             incarnation: 0,
             renewal: 0,

@@ -131,7 +131,8 @@ fn records_are_signed_and_the_sender_is_the_authenticated_peer() {
     assert_eq!(honest.verify(), Ok(()));
 
     // A record whose fields were changed after signing (another transfer address) is refused.
-    let forged = MemberRecord { transfer: "10.9.9.9:1".parse().unwrap(), ..honest.clone() };
+    let mut forged = honest.clone();
+    forged.w.transfer = "10.9.9.9:1".parse().unwrap();
     assert_eq!(forged.verify(), Err(RecordError::Signature(honest.peer())));
     assert_eq!(m.handle_data(honest.peer(), &ping(&forged, &me)), Err(RecordError::Signature(honest.peer())));
     // A member sending a message in another member's name (its genuine record) is refused.
@@ -143,7 +144,7 @@ fn records_are_signed_and_the_sender_is_the_authenticated_peer() {
     // A record signed by another key than its peer id names.
     let (other_key, _) = node(4);
     let stolen = MemberRecord::sign(&other_key, 1, 0, &honest.about());
-    let stolen = MemberRecord { peer: honest.peer(), ..stolen };
+    let stolen = MemberRecord::from(SignedFields { peer: honest.peer(), ..stolen.w });
     assert_eq!(stolen.verify(), Err(RecordError::Signature(honest.peer())));
     // A bad zone.
     let (k5, _) = node(5);
