@@ -58,15 +58,14 @@ impl AgentBuilder {
 
     /// Joins the peer mesh with the secret in `secret_file`, listening on `ip` (a distinct 127.0.0.x per agent),
     /// bootstrapping from `bootstrap` (gossip addresses of other agents). Liveness timing is shortened for tests
-    /// (probe every 500ms, a direct answer within 250ms, dead 2s after a suspicion) unless the test sets those keys.
+    /// (production probing: every 1s, a direct answer within 500ms — faster probing made busy nodes flap during bursts; dead 2s after a suspicion) unless the test sets those keys.
     pub fn mesh(mut self, secret_file: &Path, ip: std::net::Ipv4Addr, bootstrap: &[SocketAddr]) -> Self {
         self.gossip_ip = Some(ip);
         let list: Vec<String> = bootstrap.iter().map(|a| format!("\"{a}\"")).collect();
         self.lines.push(format!("cluster_secret_file = \"{}\"", secret_file.display()));
         self.lines.push(format!("transfer_listen = \"{ip}:0\""));
         self.lines.push(format!("bootstrap = [{}]", list.join(", ")));
-        for (key, value) in [("gossip_interval", "\"500ms\""), ("suspect_after", "\"250ms\""), ("dead_after", "\"2s\"")]
-        {
+        for (key, value) in [("gossip_interval", "\"1s\""), ("suspect_after", "\"500ms\""), ("dead_after", "\"2s\"")] {
             if !self.lines.iter().any(|l| l.starts_with(&format!("{key} ="))) {
                 self.lines.push(format!("{key} = {value}"));
             }
