@@ -619,25 +619,44 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Waits until every one of `agents` shows `value` for metric `name` (with `labels`); how long it took, or
+    /// `None` after `within`.
+    async fn all_show(
+        agents: &[&Agent],
+        name: &str,
+        labels: &[&str],
+        value: f64,
+        within: Duration,
+    ) -> Option<Duration> {
+        let start = Instant::now();
+        let ok = shoal_testbed::wait_for(name, within, async || {
+            for a in agents {
+                if a.metric(name, labels).await.unwrap_or(-1.0) != value {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        ok.ok().map(|()| start.elapsed())
+    }
+
+    /// Reports every agent that exited, but for the ones `killed` on purpose.
+    fn exited(&mut self, agents: &mut [Agent], killed: &[usize]) {
+        for (i, a) in agents.iter_mut().enumerate() {
+            if !killed.contains(&i) && !a.running() {
+                self.report.crashed.push(format!("agent {i} exited"));
+            }
+        }
+    }
+
     /// Waits until each of `agents` sees `alive` members alive and none suspect; how long it took, or `None`.
     async fn all_see(agents: &[&Agent], alive: f64, within: Duration) -> Option<Duration> {
         let start = Instant::now();
-        while start.elapsed() < within {
-            let mut ok = true;
-            for a in agents {
-                let seen = shoal_testbed::cluster::alive(a).await;
-                let suspect = a.metric("shoal_peers", &["state=\"suspect\""]).await.unwrap_or(1.0);
-                if seen != alive || suspect != 0.0 {
-                    ok = false;
-                    break;
-                }
-            }
-            if ok {
-                return Some(start.elapsed());
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        None
+        Self::all_show(agents, "shoal_peers", &["state=\"alive\""], alive, within).await?;
+        let left = within.saturating_sub(start.elapsed());
+        Self::all_show(agents, "shoal_peers", &["state=\"suspect\""], 0.0, left).await?;
+        Some(start.elapsed())
     }
 
     async fn mass_join(&mut self) -> Result<()> {
@@ -675,24 +694,9 @@ impl Run<'_> {
         for &v in &victims {
             agents[v].kill().await;
         }
-        let killed = Instant::now();
         let rest: Vec<&Agent> =
             agents.iter().enumerate().filter(|(i, _)| !victims.contains(i)).map(|(_, a)| a).collect();
-        let mut dead_seen = None;
-        while killed.elapsed() < deaths_within {
-            let mut ok = true;
-            for a in &rest {
-                if a.metric("shoal_peers", &["state=\"dead\""]).await.unwrap_or(0.0) != 5.0 {
-                    ok = false;
-                    break;
-                }
-            }
-            if ok {
-                dead_seen = Some(killed.elapsed());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let dead_seen = Self::all_show(&rest, "shoal_peers", &["state=\"dead\""], 5.0, deaths_within).await;
         self.report.check(
             dead_seen.is_some(),
             format!("5 agents killed at once were not seen dead by every other within {deaths_within:?}"),
@@ -700,11 +704,7 @@ impl Run<'_> {
         if let Some(d) = dead_seen {
             self.report.recovered(d);
         }
-        for (i, a) in agents.iter_mut().enumerate() {
-            if !victims.contains(&i) && !a.running() {
-                self.report.crashed.push(format!("agent {i} exited"));
-            }
-        }
+        self.exited(&mut agents, &victims);
         self.report.note(format!(
             "{n} agents launched at once in {up:.1?} (each up = listening and its first join done); recoveries: \
              all-see-all after the last was up, then the 5 deaths seen by all"
@@ -750,11 +750,7 @@ impl Run<'_> {
         if let Some(d) = back {
             self.report.recovered(up + d);
         }
-        for (i, a) in agents.iter_mut().enumerate() {
-            if !a.running() {
-                self.report.crashed.push(format!("agent {i} exited"));
-            }
-        }
+        self.exited(&mut agents, &[]);
         self.report.note(format!(
             "{} of {n} agents SIGKILLed at once, restarted at once (up again after {up:.1?}); recovery = from the \
              restart until every agent sees every other alive",

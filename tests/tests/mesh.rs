@@ -284,8 +284,13 @@ async fn members_are_their_nodes_and_unbound_identities_are_refused() -> Result<
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\nA:\n{}", a.log()))?;
-    // Some probes and gossip later, neither got in anywhere; the bound members still see each other.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Both keep trying (a lonely node redials every 3 s): once A has refused them again, neither got in anywhere
+    // and the bound members still see each other.
+    let refused = a.metric("shoal_membership_refused_messages_total", &[]).await?;
+    wait_for("A to refuse them again", Duration::from_secs(15), async || {
+        a.metric("shoal_membership_refused_messages_total", &[]).await.unwrap_or(0.0) >= refused + 2.0
+    })
+    .await?;
     for x in [&a, &b] {
         assert_eq!(alive(x).await, 1.0, "only the other bound member is alive");
         assert_eq!(x.metric("shoal_peers", &["state=\"suspect\""]).await?, 0.0);
