@@ -747,6 +747,20 @@ fn accepts(accept: Option<&HeaderValue>, media_type: Option<&str>) -> bool {
 }
 
 #[cfg(test)]
+impl Resolver {
+    /// What a request does when its store lookup missed a blob committed right after it (a race no test can time):
+    /// starts a download, which finds the blob stored, and waits for its end.
+    pub(crate) async fn open_after_a_missed_lookup(
+        self: &Arc<Self>,
+        client: &Client,
+        digest: &Digest,
+    ) -> Result<(), ResolveError> {
+        let (dl, _) = self.join_or_start(client, digest, Kind::Blob, true).await?.expect("a download is started");
+        wait_progress(&mut dl.progress.subscribe(), |p| p.verified).await.map(drop)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

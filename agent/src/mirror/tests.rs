@@ -15,6 +15,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     app: Router,
     store: Arc<Store>,
+    resolver: Arc<Resolver>,
 }
 
 fn fixture() -> Fixture {
@@ -53,7 +54,7 @@ fn fixture_abandoning(toml: &str, abandon_after: std::time::Duration) -> Fixture
         CancellationToken::new(),
         crate::resolver::Others::default(),
     );
-    Fixture { _dir: dir, app: router(MirrorState { resolver, metrics }), store }
+    Fixture { _dir: dir, app: router(MirrorState { resolver: resolver.clone(), metrics }), store, resolver }
 }
 
 /// Stores a blob as if downloaded for `repo`, publicly or with a client's credentials.
@@ -196,6 +197,36 @@ async fn private_content_is_not_served_without_upstream_consent() {
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert_ne!(body, data);
     }
+}
+
+/// A request whose store lookup missed a private blob that was committed right after (a client's download
+/// finishing) starts a download that finds the blob stored: the access check still applies (it did not: a made-up
+/// credential naming a swapped registry was given a private layer once in CI).
+#[tokio::test]
+async fn private_content_committed_after_a_lookup_is_still_checked() {
+    let f = fixture();
+    let data = b"secret layer";
+    let d = put_blob(&f, "private/x", data, false);
+    for (registry, auth) in [("127.0.0.1:1", None), ("127.0.0.1:1", Some("Basic Zm9vOmJhcg==")), ("evil.example", None)]
+    {
+        let client = Client {
+            registry: RegistryHost::parse(registry).unwrap(),
+            repo: RepoName::parse("private/x").unwrap(),
+            auth: auth.map(HeaderValue::from_static),
+            accept: None,
+        };
+        let got = f.resolver.open_after_a_missed_lookup(&client, &d).await;
+        assert!(got.is_err(), "{registry} with {auth:?} was given the private blob");
+    }
+    // Public content is anyone's on this path too.
+    let public = put_blob(&f, "public/x", b"public layer", true);
+    let client = Client {
+        registry: RegistryHost::parse("evil.example").unwrap(),
+        repo: RepoName::parse("any/thing").unwrap(),
+        auth: None,
+        accept: None,
+    };
+    f.resolver.open_after_a_missed_lookup(&client, &public).await.expect("public content");
 }
 
 #[tokio::test]

@@ -140,6 +140,10 @@ impl Resolver {
         let store = self.store.clone();
         let d = digest.clone();
         if let Some(meta) = blocking(move || store.blob(&d)).await? {
+            // The request that started this download looked before the blob was there: its access is checked as
+            // for any stored copy, or a client the copy's registry never accepted would be given it.
+            let provenance = Provenance { public: meta.public, registry: meta.registry.clone() };
+            self.authorize(client, digest, kind, &provenance).await?;
             dl.progress.send_modify(|p| {
                 p.written = meta.size;
                 p.verified = true;
