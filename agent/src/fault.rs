@@ -8,14 +8,20 @@
 //! - `length`: a header that announces another length than asked;
 //! - `other-blob`: bytes of something else, with the requested piece's hash (a mixed-up index);
 //! - `mixed`: the four above in turn, piece after piece;
-//! - `rehash`: a flipped byte with the hash recomputed over it, so the piece check passes: only the blob's sha256
-//!   catches it (a malicious member that holds the cluster secret).
+//! - `rehash`: a flipped byte with the hash recomputed over it, so the piece check passes, and a piece table
+//!   computed over the flipped pieces: a consistent liar (a malicious member that holds the cluster secret), caught
+//!   only by another member's table, upstream, or the blob's sha256.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_proto::peer;
+
+use crate::mesh::Local;
+use crate::oci::Digest;
+use crate::pieces::{PieceTable, piece_range};
 
 /// How pieces are tampered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +85,33 @@ pub fn piece(header: peer::PieceHeader, data: Bytes) -> (peer::PieceHeader, Byte
     }
 }
 
+/// The piece table this node sends: as recorded, except under `rehash`, whose liar is consistent: its table is
+/// computed over the bytes it would send, so every piece it serves matches the table it vouches for and only the
+/// blob's sha256 (or another member's table) shows the lie.
+pub async fn table(local: Arc<dyn Local>, digest: Digest, table: PieceTable) -> PieceTable {
+    if configured() != Some(PieceFault::Rehash) {
+        return table;
+    }
+    let mut hashes = Vec::with_capacity(table.hashes.len());
+    for i in 0..table.hashes.len() as u64 {
+        let (offset, len) = piece_range(table.size, table.piece, i);
+        match local.clone().piece(digest.clone(), offset, len as u32, Duration::ZERO).await {
+            Ok(p) => hashes.push(*blake3::hash(&flip(&p.data)).as_bytes()),
+            Err(_) => return table,
+        }
+    }
+    PieceTable { hashes, ..table }
+}
+
+/// The bytes with their middle byte flipped.
+fn flip(data: &[u8]) -> Bytes {
+    let mut v = data.to_vec();
+    if let Some(b) = v.get_mut(data.len() / 2) {
+        *b ^= 0xff;
+    }
+    Bytes::from(v)
+}
+
 /// Applies `fault` to one piece.
 pub fn tamper(fault: PieceFault, mut header: peer::PieceHeader, data: Bytes) -> (peer::PieceHeader, Bytes) {
     static TURN: AtomicU64 = AtomicU64::new(0);
@@ -87,13 +120,7 @@ pub fn tamper(fault: PieceFault, mut header: peer::PieceHeader, data: Bytes) -> 
             [(TURN.fetch_add(1, Ordering::Relaxed) % 4) as usize],
         f => f,
     };
-    let flipped = || {
-        let mut v = data.to_vec();
-        if let Some(b) = v.get_mut(data.len() / 2) {
-            *b ^= 0xff;
-        }
-        Bytes::from(v)
-    };
+    let flipped = || flip(&data);
     match fault {
         PieceFault::Flip => (header, flipped()),
         PieceFault::Truncate => (header, data.slice(..data.len() / 2)),

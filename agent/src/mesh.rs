@@ -34,6 +34,7 @@ pub use members::{Liveness, MemberInfo, MembersView};
 use crate::config::MeshConfig;
 use crate::metrics::{FailureLabels, Metrics, TransferFailure};
 use crate::oci::Digest;
+use crate::pieces::{PieceTable, piece_count, piece_size};
 use crate::transfer::{FetchError, Transfer, TransferError, VerifiedPiece};
 
 /// Longest wait for a home's answer to a locate (connection included).
@@ -410,6 +411,32 @@ impl Mesh {
                 Err(e)
             }
         }
+    }
+
+    /// Asks `peer`, a holder that says it verified the whole blob, for its piece table: its word, checked for
+    /// shape only (the piece size the blob's size implies, one hash per piece). Who to believe is the caller's
+    /// decision.
+    pub async fn piece_table(&self, peer: PeerId, digest: &Digest, size: u64) -> Result<PieceTable, FetchError> {
+        let Some(addr) = self.view().reachable_addr(&peer) else {
+            return Err(FetchError::Connect(format!("{peer} is not a member or is dead")));
+        };
+        let req = request::Kind::GetPieceTable(peer::GetPieceTable { digest: digest.to_string() });
+        let t = match self.transfer.call(peer, addr, req).await? {
+            response::Kind::PieceTable(t) => t,
+            _ => return Err(FetchError::Protocol("answer to a piece table request is not a piece table".into())),
+        };
+        let piece = piece_size(size);
+        if t.piece_size != piece || t.blob_size != size || t.hashes.len() as u64 != piece_count(size, piece) * 32 {
+            return Err(FetchError::Protocol(format!(
+                "a piece table of {} bytes for pieces of {} in {} bytes; {} pieces of {piece} in {size} expected",
+                t.hashes.len(),
+                t.piece_size,
+                t.blob_size,
+                piece_count(size, piece)
+            )));
+        }
+        let hashes = t.hashes.chunks_exact(32).map(|h| h.try_into().expect("chunks of 32")).collect();
+        Ok(PieceTable { piece, size, hashes })
     }
 
     /// Keeps `peer` out of every choice of source or home for the quarantine period.

@@ -267,6 +267,8 @@ pub enum TransferFailure {
     refused,
     /// Bytes from peers made up a blob whose sha256 did not match.
     digest_mismatch,
+    /// A piece, or a member's piece table, contradicted what two members vouched for or upstream sent.
+    table_mismatch,
 }
 
 /// Labels with a transfer failure reason.

@@ -495,6 +495,8 @@ impl Resolver {
                         header: None,
                         written: 0,
                         verified: false,
+                        released: 0,
+                        restarts: 0,
                         state: State::Running,
                     });
                     let dl = Arc::new(Download::new(origin.clone(), progress, self.cfg.abandon_after));

@@ -9,6 +9,8 @@
 //! - [`announcer`]: what this node must tell which home, re-announcing only what moved.
 //! - [`membership`]: who is in the cluster and alive (SWIM over signed member records), and [`binding`]: what a
 //!   member's identity is bound to (its Kubernetes Node, a list), so nobody can pick its place on the ring.
+//! - [`vouch`]: which piece hashes a download may believe before its sha256 matched (two members' agreeing piece
+//!   tables, or upstream settling their dispute), and who lied once the truth is known.
 //!
 //! The agent drives them from thin async loops ([`crate::mesh`], [`crate::resolver`]); the simulator
 //! (`shoal-sim`) drives the very same code over a modelled network of thousands of nodes.
@@ -19,3 +21,4 @@ pub mod directory;
 pub mod homes;
 pub mod membership;
 pub mod scheduler;
+pub mod vouch;

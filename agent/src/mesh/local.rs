@@ -9,6 +9,7 @@ use futures_util::future::BoxFuture;
 use shoal_proto::peer::{self, error::Code};
 
 use crate::oci::{Digest, Kind, RegistryHost, RepoName};
+use crate::pieces::PieceTable;
 
 /// A piece read for a peer.
 #[derive(Debug, Clone)]
@@ -140,6 +141,10 @@ pub trait Local: Send + Sync + 'static {
         len: u32,
         wait: Duration,
     ) -> BoxFuture<'static, Result<Piece, Refusal>>;
+
+    /// The piece table of `digest`, if this node holds all of it, verified (a download in progress has none to
+    /// give).
+    fn piece_table(self: Arc<Self>, digest: Digest) -> BoxFuture<'static, Result<PieceTable, Refusal>>;
 
     /// Makes sure this node holds or downloads `digest` (as the home, for the asker's client), and returns once
     /// its size is known.

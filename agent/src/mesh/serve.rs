@@ -185,6 +185,15 @@ impl PeerServer {
                 return Err(Refusal::NotFound("members do not resolve tags for each other".into()));
             }
             request::Kind::GetPiece(p) => self.serve_piece(send, p).await?,
+            request::Kind::GetPieceTable(t) => {
+                let digest = Digest::parse(&t.digest).map_err(|_| Refusal::BadRequest("bad digest".into()))?;
+                let table = self.local.clone().piece_table(digest.clone()).await?;
+                #[cfg(feature = "fault-injection")]
+                let table = crate::fault::table(self.local.clone(), digest, table).await;
+                let hashes = table.hashes.iter().flatten().copied().collect();
+                let t = peer::PieceTable { piece_size: table.piece, blob_size: table.size, hashes };
+                respond(send, response::Kind::PieceTable(t)).await;
+            }
             request::Kind::Hello(_) => return Err(Refusal::BadRequest("already authenticated".into())),
         }
         Ok(())

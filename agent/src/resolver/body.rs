@@ -189,7 +189,16 @@ impl Opened {
             OpenedSource::PassThrough(_) => Source::passthrough,
         };
         let counter = metrics.mirror.bytes_served.get_or_create(&SourceLabels { source }).clone();
-        let reader = Reader { opened: self, file: None, remote: None, pos: start, end, budget: budget.clone() };
+        let reader = Reader {
+            opened: self,
+            file: None,
+            remote: None,
+            pos: start,
+            start,
+            end,
+            pass: None,
+            budget: budget.clone(),
+        };
         futures_util::stream::unfold(reader, move |mut r| {
             let counter = counter.clone();
             async move {
@@ -215,7 +224,11 @@ struct Reader {
     file: Option<Arc<std::fs::File>>,
     remote: Option<ContentReader>,
     pos: u64,
+    /// Where the response started.
+    start: u64,
     end: u64,
+    /// The download's pass this reader follows ([`Progress::restarts`]).
+    pass: Option<u32>,
     budget: ResponseBudget,
 }
 
@@ -243,6 +256,15 @@ impl Reader {
             OpenedSource::Stored(path) => (self.end, path.clone()),
             OpenedSource::InFlight { rx, final_path } => loop {
                 let p = rx.borrow_and_update().clone();
+                // The download started again from upstream (members' bytes did not match the digest): bytes sent
+                // cannot be taken back; a reader that sent none reads the new pass.
+                if self.pass.is_some_and(|pass| pass != p.restarts) {
+                    if self.pos > self.start {
+                        return Err(io::Error::other("the bytes sent did not match the digest; fetching again"));
+                    }
+                    self.file = None;
+                }
+                self.pass = Some(p.restarts);
                 let verified = match &p.state {
                     State::Failed(e) => return Err(io::Error::other(e.to_string())),
                     // The commit follows verification.
@@ -253,7 +275,9 @@ impl Reader {
                     return Ok(None);
                 }
                 let size = p.header.as_ref().and_then(|h| h.0);
-                let avail = sendable(p.written, verified, size, self.end);
+                // Before verification, only what the download released (not what one member's word holds back).
+                let shown = if verified { p.written } else { p.written.min(p.released) };
+                let avail = sendable(shown, verified, size, self.end);
                 if avail > self.pos {
                     let path = match (&p.state, p.partial) {
                         (State::Running, Some(partial)) => partial,

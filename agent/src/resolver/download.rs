@@ -3,6 +3,7 @@
 //! readers follow its [`Progress`].
 
 use std::collections::{HashMap, HashSet};
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,9 +21,10 @@ use super::{Client, Kind, MAX_MANIFEST_SIZE, ResolveError, Resolver, blocking, l
 use crate::mesh::{Holding, Mesh, Order, Tier};
 use crate::metrics::TransferFailure;
 use crate::oci::{Digest, Reference};
-use crate::pieces::{PieceHasher, piece_count, piece_range, piece_size};
+use crate::pieces::{PieceHasher, PieceTable, piece_count, piece_range, piece_size};
 use crate::store::{BlobMeta, LinkRecord, now_secs};
 use crate::swarm::scheduler::{Action as SchedAction, PieceScheduler, SchedulerConfig};
+use crate::swarm::vouch::{self, Sender, Vouch};
 use crate::transfer::{FetchError, VerifiedPiece};
 use crate::upstream::Request;
 
@@ -46,6 +48,12 @@ pub(super) struct Progress {
     pub(super) written: u64,
     /// The sha256 matched: every byte may be sent, while the commit (fsync, rename, record) is still running.
     pub(super) verified: bool,
+    /// Bytes readers may be given before the sha256 matched: all that is written, unless the download holds its
+    /// readers (its pieces rest on one member's word, see [`crate::swarm::vouch`]).
+    pub(super) released: u64,
+    /// Times the partial file was written again from upstream (members' bytes did not match the digest): a reader
+    /// that sent bytes of an earlier pass cannot take them back and fails; one that sent none goes on.
+    pub(super) restarts: u32,
     pub(super) state: State,
 }
 
@@ -201,27 +209,42 @@ impl Resolver {
         let mut sink = Sink::new(file, partial.clone(), size, dl, room);
         // On failure, run_download tells the home this node holds nothing.
         self.fill(client, digest, kind, &mut req, &mut sink, tiers, first_resp).await?;
-        let Sink { writer, written, pieces, peers_used, .. } = sink;
-        let (file, hasher) = writer.expect("the writer is put back after every batch");
-        let actual = Digest::from_sha256(&hasher.finalize());
+        let mut actual = sink.digest();
+        if actual != *digest && !sink.peers_used.is_empty() {
+            // Members' bytes: upstream's are the truth, which also shows who lied.
+            self.metrics.store.verify_failures.inc();
+            let first = sink.restart();
+            tracing::warn!(got = %actual, "members' pieces do not make up the digest: fetching it again from upstream");
+            req.offset = 0;
+            let resp = self.upstream.send(req).await?;
+            self.fill_from_upstream(&mut req, &mut sink, resp).await?;
+            actual = sink.digest();
+            if actual == *digest
+                && let (Some(mesh), Some(truth)) = (&self.mesh, sink.table())
+            {
+                let b = vouch::blame(&first.senders, &first.written, &sink.vouchers, &truth);
+                self.punish(mesh, &b, "a piece or piece table it vouched for contradicts upstream's bytes");
+            }
+        }
         if actual != *digest {
             self.metrics.store.verify_failures.inc();
-            if let Some(mesh) = &self.mesh {
-                for p in &peers_used {
-                    self.metrics
-                        .mesh
-                        .failures
-                        .get_or_create(&crate::metrics::FailureLabels { reason: TransferFailure::digest_mismatch })
-                        .inc();
-                    mesh.quarantine(*p, "its pieces made up a blob that does not match its digest");
-                }
-            }
             return Err(ResolveError::Unavailable(format!("content does not match its digest (got {actual})")));
         }
         // Clients get their last byte now; the fsync of a large blob must not delay them (a crash before the
         // commit only loses the cached copy, never serves a wrong byte).
         dl.progress.send_modify(|p| p.verified = true);
-        let table = pieces.map(|h| h.finish(written));
+        let table = sink.table();
+        if let Some(t) = &table {
+            // Every piece may be served now (a download that held its readers kept its pieces from members).
+            *lock(&dl.pieces) = Some((t.piece, t.hashes.clone()));
+        }
+        if let (Some(mesh), Some(truth)) = (&self.mesh, &table) {
+            // A member that vouched for another table than the verified one lied, whoever sent the pieces.
+            let b = vouch::blame(&[], &[], &sink.vouchers, truth);
+            self.punish(mesh, &b, "the piece table it vouched for contradicts the verified blob");
+        }
+        let Sink { writer, written, .. } = sink;
+        let (file, _) = writer.expect("the writer is put back after every batch");
         let meta = BlobMeta {
             size: written,
             media_type: media_type.clone(),
@@ -297,6 +320,7 @@ impl Resolver {
             && !tiers.is_empty()
         {
             let piece = u64::from(piece_size(size));
+            self.vouch(mesh, req, digest, size, &tiers, sink).await;
             // Rounds that brought nothing, in a row.
             let mut fruitless = 0;
             loop {
@@ -335,6 +359,113 @@ impl Resolver {
         self.fill_from_upstream(req, sink, resp).await
     }
 
+    /// Asks up to two of the tiers' complete holders for their piece tables and decides what this download
+    /// believes ([`vouch::weigh`]): two that agree are checked against every piece and readers are streamed to; two
+    /// that disagree are settled by upstream's bytes of the first piece in dispute (the one that lied is
+    /// quarantined); one member's word holds the readers until the sha256 matched. Without complete holders
+    /// (a cold burst) pieces stream on their senders' hashes.
+    async fn vouch(
+        &self,
+        mesh: &Mesh,
+        req: &Request<'_>,
+        digest: &Digest,
+        size: u64,
+        tiers: &[Tier],
+        sink: &mut Sink<'_>,
+    ) {
+        let mut complete: Vec<libp2p::PeerId> = Vec::new();
+        for (p, _) in tiers.iter().flat_map(|t| &t.located.holders).filter(|(_, s)| s.complete) {
+            if !complete.contains(p) && !mesh.is_quarantined(p) {
+                complete.push(*p);
+            }
+        }
+        if complete.is_empty() {
+            return;
+        }
+        let asked = complete.iter().take(2).map(|p| async move { (*p, mesh.piece_table(*p, digest, size).await) });
+        let mut tables = Vec::new();
+        for (p, t) in futures_util::future::join_all(asked).await {
+            match t {
+                Ok(t) => tables.push((p, t)),
+                Err(e) => tracing::info!(peer = %p, error = %e, "a complete holder gave no piece table"),
+            }
+        }
+        sink.vouchers.clone_from(&tables);
+        match vouch::weigh(&tables) {
+            Vouch::Agreed(t) => sink.trusted = Some(t),
+            Vouch::Disputed { piece: i } => {
+                let truth = match self.upstream_piece(*req, size, i).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "members' piece tables disagree and upstream cannot settle it");
+                        sink.hold = true;
+                        return;
+                    }
+                };
+                let (winner, liars) = vouch::settle(&tables, i, truth);
+                let blame = vouch::Blame { liars: liars.into_iter().collect(), relayed: Default::default() };
+                self.punish(mesh, &blame, "its piece table contradicts upstream's bytes");
+                sink.hold = winner.is_none();
+                sink.trusted = winner;
+            }
+            Vouch::One(_) | Vouch::Nobody => sink.hold = true,
+        }
+        tracing::info!(
+            tables = tables.len(),
+            trusted = sink.trusted.is_some(),
+            hold = sink.hold,
+            "piece tables weighed"
+        );
+    }
+
+    /// The BLAKE3 hash of piece `i` as upstream sends it.
+    async fn upstream_piece(&self, mut req: Request<'_>, size: u64, i: u64) -> Result<[u8; 32], ResolveError> {
+        let (offset, len) = piece_range(size, piece_size(size), i);
+        req.offset = offset;
+        let resp = self.upstream.send(req).await?;
+        // A registry that ignored the range sends the blob from its first byte.
+        let mut skip = if resp.status() == http::StatusCode::PARTIAL_CONTENT { 0 } else { offset };
+        let mut left = len;
+        let mut hasher = blake3::Hasher::new();
+        let mut body = resp.bytes_stream();
+        let stall = self.upstream.stall_timeout();
+        while left > 0 {
+            let chunk = match tokio::time::timeout(stall, body.next()).await {
+                Ok(Some(Ok(c))) => c,
+                Ok(Some(Err(e))) => return Err(ResolveError::Unavailable(crate::upstream::error_chain(&e))),
+                Ok(None) => return Err(ResolveError::Unavailable("upstream's body ended before the piece".into())),
+                Err(_) => return Err(ResolveError::Unavailable(format!("no data from upstream for {stall:?}"))),
+            };
+            let drop_n = skip.min(chunk.len() as u64);
+            skip -= drop_n;
+            let rest = &chunk[drop_n as usize..];
+            let take = rest.len().min(left as usize);
+            hasher.update(&rest[..take]);
+            self.upstream.count_bytes(take as u64);
+            left -= take as u64;
+        }
+        Ok(*hasher.finalize().as_bytes())
+    }
+
+    /// Quarantines proven liars; counts both kinds of blame.
+    fn punish(&self, mesh: &Mesh, blame: &vouch::Blame, reason: &str) {
+        let count = || {
+            self.metrics
+                .mesh
+                .failures
+                .get_or_create(&crate::metrics::FailureLabels { reason: TransferFailure::table_mismatch })
+                .inc();
+        };
+        for p in &blame.liars {
+            count();
+            mesh.quarantine(*p, reason);
+        }
+        for p in &blame.relayed {
+            count();
+            tracing::info!(peer = %p, "a partial holder passed on a piece upstream contradicts (perhaps a liar's)");
+        }
+    }
+
     /// Takes pieces from a tier's sources as the [`PieceScheduler`] decides (in order, a window of them, each to
     /// the source expected to deliver it soonest, the piece everyone waits on hedged when it straggles) and writes
     /// them in order. Returns when the tier has nothing more to give (every source failed, or, not following, a
@@ -371,7 +502,7 @@ impl Resolver {
         };
         let mut inflight = futures_util::stream::FuturesUnordered::new();
         let mut stops: HashMap<(u64, usize), CancellationToken> = HashMap::new();
-        let mut delivered: HashMap<u64, VerifiedPiece> = HashMap::new();
+        let mut delivered: HashMap<u64, (VerifiedPiece, Sender)> = HashMap::new();
         // When the digest's home moves (it died, or a member joined), the sources it gave may be waiting on a dead
         // node, and this node may be the new home: stop and ask again.
         let home = mesh.home_of(digest);
@@ -409,6 +540,21 @@ impl Resolver {
                 None => {}
                 // A hedge's loser that arrived before its cancellation: already have it.
                 Some(Ok(_)) if !sched.awaits(i) => {}
+                Some(Ok(p)) if sink.trusted.as_ref().is_some_and(|t| t.hashes.get(i as usize) != Some(&p.hash)) => {
+                    // Its bytes match the hash it sent, not the table two members vouched for: refused, and the
+                    // piece taken from another source. A complete holder that vouched for that table itself is
+                    // not trusted again; a partial holder may have relayed a liar's piece.
+                    tracing::warn!(peer = %sources[source], piece = i, "a piece contradicts the vouched piece table");
+                    let peer = sources[source];
+                    let mut blame = vouch::Blame::default();
+                    if sink.vouchers.iter().any(|(v, _)| *v == peer) {
+                        blame.liars.insert(peer);
+                    } else {
+                        blame.relayed.insert(peer);
+                    }
+                    self.punish(mesh, &blame, "it sent a piece that contradicts the piece table it vouched for");
+                    sched.failed(i, source);
+                }
                 Some(Ok(p)) => {
                     for c in sched.delivered(i, source, Instant::now()) {
                         if let SchedAction::Cancel { piece: ci, source: cs } = c
@@ -418,10 +564,12 @@ impl Resolver {
                         }
                     }
                     sink.peers_used.insert(sources[source]);
-                    delivered.insert(i, p);
+                    let complete = sink.vouchers.iter().any(|(v, _)| *v == sources[source]);
+                    delivered.insert(i, (p, Sender { peer: sources[source], complete }));
                     while let Some(next) = sched.next_to_write() {
-                        let p = delivered.remove(&next).expect("the scheduler releases only delivered pieces");
-                        sink.write_piece(p).await?;
+                        let (p, sender) =
+                            delivered.remove(&next).expect("the scheduler releases only delivered pieces");
+                        sink.write_piece(p, sender).await?;
                     }
                 }
                 Some(Err(e)) => {
@@ -561,6 +709,20 @@ pub(super) struct Sink<'a> {
     pub(super) peers_used: HashSet<libp2p::PeerId>,
     /// The room it takes in the store.
     pub(super) room: Room,
+    /// Who sent each piece written (`None`: upstream's bytes).
+    pub(super) senders: Vec<Option<Sender>>,
+    /// The tables members vouched for (see [`vouch`]).
+    pub(super) vouchers: Vec<(libp2p::PeerId, PieceTable)>,
+    /// The table every piece from a member must match (two members agreed on it, or upstream settled it).
+    pub(super) trusted: Option<PieceTable>,
+    /// Readers wait for the sha256: the pieces rest on one member's word.
+    pub(super) hold: bool,
+}
+
+/// What a pass over the blob wrote, kept when it is written again from upstream.
+pub(super) struct Pass {
+    pub(super) senders: Vec<Option<Sender>>,
+    pub(super) written: Vec<[u8; 32]>,
 }
 
 impl<'a> Sink<'a> {
@@ -570,18 +732,74 @@ impl<'a> Sink<'a> {
             *lock(&dl.pieces) = Some((h.piece(), Vec::new()));
         }
         let writer = Some((file, Sha256::new()));
-        Self { dl, path, writer, pieces, written: 0, size, peers_used: HashSet::new(), room }
+        Self {
+            dl,
+            path,
+            writer,
+            pieces,
+            written: 0,
+            size,
+            peers_used: HashSet::new(),
+            room,
+            senders: Vec::new(),
+            vouchers: Vec::new(),
+            trusted: None,
+            hold: false,
+        }
     }
 
     fn complete(&self) -> bool {
         self.size.is_some_and(|s| self.written == s)
     }
 
+    /// The sha256 of what is written.
+    fn digest(&self) -> Digest {
+        Digest::from_sha256(
+            &self.writer.as_ref().expect("the writer is put back after every batch").1.clone().finalize(),
+        )
+    }
+
+    /// The piece table of what is written (with a known size).
+    fn table(&self) -> Option<PieceTable> {
+        self.pieces.clone().map(|h| h.finish(self.written))
+    }
+
+    /// Starts the blob again from its first byte (the file emptied, readers told), returning what this pass
+    /// wrote.
+    fn restart(&mut self) -> Pass {
+        let written = self.table().map(|t| t.hashes).unwrap_or_default();
+        let pass = Pass { senders: std::mem::take(&mut self.senders), written };
+        if let Some((file, hasher)) = self.writer.as_mut() {
+            *hasher = Sha256::new();
+            // Emptied in place: readers that sent nothing yet keep their handle and read the new bytes.
+            let _ = file.set_len(0).and_then(|()| io::Seek::seek(file, io::SeekFrom::Start(0)).map(drop));
+        }
+        self.pieces = self.size.map(|s| PieceHasher::new(piece_size(s)));
+        if let Some(h) = &self.pieces {
+            *lock(&self.dl.pieces) = Some((h.piece(), Vec::new()));
+        }
+        self.written = 0;
+        // Upstream's bytes now: streamed as any upstream download's are.
+        self.hold = false;
+        self.trusted = None;
+        self.dl.progress.send_modify(|p| {
+            p.written = 0;
+            p.released = 0;
+            p.restarts += 1;
+        });
+        pass
+    }
+
     /// Writes a piece whose hash was checked on receipt: its hash goes into the table as is (when it is exactly
     /// the next piece), saving a second BLAKE3 pass.
-    async fn write_piece(&mut self, piece: VerifiedPiece) -> Result<(), ResolveError> {
+    async fn write_piece(&mut self, piece: VerifiedPiece, sender: Sender) -> Result<(), ResolveError> {
         let len = piece.len();
         let aligned = self.pieces.as_mut().is_some_and(|p| p.push_verified(piece.hash, len, self.size));
+        if aligned {
+            let i = self.pieces.as_ref().map_or(0, |p| p.hashes().len()) - 1;
+            self.senders.resize(i + 1, None);
+            self.senders[i] = Some(sender);
+        }
         self.write_impl(piece.chunks, !aligned).await
     }
 
@@ -614,15 +832,22 @@ impl<'a> Sink<'a> {
         .await?;
         self.writer = Some((file, hasher));
         self.written += n;
-        if let Some(p) = &pieces {
+        // Members get pieces of a download that holds its readers only once it is verified: a relay of what rests
+        // on one member's word would spread it past this node's check.
+        if let Some(p) = pieces.as_ref().filter(|_| !self.hold) {
             let mut shared = lock(&self.dl.pieces);
             if let Some((_, hashes)) = shared.as_mut() {
                 hashes.extend_from_slice(&p.hashes()[hashes.len()..]);
             }
         }
         self.pieces = pieces;
-        let written = self.written;
-        self.dl.progress.send_modify(|p| p.written = written);
+        let (written, hold) = (self.written, self.hold);
+        self.dl.progress.send_modify(|p| {
+            p.written = written;
+            if !hold {
+                p.released = written;
+            }
+        });
         Ok(())
     }
 }

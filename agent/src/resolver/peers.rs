@@ -34,17 +34,7 @@ impl Resolver {
             let store = self.store.clone();
             let d = digest.clone();
             let size = meta.size;
-            let table = blocking(move || match store.pieces(&d)? {
-                Some(t) => Ok(t),
-                // Committed before piece hashes were recorded: hash the verified file once and keep the table.
-                None => {
-                    let t = hash_file(&store.blob_path(&d), size)?;
-                    store.put_pieces(&d, &t)?;
-                    Ok(t)
-                }
-            })
-            .await
-            .map_err(internal)?;
+            let table = blocking(move || stored_table(&store, &d, size)).await.map_err(internal)?;
             let hash = table
                 .hash_of(offset, u64::from(len))
                 .ok_or_else(|| Refusal::BadRequest(format!("[{offset}, +{len}) is not a piece")))?;
@@ -125,6 +115,30 @@ impl Local for Resolver {
         Box::pin(self.read_piece(digest, offset, len, wait))
     }
 
+    fn piece_table(
+        self: Arc<Self>,
+        digest: Digest,
+    ) -> futures_util::future::BoxFuture<'static, Result<PieceTable, Refusal>> {
+        Box::pin(async move {
+            let internal = |e: ResolveError| Refusal::Internal(e.to_string());
+            let store = self.store.clone();
+            let d = digest.clone();
+            if let Some(meta) = blocking(move || store.blob(&d)).await.map_err(internal)? {
+                let store = self.store.clone();
+                return blocking(move || stored_table(&store, &digest, meta.size)).await.map_err(internal);
+            }
+            if let Some(c) = &self.containerd
+                && c.readable(&digest).is_some()
+            {
+                return c.piece_table(&digest).await.map(|t| (*t).clone()).map_err(|e| match e {
+                    ContainerdError::NotFound(_) => Refusal::NotFound("containerd no longer holds it".into()),
+                    e => Refusal::Internal(e.to_string()),
+                });
+            }
+            Err(Refusal::NotFound("not held whole".into()))
+        })
+    }
+
     fn fetch(
         self: Arc<Self>,
         digest: Digest,
@@ -167,6 +181,19 @@ async fn read_range(path: PathBuf, fallback: Option<PathBuf>, offset: u64, len: 
     .await
     .map_err(|e| Refusal::Internal(e.to_string()))?
     .map_err(|e| Refusal::Internal(format!("read: {e}")))
+}
+
+/// The piece table of a stored blob, as recorded when it was written (committed before piece hashes were
+/// recorded: hashed from the verified file once, and kept).
+fn stored_table(store: &crate::store::Store, digest: &Digest, size: u64) -> Result<PieceTable, StoreError> {
+    match store.pieces(digest)? {
+        Some(t) => Ok(t),
+        None => {
+            let t = hash_file(&store.blob_path(digest), size)?;
+            store.put_pieces(digest, &t)?;
+            Ok(t)
+        }
+    }
 }
 
 /// Computes the piece table of a stored file.
