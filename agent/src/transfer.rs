@@ -544,6 +544,57 @@ pub async fn respond(send: &mut quinn::SendStream, kind: response::Kind) {
     }
 }
 
+/// How a piece's write ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// All of it, and the stream finished.
+    Done,
+    /// The peer went away (reset or stopped the stream, closed the connection).
+    Gone,
+    /// A write made no progress for the stall timeout: the stream was reset (what holds an upload slot is freed).
+    Stalled,
+}
+
+/// Bytes handed to quinn per write.
+const PIECE_CHUNK: usize = 256 << 10;
+
+/// Writes a piece: its header `frame`, then `data` in chunks (slices of the buffer, no copy), `pace` awaited
+/// before each chunk (a rate cap) and `sent` told after it. A write that makes no progress for `stall` resets the
+/// stream: a member that asks and never reads cannot hold the caller's upload slot.
+pub async fn write_piece<F: Future<Output = ()>>(
+    send: &mut quinn::SendStream,
+    frame: &[u8],
+    data: &Bytes,
+    stall: Duration,
+    mut pace: impl FnMut(usize) -> F,
+    mut sent: impl FnMut(u64),
+) -> Sent {
+    let stalled = |send: &mut quinn::SendStream| {
+        let _ = send.reset(0u32.into());
+        Sent::Stalled
+    };
+    match tokio::time::timeout(stall, send.write_all(frame)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Sent::Gone,
+        Err(_) => return stalled(send),
+    }
+    let mut at = 0;
+    while at < data.len() {
+        let chunk = data.slice(at..(at + PIECE_CHUNK).min(data.len()));
+        at += chunk.len();
+        pace(chunk.len()).await;
+        let n = chunk.len() as u64;
+        match tokio::time::timeout(stall, send.write_chunk(chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Sent::Gone,
+            Err(_) => return stalled(send),
+        }
+        sent(n);
+    }
+    let _ = send.finish();
+    Sent::Done
+}
+
 /// Writes an error answer.
 pub async fn respond_error(send: &mut quinn::SendStream, code: Code, message: impl Into<String>) {
     let e = peer::Error { code: code as i32, message: message.into() };

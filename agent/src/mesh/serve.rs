@@ -13,10 +13,7 @@ use tokio::sync::Semaphore;
 
 use super::{Holding, Local, Located, Mesh, Order, Refusal, lock};
 use crate::oci::Digest;
-use crate::transfer::{Service, respond, respond_error};
-
-/// Bytes written to a peer per rate-limiter grant.
-const UPLOAD_CHUNK: usize = 256 << 10;
+use crate::transfer::{Sent, Service, respond, respond_error, write_piece};
 
 /// A token bucket capping upload bandwidth.
 #[derive(Debug)]
@@ -114,7 +111,7 @@ impl PeerServer {
     /// Sends a piece. The wait for a piece being downloaded comes before the upload slot (waiting askers hold no
     /// slot); a slot is held only while the asker reads: a write that makes no progress for the stall timeout
     /// resets the stream and frees the slot.
-    async fn serve_piece(&self, send: &mut quinn::SendStream, p: peer::GetPiece) -> Result<(), Refusal> {
+    async fn serve_piece(&self, asker: PeerId, send: &mut quinn::SendStream, p: peer::GetPiece) -> Result<(), Refusal> {
         let digest = Digest::parse(&p.digest).map_err(|_| Refusal::BadRequest("bad digest".into()))?;
         let stall = self.mesh.cfg.peer_stall_timeout;
         let wait = Duration::from_millis(u64::from(p.wait_ms)).min(stall / 2);
@@ -133,32 +130,18 @@ impl PeerServer {
         #[cfg(feature = "fault-injection")]
         let (header, data) = crate::fault::piece(header, data);
         let frame = crate::transfer::encode_frame(&peer::Response { kind: Some(response::Kind::Piece(header)) });
-        let stalled = |send: &mut quinn::SendStream| {
-            let _ = send.reset(0u32.into());
-            Ok(())
+        let limiter = self.limiter.as_ref();
+        let pace = |n: usize| async move {
+            if let Some(l) = limiter {
+                l.take(n).await;
+            }
         };
-        match tokio::time::timeout(stall, send.write_all(&frame)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Ok(()),
-            Err(_) => return stalled(send),
-        }
-        let mut at = 0;
-        while at < data.len() {
-            // Slices of the read buffer go to quinn as they are: no copy.
-            let chunk = data.slice(at..(at + UPLOAD_CHUNK).min(data.len()));
-            at += chunk.len();
-            if let Some(l) = &self.limiter {
-                l.take(chunk.len()).await;
-            }
-            let n = chunk.len() as u64;
-            match tokio::time::timeout(stall, send.write_chunk(chunk)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Ok(()),
-                Err(_) => return stalled(send),
-            }
+        let sent = |n: u64| {
             self.mesh.metrics.mesh.bytes_sent.inc_by(n);
+        };
+        if write_piece(send, &frame, &data, stall, pace, sent).await == Sent::Stalled {
+            tracing::info!(peer = %asker, "a member stopped reading a piece: stream reset, upload slot freed");
         }
-        let _ = send.finish();
         Ok(())
     }
 
@@ -184,7 +167,7 @@ impl PeerServer {
             request::Kind::ResolveTag(_) => {
                 return Err(Refusal::NotFound("members do not resolve tags for each other".into()));
             }
-            request::Kind::GetPiece(p) => self.serve_piece(send, p).await?,
+            request::Kind::GetPiece(p) => self.serve_piece(peer, send, p).await?,
             request::Kind::GetPieceTable(t) => {
                 let digest = Digest::parse(&t.digest).map_err(|_| Refusal::BadRequest("bad digest".into()))?;
                 let table = self.local.clone().piece_table(digest.clone()).await?;

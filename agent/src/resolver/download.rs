@@ -213,6 +213,11 @@ impl Resolver {
         if actual != *digest && !sink.peers_used.is_empty() {
             // Members' bytes: upstream's are the truth, which also shows who lied.
             self.metrics.store.verify_failures.inc();
+            self.metrics
+                .mesh
+                .failures
+                .get_or_create(&crate::metrics::FailureLabels { reason: TransferFailure::digest_mismatch })
+                .inc();
             let first = sink.restart();
             tracing::warn!(got = %actual, "members' pieces do not make up the digest: fetching it again from upstream");
             req.offset = 0;
@@ -381,6 +386,15 @@ impl Resolver {
         }
         if complete.is_empty() {
             return;
+        }
+        if complete.len() < 2 {
+            // The home handed out one; it knows the others (complete holders first): a second word saves holding
+            // the readers.
+            for (p, _) in mesh.locate(digest).await.into_iter().flat_map(|l| l.holders).filter(|(_, s)| s.complete) {
+                if !complete.contains(&p) && !mesh.is_quarantined(&p) {
+                    complete.push(p);
+                }
+            }
         }
         let asked = complete.iter().take(2).map(|p| async move { (*p, mesh.piece_table(*p, digest, size).await) });
         let mut tables = Vec::new();

@@ -207,3 +207,74 @@ async fn a_member_cannot_speak_as_another_member() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(svc.0.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+/// Answers every request with a piece far larger than the asker's windows, reporting how the write ended.
+#[derive(Debug)]
+struct Hoarded(tokio::sync::mpsc::UnboundedSender<(Sent, Duration)>);
+
+impl Service for Hoarded {
+    fn handle(
+        self: Arc<Self>,
+        _peer: PeerId,
+        _req: request::Kind,
+        mut send: quinn::SendStream,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let data = Bytes::from(vec![7u8; 16 << 20]);
+            let frame = encode_frame(&Response {
+                kind: Some(response::Kind::Piece(peer::PieceHeader {
+                    length: data.len() as u32,
+                    blake3: blake3::hash(&data).as_bytes().to_vec(),
+                    blob_size: data.len() as u64,
+                })),
+            });
+            let began = std::time::Instant::now();
+            let sent = write_piece(&mut send, &frame, &data, Duration::from_secs(1), |_| async {}, |_| {}).await;
+            let _ = self.0.send((sent, began.elapsed()));
+        })
+    }
+}
+
+/// A member that asks for a piece and never reads it (keeping the stream open) holds the holder's write, and with
+/// it an upload slot, only for the stall timeout: the stream is reset and the slot freed. (Before the timeout the
+/// write waited for the reader forever.)
+#[tokio::test]
+async fn a_member_that_never_reads_holds_an_upload_for_the_stall_timeout_only() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let s = "the right cluster secret";
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let server_id = key.public().to_peer_id();
+    let server =
+        Arc::new(Transfer::bind("127.0.0.1:0".parse().unwrap(), &key, &secret(s), Duration::from_secs(2)).unwrap());
+    let addr = server.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    tokio::spawn(server.clone().serve(Arc::new(Hoarded(tx)), TaskTracker::new(), cancel.clone()));
+    let (hoarder, _, _, _, _c) = start(s);
+    let conn = hoarder.connection(server_id, addr).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode_frame(&Request { kind: Some(locate()) })).await.unwrap();
+    send.finish().unwrap();
+    // Never read: the holder's write fills the windows and stops there.
+    let (sent, took) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the holder's write never gave up on a member that does not read")
+        .unwrap();
+    assert_eq!(sent, Sent::Stalled);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // The asker sees its stream reset once it reads what got through.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut reset = false;
+    while let Ok(r) = tokio::time::timeout(Duration::from_secs(5), recv.read(&mut buf)).await {
+        match r {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                reset = true;
+                break;
+            }
+        }
+    }
+    assert!(reset, "the stream was not reset");
+    cancel.cancel();
+}

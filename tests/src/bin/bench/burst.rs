@@ -35,32 +35,52 @@ pub(crate) struct Args {
     out: Option<PathBuf>,
     /// Only the Shoal contender (for trying changes; published figures always have the baselines).
     shoal_only: bool,
+    /// One node pulls the image first, alone; the others then burst (Shoal: with complete holders in the mesh).
+    warm: bool,
 }
 
 pub(crate) const USAGE: &str = "shoal-bench burst [--nodes 8] [--image-mib 256] [--layers 4] [--upstream-mbit 200] \
-                         [--node-mbit 1000] [--out PREFIX] [--shoal-only]";
+                         [--node-mbit 1000] [--out PREFIX] [--shoal-only] [--warm]";
+
+impl Args {
+    /// Sets the flag that takes a value.
+    fn set(&mut self, flag: &str, v: &str) -> Result<()> {
+        match flag {
+            "--nodes" => self.nodes = v.parse()?,
+            "--image-mib" => self.image_mib = v.parse()?,
+            "--layers" => self.layers = v.parse()?,
+            "--upstream-mbit" => self.upstream_mbit = v.parse()?,
+            "--node-mbit" => self.node_mbit = v.parse()?,
+            "--out" => self.out = Some(PathBuf::from(v)),
+            _ => bail!("unknown flag {flag}\nusage: {USAGE}"),
+        }
+        Ok(())
+    }
+}
 
 /// Parses the flags after `burst`.
 pub(crate) fn parse(mut args: impl Iterator<Item = String>) -> Result<Args> {
-    let mut a =
-        Args { nodes: 8, image_mib: 256, layers: 4, upstream_mbit: 200, node_mbit: 1000, out: None, shoal_only: false };
+    let mut a = Args {
+        nodes: 8,
+        image_mib: 256,
+        layers: 4,
+        upstream_mbit: 200,
+        node_mbit: 1000,
+        out: None,
+        shoal_only: false,
+        warm: false,
+    };
     while let Some(flag) = args.next() {
-        if flag == "--shoal-only" {
-            a.shoal_only = true;
-            continue;
-        }
-        let v = args.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--nodes" => a.nodes = v.parse()?,
-            "--image-mib" => a.image_mib = v.parse()?,
-            "--layers" => a.layers = v.parse()?,
-            "--upstream-mbit" => a.upstream_mbit = v.parse()?,
-            "--node-mbit" => a.node_mbit = v.parse()?,
-            "--out" => a.out = Some(PathBuf::from(v)),
-            _ => bail!("unknown flag {flag}\nusage: {USAGE}"),
+            "--shoal-only" => a.shoal_only = true,
+            "--warm" => a.warm = true,
+            _ => {
+                let v = args.next().with_context(|| format!("{flag} needs a value"))?;
+                a.set(&flag, &v)?;
+            }
         }
     }
-    if !(2..=200).contains(&a.nodes)
+    if !((2 + u8::from(a.warm))..=200).contains(&a.nodes)
         || a.layers == 0
         || a.image_mib < a.layers
         || a.upstream_mbit == 0
@@ -82,6 +102,16 @@ struct Outcome {
     peak_memory: Option<u64>,
     /// CPU seconds the agents used during the burst.
     cpu_seconds: Option<f64>,
+}
+
+/// With `warm`, node 0 pulls alone first and the others burst after it (their times are the outcome);
+/// otherwise every node bursts.
+async fn pulls(warm: bool, nodes: &[Netns], endpoint: impl Fn(usize) -> Endpoint) -> Result<Vec<f64>> {
+    if !warm {
+        return burst(nodes, endpoint).await;
+    }
+    burst(&nodes[..1], &endpoint).await?;
+    burst(&nodes[1..], |i| endpoint(i + 1)).await
 }
 
 /// Pulls on every node at the same moment (each node's thread is in its namespace with its client built before
@@ -146,7 +176,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     }
     eprintln!("(a) direct from upstream…");
     stats.reset();
-    let done = burst(&nodes, |_| Endpoint { base: format!("http://{upstream_host}"), ns: None }).await?;
+    let done = pulls(args.warm, &nodes, |_| Endpoint { base: format!("http://{upstream_host}"), ns: None }).await?;
     outcomes.push(Outcome {
         name: "direct",
         done,
@@ -160,7 +190,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     stats.reset();
     let cache = Registry::start_in(&cache_ns, 5000, Some(&format!("http://{upstream_host}"))).await?;
     let cache_url = format!("http://{}", cache.addr());
-    let done = burst(&nodes, |_| Endpoint { base: cache_url.clone(), ns: None }).await?;
+    let done = pulls(args.warm, &nodes, |_| Endpoint { base: cache_url.clone(), ns: None }).await?;
     outcomes.push(Outcome {
         name: "central cache (docker-registry proxy)",
         done,
@@ -171,7 +201,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     });
     drop(cache);
 
-    outcomes.push(shoal(&nodes, &upstream_host, &stats).await?);
+    outcomes.push(shoal(args.warm, &nodes, &upstream_host, &stats).await?);
     drop(proxy);
 
     let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
@@ -187,7 +217,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
 }
 
 /// The Shoal contender: an agent per node, in a mesh, each node pulling through its own.
-async fn shoal(nodes: &[Netns], upstream_host: &str, stats: &ProxyStats) -> Result<Outcome> {
+async fn shoal(warm: bool, nodes: &[Netns], upstream_host: &str, stats: &ProxyStats) -> Result<Outcome> {
     eprintln!("(c) through Shoal on every node…");
     stats.reset();
     let dir = tempfile::Builder::new().prefix("shoal-burst").tempdir()?;
@@ -211,7 +241,7 @@ async fn shoal(nodes: &[Netns], upstream_host: &str, stats: &ProxyStats) -> Resu
     let urls: Vec<String> = agents.iter().map(Agent::url).collect();
     let pids: Vec<u32> = agents.iter().filter_map(Agent::pid).collect();
     let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;
-    let done = burst(nodes, |i| Endpoint { base: urls[i].clone(), ns: Some(upstream_host.to_owned()) }).await?;
+    let done = pulls(warm, nodes, |i| Endpoint { base: urls[i].clone(), ns: Some(upstream_host.to_owned()) }).await?;
     let cpu = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()? - cpu_before;
     let mut peer_bytes = 0.0;
     let mut memory = 0;
@@ -236,7 +266,7 @@ async fn shoal_only(
     stats: &ProxyStats,
     image_bytes: u64,
 ) -> Result<()> {
-    let o = shoal(nodes, upstream_host, stats).await?;
+    let o = shoal(args.warm, nodes, upstream_host, stats).await?;
     let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
     println!("{}", render_table(args, &[o], image_bytes, link_secs));
     Ok(())
@@ -251,11 +281,25 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 
 fn render_table(args: &Args, outcomes: &[Outcome], image_bytes: u64, link_secs: f64) -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let who = if args.warm {
+        format!(
+            "One node pulls one {} MiB image ({} layers) alone, then {} nodes pull it at the same moment (their times \
+                 below)",
+            args.image_mib,
+            args.layers,
+            args.nodes - 1
+        )
+    } else {
+        format!(
+            "{} nodes pull one {} MiB image ({} layers) at the same moment",
+            args.nodes, args.image_mib, args.layers
+        )
+    };
     let mut t = format!(
-        "{} nodes pull one {} MiB image ({} layers) at the same moment; upstream link {} Mbit/s, node links {} Mbit/s \
-         (tbf, both directions); {cores} cores. The image crosses the upstream link once in {link_secs:.1} s (at the \
-         link rate, no overhead): the reference for completion times.\n\n",
-        args.nodes, args.image_mib, args.layers, args.upstream_mbit, args.node_mbit
+        "{who}; upstream link {} Mbit/s, node links {} Mbit/s (tbf, both directions); {cores} cores. The image crosses \
+         the upstream link once in {link_secs:.1} s (at the link rate, no overhead): the reference for completion \
+         times.\n\n",
+        args.upstream_mbit, args.node_mbit
     );
     t.push_str("| contender | first done (s) | p50 (s) | last done (s) | last / one upstream crossing | upstream bytes (× image) | peer bytes (× image) | peak memory (MiB) | agents' CPU (s) |\n");
     t.push_str("|---|---|---|---|---|---|---|---|---|\n");
