@@ -53,8 +53,24 @@ pub struct Net {
     finished: Vec<FlowId>,
     live: usize,
     dirty: bool,
+    /// Flows per connection.
+    conns: HashMap<u64, u32>,
+    /// Buffers of [`Net::recompute`], kept between calls.
+    scratch: Scratch,
     /// Bytes carried per link (for reports).
     pub carried: Vec<f64>,
+}
+
+#[derive(Debug, Default)]
+struct Scratch {
+    offset: Vec<usize>,
+    fill: Vec<usize>,
+    on: Vec<u32>,
+    weight: Vec<f64>,
+    wsum: Vec<f64>,
+    count: Vec<u32>,
+    remaining: Vec<f64>,
+    fixed: Vec<bool>,
 }
 
 /// f64 ordered for the heap (shares are finite and non-negative).
@@ -85,6 +101,7 @@ impl Net {
         let mut ls = [0; 4];
         ls[..links.len()].copy_from_slice(links);
         let f = Flow { conn, links: ls, nlinks: links.len() as u8, size: bytes.max(1.0), done: 0.0, rate: 0.0, carry };
+        *self.conns.entry(conn).or_default() += 1;
         self.dirty = true;
         self.live += 1;
         match self.free.pop() {
@@ -102,10 +119,21 @@ impl Net {
     /// Stops a flow; returns the bytes it had carried.
     pub fn stop(&mut self, id: FlowId) -> Option<f64> {
         let f = self.flows.get_mut(id)?.take()?;
+        self.forget_conn(f.conn);
         self.free.push(id);
         self.live -= 1;
         self.dirty = true;
         Some(f.done)
+    }
+
+    /// One flow of `conn` fewer.
+    fn forget_conn(&mut self, conn: u64) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.conns.entry(conn) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
     }
 
     /// Bytes a flow has carried.
@@ -120,70 +148,76 @@ impl Net {
 
     /// Max-min fair rates between connections: the link with the smallest fair share per connection fixes the
     /// rate of every flow crossing it (its connection's share split between the connection's flows), which frees
-    /// capacity on their other links; repeat.
+    /// capacity on their other links; repeat. A link's share only grows as flows elsewhere are fixed (they take no
+    /// more than the smallest share), so each link is queued once and queued again only when it comes out of the
+    /// queue with a share that grew (lazy updates): far fewer queue operations than one per change.
     fn recompute(&mut self) {
         let nl = self.cap.len();
-        let mut per_conn: HashMap<u64, u32> = HashMap::with_capacity(self.live);
-        for f in self.flows.iter().flatten() {
-            *per_conn.entry(f.conn).or_default() += 1;
-        }
-        // Flows by link, as one array with offsets (no allocation per link).
-        let mut offset = vec![0usize; nl + 1];
+        let nf = self.flows.len();
+        let s = &mut self.scratch;
+        // Flows by link, as one array with offsets (buffers kept between recomputations).
+        s.offset.clear();
+        s.offset.resize(nl + 1, 0);
         for f in self.flows.iter().flatten() {
             for &l in &f.links[..f.nlinks as usize] {
-                offset[l + 1] += 1;
+                s.offset[l + 1] += 1;
             }
         }
         for l in 0..nl {
-            offset[l + 1] += offset[l];
+            s.offset[l + 1] += s.offset[l];
         }
-        let mut fill = offset.clone();
-        let mut on = vec![0u32; offset[nl]];
-        let mut weight = vec![0.0f64; self.flows.len()];
-        let mut wsum = vec![0.0f64; nl];
-        let mut count = vec![0u32; nl];
+        s.fill.clear();
+        s.fill.extend_from_slice(&s.offset);
+        s.on.clear();
+        s.on.resize(s.offset[nl], 0);
+        s.weight.clear();
+        s.weight.resize(nf, 0.0);
+        s.wsum.clear();
+        s.wsum.resize(nl, 0.0);
+        s.count.clear();
+        s.count.resize(nl, 0);
         for (id, f) in self.flows.iter().enumerate() {
             let Some(f) = f else { continue };
-            let w = 1.0 / f64::from(per_conn[&f.conn]);
-            weight[id] = w;
+            let w = 1.0 / f64::from(self.conns[&f.conn]);
+            s.weight[id] = w;
             for &l in &f.links[..f.nlinks as usize] {
-                on[fill[l]] = id as u32;
-                fill[l] += 1;
-                wsum[l] += w;
-                count[l] += 1;
+                s.on[s.fill[l]] = id as u32;
+                s.fill[l] += 1;
+                s.wsum[l] += w;
+                s.count[l] += 1;
             }
         }
-        let mut remaining = self.cap.clone();
-        let mut version = vec![0u32; nl];
-        let mut heap = BinaryHeap::new();
-        for l in 0..nl {
-            if count[l] > 0 {
-                heap.push(Reverse((Share(remaining[l] / wsum[l]), l, 0u32)));
-            }
-        }
-        let mut fixed = vec![false; self.flows.len()];
-        while let Some(Reverse((Share(share), l, v))) = heap.pop() {
-            if v != version[l] || count[l] == 0 {
+        s.remaining.clear();
+        s.remaining.extend_from_slice(&self.cap);
+        s.fixed.clear();
+        s.fixed.resize(nf, false);
+        let share = |remaining: f64, wsum: f64| remaining.max(0.0) / wsum.max(1e-12);
+        let mut heap: BinaryHeap<Reverse<(Share, LinkId)>> = (0..nl)
+            .filter(|&l| s.count[l] > 0)
+            .map(|l| Reverse((Share(share(s.remaining[l], s.wsum[l])), l)))
+            .collect();
+        while let Some(Reverse((Share(queued), l))) = heap.pop() {
+            if s.count[l] == 0 {
                 continue;
             }
-            for &id in &on[offset[l]..offset[l + 1]] {
-                let id = id as usize;
-                if fixed[id] {
+            let now = share(s.remaining[l], s.wsum[l]);
+            if now > queued * (1.0 + 1e-12) {
+                heap.push(Reverse((Share(now), l)));
+                continue;
+            }
+            for i in s.offset[l]..s.offset[l + 1] {
+                let id = s.on[i] as usize;
+                if s.fixed[id] {
                     continue;
                 }
-                fixed[id] = true;
-                let w = weight[id];
+                s.fixed[id] = true;
+                let w = s.weight[id];
                 let f = self.flows[id].as_mut().expect("listed flows exist");
-                f.rate = (share * w).max(0.0);
+                f.rate = (now * w).max(0.0);
                 for &l2 in &f.links[..f.nlinks as usize] {
-                    remaining[l2] -= f.rate;
-                    wsum[l2] -= w;
-                    count[l2] -= 1;
-                    version[l2] += 1;
-                    if l2 != l && count[l2] > 0 {
-                        let share2 = remaining[l2].max(0.0) / wsum[l2].max(1e-12);
-                        heap.push(Reverse((Share(share2), l2, version[l2])));
-                    }
+                    s.remaining[l2] -= f.rate;
+                    s.wsum[l2] -= w;
+                    s.count[l2] -= 1;
                 }
             }
         }
@@ -208,6 +242,8 @@ impl Net {
             if f.done >= f.size {
                 let at = if f.rate > 0.0 { (f.size - before) / f.rate } else { dt };
                 out.push(Finished { at: at.min(dt), carry: f.carry });
+                let conn = f.conn;
+                self.forget_conn(conn);
                 self.flows[id] = None;
                 self.finished.push(id);
                 self.live -= 1;
@@ -277,6 +313,54 @@ mod tests {
         assert!((net.done(single).unwrap() - 45.0).abs() < 1e-6);
         for p in pieces {
             assert!((net.done(p).unwrap() - 15.0).abs() < 1e-6);
+        }
+    }
+
+    /// Random links and flows: every flow has a bottleneck — a saturated link on its path where no connection
+    /// gets a larger share than the flow's own (the definition of max-min fairness between connections).
+    #[test]
+    fn every_flow_has_a_bottleneck() {
+        let mut seed = 0x5eed_u64;
+        let mut rnd = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..50 {
+            let mut net = Net::default();
+            let links: Vec<LinkId> = (0..12).map(|_| net.link(10.0 + rnd(100) as f64)).collect();
+            let mut flows = Vec::new();
+            for _ in 0..40 {
+                let path: Vec<LinkId> = (0..1 + rnd(4)).map(|_| links[rnd(links.len())]).collect();
+                let mut path = path;
+                path.sort_unstable();
+                path.dedup();
+                let conn = rnd(15) as u64;
+                flows.push((net.start(conn, &path, 1e12, piece(0)), conn, path));
+            }
+            net.recompute();
+            let rate = |id: FlowId| net.flows[id].as_ref().unwrap().rate;
+            let per_conn = |c: u64| flows.iter().filter(|f| f.1 == c).count() as f64;
+            // A connection's share on a link: its flows' rate times their number.
+            let share = |id: FlowId, c: u64| rate(id) * per_conn(c);
+            let mut load = vec![0.0; links.len()];
+            for (id, _, path) in &flows {
+                for &l in path {
+                    load[l] += rate(*id);
+                }
+            }
+            for (l, cap) in net.cap.iter().enumerate() {
+                assert!(load[l] <= cap * (1.0 + 1e-9), "link {l} overloaded: {} > {cap}", load[l]);
+            }
+            for (id, c, path) in &flows {
+                let mine = share(*id, *c);
+                let bottleneck = path.iter().any(|&l| {
+                    load[l] >= net.cap[l] * (1.0 - 1e-9)
+                        && flows.iter().filter(|g| g.2.contains(&l)).all(|g| share(g.0, g.1) <= mine * (1.0 + 1e-9))
+                });
+                assert!(bottleneck, "flow {id} (connection {c}, rate {}) has no bottleneck", rate(*id));
+            }
         }
     }
 

@@ -147,6 +147,10 @@ struct BlobState {
     complete: bool,
     dl: Option<Dl>,
     waiters: Vec<Waiter>,
+    /// When the pending `Wake` fires (one at a time: an earlier one looks again and schedules the next).
+    wake_at: Option<f64>,
+    /// When the pending `FollowTimeout` of this holder's waiters fires (one at a time, for the earliest).
+    timeout_at: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -213,10 +217,10 @@ enum Ev {
         from: usize,
         holdings: Vec<Holding>,
     },
+    /// The node's download of the blob (whatever its generation by then) looks at its scheduler again.
     Wake {
         node: usize,
         blob: usize,
-        generation: u64,
     },
     UpstreamStart {
         node: usize,
@@ -262,8 +266,9 @@ pub struct Sim {
     now: f64,
     seq: u64,
     events: BinaryHeap<Reverse<(u64, u64, usize)>>,
-    payloads: HashMap<usize, Ev>,
-    next_payload: usize,
+    /// Events' payloads by slot (a slot is free again once its event was handled).
+    payloads: Vec<Option<Ev>>,
+    free_slots: Vec<usize>,
     net: Net,
     nodes: Vec<Node>,
     index: HashMap<PeerId, usize>,
@@ -353,8 +358,8 @@ impl Sim {
             now: 0.0,
             seq: 0,
             events: BinaryHeap::new(),
-            payloads: HashMap::new(),
-            next_payload: 0,
+            payloads: Vec::new(),
+            free_slots: Vec::new(),
             net,
             nodes,
             index,
@@ -410,9 +415,16 @@ impl Sim {
     }
 
     fn at(&mut self, t: f64, ev: Ev) {
-        let id = self.next_payload;
-        self.next_payload += 1;
-        self.payloads.insert(id, ev);
+        let id = match self.free_slots.pop() {
+            Some(id) => {
+                self.payloads[id] = Some(ev);
+                id
+            }
+            None => {
+                self.payloads.push(Some(ev));
+                self.payloads.len() - 1
+            }
+        };
         self.seq += 1;
         self.events.push(Reverse(((t.max(self.now) * 1e9) as u64, self.seq, id)));
     }
@@ -675,7 +687,13 @@ impl Sim {
             }
         }
         if let Some(t) = wake {
-            self.at(t, Ev::Wake { node: n, blob: b, generation: g });
+            // One pending wake per download: a later one is scheduled when the earlier one fires (an event queue
+            // full of stale wakes made the simulator slow at thousands of nodes).
+            let bs = &mut self.nodes[n].blobs[b];
+            if bs.wake_at.is_none_or(|w| t < w) {
+                bs.wake_at = Some(t);
+                self.at(t, Ev::Wake { node: n, blob: b });
+            }
         }
         for (src, piece, source, follow) in sends {
             let t = self.now + self.delay(n, src);
@@ -732,8 +750,13 @@ impl Sim {
             self.start_piece(src, n, b, piece, source, g);
         } else if follow {
             let w = Waiter { node: n, piece, source, generation: g, deadline: self.now + FOLLOW };
-            self.nodes[src].blobs[b].waiters.push(w);
-            self.at(w.deadline, Ev::FollowTimeout { src, blob: b });
+            let bs = &mut self.nodes[src].blobs[b];
+            bs.waiters.push(w);
+            // Deadlines only grow: a pending timeout is the earliest.
+            if bs.timeout_at.is_none() {
+                bs.timeout_at = Some(w.deadline);
+                self.at(w.deadline, Ev::FollowTimeout { src, blob: b });
+            }
         } else {
             let t = self.now + self.delay(src, n);
             self.at(t, Ev::PieceFail { node: n, blob: b, piece, source, generation: g });
@@ -834,7 +857,13 @@ impl Sim {
         let now = self.now;
         let (late, wait): (Vec<Waiter>, Vec<Waiter>) =
             std::mem::take(&mut self.nodes[src].blobs[b].waiters).into_iter().partition(|w| w.deadline <= now);
-        self.nodes[src].blobs[b].waiters = wait;
+        let next = wait.iter().map(|w| w.deadline).min_by(f64::total_cmp);
+        let bs = &mut self.nodes[src].blobs[b];
+        bs.waiters = wait;
+        bs.timeout_at = next;
+        if let Some(t) = next {
+            self.at(t, Ev::FollowTimeout { src, blob: b });
+        }
         for w in late {
             self.on_piece_fail(w.node, b, w.piece, w.source, w.generation);
         }
@@ -1017,7 +1046,15 @@ impl Sim {
                     }
                 }
             }
-            Ev::Wake { node, blob, generation } => self.drive(node, blob, generation),
+            Ev::Wake { node, blob } => {
+                let bs = &mut self.nodes[node].blobs[blob];
+                if bs.wake_at.is_some_and(|w| w <= self.now + 1e-9) {
+                    bs.wake_at = None;
+                }
+                if let Some(g) = self.dl_generation(node, blob) {
+                    self.drive(node, blob, g);
+                }
+            }
             Ev::UpstreamStart { node, blob, generation } => {
                 // From a wait for a home to move: only if still waiting.
                 let waiting = matches!(
@@ -1086,7 +1123,9 @@ impl Sim {
                 }
                 let Some(Reverse((_, _, id))) = self.events.pop() else { break };
                 self.now = self.now.max(t);
-                if let Some(ev) = self.payloads.remove(&id) {
+                let ev = self.payloads[id].take();
+                self.free_slots.push(id);
+                if let Some(ev) = ev {
                     self.handle(ev);
                 }
             }
