@@ -1,4 +1,4 @@
-//! The modelled network: links with a capacity (bytes/s) and fluid flows crossing up to four of them, sharing
+//! The modelled network: links with a capacity (bytes/s) and fluid flows crossing up to five of them, sharing
 //! every link max-min fairly (progressive filling) between *connections*: the flows of one connection (the pieces
 //! in flight between two nodes, multiplexed on one QUIC connection) share one connection's share, as TCP and QUIC
 //! congestion control share a bottleneck per connection, not per request. Rates are recomputed when the set of
@@ -25,7 +25,7 @@ pub enum Carry {
 struct Flow {
     /// The connection it travels on.
     conn: u64,
-    links: [LinkId; 4],
+    links: [LinkId; 5],
     nlinks: u8,
     size: f64,
     done: f64,
@@ -98,7 +98,7 @@ impl Net {
 
     /// Starts a flow of `bytes` over `links`, on connection `conn`.
     pub fn start(&mut self, conn: u64, links: &[LinkId], bytes: f64, carry: Carry) -> FlowId {
-        let mut ls = [0; 4];
+        let mut ls = [0; 5];
         ls[..links.len()].copy_from_slice(links);
         let f = Flow { conn, links: ls, nlinks: links.len() as u8, size: bytes.max(1.0), done: 0.0, rate: 0.0, carry };
         *self.conns.entry(conn).or_default() += 1;

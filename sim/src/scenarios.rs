@@ -26,6 +26,7 @@ fn base(name: &str, nodes: usize) -> Params {
         dt: 0.001,
         limit: 600.0,
         kill_homes: 0,
+        machine_cpu: None,
     }
 }
 
@@ -37,8 +38,14 @@ pub const NAMES: &[&str] =
 pub fn scenario(name: &str) -> Option<Params> {
     Some(match name {
         // The testbed's burst (`shoal-bench burst`): 8 nodes, 256 MiB in 4 layers, 200 Mbit/s upstream, 1 Gbit/s
-        // nodes, one zone, one bridge.
+        // nodes, one zone, one bridge — and one machine's 2 cores for every agent, client and the registry. The CPU
+        // cost of a byte delivered, from measurements outside the burst (docs/benchmarks.md, "Peer mesh"): over
+        // the mesh 8.46 CPU-s/GiB (sender and receiver), over HTTP/TCP 3.07 (the agent serving its client, or the
+        // registry the home), plus the client's sha256 check (2.0); a burst of 8 delivers 1 crossing from upstream
+        // and 7 over the mesh: (6.14 + 2.0 + 7 × (11.53 + 2.0)) / 8 = 12.9 CPU-s/GiB, so 2 cores move
+        // 2 / 12.9 GiB/s.
         "calibrate-8" => Params {
+            machine_cpu: Some(2.0 / 12.9 * (1u64 << 30) as f64),
             zones: 1,
             layers: vec![64 * MIB; 4],
             node_rate: 125e6,

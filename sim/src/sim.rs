@@ -75,6 +75,10 @@ pub struct Params {
     pub limit: f64,
     /// Home zone's homes of these layers die (to kill homes on purpose): number of homes killed.
     pub kill_homes: usize,
+    /// The nodes share one machine's CPU (the testbed: every agent and client on two cores): every flow's bytes
+    /// cross it, at most this many bytes per second in all (the cores over the measured CPU cost of a byte
+    /// delivered). `None`: each node has CPU of its own, not modelled.
+    pub machine_cpu: Option<f64>,
 }
 
 /// Timeouts the agent uses (config defaults).
@@ -277,6 +281,8 @@ pub struct Sim {
     zone_in: Vec<LinkId>,
     zone_out: Vec<LinkId>,
     upstream: LinkId,
+    /// The shared CPU, when modelled ([`Params::machine_cpu`]).
+    cpu: Option<LinkId>,
     generation: u64,
     rng: Rng,
     waits_on_self: u64,
@@ -313,6 +319,7 @@ impl Sim {
         let mut net = Net::default();
         let mut rng = Rng(p.seed);
         let upstream = net.link(p.upstream_rate);
+        let cpu = p.machine_cpu.map(|c| net.link(c));
         let zone_in: Vec<LinkId> = (0..p.zones).map(|_| net.link(p.zone_rate)).collect();
         let zone_out: Vec<LinkId> = (0..p.zones).map(|_| net.link(p.zone_rate)).collect();
         let layers: Vec<Layer> = p
@@ -368,6 +375,7 @@ impl Sim {
             zone_in,
             zone_out,
             upstream,
+            cpu,
             generation: 0,
             rng,
             waits_on_self: 0,
@@ -449,11 +457,13 @@ impl Sim {
 
     fn links(&self, src: usize, dst: usize) -> Vec<LinkId> {
         let (s, d) = (&self.nodes[src], &self.nodes[dst]);
-        if s.zone == d.zone {
+        let mut links = if s.zone == d.zone {
             vec![s.up, d.down]
         } else {
             vec![s.up, self.zone_out[s.zone], self.zone_in[d.zone], d.down]
-        }
+        };
+        links.extend(self.cpu);
+        links
     }
 
     fn holding(&self, b: usize, complete: bool) -> Holding {
@@ -891,7 +901,8 @@ impl Sim {
         }
         let l = &self.layers[b];
         let offset = self.nodes[n].blobs[b].have * u64::from(l.piece);
-        let links = [self.upstream, self.zone_in[self.nodes[n].zone], self.nodes[n].down];
+        let mut links = vec![self.upstream, self.zone_in[self.nodes[n].zone], self.nodes[n].down];
+        links.extend(self.cpu);
         // Each download from upstream is a connection of its own.
         self.generation += 1;
         let conn = u64::MAX - self.generation;
