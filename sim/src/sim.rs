@@ -864,7 +864,9 @@ impl Sim {
     }
 
     fn on_follow_timeout(&mut self, src: usize, b: usize) {
-        let now = self.now;
+        // Event times are whole nanoseconds (rounded down): a deadline within one of now is due, or its timeout
+        // would fire again at the same instant forever.
+        let now = self.now + 1e-9;
         let (late, wait): (Vec<Waiter>, Vec<Waiter>) =
             std::mem::take(&mut self.nodes[src].blobs[b].waiters).into_iter().partition(|w| w.deadline <= now);
         let next = wait.iter().map(|w| w.deadline).min_by(f64::total_cmp);
