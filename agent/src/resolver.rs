@@ -28,14 +28,17 @@ use tracing::Instrument;
 mod access;
 mod body;
 mod download;
+mod from_peers;
 mod peers;
+mod sink;
 mod tags;
 
 use access::{Access, Decision, Provenance};
 pub use body::{Opened, RESPONSE_BUFFERS, ResponseBudget};
 use body::{OpenedSource, PassThrough};
-use download::{Download, Progress, Room, State, wait_progress};
+use download::{Download, Progress, State, wait_progress};
 use peers::order;
+use sink::Room;
 
 use crate::containerd::{Change, Containerd, ContentAccess, Held};
 use crate::mesh::{Fetched, Holding, Mesh};

@@ -1,0 +1,195 @@
+//! What a download writes into: its partial file, hashed (sha256 of the whole, BLAKE3 per piece) as it is written,
+//! with who sent each piece, the piece tables members vouched for, and how much readers may be given; the room it
+//! takes in the store.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+use super::download::Download;
+use super::{ResolveError, blocking, lock};
+use crate::oci::Digest;
+use crate::pieces::{PieceHasher, PieceTable, piece_size};
+use crate::swarm::vouch::Sender;
+use crate::transfer::VerifiedPiece;
+
+/// Room reserved in the store for a running download; given back when it ends.
+pub(super) struct Room {
+    pub(super) reserved: Arc<AtomicU64>,
+    pub(super) size: u64,
+    /// The size at the last free-space check (room taken as bytes arrive).
+    pub(super) checked: u64,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.size, Ordering::SeqCst);
+    }
+}
+
+pub(super) struct Sink<'a> {
+    pub(super) dl: &'a Download,
+    pub(super) path: PathBuf,
+    pub(super) writer: Option<(std::fs::File, Sha256)>,
+    pub(super) pieces: Option<PieceHasher>,
+    pub(super) written: u64,
+    pub(super) size: Option<u64>,
+    pub(super) peers_used: HashSet<libp2p::PeerId>,
+    /// The room it takes in the store.
+    pub(super) room: Room,
+    /// Who sent each piece written (`None`: upstream's bytes).
+    pub(super) senders: Vec<Option<Sender>>,
+    /// The tables members vouched for (see [`vouch`]).
+    pub(super) vouchers: Vec<(libp2p::PeerId, PieceTable)>,
+    /// The table every piece from a member must match (two members agreed on it, or upstream settled it).
+    pub(super) trusted: Option<PieceTable>,
+    /// Readers wait for the sha256: the pieces rest on one member's word.
+    pub(super) hold: bool,
+}
+
+/// What a pass over the blob wrote, kept when it is written again from upstream.
+pub(super) struct Pass {
+    pub(super) senders: Vec<Option<Sender>>,
+    pub(super) written: Vec<[u8; 32]>,
+}
+
+impl<'a> Sink<'a> {
+    pub(super) fn new(file: std::fs::File, path: PathBuf, size: Option<u64>, dl: &'a Download, room: Room) -> Self {
+        let pieces = size.map(|s| PieceHasher::new(piece_size(s)));
+        if let Some(h) = &pieces {
+            *lock(&dl.pieces) = Some((h.piece(), Vec::new()));
+        }
+        let writer = Some((file, Sha256::new()));
+        Self {
+            dl,
+            path,
+            writer,
+            pieces,
+            written: 0,
+            size,
+            peers_used: HashSet::new(),
+            room,
+            senders: Vec::new(),
+            vouchers: Vec::new(),
+            trusted: None,
+            hold: false,
+        }
+    }
+
+    pub(super) fn complete(&self) -> bool {
+        self.size.is_some_and(|s| self.written == s)
+    }
+
+    /// The sha256 of what is written.
+    pub(super) fn digest(&self) -> Digest {
+        Digest::from_sha256(
+            &self.writer.as_ref().expect("the writer is put back after every batch").1.clone().finalize(),
+        )
+    }
+
+    /// The piece table of what is written (with a known size).
+    pub(super) fn table(&self) -> Option<PieceTable> {
+        self.pieces.clone().map(|h| h.finish(self.written))
+    }
+
+    /// Starts the blob again from its first byte (the file emptied, readers told), returning what this pass
+    /// wrote.
+    pub(super) fn restart(&mut self) -> Pass {
+        let written = self.table().map(|t| t.hashes).unwrap_or_default();
+        let pass = Pass { senders: std::mem::take(&mut self.senders), written };
+        if let Some((file, hasher)) = self.writer.as_mut() {
+            *hasher = Sha256::new();
+            // Emptied in place: readers that sent nothing yet keep their handle and read the new bytes.
+            let _ = file.set_len(0).and_then(|()| io::Seek::seek(file, io::SeekFrom::Start(0)).map(drop));
+        }
+        self.pieces = self.size.map(|s| PieceHasher::new(piece_size(s)));
+        if let Some(h) = &self.pieces {
+            *lock(&self.dl.pieces) = Some((h.piece(), Vec::new()));
+        }
+        self.written = 0;
+        // Upstream's bytes now: streamed as any upstream download's are.
+        self.hold = false;
+        self.trusted = None;
+        self.dl.progress.send_modify(|p| {
+            p.written = 0;
+            p.released = 0;
+            p.restarts += 1;
+        });
+        pass
+    }
+
+    /// Writes a piece whose hash was checked on receipt: its hash goes into the table as is (when it is exactly
+    /// the next piece), saving a second BLAKE3 pass.
+    pub(super) async fn write_piece(&mut self, piece: VerifiedPiece, sender: Sender) -> Result<(), ResolveError> {
+        let len = piece.len();
+        let aligned = self.pieces.as_mut().is_some_and(|p| p.push_verified(piece.hash, len, self.size));
+        if aligned {
+            let i = self.pieces.as_ref().map_or(0, |p| p.hashes().len()) - 1;
+            self.senders.resize(i + 1, None);
+            self.senders[i] = Some(sender);
+        }
+        self.write_impl(piece.chunks, !aligned).await
+    }
+
+    /// Hashes and writes a batch off the async workers, then tells readers and the piece table.
+    pub(super) async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), ResolveError> {
+        self.write_impl(batch, true).await
+    }
+
+    async fn write_impl(&mut self, batch: Vec<Bytes>, piece_hash: bool) -> Result<(), ResolveError> {
+        if self.dl.abandoned(Instant::now()) {
+            return Err(ResolveError::Unavailable(format!(
+                "abandoned at {} bytes: nobody wanted it for {:?}",
+                self.written, self.dl.abandon_after
+            )));
+        }
+        let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
+        let (mut file, mut hasher) = self.writer.take().expect("the writer is put back after every batch");
+        let mut pieces = self.pieces.take();
+        let path = self.path.clone();
+        let (file, hasher, pieces) = blocking(move || {
+            for b in &batch {
+                hasher.update(b);
+                if let Some(p) = pieces.as_mut().filter(|_| piece_hash) {
+                    p.update(b);
+                }
+                crate::store::write_all(&mut file, b, &path)?;
+            }
+            Ok((file, hasher, pieces))
+        })
+        .await?;
+        self.writer = Some((file, hasher));
+        self.written += n;
+        // Members get pieces of a download that holds its readers only once it is verified: a relay of what rests
+        // on one member's word would spread it past this node's check.
+        if let Some(p) = pieces.as_ref().filter(|_| !self.hold) {
+            let mut shared = lock(&self.dl.pieces);
+            if let Some((_, hashes)) = shared.as_mut() {
+                hashes.extend_from_slice(&p.hashes()[hashes.len()..]);
+            }
+        }
+        self.pieces = pieces;
+        let (written, hold) = (self.written, self.hold);
+        self.dl.progress.send_modify(|p| {
+            p.written = written;
+            if !hold {
+                p.released = written;
+            }
+        });
+        Ok(())
+    }
+}
+
+pub(super) struct RemoveOnDrop(pub(super) PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
