@@ -565,17 +565,26 @@ impl Sim {
             self.at(settled, Ev::HomeOwn { node: n, blob: b, generation: g });
             return;
         }
-        let home_zone = self.view(n).0.home_zone(&digest);
-        if home_zone != self.zone_name(n) {
-            let far = self.view(n).0.home_in(&home_zone, &digest).and_then(|id| self.index.get(&id).copied());
-            if let Some(far) = far {
-                self.nodes[n].control += 1;
-                let t = self.now + self.delay(n, far);
-                self.at(t, Ev::Locate { home: far, asker: n, blob: b, generation: g });
-                return;
-            }
+        if !self.ask_home_zone(n, b, g) {
+            self.go_upstream(n, b, g);
         }
-        self.go_upstream(n, b, g);
+    }
+
+    /// A home outside the digest's home zone asks the home zone's home (the next tier of `Mesh::sources` on a
+    /// home, after what partial holders have). Returns whether it asked.
+    fn ask_home_zone(&mut self, n: usize, b: usize, g: u64) -> bool {
+        let digest = &self.layers[b].digest;
+        let home_zone = self.view(n).0.home_zone(digest);
+        if home_zone == self.zone_name(n) {
+            return false;
+        }
+        let Some(far) = self.view(n).0.home_in(&home_zone, digest).and_then(|id| self.index.get(&id).copied()) else {
+            return false;
+        };
+        self.nodes[n].control += 1;
+        let t = self.now + self.delay(n, far);
+        self.at(t, Ev::Locate { home: far, asker: n, blob: b, generation: g });
+        true
     }
 
     fn go_upstream(&mut self, n: usize, b: usize, g: u64) {
@@ -718,6 +727,13 @@ impl Sim {
 
     fn exhausted(&mut self, n: usize, b: usize, g: u64) {
         self.cancel_requests(n, b);
+        // The agent's home takes its tiers in turn in one round: what partial holders have, then the home zone's
+        // home; only a round that brought nothing counts.
+        let partial_tier_of_home = matches!(self.nodes[n].blobs[b].dl.as_ref(),
+            Some(Dl { phase: Phase::Peers { follow: false, home, .. }, .. }) if *home == n);
+        if partial_tier_of_home && self.ask_home_zone(n, b, g) {
+            return;
+        }
         let have = self.nodes[n].blobs[b].have;
         let Some(dl) = self.nodes[n].blobs[b].dl.as_mut() else { return };
         dl.fruitless = if have > dl.round_have { 0 } else { dl.fruitless + 1 };
