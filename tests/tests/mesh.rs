@@ -283,7 +283,9 @@ async fn members_are_their_nodes_and_unbound_identities_are_refused() -> Result<
             && a.log().contains("no such Node")
     })
     .await
-    .map_err(|e| anyhow::anyhow!("{e}\nA:\n{}", a.log()))?;
+    .map_err(|e| {
+        anyhow::anyhow!("{e}\nA:\n{}\nimpostor:\n{}\ninvented:\n{}", a.log(), impostor.log(), invented.log())
+    })?;
     // Both keep trying (a lonely node redials every 3 s): once A has refused them again, neither got in anywhere
     // and the bound members still see each other.
     let refused = a.metric("shoal_membership_refused_messages_total", &[]).await?;
