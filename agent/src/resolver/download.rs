@@ -207,7 +207,7 @@ impl Resolver {
             if actual == *digest
                 && let (Some(mesh), Some(truth)) = (&self.mesh, sink.table())
             {
-                let b = vouch::blame(&first.senders, &first.written, &sink.vouchers, &truth);
+                let b = vouch::blame(&first.senders, &first.written, &first.vouchers, &truth);
                 self.punish(mesh, &b, "a piece or piece table it vouched for contradicts upstream's bytes");
             }
         }

@@ -74,6 +74,8 @@ impl Resolver {
                 let (winner, liars) = vouch::settle(&tables, i, truth);
                 let blame = vouch::Blame { liars: liars.into_iter().collect(), relayed: Default::default() };
                 self.punish(mesh, &blame, "its piece table contradicts upstream's bytes");
+                // Blamed once: the verified blob does not blame it again.
+                sink.vouchers.retain(|(p, _)| !blame.liars.contains(p));
                 sink.hold = winner.is_none();
                 sink.trusted = winner;
             }

@@ -57,6 +57,8 @@ pub(super) struct Sink<'a> {
 pub(super) struct Pass {
     pub(super) senders: Vec<Option<Sender>>,
     pub(super) written: Vec<[u8; 32]>,
+    /// The tables members vouched for on that pass (judged once, against upstream's bytes).
+    pub(super) vouchers: Vec<(libp2p::PeerId, PieceTable)>,
 }
 
 impl<'a> Sink<'a> {
@@ -102,7 +104,8 @@ impl<'a> Sink<'a> {
     /// wrote.
     pub(super) fn restart(&mut self) -> Pass {
         let written = self.table().map(|t| t.hashes).unwrap_or_default();
-        let pass = Pass { senders: std::mem::take(&mut self.senders), written };
+        let pass =
+            Pass { senders: std::mem::take(&mut self.senders), written, vouchers: std::mem::take(&mut self.vouchers) };
         if let Some((file, hasher)) = self.writer.as_mut() {
             *hasher = Sha256::new();
             // Emptied in place: readers that sent nothing yet keep their handle and read the new bytes.
