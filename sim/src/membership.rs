@@ -88,6 +88,8 @@ pub fn run(nodes: usize, seed: u64) -> Row {
 
 /// Runs one size with `timing`.
 pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
+    let clock = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("    {what}: {:.1} s", clock.elapsed().as_secs_f64());
     let step = Duration::from_millis(250);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // One node more than the cluster: it joins later.
@@ -107,6 +109,7 @@ pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
         // The late node has not joined yet: every other must see the others.
         l.alive_counts()[..nodes].iter().all(|c| *c == Some(nodes - 1))
     });
+    phase("all joined");
     // Idle: after a minute for the joins' updates to finish spreading.
     let t = lab.now() + Duration::from_secs(60);
     lab.run_until(t);
@@ -116,6 +119,7 @@ pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
     lab.run_until(t);
     let (m1, b1): (u64, u64) = (lab.sent.iter().sum(), lab.sent_bytes.iter().sum());
     let per = |v: u64| v as f64 / (nodes as f64 * idle.as_secs_f64());
+    phase("idle");
     // A join.
     let via = rng.random_range(0..nodes);
     lab.join(late, via);
@@ -134,6 +138,7 @@ pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
         worst = worst.max(disagreement(l, &ds));
         l.seen_as(victim_id).get("Dead").copied() == Some(l.live())
     });
+    phase("a join and a crash");
     // Loss and starvation: a separate cluster, converged first.
     let mut noisy = Lab::new(nodes, timing, 0.0, seed ^ 0x5eed, false);
     for i in 1..nodes {
@@ -150,6 +155,7 @@ pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
     });
     let t = noisy.now() + Duration::from_secs(60);
     noisy.run_until(t);
+    phase("second cluster joined");
     noisy.loss = 0.01;
     for i in 0..nodes {
         noisy.starved[i] = i % 20 == 7;

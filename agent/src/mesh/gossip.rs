@@ -11,8 +11,7 @@
 //! address is not one), it dials a few of them, announces itself to whoever answers, and asks for the whole member
 //! table once (SWIM's gossip carries changes, not the steady state).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,7 +38,8 @@ use crate::config::MeshConfig;
 use crate::metrics::{Metrics, PeerState, PeerStateLabels};
 use crate::swarm::binding::{Binding, NodeBook};
 use crate::swarm::membership::{
-    About, MAX_MEMBERS, MAX_MESSAGE, MemberRecord, Membership, MembershipTiming, Output, SwimRng, tcp_multiaddr,
+    About, MAX_MEMBERS, MAX_MESSAGE, MemberRecord, Membership, MembershipTiming, Output, SwimRng, TableApplied,
+    tcp_multiaddr,
 };
 
 /// SWIM messages (one per stream; the answer is empty). Another version fails stream negotiation.
@@ -63,12 +63,10 @@ const IDLE_CONNECTION: Duration = Duration::from_secs(30);
 /// Tables served at most per [`TABLE_WINDOW`] (a table costs a few hundred kilobytes at thousands of members).
 const TABLES_PER_WINDOW: usize = 64;
 const TABLE_WINDOW: Duration = Duration::from_secs(10);
-/// For this long after start, a node pulls the member table from a random alive member at each redial round:
-/// when a whole cluster starts at once, the first tables are nearly empty, and SWIM alone would spread thousands of
-/// joins a dozen records per message.
+/// For this long after start, a node pulls the member table from a random alive member at each redial round,
+/// until two tables in a row bring no member it did not know: when a whole cluster starts at once, the first tables
+/// are nearly empty, and SWIM alone would spread thousands of joins a dozen records per message.
 pub(crate) const PULL_TABLES_FOR: Duration = Duration::from_secs(60);
-/// How often liveness changes foca reports no notification for (suspicions) are looked for.
-const VIEW_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// Reads and writes one length-bounded frame per stream.
 #[derive(Debug, Clone, Copy)]
@@ -174,17 +172,16 @@ pub(super) struct Gossip {
     swarm: Swarm<Behaviour>,
     core: Membership,
     me: PeerId,
-    timers: BinaryHeap<Reverse<(Instant, u64)>>,
-    timer_events: HashMap<u64, foca::Timer<MemberRecord>>,
-    timer_seq: u64,
     view: watch::Sender<Arc<MembersView>>,
-    fingerprint: [u8; 32],
     own_addrs: HashSet<SocketAddr>,
     /// The gossip listener's address.
     bound: SocketAddr,
     /// Peers dialled as bootstrap addresses: once connected, this node joins through them.
     joining: HashSet<Multiaddr>,
     tables_served: VecDeque<Instant>,
+    /// Tables in a row that brought no new member (pulling stops at two).
+    stale_tables: u32,
+    /// The core's clock starts here.
     started: Instant,
     /// Open connections and when each last carried a message.
     connections: HashMap<ConnectionId, Instant>,
@@ -316,15 +313,12 @@ impl Gossip {
             swarm,
             core,
             me,
-            timers: BinaryHeap::new(),
-            timer_events: HashMap::new(),
-            timer_seq: 0,
             view,
-            fingerprint: [0; 32],
             own_addrs: HashSet::from([bound, advertised]),
             bound,
             joining: HashSet::new(),
             tables_served: VecDeque::new(),
+            stale_tables: 0,
             started: Instant::now(),
             connections: HashMap::new(),
             book,
@@ -354,26 +348,23 @@ impl Gossip {
         }
         let mut redial = tokio::time::interval(REDIAL_EVERY);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut check = tokio::time::interval(VIEW_CHECK_EVERY);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            let wake = self.core.next_wake().map(|d| self.started + d);
             let timer = async {
-                match next_timer {
+                match wake {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = timer => self.fire_timers(),
+                () = timer => self.core.tick(self.now()),
                 _ = redial.tick() => self.redial().await,
-                _ = check.tick() => self.publish_if_changed(),
                 event = self.swarm.select_next_some() => self.on_event(event),
             }
             self.flush();
         }
-        self.core.leave();
+        self.core.leave(self.now());
         self.flush();
         // Give the leaving message a moment to go out.
         let flush = tokio::time::sleep(Duration::from_millis(300));
@@ -386,17 +377,9 @@ impl Gossip {
         }
     }
 
-    fn fire_timers(&mut self) {
-        let now = Instant::now();
-        while let Some(Reverse((at, seq))) = self.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
-            if let Some(t) = self.timer_events.remove(&seq) {
-                self.core.handle_timer(t);
-            }
-        }
+    /// The core's clock.
+    fn now(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Carries out what the core asked for, and publishes the view if it changed.
@@ -405,16 +388,13 @@ impl Gossip {
             match o {
                 Output::Send { to, addr, data } => {
                     self.metrics.mesh.membership_bytes_sent.inc_by(data.len() as u64);
-                    self.swarm.behaviour_mut().swim.send_request_with_addresses(
-                        &to,
-                        data.to_vec(),
-                        vec![tcp_multiaddr(addr)],
-                    );
+                    let addrs = vec![tcp_multiaddr(addr)];
+                    self.swarm.behaviour_mut().swim.send_request_with_addresses(&to, data.to_vec(), addrs);
                 }
-                Output::Timer { after, timer } => {
-                    self.timer_seq += 1;
-                    self.timers.push(Reverse((Instant::now() + after, self.timer_seq)));
-                    self.timer_events.insert(self.timer_seq, timer);
+                Output::PullTable { to, addr } => {
+                    let request = self.core.table_request();
+                    let addrs = vec![tcp_multiaddr(addr)];
+                    self.swarm.behaviour_mut().table.send_request_with_addresses(&to, request, addrs);
                 }
             }
         }
@@ -423,14 +403,7 @@ impl Gossip {
         }
     }
 
-    fn publish_if_changed(&mut self) {
-        if self.core.fingerprint() != self.fingerprint {
-            self.publish_view();
-        }
-    }
-
     fn publish_view(&mut self) {
-        self.fingerprint = self.core.fingerprint();
         self.metrics.mesh.membership_view_changes.inc();
         let members = self.core.members();
         for state in [PeerState::alive, PeerState::suspect, PeerState::dead] {
@@ -471,7 +444,7 @@ impl Gossip {
             .flat_map(|(i, _)| i.gossip_addrs.iter().filter_map(socket_addr))
             .collect();
         let lonely = !members.iter().any(|(_, l)| *l == Liveness::Alive);
-        if !lonely && self.started.elapsed() < PULL_TABLES_FOR {
+        if !lonely && self.started.elapsed() < PULL_TABLES_FOR && self.stale_tables < 2 {
             let alive = members.iter().filter(|(_, l)| *l == Liveness::Alive).map(|(i, _)| i.id);
             if let Some(peer) = alive.choose(&mut rand::rng()) {
                 let request = self.core.table_request();
@@ -515,7 +488,8 @@ impl Gossip {
                     && let Some(addr) = socket_addr(address)
                 {
                     tracing::debug!(peer = %peer_id, %addr, "joining through");
-                    self.core.join(peer_id, addr);
+                    let now = self.now();
+                    self.core.join(peer_id, addr, now);
                     let request = self.core.table_request();
                     self.swarm.behaviour_mut().table.send_request(&peer_id, request);
                 }
@@ -571,8 +545,13 @@ impl Gossip {
                 self.used(connection_id);
                 let _ = self.swarm.behaviour_mut().swim.send_response(channel, Vec::new());
                 self.metrics.mesh.membership_bytes_received.inc_by(request.len() as u64);
-                if let Err(e) = self.core.handle_data(peer, &request) {
-                    self.refused(peer, "membership message", &e);
+                let now = self.now();
+                match self.core.handle_data(peer, &request, now) {
+                    Ok(0) => {}
+                    Ok(left_out) => {
+                        self.metrics.mesh.membership_refused.inc_by(left_out as u64);
+                    }
+                    Err(e) => self.refused(peer, "membership message", &e),
                 }
             }
             Event::Message { connection_id, message: Message::Response { .. }, .. } => self.used(connection_id),
@@ -620,11 +599,12 @@ impl Gossip {
                 if response.is_empty() {
                     return;
                 }
-                match self.core.apply_table(peer, &response) {
-                    Ok((n, 0)) => tracing::debug!(%peer, members = n, "member table received"),
-                    Ok((n, left_out)) => {
+                let now = self.now();
+                match self.core.apply_table(peer, &response, now) {
+                    Ok(TableApplied { taken, new, left_out }) => {
+                        self.stale_tables = if new == 0 { self.stale_tables + 1 } else { 0 };
                         self.metrics.mesh.membership_refused.inc_by(left_out as u64);
-                        tracing::debug!(%peer, members = n, left_out, "member table received; unbound members left out");
+                        tracing::debug!(%peer, members = taken, new, left_out, "member table received");
                     }
                     Err(e) => self.refused(peer, "member table", &e),
                 }

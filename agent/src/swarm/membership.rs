@@ -1,34 +1,48 @@
-//! Membership: SWIM with suspicion, refutation and piggybacked dissemination (foca's sans-IO state machine), over
-//! member records each signed by its member's node key.
+//! Membership: SWIM with Lifeguard's refinements over member records each signed by its member's node key. Our own
+//! sans-IO state machine: inputs are messages, a joining peer and `now`; outputs are messages to send
+//! ([`Output`]), the time to be called again ([`Membership::next_wake`]) and the member table.
 //!
-//! Each period a node probes one member; a member that does not answer, directly or through
-//! [`MembershipTiming::indirect_probes`] others, becomes suspect and is declared dead unless it refutes within
-//! `suspicion`. Joins, suspicions and deaths ride on the probes and on short gossip rounds to a few random members.
-//! A node's cost per period is a constant number of messages, whatever the cluster's size: nobody hears everybody.
+//! **Probing.** Each period a node probes one of its neighbours (successor and predecessor on a few hash rings:
+//! [`table`]), in turn; a neighbour that does not answer within the probe timeout is pinged through up to
+//! [`MembershipTiming::indirect_probes`] other neighbours; with no answer by the end of the period it becomes
+//! suspect. Every member is some members' neighbour, so every member is probed about once a period, and a node's
+//! messages go to the same few members: its connections stay open and do not grow with the cluster.
 //!
-//! What a member says about *itself* (its zone, addresses, incarnation) is a [`MemberRecord`] signed with the key its
-//! peer id is derived from: nobody can speak for another member or forge its addresses. A message's sender must be
-//! the peer the transport authenticated ([`Membership::handle_data`]). What members say about *others* (alive,
-//! suspect, dead) cannot be signed by the subject; a false suspicion is refuted by the subject itself.
+//! **Spreading.** Joins, suspicions and deaths ride on every message (fewest-sent first) and, while there is news,
+//! on short gossip rounds to a few neighbours; each update is sent `4 × log10(N)` times. A joining node gets a feed
+//! of members in the answer to its announcement, and the whole table on request ([`Membership::table`]).
 //!
-//! Sans-IO: inputs are messages, timer firings and a joining peer; outputs are [`Output`]s (send these bytes to this
-//! peer, fire this timer after this long) and the member table. The agent drives it from `mesh::gossip`; a
-//! simulator can drive the same code.
+//! **Lifeguard.** A suspicion's timeout starts at [`SUSPICION_STRETCH`] × `suspicion` and shrinks towards
+//! `suspicion` as independent suspicions of the same member arrive (a member that only one prober could not reach
+//! has longer to refute); a node that hears a neighbour suspected probes it next and tells it (the suspect learns
+//! it at once and refutes); a node whose own probes fail, or that has to refute, is probably the slow one: its
+//! local health score stretches its probe period and timeout, so a starved node stops accusing healthy members.
+//!
+//! **What is signed.** What a member says about *itself* (zone, addresses, incarnation, and its renewal number, SWIM's
+//! incarnation) is a [`MemberRecord`] signed with the key its peer id is derived from: nobody can speak for another
+//! member, forge its addresses, or keep a dead member alive (refuting needs a higher renewal, which only the
+//! member's key can sign). A message's sender must be the peer the transport authenticated. What members say about
+//! *others* (suspect, dead) cannot be signed by the subject: a false suspicion or death is refuted by the subject.
 
-use std::collections::HashMap;
-use std::convert::Infallible;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
-use foca::{AccumulatingRuntime, Codec, Config, Foca, Header, Identity, Member, Message, OwnedNotification, State};
-use libp2p::{Multiaddr, PeerId, identity};
-use serde::{Deserialize, Serialize};
+use bytes::Bytes;
+use libp2p::{PeerId, identity};
+use rand::Rng;
+use rand::seq::{IndexedRandom, IteratorRandom};
 
-use super::binding::{Binding, Claim};
+use self::record::Checks;
+pub use self::record::{About, MemberRecord, RecordError, SignedFields, Version, tcp_multiaddr};
+use self::table::{Broadcasts, Table};
+use self::wire::{Body, Update};
+use super::binding::Binding;
 use crate::mesh::{Liveness, MemberInfo};
+
+mod record;
+mod table;
+mod wire;
 
 /// Records this node accepts at most (a member inventing identities cannot grow the table without bound).
 pub const MAX_MEMBERS: usize = 16_384;
@@ -37,338 +51,68 @@ pub const MAX_MEMBERS: usize = 16_384;
 /// probe, which multiplies the bytes and the decoding while the cluster is busiest; the whole table has its own
 /// exchange.
 pub const MAX_MESSAGE: usize = 2 << 10;
-/// A zone name's longest length.
-const MAX_ZONE: usize = 63;
-/// Domain separation of a record's signature.
-const RECORD_CONTEXT: &[u8] = b"shoal member record v1\0";
+/// A suspicion heard from one member alone lasts this many times `suspicion` (Lifeguard's dynamic suspicion).
+pub const SUSPICION_STRETCH: u32 = 3;
+/// Independent suspicions that bring a suspicion's timeout down to `suspicion`.
+const CONFIRMATIONS: usize = 3;
+/// The local health score's ceiling: a node's probe period and timeout stretch up to (1 + this) times.
+const MAX_HEALTH: u32 = 8;
+/// Each update is sent `RETRANSMIT × ⌈log10(N + 1)⌉` times.
+const RETRANSMIT: u32 = 4;
+/// A dead member is remembered this long (and announced to now and then, so a healed partition merges).
+const REMEMBER_DEAD: Duration = Duration::from_secs(600);
+/// A dead member is announced to every this many periods.
+const ANNOUNCE_TO_DEAD_EVERY: u32 = 10;
+/// A node compares its table's digest with a random neighbour's every this many periods (anti-entropy: a member
+/// whose updates all went out before this node heard them is found here).
+const SYNC_EVERY: u32 = 10;
+/// At most one table pulled per this many periods.
+const PULL_AT_MOST_EVERY: u32 = 5;
 
-/// What a member says about itself, signed with its node key (the signed fields are [`SignedFields`]).
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(from = "SignedFields", into = "SignedFields")]
-pub struct MemberRecord {
-    w: SignedFields,
-    /// Which member this is, whatever its incarnation: its Node when it names one (one member per Node), else its
-    /// peer id. Derived from the fields, never sent.
-    key: u128,
+/// The protocol's timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MembershipTiming {
+    /// One member probed per period.
+    pub probe_period: Duration,
+    /// Wait for a direct answer before asking others to probe (shorter than the period).
+    pub probe_timeout: Duration,
+    /// A suspect member's time to refute before it is dead, once [`CONFIRMATIONS`] members suspect it (up to
+    /// [`SUSPICION_STRETCH`] times this when fewer do).
+    pub suspicion: Duration,
+    /// Members asked to probe one that did not answer.
+    pub indirect_probes: usize,
+    /// While there are updates to spread: this many neighbours are sent them, this many times a period.
+    pub gossip: (usize, u32),
 }
 
-/// A record's fields, as they travel and are signed.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct SignedFields {
-    #[serde(with = "peer_bytes")]
-    peer: PeerId,
-    /// Start of its process, ms since the epoch: a restart raises it.
-    incarnation: u64,
-    /// Identity renewals within the process (declared dead while alive, it comes back as a new record).
-    renewal: u16,
-    /// The Kubernetes Node it runs on (empty outside Kubernetes).
-    node: String,
-    zone: String,
-    gossip: SocketAddr,
-    transfer: SocketAddr,
-    /// Ed25519 over the fields above; empty only in a join's placeholder for a peer not known yet.
-    sig: Vec<u8>,
+impl MembershipTiming {
+    /// The gossip the agent uses: three neighbours, four times a period, while there is news.
+    pub const GOSSIP: (usize, u32) = (3, 4);
 }
 
-impl std::ops::Deref for MemberRecord {
-    type Target = SignedFields;
-
-    fn deref(&self) -> &SignedFields {
-        &self.w
-    }
-}
-
-impl From<SignedFields> for MemberRecord {
-    fn from(w: SignedFields) -> Self {
-        let mut h = blake3::Hasher::new_derive_key("shoal 2026 member key v1");
-        if w.node.is_empty() {
-            h.update(b"peer\0").update(&w.peer.to_bytes());
-        } else {
-            h.update(b"node\0").update(w.node.as_bytes());
-        }
-        let key = u128::from_be_bytes(h.finalize().as_bytes()[..16].try_into().unwrap_or_default());
-        Self { w, key }
-    }
-}
-
-impl From<MemberRecord> for SignedFields {
-    fn from(r: MemberRecord) -> Self {
-        r.w
-    }
-}
-
-/// What a node says about itself in its record.
+/// Something the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct About {
-    /// The Kubernetes Node it runs on (empty outside Kubernetes).
-    pub node: String,
-    /// Its zone.
-    pub zone: String,
-    /// Its gossip listener, as others reach it.
-    pub gossip: SocketAddr,
-    /// Its transfer endpoint.
-    pub transfer: SocketAddr,
-}
-
-mod peer_bytes {
-    use libp2p::PeerId;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(p: &PeerId, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&p.to_bytes())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PeerId, D::Error> {
-        let b: &[u8] = Deserialize::deserialize(d)?;
-        PeerId::from_bytes(b).map_err(serde::de::Error::custom)
-    }
-}
-
-impl std::fmt::Debug for MemberRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}.{}", self.peer, self.incarnation, self.renewal)
-    }
-}
-
-/// Why a record or message was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RecordError {
-    /// Not decodable.
-    #[error("undecodable: {0}")]
-    Decode(String),
-    /// The signature does not verify against the key the peer id names.
-    #[error("bad signature for {0}")]
-    Signature(PeerId),
-    /// The peer id does not embed a public key (only ed25519 ids do).
-    #[error("peer id {0} names no key")]
-    NoKey(PeerId),
-    /// A field is out of bounds.
-    #[error("{0}")]
-    Field(&'static str),
-    /// The sender is not the peer the transport authenticated.
-    #[error("claims to be {claimed}")]
-    Impersonation {
-        /// Who the message says it is from.
-        claimed: PeerId,
+pub enum Output {
+    /// Deliver `data` to `to` (at its gossip address `addr`).
+    Send {
+        /// The peer.
+        to: PeerId,
+        /// Its gossip listener.
+        addr: SocketAddr,
+        /// The message.
+        data: Bytes,
     },
-    /// The table is full.
-    #[error("member table full ({MAX_MEMBERS})")]
-    Full,
-    /// Not bound to what the cluster's [`Binding`] requires (an unknown Node, another Node's address, an unlisted
-    /// peer id).
-    #[error("unbound identity: {0}")]
-    Unbound(&'static str),
+    /// Pull the whole table from `to` (its digest differs from this node's): ask with [`Membership::table_request`]
+    /// and hand the answer to [`Membership::apply_table`].
+    PullTable {
+        /// The peer.
+        to: PeerId,
+        /// Its gossip listener.
+        addr: SocketAddr,
+    },
 }
 
-impl MemberRecord {
-    fn signing_bytes(&self) -> Vec<u8> {
-        let unsigned = SignedFields { sig: Vec::new(), ..self.w.clone() };
-        let mut v = RECORD_CONTEXT.to_vec();
-        v.extend(postcard::to_allocvec(&unsigned).unwrap_or_default());
-        v
-    }
-
-    /// A signed record of this node.
-    pub fn sign(key: &identity::Keypair, incarnation: u64, renewal: u16, about: &About) -> Self {
-        let wire = SignedFields {
-            peer: key.public().to_peer_id(),
-            incarnation,
-            renewal,
-            node: about.node.clone(),
-            zone: about.zone.clone(),
-            gossip: about.gossip,
-            transfer: about.transfer,
-            sig: Vec::new(),
-        };
-        let mut r = Self::from(wire);
-        // Signing with an ed25519 key cannot fail; a key type that could leaves the record unsigned (refused).
-        r.w.sig = key.sign(&r.signing_bytes()).unwrap_or_default();
-        r
-    }
-
-    /// A stand-in for a peer known only by id and address (a bootstrap node): the destination of a join.
-    fn placeholder(peer: PeerId, gossip: SocketAddr) -> Self {
-        Self::from(SignedFields {
-            peer,
-            incarnation: 0,
-            renewal: 0,
-            node: String::new(),
-            zone: String::new(),
-            gossip,
-            transfer: gossip,
-            sig: Vec::new(),
-        })
-    }
-
-    /// What it says about itself.
-    pub fn about(&self) -> About {
-        About { node: self.node.clone(), zone: self.zone.clone(), gossip: self.gossip, transfer: self.transfer }
-    }
-
-    fn claim(&self) -> Claim<'_> {
-        Claim { peer: self.peer, node: &self.node, zone: &self.zone, ips: [self.gossip.ip(), self.transfer.ip()] }
-    }
-
-    /// Checks the fields and the signature.
-    pub fn verify(&self) -> Result<(), RecordError> {
-        let zone_ok = !self.zone.is_empty()
-            && self.zone.len() <= MAX_ZONE
-            && self.zone.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !zone_ok {
-            return Err(RecordError::Field("zone: 1-63 characters of [A-Za-z0-9._-]"));
-        }
-        if !self.node.is_empty() && !crate::config::valid_node_name(&self.node) {
-            return Err(RecordError::Field("node: not a Kubernetes node name"));
-        }
-        let mh = self.peer.as_ref();
-        if mh.code() != 0 {
-            return Err(RecordError::NoKey(self.peer));
-        }
-        let key = identity::PublicKey::try_decode_protobuf(mh.digest()).map_err(|_| RecordError::NoKey(self.peer))?;
-        if key.to_peer_id() != self.peer || !key.verify(&self.signing_bytes(), &self.sig) {
-            return Err(RecordError::Signature(self.peer));
-        }
-        Ok(())
-    }
-
-    /// Its peer id.
-    pub fn peer(&self) -> PeerId {
-        self.peer
-    }
-
-    /// Its gossip address.
-    pub fn gossip(&self) -> SocketAddr {
-        self.gossip
-    }
-
-    /// What the rest of the agent knows of a member.
-    pub fn info(&self) -> MemberInfo {
-        MemberInfo {
-            id: self.peer,
-            incarnation: self.incarnation,
-            zone: self.zone.clone(),
-            gossip_addrs: vec![tcp_multiaddr(self.gossip)],
-            transfer_addr: self.transfer,
-            node: (!self.node.is_empty()).then(|| self.node.clone()),
-        }
-    }
-}
-
-/// The TCP multiaddr of a socket address.
-pub fn tcp_multiaddr(addr: SocketAddr) -> Multiaddr {
-    use libp2p::multiaddr::Protocol;
-    let ip = match addr.ip() {
-        std::net::IpAddr::V4(ip) => Protocol::Ip4(ip),
-        std::net::IpAddr::V6(ip) => Protocol::Ip6(ip),
-    };
-    Multiaddr::empty().with(ip).with(Protocol::Tcp(addr.port()))
-}
-
-impl Identity for MemberRecord {
-    type Addr = u128;
-
-    /// Renewal needs the node key: [`Membership`] does it when foca reports the node defunct.
-    fn renew(&self) -> Option<Self> {
-        None
-    }
-
-    fn addr(&self) -> u128 {
-        self.key
-    }
-
-    /// The later record of the same member wins (a restart, a renewal).
-    fn win_addr_conflict(&self, other: &Self) -> bool {
-        (self.incarnation, self.renewal, &self.sig) > (other.incarnation, other.renewal, &other.sig)
-    }
-}
-
-/// What the codec checks, shared with [`Membership`] (foca owns the codec).
-#[derive(Debug, Default)]
-struct Checks {
-    /// Who may be a member.
-    binding: Binding,
-    /// The peer the transport authenticated as the sender of the message being decoded.
-    sender: Option<PeerId>,
-    /// Records whose signature verified, by peer: a record seen again costs a comparison, not a signature check.
-    verified: HashMap<PeerId, MemberRecord>,
-    /// Why the last decode failed.
-    last_error: Option<RecordError>,
-    /// Signatures are not checked (simulations of thousands of nodes: [`lab`]).
-    trust: bool,
-}
-
-impl Checks {
-    /// Verifies `r`'s signature (once per record) and that the binding admits it (every time: a Node can go).
-    fn check(&mut self, r: &MemberRecord) -> Result<(), RecordError> {
-        if !self.trust && self.verified.get(&r.peer) != Some(r) {
-            if !self.verified.contains_key(&r.peer) && self.verified.len() >= MAX_MEMBERS {
-                return Err(RecordError::Full);
-            }
-            r.verify()?;
-            self.verified.insert(r.peer, r.clone());
-        }
-        self.binding.admit(&r.claim()).map_err(RecordError::Unbound)
-    }
-
-    fn fail(&mut self, e: RecordError) -> RecordError {
-        self.last_error = Some(e.clone());
-        e
-    }
-}
-
-/// foca's postcard encoding, with every record verified on the way in and the sender bound to the transport's peer.
-#[derive(Debug, Clone)]
-struct SignedCodec(Arc<Mutex<Checks>>);
-
-impl SignedCodec {
-    fn checks(&self) -> std::sync::MutexGuard<'_, Checks> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Codec<MemberRecord> for SignedCodec {
-    type Error = RecordError;
-
-    fn encode_header(&mut self, header: &Header<MemberRecord>, buf: impl BufMut) -> Result<(), RecordError> {
-        foca::PostcardCodec.encode_header(header, buf).map_err(|e| RecordError::Decode(e.to_string()))
-    }
-
-    fn decode_header(&mut self, buf: impl Buf) -> Result<Header<MemberRecord>, RecordError> {
-        let mut checks = self.checks();
-        let header: Header<MemberRecord> =
-            foca::PostcardCodec.decode_header(buf).map_err(|e| checks.fail(RecordError::Decode(e.to_string())))?;
-        if let Some(actual) = checks.sender
-            && actual != header.src.peer
-        {
-            return Err(checks.fail(RecordError::Impersonation { claimed: header.src.peer }));
-        }
-        // The destination is this node (foca compares it with its own record), possibly a join's placeholder.
-        let mut records = vec![&header.src];
-        match &header.message {
-            Message::PingReq { target, .. } | Message::IndirectAck { target, .. } => records.push(target),
-            Message::IndirectPing { origin, .. } | Message::ForwardedAck { origin, .. } => records.push(origin),
-            _ => {}
-        }
-        for r in records {
-            checks.check(r).map_err(|e| checks.fail(e))?;
-        }
-        Ok(header)
-    }
-
-    fn encode_member(&mut self, member: &Member<MemberRecord>, buf: impl BufMut) -> Result<(), RecordError> {
-        foca::PostcardCodec.encode_member(member, buf).map_err(|e| RecordError::Decode(e.to_string()))
-    }
-
-    fn decode_member(&mut self, buf: impl Buf) -> Result<Member<MemberRecord>, RecordError> {
-        let mut checks = self.checks();
-        let m: Member<MemberRecord> =
-            foca::PostcardCodec.decode_member(buf).map_err(|e| checks.fail(RecordError::Decode(e.to_string())))?;
-        checks.check(m.id()).map_err(|e| checks.fail(e))?;
-        Ok(m)
-    }
-}
-
-/// foca's random numbers (rand 0.10's traits) from the workspace's generator.
+/// The workspace's random numbers, seeded from the OS or fixed.
 #[derive(Debug)]
 pub struct SwimRng(rand::rngs::StdRng);
 
@@ -386,105 +130,88 @@ impl SwimRng {
     }
 }
 
-impl foca_rand::TryRng for SwimRng {
-    type Error = Infallible;
-
-    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        Ok(rand::RngCore::next_u32(&mut self.0))
-    }
-
-    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        Ok(rand::RngCore::next_u64(&mut self.0))
-    }
-
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
-        rand::RngCore::fill_bytes(&mut self.0, dst);
-        Ok(())
-    }
-}
-
-/// The protocol's timing.
+/// A table taken in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MembershipTiming {
-    /// One member probed per period.
-    pub probe_period: Duration,
-    /// Wait for a direct answer before asking others to probe (shorter than the period).
-    pub probe_timeout: Duration,
-    /// A suspect member's time to refute before it is dead.
-    pub suspicion: Duration,
-    /// Members asked to probe one that did not answer.
-    pub indirect_probes: usize,
-    /// While there are updates to spread: this many random members are sent them, this many times a period.
-    pub gossip: (usize, u32),
+pub struct TableApplied {
+    /// Records admitted.
+    pub taken: usize,
+    /// Members this node did not know.
+    pub new: usize,
+    /// Records the binding did not admit (left out, alone).
+    pub left_out: usize,
 }
 
-impl MembershipTiming {
-    /// The gossip the agent uses: three members, four times a period. Fewer (2×2, 3×2) left starved members no
-    /// time to refute at 1,000 nodes: `shoal-sim --membership 1000` counted 54,081 and 34,081 false (node,
-    /// member) deaths against 3 (docs/scale.md).
-    pub const GOSSIP: (usize, u32) = (3, 4);
+/// A suspicion being timed.
+#[derive(Debug)]
+struct Suspicion {
+    since: Duration,
+    deadline: Duration,
+    version: Version,
+    /// Who suspects it (distinct members; the first started it).
+    by: Vec<u128>,
 }
 
-impl MembershipTiming {
-    fn config(&self, cluster_hint: u32) -> Config {
-        let mut c = Config::new_lan(NonZeroU32::new(cluster_hint.max(2)).unwrap_or(NonZeroU32::MIN));
-        c.probe_period = self.probe_period;
-        c.probe_rtt = self.probe_timeout;
-        c.suspect_to_down_after = self.suspicion;
-        c.num_indirect_probes = NonZeroUsize::new(self.indirect_probes.max(1)).unwrap_or(NonZeroUsize::MIN);
-        // A dead member is remembered (and announced to now and then, so a healed partition merges) for 10 min.
-        c.remove_down_after = Some(Duration::from_secs(600));
-        c.max_packet_size = NonZeroUsize::new(MAX_MESSAGE).unwrap_or(NonZeroUsize::MIN);
-        // Updates spread faster than probes alone carry them: a few random members, a few times a period, only while
-        // there is something to tell (each message to a member not talked to lately costs a connection).
-        if let Some(g) = c.periodic_gossip.as_mut() {
-            g.frequency = self.probe_period / self.gossip.1.max(1);
-            g.num_members = NonZeroUsize::new(self.gossip.0.max(1)).unwrap_or(NonZeroUsize::MIN);
-        }
-        if let Some(a) = c.periodic_announce_to_down_members.as_mut() {
-            a.frequency = self.probe_period * 10;
-        }
-        c.max_transmissions = c.max_transmissions.max(NonZeroU8::new(6).unwrap_or(NonZeroU8::MIN));
-        c
-    }
+/// The probe of this period.
+#[derive(Debug)]
+struct Probe {
+    key: u128,
+    peer: PeerId,
+    version: Version,
+    seq: u64,
+    /// Ask others after this.
+    direct_until: Duration,
+    /// Suspect after this.
+    until: Duration,
+    /// Members asked to ping it (their relayed answers count).
+    helpers: Vec<PeerId>,
 }
 
-/// Something the driver must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output {
-    /// Deliver `data` to `to` (at its gossip address `addr`).
-    Send {
-        /// The peer.
-        to: PeerId,
-        /// Its gossip listener.
-        addr: SocketAddr,
-        /// The message.
-        data: Bytes,
-    },
-    /// Call [`Membership::handle_timer`] with `timer` after `after`.
-    Timer {
-        /// The delay.
-        after: Duration,
-        /// The timer.
-        timer: foca::Timer<MemberRecord>,
-    },
+/// A ping this node sends for another (an indirect probe).
+#[derive(Debug)]
+struct Relay {
+    origin: PeerId,
+    origin_addr: SocketAddr,
+    origin_seq: u64,
+    target: PeerId,
+    until: Duration,
 }
 
-type Swim = Foca<MemberRecord, SignedCodec, SwimRng, foca::NoCustomBroadcast>;
-
-/// This node's membership: the SWIM state machine, the node's signed record, and what changed.
+/// This node's membership.
 pub struct Membership {
-    foca: Swim,
-    rt: AccumulatingRuntime<MemberRecord>,
-    codec: SignedCodec,
     key: identity::Keypair,
     me: MemberRecord,
+    timing: MembershipTiming,
+    rng: rand::rngs::StdRng,
+    checks: Checks,
+    table: Table,
+    broadcasts: Broadcasts,
+    suspicions: HashMap<u128, Suspicion>,
+    /// Suspicion deadlines in order (stale ones are skipped when they come up).
+    deadlines: BTreeSet<(Duration, u128)>,
+    /// Deaths in the order they were declared (removal after [`REMEMBER_DEAD`]; announcements to the dead).
+    dead: VecDeque<(Duration, u128)>,
+    probe: Option<Probe>,
+    next_probe: Duration,
+    cursor: usize,
+    /// Neighbours heard suspected: probed next.
+    urgent: VecDeque<u128>,
+    seq: u64,
+    relays: HashMap<u64, Relay>,
+    next_gossip: Duration,
+    next_dead_announce: Duration,
+    next_sync: Duration,
+    /// When a table was last pulled.
+    last_pull: Option<Duration>,
+    /// Lifeguard's local health score: 0 is healthy.
+    health: u32,
+    out: VecDeque<Output>,
     changed: bool,
+    now: Duration,
 }
 
 impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Membership").field("me", &self.me).finish_non_exhaustive()
+        f.debug_struct("Membership").field("me", &self.me).field("members", &self.table.len()).finish_non_exhaustive()
     }
 }
 
@@ -498,27 +225,43 @@ impl Membership {
         rng: SwimRng,
         binding: Binding,
     ) -> Self {
-        let codec = SignedCodec(Arc::new(Mutex::new(Checks { binding, ..Checks::default() })));
-        let foca = Foca::new(me.clone(), timing.config(1000), rng, codec.clone());
-        Self { foca, rt: AccumulatingRuntime::new(), codec, key, me, changed: false }
+        Self {
+            table: Table::new(me.key()),
+            key,
+            me,
+            timing,
+            rng: rng.0,
+            checks: Checks { binding, ..Checks::default() },
+            broadcasts: Broadcasts::default(),
+            suspicions: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            dead: VecDeque::new(),
+            probe: None,
+            next_probe: Duration::ZERO,
+            cursor: 0,
+            urgent: VecDeque::new(),
+            seq: 0,
+            relays: HashMap::new(),
+            next_gossip: Duration::ZERO,
+            next_dead_announce: Duration::ZERO,
+            next_sync: timing.probe_period * 2,
+            last_pull: None,
+            health: 0,
+            out: VecDeque::new(),
+            changed: false,
+            now: Duration::ZERO,
+        }
     }
 
     /// Stops checking records' signatures: only for simulations, where thousands of nodes each checking thousands
     /// of records would measure ed25519 rather than the protocol.
     pub fn trust_signatures(&mut self) {
-        self.codec.checks().trust = true;
+        self.checks.trust = true;
     }
 
     /// Every other member's peer id and liveness.
     pub fn states(&self) -> impl Iterator<Item = (PeerId, Liveness)> + '_ {
-        self.foca.iter_membership_state().map(|m| {
-            let l = match m.state() {
-                State::Alive => Liveness::Alive,
-                State::Suspect => Liveness::Suspect,
-                State::Down => Liveness::Dead,
-            };
-            (m.id().peer, l)
-        })
+        self.table.iter().map(|e| (e.rec.peer(), e.state))
     }
 
     /// How this node sees `peer`, if it knows it.
@@ -526,132 +269,590 @@ impl Membership {
         self.states().find(|(p, _)| p == peer).map(|(_, l)| l)
     }
 
+    /// How this node sees the member with record key `key` ([`MemberRecord::key`]), if it knows it.
+    pub fn liveness_of_key(&self, key: u128) -> Option<Liveness> {
+        self.table.get(key).map(|e| e.state)
+    }
+
     /// This node's current record.
     pub fn me(&self) -> &MemberRecord {
         &self.me
     }
 
+    /// This node's neighbours (the members it probes and gossips with).
+    pub fn neighbours(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.table.neighbours().iter().filter_map(|k| self.table.get(*k)).map(|e| e.rec.peer())
+    }
+
+    /// Lifeguard's local health score (0: healthy; higher: this node missed answers or had to refute, and probes
+    /// more slowly).
+    pub fn health(&self) -> u32 {
+        self.health
+    }
+
     /// Asks `peer` (reached at `addr`, its record unknown yet) to let this node in: it answers with members it
     /// knows, and tells the others.
-    pub fn join(&mut self, peer: PeerId, addr: SocketAddr) {
-        if peer != self.me.peer
-            && let Err(e) = self.foca.announce(MemberRecord::placeholder(peer, addr), &mut self.rt)
-        {
-            tracing::debug!(%peer, error = %e, "membership join failed");
+    pub fn join(&mut self, peer: PeerId, addr: SocketAddr, now: Duration) {
+        self.advance(now);
+        if peer != self.me.peer() {
+            self.send(peer, addr, &Body::Announce, None);
         }
     }
 
-    /// A message from `from` (the peer the transport authenticated).
-    pub fn handle_data(&mut self, from: PeerId, data: &[u8]) -> Result<(), RecordError> {
-        if data.len() > MAX_MESSAGE {
-            return Err(RecordError::Field("message larger than 2 KiB"));
-        }
-        {
-            let mut c = self.codec.checks();
-            c.sender = Some(from);
-            c.last_error = None;
-        }
-        let r = self.foca.handle_data(data, &mut self.rt);
-        let last = {
-            let mut c = self.codec.checks();
-            c.sender = None;
-            c.last_error.take()
-        };
-        self.after_input();
-        match r {
-            Ok(()) => Ok(()),
-            // Messages from ourselves (a loopback through a stale address) are no one's fault.
-            Err(foca::Error::DataFromOurselves) => Ok(()),
-            Err(e) => Err(last.unwrap_or_else(|| RecordError::Decode(e.to_string()))),
-        }
-    }
-
-    /// A timer asked for in an [`Output::Timer`] fired.
-    pub fn handle_timer(&mut self, timer: foca::Timer<MemberRecord>) {
-        if let Err(e) = self.foca.handle_timer(timer, &mut self.rt) {
-            tracing::debug!(error = %e, "membership timer");
-        }
-        self.after_input();
-    }
-
-    /// Tells the cluster this node leaves.
-    pub fn leave(&mut self) {
-        let _ = self.foca.leave_cluster(&mut self.rt);
-    }
-
-    fn after_input(&mut self) {
-        while let Some(n) = self.rt.to_notify() {
-            match n {
-                OwnedNotification::MemberUp(_) | OwnedNotification::MemberDown(_) | OwnedNotification::Rename(_, _) => {
-                    self.changed = true
-                }
-                // Declared dead while alive: come back as a renewed record (foca cannot sign one).
-                OwnedNotification::Defunct => {
-                    let me = MemberRecord::sign(
-                        &self.key,
-                        self.me.incarnation,
-                        self.me.renewal.wrapping_add(1),
-                        &self.me.about(),
-                    );
-                    tracing::info!(renewal = me.renewal, "declared dead by the cluster while alive: rejoining");
-                    if self.foca.change_identity(me.clone(), &mut self.rt).is_ok() {
-                        self.me = me;
-                    }
-                    self.changed = true;
-                }
-                _ => {}
+    /// Tells the cluster this node leaves (its neighbours spread it).
+    pub fn leave(&mut self, now: Duration) {
+        self.advance(now);
+        let u = Update::Dead { key: self.me.key(), version: self.me.version() };
+        self.broadcasts.push(self.me.key(), wire::encode_update(&u));
+        for k in self.table.neighbours().to_vec() {
+            if let Some((p, a)) = self.addr_of(k) {
+                self.send(p, a, &Body::Gossip, None);
             }
         }
     }
 
-    /// The next thing to do, if any.
-    pub fn poll_output(&mut self) -> Option<Output> {
-        self.after_input();
-        if let Some((to, data)) = self.rt.to_send() {
-            return Some(Output::Send { to: to.peer, addr: to.gossip, data });
-        }
-        self.rt.to_schedule().map(|(after, timer)| Output::Timer { after, timer })
+    fn advance(&mut self, now: Duration) {
+        self.now = self.now.max(now);
     }
 
-    /// Whether the member table changed since the last call (a member joined, left, or changed record).
+    fn addr_of(&self, key: u128) -> Option<(PeerId, SocketAddr)> {
+        self.table.get(key).map(|e| (e.rec.peer(), e.rec.gossip()))
+    }
+
+    fn period(&self) -> Duration {
+        self.timing.probe_period * (1 + self.health)
+    }
+
+    fn retransmits(&self) -> u32 {
+        let n = (self.table.live() + 1) as f64;
+        RETRANSMIT * (n + 1.0).log10().ceil().max(1.0) as u32
+    }
+
+    fn healthier(&mut self) {
+        self.health = self.health.saturating_sub(1);
+    }
+
+    fn sicker(&mut self) {
+        self.health = (self.health + 1).min(MAX_HEALTH);
+    }
+
+    /// Queues `body` for `to`, with what this node holds against `to` first (a suspect learns it is suspected at
+    /// once) and then the updates still to spread.
+    fn send(&mut self, to: PeerId, addr: SocketAddr, body: &Body, about: Option<u128>) {
+        let mut room = MAX_MESSAGE.saturating_sub(wire::header_len(&self.me, body));
+        let mut updates: Vec<Vec<u8>> = Vec::new();
+        if let Some(k) = about
+            && let Some(e) = self.table.get(k)
+        {
+            let u = match (e.state, self.suspicions.get(&k)) {
+                (Liveness::Suspect, Some(s)) => {
+                    Some(Update::Suspect { key: k, version: s.version, by: s.by.first().copied().unwrap_or(k) })
+                }
+                (Liveness::Dead, _) => Some(Update::Dead { key: k, version: e.down.unwrap_or(e.rec.version()) }),
+                _ => None,
+            };
+            if let Some(u) = u {
+                let b = wire::encode_update(&u);
+                room = room.saturating_sub(b.len());
+                updates.push(b);
+            }
+        }
+        let limit = self.retransmits();
+        updates.extend(self.broadcasts.take(room, limit, about.filter(|_| !updates.is_empty())));
+        let refs: Vec<&[u8]> = updates.iter().map(Vec::as_slice).collect();
+        let data = Bytes::from(wire::encode(&self.me, body, &refs));
+        self.out.push_back(Output::Send { to, addr, data });
+    }
+
+    /// A message from `from` (the peer the transport authenticated). Refused whole when it is undecodable, too
+    /// large, sent in another member's name, or holds a record whose signature or fields are bad; a record the
+    /// binding does not admit is left out alone. Returns how many records were left out.
+    pub fn handle_data(&mut self, from: PeerId, data: &[u8], now: Duration) -> Result<usize, RecordError> {
+        self.advance(now);
+        if data.len() > MAX_MESSAGE {
+            return Err(RecordError::Field("message larger than 2 KiB"));
+        }
+        let env = wire::decode(data).map_err(|e| RecordError::Decode(e.to_string()))?;
+        if env.from.peer() == self.me.peer() {
+            // A loopback through a stale address: no one's fault.
+            return Ok(0);
+        }
+        if env.from.peer() != from {
+            return Err(RecordError::Impersonation { claimed: env.from.peer() });
+        }
+        self.checks.check(&env.from)?;
+        if let Body::PingReq { target, .. } = &env.body {
+            self.checks.check(target)?;
+        }
+        let mut left_out = 0;
+        let mut admitted = Vec::with_capacity(env.updates.len());
+        for u in env.updates {
+            if let Update::Alive(r) = &u {
+                match self.checks.check(r) {
+                    Ok(()) => {}
+                    Err(RecordError::Unbound(why)) => {
+                        tracing::debug!(member = ?r, why, "unbound member left out of a message");
+                        left_out += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            admitted.push(u);
+        }
+        let sender = env.from.key();
+        self.apply_alive(env.from, true);
+        for u in admitted {
+            self.apply(u, true);
+        }
+        match env.body {
+            Body::Ping { seq } => {
+                if let Some((p, a)) = self.addr_of(sender) {
+                    self.send(p, a, &Body::Ack { seq }, Some(sender));
+                }
+            }
+            Body::Ack { seq } => self.on_ack(from, seq),
+            Body::PingReq { seq, target } => {
+                self.seq += 1;
+                let relay = Relay {
+                    origin: from,
+                    origin_addr: self.addr_of(sender).map_or(target.gossip(), |(_, a)| a),
+                    origin_seq: seq,
+                    target: target.peer(),
+                    until: self.now + self.timing.probe_period,
+                };
+                self.relays.insert(self.seq, relay);
+                let s = self.seq;
+                self.send(target.peer(), target.gossip(), &Body::Ping { seq: s }, Some(target.key()));
+            }
+            Body::Announce => self.feed(sender),
+            Body::Feed | Body::Gossip => {}
+            Body::Sync { digest, reply } => {
+                if digest != self.digest()
+                    && let Some((p, a)) = self.addr_of(sender)
+                {
+                    self.pull(p, a);
+                    if !reply {
+                        let digest = self.digest();
+                        self.send(p, a, &Body::Sync { digest, reply: true }, Some(sender));
+                    }
+                }
+            }
+        }
+        Ok(left_out)
+    }
+
+    /// The digest of the members this node does not hold dead, itself included.
+    pub fn digest(&self) -> u128 {
+        self.table.digest() ^ table::digest_of(self.me.key(), self.me.version())
+    }
+
+    fn pull(&mut self, to: PeerId, addr: SocketAddr) {
+        let every = self.timing.probe_period * PULL_AT_MOST_EVERY;
+        if self.last_pull.is_some_and(|t| self.now < t + every) {
+            return;
+        }
+        self.last_pull = Some(self.now);
+        self.out.push_back(Output::PullTable { to, addr });
+    }
+
+    fn on_ack(&mut self, from: PeerId, seq: u64) {
+        if let Some(p) = &self.probe
+            && p.seq == seq
+            && (p.peer == from || p.helpers.contains(&from))
+        {
+            self.probe = None;
+            self.healthier();
+            return;
+        }
+        if let Some(r) = self.relays.get(&seq)
+            && r.target == from
+            && let Some(r) = self.relays.remove(&seq)
+        {
+            self.send(r.origin, r.origin_addr, &Body::Ack { seq: r.origin_seq }, None);
+        }
+    }
+
+    /// Answers an announcement from `key`: what this node holds against it, then random members' records.
+    fn feed(&mut self, key: u128) {
+        let Some((peer, addr)) = self.addr_of(key) else { return };
+        let mut room = MAX_MESSAGE.saturating_sub(wire::header_len(&self.me, &Body::Feed) + 200);
+        let n = self.table.len();
+        let skip = if n > 0 { self.rng.random_range(0..n) } else { 0 };
+        let mut records = Vec::new();
+        for e in self.table.iter().cycle().skip(skip).take(n) {
+            if e.state == Liveness::Dead || e.rec.key() == key {
+                continue;
+            }
+            let b = wire::encode_update(&Update::Alive(Box::new(e.rec.clone())));
+            if b.len() > room {
+                break;
+            }
+            room -= b.len();
+            records.push(b);
+        }
+        // The records go as the feed's updates, ahead of the broadcast queue's.
+        let mut head = self.against(key);
+        head.extend(records);
+        let refs: Vec<&[u8]> = head.iter().map(Vec::as_slice).collect();
+        let data = Bytes::from(wire::encode(&self.me, &Body::Feed, &refs));
+        self.out.push_back(Output::Send { to: peer, addr, data });
+    }
+
+    /// What this node holds against member `key` (suspect or dead), encoded.
+    fn against(&self, key: u128) -> Vec<Vec<u8>> {
+        let Some(e) = self.table.get(key) else { return Vec::new() };
+        match e.state {
+            Liveness::Dead => {
+                vec![wire::encode_update(&Update::Dead { key, version: e.down.unwrap_or(e.rec.version()) })]
+            }
+            Liveness::Suspect => self
+                .suspicions
+                .get(&key)
+                .map(|s| {
+                    let by = s.by.first().copied().unwrap_or(key);
+                    vec![wire::encode_update(&Update::Suspect { key, version: s.version, by })]
+                })
+                .unwrap_or_default(),
+            Liveness::Alive => Vec::new(),
+        }
+    }
+
+    fn broadcast(&mut self, u: &Update) {
+        self.broadcasts.push(u.key(), wire::encode_update(u));
+    }
+
+    fn apply(&mut self, u: Update, spread: bool) {
+        match u {
+            Update::Alive(r) => {
+                self.apply_alive(*r, spread);
+            }
+            Update::Suspect { key, version, by } => self.apply_suspect(key, version, by),
+            Update::Dead { key, version } => self.apply_dead(key, version, spread),
+        }
+    }
+
+    /// A signed record, checked. Returns whether this node did not know the member.
+    fn apply_alive(&mut self, rec: MemberRecord, spread: bool) -> bool {
+        let key = rec.key();
+        if key == self.me.key() {
+            return false;
+        }
+        let newer = match self.table.get(key) {
+            None => {
+                if self.table.len() >= MAX_MEMBERS {
+                    return false;
+                }
+                if spread {
+                    self.broadcast(&Update::Alive(Box::new(rec.clone())));
+                }
+                self.table.insert(rec);
+                self.changed = true;
+                return true;
+            }
+            Some(e) => match e.state {
+                Liveness::Dead => e.down.is_none_or(|d| rec.version() > d) && rec.supersedes(&e.rec),
+                _ => rec.supersedes(&e.rec),
+            },
+        };
+        if newer {
+            if spread {
+                self.broadcast(&Update::Alive(Box::new(rec.clone())));
+            }
+            self.suspicions.remove(&key);
+            self.table.replace(rec);
+            self.changed = true;
+        }
+        false
+    }
+
+    fn apply_suspect(&mut self, key: u128, version: Version, by: u128) {
+        if key == self.me.key() {
+            if version >= self.me.version() {
+                self.refute(version);
+            }
+            return;
+        }
+        let Some(e) = self.table.get(key) else { return };
+        if e.rec.version() != version {
+            return;
+        }
+        match e.state {
+            Liveness::Dead => {}
+            Liveness::Alive => {
+                self.table.suspect(key);
+                let deadline = self.now + self.suspicion_timeout(0);
+                self.suspicions.insert(key, Suspicion { since: self.now, deadline, version, by: vec![by] });
+                self.deadlines.insert((deadline, key));
+                self.broadcast(&Update::Suspect { key, version, by });
+                self.changed = true;
+                if by != self.me.key() && self.table.is_neighbour(key) && !self.urgent.contains(&key) {
+                    self.urgent.push_back(key);
+                }
+            }
+            Liveness::Suspect => {
+                let timeout = |c| self.suspicion_timeout(c);
+                let Some(s) = self.suspicions.get(&key) else { return };
+                if s.by.contains(&by) || s.by.len() > CONFIRMATIONS {
+                    return;
+                }
+                let deadline = s.since + timeout(s.by.len());
+                let Some(s) = self.suspicions.get_mut(&key) else { return };
+                s.by.push(by);
+                self.deadlines.remove(&(s.deadline, key));
+                s.deadline = deadline;
+                self.deadlines.insert((deadline, key));
+                // A new confirmation spreads: it shortens the others' timeouts too.
+                self.broadcast(&Update::Suspect { key, version, by });
+            }
+        }
+    }
+
+    /// Lifeguard: from `SUSPICION_STRETCH × suspicion` with no confirmation down to `suspicion` with
+    /// [`CONFIRMATIONS`] of them (fewer expected in a small cluster).
+    fn suspicion_timeout(&self, confirmations: usize) -> Duration {
+        let min = self.timing.suspicion;
+        let max = min * SUSPICION_STRETCH;
+        let k = CONFIRMATIONS.min(self.table.live().saturating_sub(1));
+        if k == 0 {
+            return min;
+        }
+        let frac = ((confirmations as f64) + 1.0).ln() / ((k as f64) + 1.0).ln();
+        max.saturating_sub((max - min).mul_f64(frac.min(1.0))).max(min)
+    }
+
+    fn apply_dead(&mut self, key: u128, version: Version, spread: bool) {
+        if key == self.me.key() {
+            if version >= self.me.version() {
+                self.refute(version);
+            }
+            return;
+        }
+        let Some(e) = self.table.get(key) else { return };
+        // A death of a later version than this node knows is the death of the earlier one too.
+        if version < e.rec.version() || e.state == Liveness::Dead {
+            return;
+        }
+        self.kill(key, version, spread);
+    }
+
+    fn kill(&mut self, key: u128, version: Version, spread: bool) {
+        if let Some(s) = self.suspicions.remove(&key) {
+            self.deadlines.remove(&(s.deadline, key));
+        }
+        self.table.kill(key, version);
+        self.dead.push_back((self.now, key));
+        if spread {
+            self.broadcast(&Update::Dead { key, version });
+        }
+        self.changed = true;
+    }
+
+    /// Suspected or declared dead while alive: a renewed record (only this node's key can sign it) supersedes
+    /// the accusation.
+    fn refute(&mut self, accused: Version) {
+        let renewal = if accused.0 == self.me.version().0 { accused.1 } else { self.me.version().1 }.wrapping_add(1);
+        let me = MemberRecord::sign(&self.key, self.me.version().0, renewal, &self.me.about());
+        tracing::debug!(renewal, "suspected or declared dead while alive: refuting");
+        self.me = me.clone();
+        self.broadcast(&Update::Alive(Box::new(me)));
+        self.sicker();
+    }
+
+    /// What is due at `now`: the probe, its indirect pings or the suspicion it ends in, suspicions that ran out,
+    /// a gossip round, forgetting and re-announcing to dead members.
+    pub fn tick(&mut self, now: Duration) {
+        self.advance(now);
+        let now = self.now;
+        if self.probe.as_ref().is_some_and(|p| p.helpers.is_empty() && now >= p.direct_until) {
+            self.ask_helpers();
+        }
+        if let Some(p) = &self.probe
+            && now >= p.until
+        {
+            let (key, version) = (p.key, p.version);
+            self.probe = None;
+            self.sicker();
+            let me = self.me.key();
+            self.apply_suspect(key, version, me);
+        }
+        if self.probe.is_none() && now >= self.next_probe {
+            self.start_probe();
+        }
+        while let Some(&(at, key)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(s) = self.suspicions.get(&key)
+                && s.deadline == at
+            {
+                let version = s.version;
+                tracing::debug!(member = ?self.table.get(key).map(|e| &e.rec), "suspect did not refute: dead");
+                self.kill(key, version, true);
+            }
+        }
+        if !self.broadcasts.is_empty() && now >= self.next_gossip {
+            self.next_gossip = now + self.period() / self.timing.gossip.1.max(1);
+            let targets: Vec<u128> =
+                self.table.neighbours().choose_multiple(&mut self.rng, self.timing.gossip.0.max(1)).copied().collect();
+            for k in targets {
+                if let Some((p, a)) = self.addr_of(k) {
+                    self.send(p, a, &Body::Gossip, Some(k));
+                }
+            }
+        }
+        while let Some(&(at, key)) = self.dead.front() {
+            if at + REMEMBER_DEAD > now {
+                break;
+            }
+            self.dead.pop_front();
+            if self.table.get(key).is_some_and(|e| e.state == Liveness::Dead)
+                && let Some(e) = self.table.remove(key)
+            {
+                self.checks.forget(&e.rec.peer());
+            }
+        }
+        if now >= self.next_dead_announce {
+            self.next_dead_announce = now + self.timing.probe_period * ANNOUNCE_TO_DEAD_EVERY;
+            let dead: Vec<u128> = self.dead.iter().map(|(_, k)| *k).collect();
+            if let Some(&k) = dead.choose(&mut self.rng)
+                && self.table.get(k).is_some_and(|e| e.state == Liveness::Dead)
+                && let Some((p, a)) = self.addr_of(k)
+            {
+                self.send(p, a, &Body::Announce, Some(k));
+            }
+        }
+        if now >= self.next_sync {
+            self.next_sync = now + self.timing.probe_period * SYNC_EVERY;
+            if let Some(&k) = self.table.neighbours().choose(&mut self.rng)
+                && let Some((p, a)) = self.addr_of(k)
+            {
+                let digest = self.digest();
+                self.send(p, a, &Body::Sync { digest, reply: false }, Some(k));
+            }
+        }
+        if !self.relays.is_empty() {
+            self.relays.retain(|_, r| r.until > now);
+        }
+    }
+
+    fn start_probe(&mut self) {
+        let period = self.period();
+        self.next_probe = self.now + period;
+        let urgent = std::iter::from_fn(|| self.urgent.pop_front())
+            .find(|k| self.table.is_neighbour(*k) && self.table.get(*k).is_some_and(|e| e.state != Liveness::Dead));
+        let key = match urgent {
+            Some(k) => k,
+            None => {
+                let n = self.table.neighbours();
+                if n.is_empty() {
+                    return;
+                }
+                self.cursor = (self.cursor + 1) % n.len();
+                n[self.cursor]
+            }
+        };
+        let Some(e) = self.table.get(key) else { return };
+        let (peer, addr, version) = (e.rec.peer(), e.rec.gossip(), e.rec.version());
+        self.seq += 1;
+        let timeout = (self.timing.probe_timeout * (1 + self.health)).min(period / 2);
+        self.probe = Some(Probe {
+            key,
+            peer,
+            version,
+            seq: self.seq,
+            direct_until: self.now + timeout,
+            until: self.now + period,
+            helpers: Vec::new(),
+        });
+        let seq = self.seq;
+        self.send(peer, addr, &Body::Ping { seq }, Some(key));
+    }
+
+    fn ask_helpers(&mut self) {
+        let Some(p) = &self.probe else { return };
+        let (target, seq) = (p.key, p.seq);
+        let Some(rec) = self.table.get(target).map(|e| e.rec.clone()) else { return };
+        let candidates: Vec<u128> = self.table.neighbours().iter().copied().filter(|k| *k != target).collect();
+        let picked: Vec<u128> =
+            candidates.into_iter().choose_multiple(&mut self.rng, self.timing.indirect_probes.max(1));
+        let mut helpers = Vec::new();
+        for k in picked {
+            if let Some((peer, addr)) = self.addr_of(k) {
+                helpers.push(peer);
+                self.send(peer, addr, &Body::PingReq { seq, target: Box::new(rec.clone()) }, Some(k));
+            }
+        }
+        if helpers.is_empty() {
+            // Nobody to ask: a placeholder so the question is not asked again this period.
+            helpers.push(self.me.peer());
+        }
+        if let Some(p) = self.probe.as_mut() {
+            p.helpers = helpers;
+        }
+    }
+
+    /// When [`Self::tick`] is next due (`None`: nothing is, until a message arrives).
+    pub fn next_wake(&self) -> Option<Duration> {
+        let mut t: Option<Duration> = None;
+        let mut at = |d: Duration| t = Some(t.map_or(d, |t| t.min(d)));
+        match &self.probe {
+            Some(p) => {
+                at(p.until);
+                if p.helpers.is_empty() {
+                    at(p.direct_until);
+                }
+            }
+            None if self.table.live() > 0 => at(self.next_probe),
+            None => {}
+        }
+        if let Some((d, _)) = self.deadlines.first() {
+            at(*d);
+        }
+        if !self.broadcasts.is_empty() {
+            at(self.next_gossip);
+        }
+        if let Some((d, _)) = self.dead.front() {
+            at(*d + REMEMBER_DEAD);
+            at(self.next_dead_announce);
+        }
+        if self.table.live() > 0 {
+            at(self.next_sync);
+        }
+        t
+    }
+
+    /// The next message to send, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// Whether the member table changed since the last call (a member joined, left, changed record or state).
     pub fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
     }
 
     /// Every other member this node knows, with its liveness.
     pub fn members(&self) -> Vec<(MemberInfo, Liveness)> {
-        let mut v: Vec<_> =
-            self.foca.iter_membership_state().zip(self.states()).map(|(m, (_, l))| (m.id().info(), l)).collect();
+        let mut v: Vec<_> = self.table.iter().map(|e| (e.rec.info(), e.state)).collect();
         v.sort_by_key(|(i, _)| i.id);
         v
     }
 
-    /// Alive or suspect members, and a fingerprint of their states: it changes when any member's state does.
-    pub fn fingerprint(&self) -> [u8; 32] {
-        let mut v: Vec<(Vec<u8>, u64, u16, u8)> = self
-            .foca
-            .iter_membership_state()
-            .map(|m| (m.id().peer.to_bytes(), m.id().incarnation, m.id().renewal, m.state() as u8))
-            .collect();
-        v.sort();
-        let mut h = blake3::Hasher::new();
-        for (p, i, r, s) in v {
-            h.update(&p);
-            h.update(&i.to_be_bytes());
-            h.update(&r.to_be_bytes());
-            h.update(&[s]);
-        }
-        *h.finalize().as_bytes()
-    }
-
     /// Number of members known, dead ones included.
     pub fn len(&self) -> usize {
-        self.foca.iter_membership_state().len()
+        self.table.len()
     }
 
     /// Whether no other member is known.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Updates waiting to be spread.
+    pub fn pending_updates(&self) -> usize {
+        self.broadcasts.len()
     }
 
     /// What a joining node asks a member for the table with: its own record, so the member answers only a peer
@@ -662,58 +863,60 @@ impl Membership {
 
     /// The table for `from`, which asked with `request` ([`Self::table_request`]): refused unless the record is
     /// `from`'s own, signed, and admitted by the binding.
-    pub fn table_for(&self, from: PeerId, request: &[u8]) -> Result<Vec<u8>, RecordError> {
+    pub fn table_for(&mut self, from: PeerId, request: &[u8]) -> Result<Vec<u8>, RecordError> {
         let r: MemberRecord = postcard::from_bytes(request).map_err(|e| RecordError::Decode(e.to_string()))?;
-        if r.peer != from {
-            return Err(RecordError::Impersonation { claimed: r.peer });
+        if r.peer() != from {
+            return Err(RecordError::Impersonation { claimed: r.peer() });
         }
-        self.codec.checks().check(&r)?;
+        self.checks.check(&r)?;
         Ok(self.table())
     }
 
-    /// The whole table, for a joining node (a full-state exchange: SWIM's gossip carries changes, not the steady
-    /// state, so a node joining a large cluster would otherwise learn the other members slowly).
+    /// The whole table (records, and whether each is dead), this node's record included: a full-state exchange
+    /// for a joining node (SWIM's gossip carries changes, not the steady state).
     pub fn table(&self) -> Vec<u8> {
-        let mut all: Vec<Member<MemberRecord>> = self.foca.iter_membership_state().cloned().collect();
-        all.push(Member::alive(self.me.clone()));
+        let mut all: Vec<(&MemberRecord, bool)> =
+            self.table.iter().map(|e| (&e.rec, e.state == Liveness::Dead)).collect();
+        all.push((&self.me, false));
         postcard::to_allocvec(&all).unwrap_or_default()
     }
 
     /// Takes in a table from `from` (see [`Self::table`]): every record is verified. A bad signature or field
     /// refuses the whole table (its sender lies or is broken); a record the binding does not admit (yet: a Node the
-    /// watch has not brought) is left out alone. Returns how many records were taken and how many left out.
-    pub fn apply_table(&mut self, from: PeerId, data: &[u8]) -> Result<(usize, usize), RecordError> {
-        let all: Vec<Member<MemberRecord>> =
+    /// watch has not brought) is left out alone. Nothing taken is re-spread: the others know it already.
+    pub fn apply_table(&mut self, from: PeerId, data: &[u8], now: Duration) -> Result<TableApplied, RecordError> {
+        self.advance(now);
+        let all: Vec<(MemberRecord, bool)> =
             postcard::from_bytes(data).map_err(|e| RecordError::Decode(e.to_string()))?;
         if all.len() > MAX_MEMBERS {
             return Err(RecordError::Full);
         }
-        if !all.iter().any(|m| m.id().peer == from) {
+        if !all.iter().any(|(r, _)| r.peer() == from) {
             return Err(RecordError::Field("a table must hold its sender's record"));
         }
         let mut admitted = Vec::with_capacity(all.len());
         let mut left_out = 0;
-        {
-            let mut c = self.codec.checks();
-            for m in all {
-                match c.check(m.id()) {
-                    Ok(()) => admitted.push(m),
-                    Err(RecordError::Unbound(why)) => {
-                        tracing::debug!(member = ?m.id(), why, "unbound member left out of a table");
-                        left_out += 1;
-                    }
-                    Err(e) => return Err(e),
+        for (r, dead) in all {
+            match self.checks.check(&r) {
+                Ok(()) => admitted.push((r, dead)),
+                Err(RecordError::Unbound(why)) => {
+                    tracing::debug!(member = ?r, why, "unbound member left out of a table");
+                    left_out += 1;
                 }
+                Err(e) => return Err(e),
             }
         }
-        let n = admitted.len();
-        let all = admitted;
-        // Not re-broadcast: the rest of the cluster knows these already.
-        if let Err(e) = self.foca.apply_many(all.into_iter(), false, &mut self.rt) {
-            tracing::debug!(error = %e, "membership table");
+        let taken = admitted.len();
+        let mut new = 0;
+        for (r, dead) in admitted {
+            if dead {
+                // Only a member this node knows alive at that version or earlier is taken dead.
+                self.apply_dead(r.key(), r.version(), false);
+            } else if self.apply_alive(r, false) {
+                new += 1;
+            }
         }
-        self.after_input();
-        Ok((n, left_out))
+        Ok(TableApplied { taken, new, left_out })
     }
 }
 

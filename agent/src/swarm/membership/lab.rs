@@ -27,9 +27,9 @@ enum Event {
         from: PeerId,
         data: Vec<u8>,
     },
-    Timer {
+    /// Node `node`'s [`Membership::tick`] is due.
+    Wake {
         node: usize,
-        timer: foca::Timer<MemberRecord>,
     },
 }
 
@@ -37,6 +37,10 @@ enum Event {
 pub struct Lab {
     nodes: Vec<Option<Membership>>,
     index: HashMap<PeerId, usize>,
+    /// Each node's record key ([`MemberRecord::key`]).
+    keys: Vec<u128>,
+    /// When each node's pending wake-up is (one per node: earlier ones replace it).
+    wake_at: Vec<Option<Duration>>,
     now: Duration,
     queue: BinaryHeap<Reverse<(Duration, u64)>>,
     events: HashMap<u64, Event>,
@@ -48,8 +52,12 @@ pub struct Lab {
     rng: rand::rngs::StdRng,
     /// Messages each node sent.
     pub sent: Vec<u64>,
-    /// Bytes each node sent.
+    /// Bytes each node sent (tables included).
     pub sent_bytes: Vec<u64>,
+    /// Tables sent.
+    pub tables: u64,
+    /// Per node: tables in a row that brought no new member.
+    stale: Vec<u32>,
 }
 
 impl std::fmt::Debug for Lab {
@@ -71,6 +79,8 @@ impl Lab {
         let mut lab = Self {
             nodes: Vec::with_capacity(n),
             index: HashMap::new(),
+            keys: Vec::with_capacity(n),
+            wake_at: vec![None; n],
             now: Duration::ZERO,
             queue: BinaryHeap::new(),
             events: HashMap::new(),
@@ -80,11 +90,14 @@ impl Lab {
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             sent: vec![0; n],
             sent_bytes: vec![0; n],
+            tables: 0,
+            stale: vec![0; n],
         };
         for i in 0..n {
             let key = identity::Keypair::generate_ed25519();
             let me = record(&key, i);
             lab.index.insert(me.peer(), i);
+            lab.keys.push(me.key());
             let rng = SwimRng::seeded(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
             let mut m = Membership::new(key, me, timing, rng, Binding::Open);
             if !verify {
@@ -142,6 +155,7 @@ impl Lab {
         while let Some(o) = m.poll_output() {
             out.push(o);
         }
+        let wake = m.next_wake();
         for o in out {
             match o {
                 Output::Send { to, data, .. } => {
@@ -155,8 +169,18 @@ impl Lab {
                         self.push(at, Event::Deliver { to, from, data });
                     }
                 }
-                Output::Timer { after, timer } => self.push(self.now + after, Event::Timer { node: i, timer }),
+                Output::PullTable { to, .. } => {
+                    if let Some(&j) = self.index.get(&to) {
+                        self.pull_table(i, j);
+                    }
+                }
             }
+        }
+        if let Some(at) = wake
+            && self.wake_at[i].is_none_or(|w| at < w)
+        {
+            self.wake_at[i] = Some(at.max(self.now));
+            self.push(at.max(self.now), Event::Wake { node: i });
         }
     }
 
@@ -166,19 +190,36 @@ impl Lab {
         let (Some(s), Some(_)) = (self.nodes[seed].as_ref(), self.nodes[i].as_ref()) else { return };
         let (p, a) = (s.me().peer(), s.me().gossip());
         let Some(m) = self.nodes[i].as_mut() else { return };
-        m.join(p, a);
+        m.join(p, a, self.now);
         let request = m.table_request();
         let me = m.me().peer();
         self.drain(i);
-        if let Some(Ok(table)) = self.nodes[seed].as_ref().map(|s| s.table_for(me, &request)) {
+        if let Some(Ok(table)) = self.nodes[seed].as_mut().map(|s| s.table_for(me, &request)) {
             self.push(self.now + Duration::from_millis(2), Event::Table { to: i, from: p, data: table });
         }
     }
 
+    /// Node `i` asks node `j` for its table (the answer arrives 2 ms later, counted as `j`'s bytes).
+    fn pull_table(&mut self, i: usize, j: usize) {
+        let Some(m) = self.nodes[i].as_ref() else { return };
+        let (me, request) = (m.me().peer(), m.table_request());
+        let Some(s) = self.nodes[j].as_mut() else { return };
+        let from = s.me().peer();
+        if let Ok(table) = s.table_for(me, &request) {
+            self.sent[j] += 1;
+            self.sent_bytes[j] += table.len() as u64;
+            self.tables += 1;
+            self.push(self.now + Duration::from_millis(2), Event::Table { to: i, from, data: table });
+        }
+    }
+
     /// Each live node that knows an alive member pulls the table from a random one (what the agent does every 3 s
-    /// for its first minute).
+    /// for its first minute, until two tables in a row bring it no new member).
     pub fn pull_tables(&mut self) {
         for i in 0..self.nodes.len() {
+            if self.stale[i] >= 2 {
+                continue;
+            }
             let Some(m) = self.nodes[i].as_ref() else { continue };
             let alive: Vec<PeerId> = m.states().filter(|(_, l)| *l == Liveness::Alive).map(|(p, _)| p).collect();
             if alive.is_empty() {
@@ -187,7 +228,7 @@ impl Lab {
             let from = alive[self.rng.random_range(0..alive.len())];
             let (me, request) = (m.me().peer(), m.table_request());
             let Some(&j) = self.index.get(&from) else { continue };
-            if let Some(Ok(table)) = self.nodes[j].as_ref().map(|s| s.table_for(me, &request)) {
+            if let Some(Ok(table)) = self.nodes[j].as_mut().map(|s| s.table_for(me, &request)) {
                 self.push(self.now + Duration::from_millis(2), Event::Table { to: i, from, data: table });
             }
         }
@@ -214,19 +255,25 @@ impl Lab {
             let node = match e {
                 Event::Deliver { to, from, data } => {
                     if let Some(m) = self.nodes[to].as_mut() {
-                        let _ = m.handle_data(from, &data);
+                        let _ = m.handle_data(from, &data, at);
                     }
                     to
                 }
                 Event::Table { to, from, data } => {
-                    if let Some(m) = self.nodes[to].as_mut() {
-                        let _ = m.apply_table(from, &data);
+                    if let Some(m) = self.nodes[to].as_mut()
+                        && let Ok(r) = m.apply_table(from, &data, at)
+                    {
+                        self.stale[to] = if r.new == 0 { self.stale[to] + 1 } else { 0 };
                     }
                     to
                 }
-                Event::Timer { node, timer } => {
+                Event::Wake { node } => {
+                    if self.wake_at[node] != Some(at) {
+                        continue;
+                    }
+                    self.wake_at[node] = None;
                     if let Some(m) = self.nodes[node].as_mut() {
-                        m.handle_timer(timer);
+                        m.tick(at);
                     }
                     node
                 }
@@ -243,7 +290,7 @@ impl Lab {
             if m.me().peer() == of {
                 continue;
             }
-            let s = m.liveness_of(&of).map(|l| format!("{l:?}"));
+            let s = self.index.get(&of).and_then(|&i| m.liveness_of_key(self.keys[i])).map(|l| format!("{l:?}"));
             *counts.entry(s.unwrap_or_else(|| "unknown".into())).or_default() += 1;
         }
         counts

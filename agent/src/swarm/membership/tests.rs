@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use super::lab::Lab;
 use super::*;
@@ -115,13 +116,12 @@ fn node(n: usize) -> (identity::Keypair, MemberRecord) {
     (key, r)
 }
 
-/// A ping from `src` to `dst`, encoded as foca would.
-fn ping(src: &MemberRecord, dst: &MemberRecord) -> Vec<u8> {
-    let header = Header { src: src.clone(), src_incarnation: 0, dst: dst.clone(), message: Message::Ping(1) };
-    let mut buf = Vec::new();
-    foca::PostcardCodec.encode_header(&header, &mut buf).unwrap();
-    buf
+/// A ping from `src` (to whoever gets it).
+fn ping(src: &MemberRecord, _dst: &MemberRecord) -> Vec<u8> {
+    wire::encode(src, &Body::Ping { seq: 1 }, &[])
 }
+
+const T0: Duration = Duration::ZERO;
 
 #[test]
 fn records_are_signed_and_the_sender_is_the_authenticated_peer() {
@@ -134,11 +134,11 @@ fn records_are_signed_and_the_sender_is_the_authenticated_peer() {
     let mut forged = honest.clone();
     forged.w.transfer = "10.9.9.9:1".parse().unwrap();
     assert_eq!(forged.verify(), Err(RecordError::Signature(honest.peer())));
-    assert_eq!(m.handle_data(honest.peer(), &ping(&forged, &me)), Err(RecordError::Signature(honest.peer())));
+    assert_eq!(m.handle_data(honest.peer(), &ping(&forged, &me), T0), Err(RecordError::Signature(honest.peer())));
     // A member sending a message in another member's name (its genuine record) is refused.
     let (_, liar) = node(3);
     assert_eq!(
-        m.handle_data(liar.peer(), &ping(&honest, &me)),
+        m.handle_data(liar.peer(), &ping(&honest, &me), T0),
         Err(RecordError::Impersonation { claimed: honest.peer() })
     );
     // A record signed by another key than its peer id names.
@@ -152,10 +152,10 @@ fn records_are_signed_and_the_sender_is_the_authenticated_peer() {
     assert!(matches!(bad_zone.verify(), Err(RecordError::Field(_))));
     assert!(m.members().is_empty(), "nothing refused got in");
     // Garbage and oversized input.
-    assert!(matches!(m.handle_data(honest.peer(), b"\xff\xff\xff"), Err(RecordError::Decode(_))));
-    assert!(m.handle_data(honest.peer(), &vec![0; MAX_MESSAGE + 1]).is_err());
+    assert!(matches!(m.handle_data(honest.peer(), b"\xff\xff\xff", T0), Err(RecordError::Decode(_))));
+    assert!(m.handle_data(honest.peer(), &vec![0; MAX_MESSAGE + 1], T0).is_err());
     // The honest ping is taken: the sender becomes a member and gets an answer.
-    assert_eq!(m.handle_data(honest.peer(), &ping(&honest, &me)), Ok(()));
+    assert_eq!(m.handle_data(honest.peer(), &ping(&honest, &me), T0), Ok(0));
     assert_eq!(m.members().len(), 1);
     let mut answered = false;
     while let Some(o) = m.poll_output() {
@@ -174,17 +174,17 @@ fn a_table_brings_a_new_node_every_member_at_once() {
     let sender = c.peer(0).unwrap();
     let (key, me) = node(99);
     let mut fresh = Membership::new(key, me, TIMING, SwimRng::seeded(99), Binding::Open);
-    assert_eq!(fresh.apply_table(sender, &table), Ok((12, 0)));
+    assert_eq!(fresh.apply_table(sender, &table, T0), Ok(TableApplied { taken: 12, new: 12, left_out: 0 }));
     assert_eq!(fresh.members().iter().filter(|(_, l)| *l == Liveness::Alive).count(), 12);
     assert!(fresh.take_changed());
     // A table that does not hold its sender, or that was tampered with, is refused whole.
     let (key, me) = node(100);
     let mut other = Membership::new(key, me, TIMING, SwimRng::seeded(100), Binding::Open);
-    assert!(other.apply_table(PeerId::random(), &table).is_err());
+    assert!(other.apply_table(PeerId::random(), &table, T0).is_err());
     let mut bad = table.clone();
     let at = bad.len() / 2;
     bad[at] ^= 0x55;
-    assert!(other.apply_table(sender, &bad).is_err());
+    assert!(other.apply_table(sender, &bad, T0).is_err());
     assert!(other.members().is_empty());
 }
 
@@ -197,11 +197,11 @@ fn only_bound_members_get_in() {
     let list = Binding::List(Arc::new(HashMap::from([(me.peer(), None), (listed.peer(), None)])));
     let mut m = Membership::new(key, me.clone(), TIMING, SwimRng::seeded(1), list);
     assert_eq!(
-        m.handle_data(unlisted.peer(), &ping(&unlisted, &me)),
+        m.handle_data(unlisted.peer(), &ping(&unlisted, &me), T0),
         Err(RecordError::Unbound("peer id not in the member list"))
     );
     assert!(m.members().is_empty());
-    assert_eq!(m.handle_data(listed.peer(), &ping(&listed, &me)), Ok(()));
+    assert_eq!(m.handle_data(listed.peer(), &ping(&listed, &me), T0), Ok(0));
     assert_eq!(m.members().len(), 1);
 
     // Kubernetes: a member is its Node; a record naming another node's name from its own address is refused,
@@ -222,17 +222,17 @@ fn only_bound_members_get_in() {
     let invented = MemberRecord::sign(&identity::Keypair::generate_ed25519(), 1, 0, &on("n9", 9));
     let mut m1 = Membership::new(k1, r1.clone(), TIMING, SwimRng::seeded(1), Binding::Nodes(book.clone()));
     assert_eq!(
-        m1.handle_data(claims_n1.peer(), &ping(&claims_n1, &r1)),
+        m1.handle_data(claims_n1.peer(), &ping(&claims_n1, &r1), T0),
         Err(RecordError::Unbound("address is not its Node's"))
     );
-    assert_eq!(m1.handle_data(invented.peer(), &ping(&invented, &r1)), Err(RecordError::Unbound("no such Node")));
+    assert_eq!(m1.handle_data(invented.peer(), &ping(&invented, &r1), T0), Err(RecordError::Unbound("no such Node")));
     assert!(m1.members().is_empty());
     // n2's table (built by a node that admitted everything) holds the liar and the invented member too.
     let mut m2 = Membership::new(k2, r2.clone(), TIMING, SwimRng::seeded(2), Binding::Open);
     for r in [&claims_n1, &invented] {
-        m2.handle_data(r.peer(), &ping(r, &r2)).unwrap();
+        m2.handle_data(r.peer(), &ping(r, &r2), T0).unwrap();
     }
-    assert_eq!(m1.apply_table(r2.peer(), &m2.table()), Ok((1, 2)));
+    assert_eq!(m1.apply_table(r2.peer(), &m2.table(), T0), Ok(TableApplied { taken: 1, new: 1, left_out: 2 }));
     let members = m1.members();
     assert_eq!(members.len(), 1);
     assert_eq!(members[0].0.node.as_deref(), Some("n2"));

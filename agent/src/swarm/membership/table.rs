@@ -1,0 +1,282 @@
+//! The member table (indexed by member key: every update costs O(1), whatever the cluster's size), each node's
+//! neighbours on a few hash rings, and the queue of updates still to spread.
+//!
+//! **Neighbours.** Every member sits on [`RINGS`] rings at points hashed from its key; a node's neighbours are its
+//! successor and predecessor on each ring among the members it does not hold dead. The relation is symmetric (when
+//! views agree, A's successor B has A as its predecessor), every member has neighbours, and the union of random
+//! rings is an expander: a node probes and gossips only with its at most `2 × RINGS` neighbours, so its
+//! connections stay open (no handshake per message) and do not grow with the cluster, while news still reaches
+//! everyone in O(log N) hops. Keeping them costs O(1) per join and a walk of the table only when a neighbour dies.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::record::{MemberRecord, Version};
+use crate::mesh::Liveness;
+
+/// Hash rings a node finds its neighbours on.
+pub(super) const RINGS: usize = 4;
+
+/// A member as this node sees it.
+#[derive(Debug, Clone)]
+pub(super) struct Entry {
+    pub(super) rec: MemberRecord,
+    pub(super) state: Liveness,
+    /// The version declared dead (only a later record revives it).
+    pub(super) down: Option<Version>,
+    pos: [u64; RINGS],
+}
+
+/// A member version's share of a table's digest.
+pub(super) fn digest_of(key: u128, version: Version) -> u128 {
+    let mut b = [0u8; 28];
+    b[..16].copy_from_slice(&key.to_be_bytes());
+    b[16..24].copy_from_slice(&version.0.to_be_bytes());
+    b[24..].copy_from_slice(&version.1.to_be_bytes());
+    let h = blake3::Hasher::new_derive_key("shoal 2026 membership digest v1").update(&b).finalize();
+    u128::from_be_bytes(h.as_bytes()[..16].try_into().unwrap_or_default())
+}
+
+/// Its points on the rings.
+fn positions(key: u128) -> [u64; RINGS] {
+    let h = blake3::Hasher::new_derive_key("shoal 2026 membership rings v1").update(&key.to_be_bytes()).finalize();
+    let b = h.as_bytes();
+    std::array::from_fn(|i| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default()))
+}
+
+/// Every member this node knows, with its neighbours.
+#[derive(Debug)]
+pub(super) struct Table {
+    me: u128,
+    my_pos: [u64; RINGS],
+    entries: HashMap<u128, Entry>,
+    /// Per ring: the closest member after this node and before it, as (distance, key).
+    succ: [Option<(u64, u128)>; RINGS],
+    pred: [Option<(u64, u128)>; RINGS],
+    neighbours: Vec<u128>,
+    live: usize,
+    /// XOR of [`digest_of`] over the members not held dead: two nodes with the same live members and versions
+    /// have the same digest (kept as members change, O(1) each).
+    digest: u128,
+}
+
+impl Table {
+    pub(super) fn new(me: u128) -> Self {
+        Self {
+            me,
+            my_pos: positions(me),
+            entries: HashMap::new(),
+            succ: [None; RINGS],
+            pred: [None; RINGS],
+            neighbours: Vec::new(),
+            live: 0,
+            digest: 0,
+        }
+    }
+
+    pub(super) fn get(&self, key: u128) -> Option<&Entry> {
+        self.entries.get(&key)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The digest of the members not held dead.
+    pub(super) fn digest(&self) -> u128 {
+        self.digest
+    }
+
+    /// Members not held dead.
+    pub(super) fn live(&self) -> usize {
+        self.live
+    }
+
+    pub(super) fn iter(&self) -> impl ExactSizeIterator<Item = &Entry> + Clone {
+        self.entries.values()
+    }
+
+    /// This node's neighbours (members not held dead), without repeats.
+    pub(super) fn neighbours(&self) -> &[u128] {
+        &self.neighbours
+    }
+
+    pub(super) fn is_neighbour(&self, key: u128) -> bool {
+        self.neighbours.contains(&key)
+    }
+
+    /// Adds a member not known yet.
+    pub(super) fn insert(&mut self, rec: MemberRecord) {
+        let key = rec.key();
+        if self.entries.contains_key(&key) {
+            return self.replace(rec);
+        }
+        let pos = positions(key);
+        self.digest ^= digest_of(key, rec.version());
+        self.entries.insert(key, Entry { rec, state: Liveness::Alive, down: None, pos });
+        self.live += 1;
+        self.consider(key, pos);
+    }
+
+    /// A known member's newer record (alive again if it was dead).
+    pub(super) fn replace(&mut self, rec: MemberRecord) {
+        let key = rec.key();
+        let Some(e) = self.entries.get_mut(&key) else { return };
+        if e.state != Liveness::Dead {
+            self.digest ^= digest_of(key, e.rec.version());
+        }
+        self.digest ^= digest_of(key, rec.version());
+        e.rec = rec;
+        e.down = None;
+        if e.state == Liveness::Dead {
+            e.state = Liveness::Alive;
+            self.live += 1;
+            let pos = e.pos;
+            self.consider(key, pos);
+        } else {
+            e.state = Liveness::Alive;
+        }
+    }
+
+    /// Marks a known member suspect (it stays a neighbour: it may be alive).
+    pub(super) fn suspect(&mut self, key: u128) {
+        if let Some(e) = self.entries.get_mut(&key)
+            && e.state == Liveness::Alive
+        {
+            e.state = Liveness::Suspect;
+        }
+    }
+
+    /// Marks a known member dead at `version`.
+    pub(super) fn kill(&mut self, key: u128, version: Version) {
+        let Some(e) = self.entries.get_mut(&key) else { return };
+        e.down = Some(e.down.map_or(version, |d| d.max(version)));
+        if e.state != Liveness::Dead {
+            e.state = Liveness::Dead;
+            self.digest ^= digest_of(key, e.rec.version());
+            self.live -= 1;
+            if self.neighbours.contains(&key) {
+                self.rescan();
+            }
+        }
+    }
+
+    /// Forgets a member.
+    pub(super) fn remove(&mut self, key: u128) -> Option<Entry> {
+        let e = self.entries.remove(&key)?;
+        if e.state != Liveness::Dead {
+            self.digest ^= digest_of(key, e.rec.version());
+            self.live -= 1;
+            if self.neighbours.contains(&key) {
+                self.rescan();
+            }
+        }
+        Some(e)
+    }
+
+    /// A member not held dead: a neighbour if it is closer than the current one on some ring.
+    fn consider(&mut self, key: u128, pos: [u64; RINGS]) {
+        let mut moved = false;
+        let mine = self.my_pos;
+        for (i, (p, m)) in pos.iter().zip(mine).enumerate() {
+            let after = p.wrapping_sub(m);
+            let before = m.wrapping_sub(*p);
+            if self.succ[i].is_none_or(|(d, k)| (after, key) < (d, k)) {
+                self.succ[i] = Some((after, key));
+                moved = true;
+            }
+            if self.pred[i].is_none_or(|(d, k)| (before, key) < (d, k)) {
+                self.pred[i] = Some((before, key));
+                moved = true;
+            }
+        }
+        if moved {
+            self.collect();
+        }
+    }
+
+    /// Finds every ring's neighbours again (a neighbour died or left): a walk of the table.
+    fn rescan(&mut self) {
+        self.succ = [None; RINGS];
+        self.pred = [None; RINGS];
+        let live: Vec<(u128, [u64; RINGS])> =
+            self.entries.iter().filter(|(_, e)| e.state != Liveness::Dead).map(|(k, e)| (*k, e.pos)).collect();
+        for i in 0..RINGS {
+            for (key, pos) in &live {
+                let after = pos[i].wrapping_sub(self.my_pos[i]);
+                let before = self.my_pos[i].wrapping_sub(pos[i]);
+                if self.succ[i].is_none_or(|(d, k)| (after, *key) < (d, k)) {
+                    self.succ[i] = Some((after, *key));
+                }
+                if self.pred[i].is_none_or(|(d, k)| (before, *key) < (d, k)) {
+                    self.pred[i] = Some((before, *key));
+                }
+            }
+        }
+        self.collect();
+    }
+
+    fn collect(&mut self) {
+        let mut v: Vec<u128> = self.succ.iter().chain(&self.pred).flatten().map(|(_, k)| *k).collect();
+        v.sort_unstable();
+        v.dedup();
+        debug_assert!(!v.contains(&self.me));
+        self.neighbours = v;
+    }
+}
+
+/// Updates still to spread, fewest transmissions first; a newer update about a member replaces the older.
+#[derive(Debug, Default)]
+pub(super) struct Broadcasts {
+    queue: BTreeMap<(u32, u64), (u128, Vec<u8>)>,
+    by_key: HashMap<u128, (u32, u64)>,
+    seq: u64,
+}
+
+impl Broadcasts {
+    pub(super) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Queues an update about member `key` (its bytes), replacing any older one about it.
+    pub(super) fn push(&mut self, key: u128, bytes: Vec<u8>) {
+        if let Some(old) = self.by_key.remove(&key) {
+            self.queue.remove(&old);
+        }
+        self.seq += 1;
+        self.queue.insert((0, self.seq), (key, bytes));
+        self.by_key.insert(key, (0, self.seq));
+    }
+
+    /// Updates fitting in `room` bytes, least transmitted first, none about `skip` (already in the message);
+    /// each is counted as sent once more and dropped after `limit` transmissions.
+    pub(super) fn take(&mut self, mut room: usize, limit: u32, skip: Option<u128>) -> Vec<Vec<u8>> {
+        let mut picked = Vec::new();
+        // A bounded look: a message holds about a dozen updates.
+        for (&(tx, seq), (key, bytes)) in self.queue.iter().take(64) {
+            if Some(*key) == skip || bytes.len() > room {
+                continue;
+            }
+            room -= bytes.len();
+            picked.push((tx, seq));
+            if room < 16 {
+                break;
+            }
+        }
+        let mut out = Vec::with_capacity(picked.len());
+        for (tx, seq) in picked {
+            let Some((key, bytes)) = self.queue.remove(&(tx, seq)) else { continue };
+            if tx + 1 < limit {
+                self.queue.insert((tx + 1, seq), (key, bytes.clone()));
+                self.by_key.insert(key, (tx + 1, seq));
+            } else {
+                self.by_key.remove(&key);
+            }
+            out.push(bytes);
+        }
+        out
+    }
+}
