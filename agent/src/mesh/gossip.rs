@@ -38,8 +38,8 @@ use crate::config::MeshConfig;
 use crate::metrics::{Metrics, PeerState, PeerStateLabels};
 use crate::swarm::binding::{Binding, NodeBook};
 use crate::swarm::membership::{
-    About, MAX_MEMBERS, MAX_MESSAGE, MemberRecord, Membership, MembershipTiming, Output, SwimRng, TableApplied,
-    tcp_multiaddr,
+    ALL_BUCKETS, About, MAX_MEMBERS, MAX_MESSAGE, MemberRecord, Membership, MembershipTiming, Output, SwimRng,
+    TableApplied, tcp_multiaddr,
 };
 
 /// SWIM messages (one per stream; the answer is empty). Another version fails stream negotiation.
@@ -391,8 +391,8 @@ impl Gossip {
                     let addrs = vec![tcp_multiaddr(addr)];
                     self.swarm.behaviour_mut().swim.send_request_with_addresses(&to, data.to_vec(), addrs);
                 }
-                Output::PullTable { to, addr } => {
-                    let request = self.core.table_request();
+                Output::PullTable { to, addr, buckets } => {
+                    let request = self.core.table_request(buckets);
                     let addrs = vec![tcp_multiaddr(addr)];
                     self.swarm.behaviour_mut().table.send_request_with_addresses(&to, request, addrs);
                 }
@@ -447,7 +447,7 @@ impl Gossip {
         if !lonely && self.started.elapsed() < PULL_TABLES_FOR && self.stale_tables < 2 {
             let alive = members.iter().filter(|(_, l)| *l == Liveness::Alive).map(|(i, _)| i.id);
             if let Some(peer) = alive.choose(&mut rand::rng()) {
-                let request = self.core.table_request();
+                let request = self.core.table_request(ALL_BUCKETS);
                 self.swarm.behaviour_mut().table.send_request(&peer, request);
             }
         }
@@ -490,7 +490,7 @@ impl Gossip {
                     tracing::debug!(peer = %peer_id, %addr, "joining through");
                     let now = self.now();
                     self.core.join(peer_id, addr, now);
-                    let request = self.core.table_request();
+                    let request = self.core.table_request(ALL_BUCKETS);
                     self.swarm.behaviour_mut().table.send_request(&peer_id, request);
                 }
             }

@@ -2,20 +2,23 @@
 //! sans-IO state machine: inputs are messages, a joining peer and `now`; outputs are messages to send
 //! ([`Output`]), the time to be called again ([`Membership::next_wake`]) and the member table.
 //!
-//! **Probing.** Each period a node probes one of its neighbours (successor and predecessor on a few hash rings:
-//! [`table`]), in turn; a neighbour that does not answer within the probe timeout is pinged through up to
-//! [`MembershipTiming::indirect_probes`] other neighbours; with no answer by the end of the period it becomes
-//! suspect. Every member is some members' neighbour, so every member is probed about once a period, and a node's
-//! messages go to the same few members: its connections stay open and do not grow with the cluster.
+//! **Probing.** Twice a period a node probes one of its neighbours (successor and predecessor on a few hash
+//! rings: [`table`]), in turn; a neighbour that does not answer within the probe timeout is pinged through up to
+//! [`MembershipTiming::indirect_probes`] other neighbours; with no answer within the period it becomes suspect.
+//! Every member is the neighbour of 6–8 members, so it is probed about twice a period, and a node's messages go
+//! to the same few members: its connections stay open (no handshake per message) and do not grow with the cluster.
 //!
 //! **Spreading.** Joins, suspicions and deaths ride on every message (fewest-sent first) and, while there is news,
-//! on short gossip rounds to a few neighbours; each update is sent `4 × log10(N)` times. A joining node gets a feed
-//! of members in the answer to its announcement, and the whole table on request ([`Membership::table`]).
+//! on short gossip rounds to a few neighbours; each update is sent `4 × ⌈log10(N)⌉` times. A joining node gets a
+//! feed of members in the answer to its announcement, and the whole table on request ([`Membership::table`]).
+//! Every 10 periods a node compares its table's digests (64 buckets by member key) with a random neighbour's and
+//! pulls the records of the buckets that differ: a member whose updates all went out before this node heard them
+//! is found there, and an idle cluster exchanges 64 digests per node every 10 periods, nothing more.
 //!
 //! **Lifeguard.** A suspicion's timeout starts at [`SUSPICION_STRETCH`] × `suspicion` and shrinks towards
 //! `suspicion` as independent suspicions of the same member arrive (a member that only one prober could not reach
-//! has longer to refute); a node that hears a neighbour suspected probes it next and tells it (the suspect learns
-//! it at once and refutes); a node whose own probes fail, or that has to refute, is probably the slow one: its
+//! has longer to refute); a node that hears a neighbour suspected probes it at once, and every message to a
+//! suspect carries the suspicion (it learns it at once and refutes); a node whose own probes fail, or that has to refute, is probably the slow one: its
 //! local health score stretches its probe period and timeout, so a starved node stops accusing healthy members.
 //!
 //! **What is signed.** What a member says about *itself* (zone, addresses, incarnation, and its renewal number, SWIM's
@@ -26,6 +29,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,6 +59,10 @@ pub const MAX_MESSAGE: usize = 2 << 10;
 pub const SUSPICION_STRETCH: u32 = 3;
 /// Independent suspicions that bring a suspicion's timeout down to `suspicion`.
 const CONFIRMATIONS: usize = 3;
+/// Neighbours probed per period (each probe has a period to be answered).
+const PROBES_PER_PERIOD: u32 = 2;
+/// Probes out at most (the regular ones and those of neighbours heard suspected).
+const MAX_PROBES: usize = 6;
 /// The local health score's ceiling: a node's probe period and timeout stretch up to (1 + this) times.
 const MAX_HEALTH: u32 = 8;
 /// Each update is sent `RETRANSMIT × ⌈log10(N + 1)⌉` times.
@@ -68,11 +76,13 @@ const ANNOUNCE_TO_DEAD_EVERY: u32 = 10;
 const SYNC_EVERY: u32 = 10;
 /// At most one table pulled per this many periods.
 const PULL_AT_MOST_EVERY: u32 = 5;
+/// Every bucket of a table: [`Membership::table_request`] for the whole table.
+pub const ALL_BUCKETS: u64 = u64::MAX;
 
 /// The protocol's timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MembershipTiming {
-    /// One member probed per period.
+    /// Two neighbours probed per period; a probe not answered within it is a suspicion.
     pub probe_period: Duration,
     /// Wait for a direct answer before asking others to probe (shorter than the period).
     pub probe_timeout: Duration,
@@ -102,13 +112,15 @@ pub enum Output {
         /// The message.
         data: Bytes,
     },
-    /// Pull the whole table from `to` (its digest differs from this node's): ask with [`Membership::table_request`]
-    /// and hand the answer to [`Membership::apply_table`].
+    /// Pull the records of the buckets in `buckets` (a bit per bucket) from `to` (its digests of those differ from
+    /// this node's): ask with [`Membership::table_request`] and hand the answer to [`Membership::apply_table`].
     PullTable {
         /// The peer.
         to: PeerId,
         /// Its gossip listener.
         addr: SocketAddr,
+        /// The buckets.
+        buckets: u64,
     },
 }
 
@@ -129,6 +141,10 @@ impl SwimRng {
         Self(rand::rngs::StdRng::seed_from_u64(seed))
     }
 }
+
+/// Records shared by the nodes of one process (a simulation of thousands of nodes holds each record once, not
+/// once per node that knows it).
+pub type RecordPool = Arc<Mutex<HashMap<(u128, Version), Arc<MemberRecord>>>>;
 
 /// A table taken in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +167,7 @@ struct Suspicion {
     by: Vec<u128>,
 }
 
-/// The probe of this period.
+/// A probe out.
 #[derive(Debug)]
 struct Probe {
     key: u128,
@@ -190,11 +206,10 @@ pub struct Membership {
     deadlines: BTreeSet<(Duration, u128)>,
     /// Deaths in the order they were declared (removal after [`REMEMBER_DEAD`]; announcements to the dead).
     dead: VecDeque<(Duration, u128)>,
-    probe: Option<Probe>,
+    /// Probes out.
+    probes: Vec<Probe>,
     next_probe: Duration,
     cursor: usize,
-    /// Neighbours heard suspected: probed next.
-    urgent: VecDeque<u128>,
     seq: u64,
     relays: HashMap<u64, Relay>,
     next_gossip: Duration,
@@ -204,6 +219,7 @@ pub struct Membership {
     last_pull: Option<Duration>,
     /// Lifeguard's local health score: 0 is healthy.
     health: u32,
+    pool: Option<RecordPool>,
     out: VecDeque<Output>,
     changed: bool,
     now: Duration,
@@ -236,10 +252,9 @@ impl Membership {
             suspicions: HashMap::new(),
             deadlines: BTreeSet::new(),
             dead: VecDeque::new(),
-            probe: None,
+            probes: Vec::new(),
             next_probe: Duration::ZERO,
             cursor: 0,
-            urgent: VecDeque::new(),
             seq: 0,
             relays: HashMap::new(),
             next_gossip: Duration::ZERO,
@@ -247,6 +262,7 @@ impl Membership {
             next_sync: timing.probe_period * 2,
             last_pull: None,
             health: 0,
+            pool: None,
             out: VecDeque::new(),
             changed: false,
             now: Duration::ZERO,
@@ -257,6 +273,18 @@ impl Membership {
     /// of records would measure ed25519 rather than the protocol.
     pub fn trust_signatures(&mut self) {
         self.checks.trust = true;
+    }
+
+    /// Holds records in `pool`, shared with other nodes of this process (simulations).
+    pub fn share_records(&mut self, pool: RecordPool) {
+        self.pool = Some(pool);
+    }
+
+    fn intern(&self, rec: MemberRecord) -> Arc<MemberRecord> {
+        let Some(pool) = &self.pool else { return Arc::new(rec) };
+        let mut pool = pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let shared = pool.entry((rec.key(), rec.version())).or_insert_with(|| Arc::new(rec.clone()));
+        if **shared == rec { shared.clone() } else { Arc::new(rec) }
     }
 
     /// Every other member's peer id and liveness.
@@ -340,7 +368,7 @@ impl Membership {
     /// once) and then the updates still to spread.
     fn send(&mut self, to: PeerId, addr: SocketAddr, body: &Body, about: Option<u128>) {
         let mut room = MAX_MESSAGE.saturating_sub(wire::header_len(&self.me, body));
-        let mut updates: Vec<Vec<u8>> = Vec::new();
+        let mut updates: Vec<Bytes> = Vec::new();
         if let Some(k) = about
             && let Some(e) = self.table.get(k)
         {
@@ -359,7 +387,7 @@ impl Membership {
         }
         let limit = self.retransmits();
         updates.extend(self.broadcasts.take(room, limit, about.filter(|_| !updates.is_empty())));
-        let refs: Vec<&[u8]> = updates.iter().map(Vec::as_slice).collect();
+        let refs: Vec<&[u8]> = updates.iter().map(|b| &b[..]).collect();
         let data = Bytes::from(wire::encode(&self.me, body, &refs));
         self.out.push_back(Output::Send { to, addr, data });
     }
@@ -427,14 +455,21 @@ impl Membership {
             }
             Body::Announce => self.feed(sender),
             Body::Feed | Body::Gossip => {}
-            Body::Sync { digest, reply } => {
-                if digest != self.digest()
+            Body::Sync { digests, reply } => {
+                let mine = self.digests();
+                let differ = mine
+                    .iter()
+                    .zip(&digests)
+                    .enumerate()
+                    .filter(|(_, (a, b))| a.to_be_bytes() != **b)
+                    .fold(0u64, |m, (i, _)| m | 1 << i);
+                if digests.len() == table::BUCKETS
+                    && differ != 0
                     && let Some((p, a)) = self.addr_of(sender)
                 {
-                    self.pull(p, a);
+                    self.pull(p, a, differ);
                     if !reply {
-                        let digest = self.digest();
-                        self.send(p, a, &Body::Sync { digest, reply: true }, Some(sender));
+                        self.send_sync(p, a, sender, true);
                     }
                 }
             }
@@ -442,26 +477,31 @@ impl Membership {
         Ok(left_out)
     }
 
-    /// The digest of the members this node does not hold dead, itself included.
-    pub fn digest(&self) -> u128 {
-        self.table.digest() ^ table::digest_of(self.me.key(), self.me.version())
+    /// The digests of the members this node does not hold dead, itself included, by bucket.
+    fn digests(&self) -> [u64; table::BUCKETS] {
+        let mut d = self.table.digests();
+        d[table::bucket(self.me.key())] ^= table::digest_of(self.me.key(), self.me.version());
+        d
     }
 
-    fn pull(&mut self, to: PeerId, addr: SocketAddr) {
+    fn send_sync(&mut self, to: PeerId, addr: SocketAddr, key: u128, reply: bool) {
+        let digests = self.digests().iter().map(|d| d.to_be_bytes()).collect();
+        self.send(to, addr, &Body::Sync { digests, reply }, Some(key));
+    }
+
+    fn pull(&mut self, to: PeerId, addr: SocketAddr, buckets: u64) {
         let every = self.timing.probe_period * PULL_AT_MOST_EVERY;
         if self.last_pull.is_some_and(|t| self.now < t + every) {
             return;
         }
         self.last_pull = Some(self.now);
-        self.out.push_back(Output::PullTable { to, addr });
+        self.out.push_back(Output::PullTable { to, addr, buckets });
     }
 
     fn on_ack(&mut self, from: PeerId, seq: u64) {
-        if let Some(p) = &self.probe
-            && p.seq == seq
-            && (p.peer == from || p.helpers.contains(&from))
+        if let Some(i) = self.probes.iter().position(|p| p.seq == seq && (p.peer == from || p.helpers.contains(&from)))
         {
-            self.probe = None;
+            self.probes.swap_remove(i);
             self.healthier();
             return;
         }
@@ -484,7 +524,7 @@ impl Membership {
             if e.state == Liveness::Dead || e.rec.key() == key {
                 continue;
             }
-            let b = wire::encode_update(&Update::Alive(Box::new(e.rec.clone())));
+            let b = wire::encode_update(&Update::Alive(Box::new((*e.rec).clone())));
             if b.len() > room {
                 break;
             }
@@ -494,13 +534,13 @@ impl Membership {
         // The records go as the feed's updates, ahead of the broadcast queue's.
         let mut head = self.against(key);
         head.extend(records);
-        let refs: Vec<&[u8]> = head.iter().map(Vec::as_slice).collect();
+        let refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
         let data = Bytes::from(wire::encode(&self.me, &Body::Feed, &refs));
         self.out.push_back(Output::Send { to: peer, addr, data });
     }
 
     /// What this node holds against member `key` (suspect or dead), encoded.
-    fn against(&self, key: u128) -> Vec<Vec<u8>> {
+    fn against(&self, key: u128) -> Vec<Bytes> {
         let Some(e) = self.table.get(key) else { return Vec::new() };
         match e.state {
             Liveness::Dead => {
@@ -546,6 +586,7 @@ impl Membership {
                 if spread {
                     self.broadcast(&Update::Alive(Box::new(rec.clone())));
                 }
+                let rec = self.intern(rec);
                 self.table.insert(rec);
                 self.changed = true;
                 return true;
@@ -560,6 +601,7 @@ impl Membership {
                 self.broadcast(&Update::Alive(Box::new(rec.clone())));
             }
             self.suspicions.remove(&key);
+            let rec = self.intern(rec);
             self.table.replace(rec);
             self.changed = true;
         }
@@ -586,8 +628,9 @@ impl Membership {
                 self.deadlines.insert((deadline, key));
                 self.broadcast(&Update::Suspect { key, version, by });
                 self.changed = true;
-                if by != self.me.key() && self.table.is_neighbour(key) && !self.urgent.contains(&key) {
-                    self.urgent.push_back(key);
+                // A neighbour heard suspected is probed at once: a confirmation (or the news, to the suspect).
+                if by != self.me.key() && self.table.is_neighbour(key) {
+                    self.start_probe(key);
                 }
             }
             Liveness::Suspect => {
@@ -664,20 +707,27 @@ impl Membership {
     pub fn tick(&mut self, now: Duration) {
         self.advance(now);
         let now = self.now;
-        if self.probe.as_ref().is_some_and(|p| p.helpers.is_empty() && now >= p.direct_until) {
-            self.ask_helpers();
+        for i in 0..self.probes.len() {
+            if self.probes[i].helpers.is_empty() && now >= self.probes[i].direct_until {
+                self.ask_helpers(i);
+            }
         }
-        if let Some(p) = &self.probe
-            && now >= p.until
-        {
-            let (key, version) = (p.key, p.version);
-            self.probe = None;
+        while let Some(i) = self.probes.iter().position(|p| now >= p.until) {
+            let p = self.probes.swap_remove(i);
             self.sicker();
             let me = self.me.key();
-            self.apply_suspect(key, version, me);
+            self.apply_suspect(p.key, p.version, me);
         }
-        if self.probe.is_none() && now >= self.next_probe {
-            self.start_probe();
+        if now >= self.next_probe {
+            self.next_probe = now + self.period() / PROBES_PER_PERIOD;
+            let key = {
+                let n = self.table.neighbours();
+                (!n.is_empty()).then(|| n[(self.cursor + 1) % n.len()])
+            };
+            if let Some(k) = key {
+                self.cursor = self.cursor.wrapping_add(1);
+                self.start_probe(k);
+            }
         }
         while let Some(&(at, key)) = self.deadlines.first() {
             if at > now {
@@ -728,8 +778,7 @@ impl Membership {
             if let Some(&k) = self.table.neighbours().choose(&mut self.rng)
                 && let Some((p, a)) = self.addr_of(k)
             {
-                let digest = self.digest();
-                self.send(p, a, &Body::Sync { digest, reply: false }, Some(k));
+                self.send_sync(p, a, k, false);
             }
         }
         if !self.relays.is_empty() {
@@ -737,27 +786,17 @@ impl Membership {
         }
     }
 
-    fn start_probe(&mut self) {
-        let period = self.period();
-        self.next_probe = self.now + period;
-        let urgent = std::iter::from_fn(|| self.urgent.pop_front())
-            .find(|k| self.table.is_neighbour(*k) && self.table.get(*k).is_some_and(|e| e.state != Liveness::Dead));
-        let key = match urgent {
-            Some(k) => k,
-            None => {
-                let n = self.table.neighbours();
-                if n.is_empty() {
-                    return;
-                }
-                self.cursor = (self.cursor + 1) % n.len();
-                n[self.cursor]
-            }
-        };
-        let Some(e) = self.table.get(key) else { return };
+    /// Pings neighbour `key` (unless a probe of it is already out).
+    fn start_probe(&mut self, key: u128) {
+        if self.probes.len() >= MAX_PROBES || self.probes.iter().any(|p| p.key == key) {
+            return;
+        }
+        let Some(e) = self.table.get(key).filter(|e| e.state != Liveness::Dead) else { return };
         let (peer, addr, version) = (e.rec.peer(), e.rec.gossip(), e.rec.version());
         self.seq += 1;
+        let period = self.period();
         let timeout = (self.timing.probe_timeout * (1 + self.health)).min(period / 2);
-        self.probe = Some(Probe {
+        self.probes.push(Probe {
             key,
             peer,
             version,
@@ -770,10 +809,9 @@ impl Membership {
         self.send(peer, addr, &Body::Ping { seq }, Some(key));
     }
 
-    fn ask_helpers(&mut self) {
-        let Some(p) = &self.probe else { return };
-        let (target, seq) = (p.key, p.seq);
-        let Some(rec) = self.table.get(target).map(|e| e.rec.clone()) else { return };
+    fn ask_helpers(&mut self, i: usize) {
+        let (target, seq) = (self.probes[i].key, self.probes[i].seq);
+        let Some(rec) = self.table.get(target).map(|e| (*e.rec).clone()) else { return };
         let candidates: Vec<u128> = self.table.neighbours().iter().copied().filter(|k| *k != target).collect();
         let picked: Vec<u128> =
             candidates.into_iter().choose_multiple(&mut self.rng, self.timing.indirect_probes.max(1));
@@ -788,24 +826,21 @@ impl Membership {
             // Nobody to ask: a placeholder so the question is not asked again this period.
             helpers.push(self.me.peer());
         }
-        if let Some(p) = self.probe.as_mut() {
-            p.helpers = helpers;
-        }
+        self.probes[i].helpers = helpers;
     }
 
     /// When [`Self::tick`] is next due (`None`: nothing is, until a message arrives).
     pub fn next_wake(&self) -> Option<Duration> {
         let mut t: Option<Duration> = None;
         let mut at = |d: Duration| t = Some(t.map_or(d, |t| t.min(d)));
-        match &self.probe {
-            Some(p) => {
-                at(p.until);
-                if p.helpers.is_empty() {
-                    at(p.direct_until);
-                }
+        for p in &self.probes {
+            at(p.until);
+            if p.helpers.is_empty() {
+                at(p.direct_until);
             }
-            None if self.table.live() > 0 => at(self.next_probe),
-            None => {}
+        }
+        if self.table.live() > 0 {
+            at(self.next_probe);
         }
         if let Some((d, _)) = self.deadlines.first() {
             at(*d);
@@ -855,28 +890,38 @@ impl Membership {
         self.broadcasts.len()
     }
 
-    /// What a joining node asks a member for the table with: its own record, so the member answers only a peer
-    /// the binding admits.
-    pub fn table_request(&self) -> Vec<u8> {
-        postcard::to_allocvec(&self.me).unwrap_or_default()
+    /// What a node asks a member for its table with: its own record (the member answers only a peer the binding
+    /// admits) and the buckets it wants ([`ALL_BUCKETS`] for the whole table).
+    pub fn table_request(&self, buckets: u64) -> Vec<u8> {
+        postcard::to_allocvec(&(&self.me, buckets)).unwrap_or_default()
     }
 
     /// The table for `from`, which asked with `request` ([`Self::table_request`]): refused unless the record is
     /// `from`'s own, signed, and admitted by the binding.
     pub fn table_for(&mut self, from: PeerId, request: &[u8]) -> Result<Vec<u8>, RecordError> {
-        let r: MemberRecord = postcard::from_bytes(request).map_err(|e| RecordError::Decode(e.to_string()))?;
+        let (r, buckets): (MemberRecord, u64) =
+            postcard::from_bytes(request).map_err(|e| RecordError::Decode(e.to_string()))?;
         if r.peer() != from {
             return Err(RecordError::Impersonation { claimed: r.peer() });
         }
         self.checks.check(&r)?;
-        Ok(self.table())
+        Ok(self.table_of(buckets))
     }
 
     /// The whole table (records, and whether each is dead), this node's record included: a full-state exchange
     /// for a joining node (SWIM's gossip carries changes, not the steady state).
     pub fn table(&self) -> Vec<u8> {
-        let mut all: Vec<(&MemberRecord, bool)> =
-            self.table.iter().map(|e| (&e.rec, e.state == Liveness::Dead)).collect();
+        self.table_of(ALL_BUCKETS)
+    }
+
+    /// The records of the buckets in `buckets`, and this node's (always: a table holds its sender's record).
+    fn table_of(&self, buckets: u64) -> Vec<u8> {
+        let mut all: Vec<(&MemberRecord, bool)> = self
+            .table
+            .iter()
+            .filter(|e| buckets & (1 << table::bucket(e.rec.key())) != 0)
+            .map(|e| (&*e.rec, e.state == Liveness::Dead))
+            .collect();
         all.push((&self.me, false));
         postcard::to_allocvec(&all).unwrap_or_default()
     }

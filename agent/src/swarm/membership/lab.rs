@@ -11,7 +11,7 @@ use bytes::Bytes;
 use libp2p::{PeerId, identity};
 use rand::{Rng, SeedableRng};
 
-use super::{About, MemberRecord, Membership, MembershipTiming, Output, SwimRng};
+use super::{ALL_BUCKETS, About, MemberRecord, Membership, MembershipTiming, Output, SwimRng};
 use crate::mesh::Liveness;
 use crate::swarm::binding::Binding;
 
@@ -93,6 +93,7 @@ impl Lab {
             tables: 0,
             stale: vec![0; n],
         };
+        let pool = super::RecordPool::default();
         for i in 0..n {
             let key = identity::Keypair::generate_ed25519();
             let me = record(&key, i);
@@ -103,6 +104,7 @@ impl Lab {
             if !verify {
                 m.trust_signatures();
             }
+            m.share_records(pool.clone());
             lab.nodes.push(Some(m));
         }
         lab
@@ -169,9 +171,9 @@ impl Lab {
                         self.push(at, Event::Deliver { to, from, data });
                     }
                 }
-                Output::PullTable { to, .. } => {
+                Output::PullTable { to, buckets, .. } => {
                     if let Some(&j) = self.index.get(&to) {
-                        self.pull_table(i, j);
+                        self.pull_table(i, j, buckets);
                     }
                 }
             }
@@ -191,7 +193,7 @@ impl Lab {
         let (p, a) = (s.me().peer(), s.me().gossip());
         let Some(m) = self.nodes[i].as_mut() else { return };
         m.join(p, a, self.now);
-        let request = m.table_request();
+        let request = m.table_request(ALL_BUCKETS);
         let me = m.me().peer();
         self.drain(i);
         if let Some(Ok(table)) = self.nodes[seed].as_mut().map(|s| s.table_for(me, &request)) {
@@ -200,9 +202,9 @@ impl Lab {
     }
 
     /// Node `i` asks node `j` for its table (the answer arrives 2 ms later, counted as `j`'s bytes).
-    fn pull_table(&mut self, i: usize, j: usize) {
+    fn pull_table(&mut self, i: usize, j: usize, buckets: u64) {
         let Some(m) = self.nodes[i].as_ref() else { return };
-        let (me, request) = (m.me().peer(), m.table_request());
+        let (me, request) = (m.me().peer(), m.table_request(buckets));
         let Some(s) = self.nodes[j].as_mut() else { return };
         let from = s.me().peer();
         if let Ok(table) = s.table_for(me, &request) {
@@ -226,7 +228,7 @@ impl Lab {
                 continue;
             }
             let from = alive[self.rng.random_range(0..alive.len())];
-            let (me, request) = (m.me().peer(), m.table_request());
+            let (me, request) = (m.me().peer(), m.table_request(ALL_BUCKETS));
             let Some(&j) = self.index.get(&from) else { continue };
             if let Some(Ok(table)) = self.nodes[j].as_mut().map(|s| s.table_for(me, &request)) {
                 self.push(self.now + Duration::from_millis(2), Event::Table { to: i, from, data: table });

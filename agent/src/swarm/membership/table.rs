@@ -9,6 +9,10 @@
 //! everyone in O(log N) hops. Keeping them costs O(1) per join and a walk of the table only when a neighbour dies.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use bytes::Bytes;
 
 use super::record::{MemberRecord, Version};
 use crate::mesh::Liveness;
@@ -16,24 +20,57 @@ use crate::mesh::Liveness;
 /// Hash rings a node finds its neighbours on.
 pub(super) const RINGS: usize = 4;
 
+/// Hashes member keys by their low 64 bits: keys are BLAKE3 outputs of names and ids, already uniform, and nobody
+/// can choose one (so no flooding of one bucket), which SipHash would only re-hash.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+/// A map by member key.
+pub(super) type ByKey<V> = HashMap<u128, V, BuildHasherDefault<KeyHasher>>;
+
 /// A member as this node sees it.
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
-    pub(super) rec: MemberRecord,
+    pub(super) rec: Arc<MemberRecord>,
     pub(super) state: Liveness,
     /// The version declared dead (only a later record revives it).
     pub(super) down: Option<Version>,
     pos: [u64; RINGS],
 }
 
-/// A member version's share of a table's digest.
-pub(super) fn digest_of(key: u128, version: Version) -> u128 {
+/// A table's digest is kept in this many buckets (by member key): two nodes whose views differ find which buckets
+/// differ, and exchange the records of those alone.
+pub(super) const BUCKETS: usize = 64;
+
+/// The bucket of member `key`.
+pub(super) fn bucket(key: u128) -> usize {
+    (key >> 122) as usize % BUCKETS
+}
+
+/// A member version's share of its bucket's digest.
+pub(super) fn digest_of(key: u128, version: Version) -> u64 {
     let mut b = [0u8; 28];
     b[..16].copy_from_slice(&key.to_be_bytes());
     b[16..24].copy_from_slice(&version.0.to_be_bytes());
     b[24..].copy_from_slice(&version.1.to_be_bytes());
     let h = blake3::Hasher::new_derive_key("shoal 2026 membership digest v1").update(&b).finalize();
-    u128::from_be_bytes(h.as_bytes()[..16].try_into().unwrap_or_default())
+    u64::from_be_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
 }
 
 /// Its points on the rings.
@@ -48,15 +85,15 @@ fn positions(key: u128) -> [u64; RINGS] {
 pub(super) struct Table {
     me: u128,
     my_pos: [u64; RINGS],
-    entries: HashMap<u128, Entry>,
+    entries: ByKey<Entry>,
     /// Per ring: the closest member after this node and before it, as (distance, key).
     succ: [Option<(u64, u128)>; RINGS],
     pred: [Option<(u64, u128)>; RINGS],
     neighbours: Vec<u128>,
     live: usize,
-    /// XOR of [`digest_of`] over the members not held dead: two nodes with the same live members and versions
-    /// have the same digest (kept as members change, O(1) each).
-    digest: u128,
+    /// Per bucket, XOR of [`digest_of`] over its members not held dead: two nodes with the same live members and
+    /// versions have the same digests (kept as members change, O(1) each).
+    digests: [u64; BUCKETS],
 }
 
 impl Table {
@@ -64,12 +101,12 @@ impl Table {
         Self {
             me,
             my_pos: positions(me),
-            entries: HashMap::new(),
+            entries: ByKey::default(),
             succ: [None; RINGS],
             pred: [None; RINGS],
             neighbours: Vec::new(),
             live: 0,
-            digest: 0,
+            digests: [0; BUCKETS],
         }
     }
 
@@ -81,9 +118,13 @@ impl Table {
         self.entries.len()
     }
 
-    /// The digest of the members not held dead.
-    pub(super) fn digest(&self) -> u128 {
-        self.digest
+    /// The digests of the members not held dead, by bucket.
+    pub(super) fn digests(&self) -> [u64; BUCKETS] {
+        self.digests
+    }
+
+    fn flip(&mut self, key: u128, version: Version) {
+        self.digests[bucket(key)] ^= digest_of(key, version);
     }
 
     /// Members not held dead.
@@ -105,35 +146,36 @@ impl Table {
     }
 
     /// Adds a member not known yet.
-    pub(super) fn insert(&mut self, rec: MemberRecord) {
+    pub(super) fn insert(&mut self, rec: Arc<MemberRecord>) {
         let key = rec.key();
         if self.entries.contains_key(&key) {
             return self.replace(rec);
         }
         let pos = positions(key);
-        self.digest ^= digest_of(key, rec.version());
+        self.flip(key, rec.version());
         self.entries.insert(key, Entry { rec, state: Liveness::Alive, down: None, pos });
         self.live += 1;
         self.consider(key, pos);
     }
 
     /// A known member's newer record (alive again if it was dead).
-    pub(super) fn replace(&mut self, rec: MemberRecord) {
+    pub(super) fn replace(&mut self, rec: Arc<MemberRecord>) {
         let key = rec.key();
         let Some(e) = self.entries.get_mut(&key) else { return };
-        if e.state != Liveness::Dead {
-            self.digest ^= digest_of(key, e.rec.version());
-        }
-        self.digest ^= digest_of(key, rec.version());
+        let old = (e.state != Liveness::Dead).then(|| e.rec.version());
+        let new = rec.version();
         e.rec = rec;
         e.down = None;
-        if e.state == Liveness::Dead {
-            e.state = Liveness::Alive;
+        let revived = e.state == Liveness::Dead;
+        e.state = Liveness::Alive;
+        let pos = e.pos;
+        if let Some(old) = old {
+            self.flip(key, old);
+        }
+        self.flip(key, new);
+        if revived {
             self.live += 1;
-            let pos = e.pos;
             self.consider(key, pos);
-        } else {
-            e.state = Liveness::Alive;
         }
     }
 
@@ -152,7 +194,8 @@ impl Table {
         e.down = Some(e.down.map_or(version, |d| d.max(version)));
         if e.state != Liveness::Dead {
             e.state = Liveness::Dead;
-            self.digest ^= digest_of(key, e.rec.version());
+            let v = e.rec.version();
+            self.flip(key, v);
             self.live -= 1;
             if self.neighbours.contains(&key) {
                 self.rescan();
@@ -164,7 +207,7 @@ impl Table {
     pub(super) fn remove(&mut self, key: u128) -> Option<Entry> {
         let e = self.entries.remove(&key)?;
         if e.state != Liveness::Dead {
-            self.digest ^= digest_of(key, e.rec.version());
+            self.flip(key, e.rec.version());
             self.live -= 1;
             if self.neighbours.contains(&key) {
                 self.rescan();
@@ -227,8 +270,8 @@ impl Table {
 /// Updates still to spread, fewest transmissions first; a newer update about a member replaces the older.
 #[derive(Debug, Default)]
 pub(super) struct Broadcasts {
-    queue: BTreeMap<(u32, u64), (u128, Vec<u8>)>,
-    by_key: HashMap<u128, (u32, u64)>,
+    queue: BTreeMap<(u32, u64), (u128, Bytes)>,
+    by_key: ByKey<(u32, u64)>,
     seq: u64,
 }
 
@@ -242,7 +285,7 @@ impl Broadcasts {
     }
 
     /// Queues an update about member `key` (its bytes), replacing any older one about it.
-    pub(super) fn push(&mut self, key: u128, bytes: Vec<u8>) {
+    pub(super) fn push(&mut self, key: u128, bytes: Bytes) {
         if let Some(old) = self.by_key.remove(&key) {
             self.queue.remove(&old);
         }
@@ -253,7 +296,7 @@ impl Broadcasts {
 
     /// Updates fitting in `room` bytes, least transmitted first, none about `skip` (already in the message);
     /// each is counted as sent once more and dropped after `limit` transmissions.
-    pub(super) fn take(&mut self, mut room: usize, limit: u32, skip: Option<u128>) -> Vec<Vec<u8>> {
+    pub(super) fn take(&mut self, mut room: usize, limit: u32, skip: Option<u128>) -> Vec<Bytes> {
         let mut picked = Vec::new();
         // A bounded look: a message holds about a dozen updates.
         for (&(tx, seq), (key, bytes)) in self.queue.iter().take(64) {

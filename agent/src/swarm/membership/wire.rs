@@ -2,6 +2,7 @@
 //! ([`Body`]), and the updates it carries ([`Update`]), encoded with postcard. A message is built from updates
 //! already encoded (the broadcast queue keeps their bytes), so its size is known before it is sent.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::record::{MemberRecord, Version};
@@ -30,9 +31,9 @@ pub(super) enum Body {
     Feed,
     /// Updates only.
     Gossip,
-    /// My table's digest (anti-entropy): a receiver whose digest differs pulls the sender's table and, when `reply`
-    /// is false, answers with its own so the sender can do the same.
-    Sync { digest: u128, reply: bool },
+    /// My table's digests by bucket (anti-entropy): a receiver whose digests differ pulls the sender's records in
+    /// the buckets that differ and, when `reply` is false, answers with its own so the sender can do the same.
+    Sync { digests: Vec<[u8; 8]>, reply: bool },
 }
 
 /// What a member says about a member.
@@ -57,8 +58,8 @@ impl Update {
 }
 
 /// An update's bytes.
-pub(super) fn encode_update(u: &Update) -> Vec<u8> {
-    postcard::to_allocvec(u).unwrap_or_default()
+pub(super) fn encode_update(u: &Update) -> Bytes {
+    Bytes::from(postcard::to_allocvec(u).unwrap_or_default())
 }
 
 /// A message from `from` with `body` and the updates `updates` (each already encoded by [`encode_update`]): the
