@@ -307,6 +307,8 @@ pub struct MeshMetrics {
     pub membership_connections_opened: Counter,
     /// Changes of the member view (a member joined, left, became suspect or alive again).
     pub membership_view_changes: Counter,
+    /// Lifeguard's local health score (0 healthy; each unit stretches the probe period by one more period).
+    pub membership_local_health: Gauge,
     /// Membership message bytes sent (probes, gossip, tables; framing and handshakes not counted).
     pub membership_bytes_sent: Counter,
     /// Membership message bytes received.
@@ -450,6 +452,11 @@ impl Metrics {
             "membership_view_changes",
             "Changes of the member view (joins, leaves, suspicions, refutations)",
             self.mesh.membership_view_changes.clone(),
+        );
+        r.register(
+            "membership_local_health",
+            "Local health score: 0 healthy; this node missed answers or had to refute, and probes more slowly",
+            self.mesh.membership_local_health.clone(),
         );
         r.register(
             "membership_sent_bytes",

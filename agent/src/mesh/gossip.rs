@@ -43,9 +43,9 @@ use crate::swarm::membership::{
 };
 
 /// SWIM messages (one per stream; the answer is empty). Another version fails stream negotiation.
-const SWIM_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/swim/1");
+const SWIM_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/swim/2");
 /// The whole member table, for a joining node.
-const TABLE_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/members/1");
+const TABLE_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/members/2");
 /// The largest member table read (16,384 records of ~170 bytes).
 const MAX_TABLE: usize = 4 << 20;
 /// How often bootstrap names are resolved and, if need be, dialled.
@@ -401,6 +401,7 @@ impl Gossip {
         if self.core.take_changed() {
             self.publish_view();
         }
+        self.metrics.mesh.membership_local_health.set(i64::from(self.core.health()));
     }
 
     fn publish_view(&mut self) {

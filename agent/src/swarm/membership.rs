@@ -478,7 +478,7 @@ impl Membership {
     }
 
     /// The digests of the members this node does not hold dead, itself included, by bucket.
-    fn digests(&self) -> [u64; table::BUCKETS] {
+    pub(crate) fn digests(&self) -> [u64; table::BUCKETS] {
         let mut d = self.table.digests();
         d[table::bucket(self.me.key())] ^= table::digest_of(self.me.key(), self.me.version());
         d

@@ -248,3 +248,154 @@ fn only_bound_members_get_in() {
     assert_eq!(m1.table_for(claims_n1.peer(), &ask(&r2)), Err(RecordError::Impersonation { claimed: r2.peer() }));
     assert!(m1.table_for(r2.peer(), b"junk").is_err());
 }
+
+/// A message from `src` carrying `updates`.
+fn gossip(src: &MemberRecord, updates: &[Update]) -> Vec<u8> {
+    let bytes: Vec<_> = updates.iter().map(wire::encode_update).collect();
+    let refs: Vec<&[u8]> = bytes.iter().map(|b| &b[..]).collect();
+    wire::encode(src, &Body::Gossip, &refs)
+}
+
+#[test]
+fn only_the_member_can_refute_its_death() {
+    let (key, me) = node(1);
+    let (b_key, b) = node(2);
+    let (_, c) = node(3);
+    let mut m = Membership::new(key, me, TIMING, SwimRng::seeded(1), Binding::Open);
+    m.handle_data(b.peer(), &ping(&b, &b), T0).unwrap();
+    m.handle_data(c.peer(), &ping(&c, &c), T0).unwrap();
+    assert_eq!(m.liveness_of(&b.peer()), Some(Liveness::Alive));
+    // C says B is dead: taken (nobody can sign another's liveness).
+    let dead = Update::Dead { key: b.key(), version: b.version() };
+    m.handle_data(c.peer(), &gossip(&c, &[dead]), T0).unwrap();
+    assert_eq!(m.liveness_of(&b.peer()), Some(Liveness::Dead));
+    // C cannot bring B back: B's record as it was does not supersede its death, and a higher renewal in B's name
+    // needs B's key (C's signature over it fails, and the whole message is refused).
+    m.handle_data(c.peer(), &gossip(&c, &[Update::Alive(Box::new(b.clone()))]), T0).unwrap();
+    assert_eq!(m.liveness_of(&b.peer()), Some(Liveness::Dead));
+    let mut forged = MemberRecord::sign(&identity::Keypair::generate_ed25519(), 1, 1, &b.about());
+    forged.w.peer = b.peer();
+    let forged = MemberRecord::from(forged.w.clone());
+    assert_eq!(
+        m.handle_data(c.peer(), &gossip(&c, &[Update::Alive(Box::new(forged))]), T0),
+        Err(RecordError::Signature(b.peer()))
+    );
+    assert_eq!(m.liveness_of(&b.peer()), Some(Liveness::Dead));
+    // B itself refutes with a renewed record (relayed by anyone): alive again.
+    let renewed = MemberRecord::sign(&b_key, 1, 1, &b.about());
+    m.handle_data(c.peer(), &gossip(&c, &[Update::Alive(Box::new(renewed))]), T0).unwrap();
+    assert_eq!(m.liveness_of(&b.peer()), Some(Liveness::Alive));
+}
+
+#[test]
+fn an_accused_member_refutes_with_a_higher_renewal() {
+    let (key, me) = node(1);
+    let (_, c) = node(3);
+    let mut m = Membership::new(key, me.clone(), TIMING, SwimRng::seeded(1), Binding::Open);
+    m.handle_data(c.peer(), &ping(&c, &c), T0).unwrap();
+    while m.poll_output().is_some() {}
+    let suspect = Update::Suspect { key: me.key(), version: me.version(), by: c.key() };
+    m.handle_data(c.peer(), &gossip(&c, &[suspect]), T0).unwrap();
+    assert_eq!(m.me().version(), (me.version().0, me.version().1 + 1), "refuted");
+    assert_eq!(m.me().verify(), Ok(()));
+    assert!(m.health() > 0, "having to refute makes a node probe more slowly");
+    // An accusation of an earlier version is stale: nothing to refute.
+    let stale = Update::Dead { key: me.key(), version: me.version() };
+    m.handle_data(c.peer(), &gossip(&c, &[stale]), T0).unwrap();
+    assert_eq!(m.me().version().1, me.version().1 + 1);
+    // The refutation goes out with the next message.
+    m.tick(Duration::from_secs(1));
+    let sent: Vec<_> = std::iter::from_fn(|| m.poll_output()).collect();
+    let Some(Output::Send { data, .. }) = sent.first() else { panic!("nothing sent: {sent:?}") };
+    let env = wire::decode(data).unwrap();
+    assert_eq!(env.from.version().1, me.version().1 + 1);
+}
+
+#[test]
+fn a_suspicion_heard_from_one_member_lasts_longer_than_a_confirmed_one() {
+    // Three members, each suspected of C: with one suspecter the timeout is stretched, with three it is `suspicion`.
+    let (key, me) = node(1);
+    let others: Vec<_> = (2..7).map(node).collect();
+    let mut m = Membership::new(key, me, TIMING, SwimRng::seeded(1), Binding::Open);
+    for (_, r) in &others {
+        m.handle_data(r.peer(), &ping(r, r), T0).unwrap();
+    }
+    let target = &others[0].1;
+    let accuse = |by: &MemberRecord| Update::Suspect { key: target.key(), version: target.version(), by: by.key() };
+    let (_, a) = &others[1];
+    m.handle_data(a.peer(), &gossip(a, &[accuse(a)]), T0).unwrap();
+    assert_eq!(m.liveness_of(&target.peer()), Some(Liveness::Suspect));
+    m.tick(TIMING.suspicion + Duration::from_millis(1));
+    assert_eq!(m.liveness_of(&target.peer()), Some(Liveness::Suspect), "one suspecter: not dead after `suspicion`");
+    for (_, by) in &others[2..5] {
+        m.handle_data(by.peer(), &gossip(by, &[accuse(by)]), TIMING.suspicion).unwrap();
+    }
+    m.tick(TIMING.suspicion + Duration::from_millis(2));
+    assert_eq!(m.liveness_of(&target.peer()), Some(Liveness::Dead), "confirmed: dead after `suspicion`");
+}
+
+#[test]
+fn neighbours_are_bounded_symmetric_and_cover_every_member() {
+    let mut c = Lab::new(200, TIMING, 0.0, 3, false);
+    c.join_all_through(0);
+    for s in 1..=10 {
+        c.run_until(Duration::from_secs(3 * s));
+        c.pull_tables();
+    }
+    c.run_until(Duration::from_secs(60));
+    assert!(c.all_alive());
+    let mut observers: HashMap<PeerId, usize> = HashMap::new();
+    for i in 0..200 {
+        let m = c.node(i).unwrap();
+        let mine: Vec<PeerId> = m.neighbours().collect();
+        assert!(!mine.is_empty() && mine.len() <= 2 * table::RINGS, "node {i}: {} neighbours", mine.len());
+        for p in mine {
+            *observers.entry(p).or_default() += 1;
+            let j = (0..200).find(|&j| c.peer(j) == Some(p)).unwrap();
+            assert!(c.node(j).unwrap().neighbours().any(|q| q == m.me().peer()), "{i} → {j} not symmetric");
+        }
+    }
+    assert_eq!(observers.len(), 200, "every member is somebody's neighbour (probed)");
+}
+
+#[test]
+fn a_member_every_update_missed_is_found_by_the_digest_exchange() {
+    // A knows C and D; B knows C alone (D's updates all went out before B heard them).
+    let (ka, a) = node(1);
+    let (kb, b) = node(2);
+    let (_, cr) = node(3);
+    let (_, d) = node(4);
+    let mut ma = Membership::new(ka, a.clone(), TIMING, SwimRng::seeded(1), Binding::Open);
+    let mut mb = Membership::new(kb, b.clone(), TIMING, SwimRng::seeded(2), Binding::Open);
+    for r in [&b, &cr, &d] {
+        ma.handle_data(r.peer(), &ping(r, r), T0).unwrap();
+    }
+    for r in [&a, &cr] {
+        mb.handle_data(r.peer(), &ping(r, r), T0).unwrap();
+    }
+    while ma.poll_output().is_some() {}
+    while mb.poll_output().is_some() {}
+    assert_ne!(ma.digests(), mb.digests());
+    // A's periodic exchange with a neighbour, B.
+    let t = T0;
+    let digests = ma.digests().iter().map(|d| d.to_be_bytes()).collect();
+    let sync = wire::encode(&a, &Body::Sync { digests, reply: false }, &[]);
+    mb.handle_data(a.peer(), &sync, t).unwrap();
+    let outputs: Vec<_> = std::iter::from_fn(|| mb.poll_output()).collect();
+    let buckets = outputs
+        .iter()
+        .find_map(|o| match o {
+            Output::PullTable { to, buckets, .. } if *to == a.peer() => Some(*buckets),
+            _ => None,
+        })
+        .expect("B pulls the differing buckets from A");
+    assert_eq!(buckets.count_ones(), 1, "only D's bucket differs: {buckets:064b}");
+    let table = ma.table_for(b.peer(), &mb.table_request(buckets)).unwrap();
+    assert!(table.len() < ma.table().len(), "a bucket, not the whole table");
+    let applied = mb.apply_table(a.peer(), &table, t).unwrap();
+    assert_eq!(applied.new, 1);
+    assert_eq!(mb.liveness_of(&d.peer()), Some(Liveness::Alive));
+    // B answered with its digests too, so A would pull from B what it lacks (nothing here: it has everything B has).
+    assert!(outputs.iter().any(|o| matches!(o, Output::Send { to, .. } if *to == a.peer())));
+    assert_eq!(ma.digests(), mb.digests());
+}
