@@ -51,7 +51,6 @@ pub(super) struct Entry {
     pub(super) state: Liveness,
     /// The version declared dead (only a later record revives it).
     pub(super) down: Option<Version>,
-    pos: [u64; RINGS],
 }
 
 /// A table's digest is kept in this many buckets (by member key): two nodes whose views differ find which buckets
@@ -151,11 +150,10 @@ impl Table {
         if self.entries.contains_key(&key) {
             return self.replace(rec);
         }
-        let pos = positions(key);
         self.flip(key, rec.version());
-        self.entries.insert(key, Entry { rec, state: Liveness::Alive, down: None, pos });
+        self.entries.insert(key, Entry { rec, state: Liveness::Alive, down: None });
         self.live += 1;
-        self.consider(key, pos);
+        self.consider(key, positions(key));
     }
 
     /// A known member's newer record (alive again if it was dead).
@@ -168,14 +166,13 @@ impl Table {
         e.down = None;
         let revived = e.state == Liveness::Dead;
         e.state = Liveness::Alive;
-        let pos = e.pos;
         if let Some(old) = old {
             self.flip(key, old);
         }
         self.flip(key, new);
         if revived {
             self.live += 1;
-            self.consider(key, pos);
+            self.consider(key, positions(key));
         }
     }
 
@@ -242,7 +239,7 @@ impl Table {
         self.succ = [None; RINGS];
         self.pred = [None; RINGS];
         let live: Vec<(u128, [u64; RINGS])> =
-            self.entries.iter().filter(|(_, e)| e.state != Liveness::Dead).map(|(k, e)| (*k, e.pos)).collect();
+            self.entries.iter().filter(|(_, e)| e.state != Liveness::Dead).map(|(k, _)| (*k, positions(*k))).collect();
         for i in 0..RINGS {
             for (key, pos) in &live {
                 let after = pos[i].wrapping_sub(self.my_pos[i]);
@@ -266,6 +263,11 @@ impl Table {
         self.neighbours = v;
     }
 }
+
+/// Updates waiting to be spread at most: beyond, the most transmitted are dropped. In a join storm of thousands
+/// the queue could hold one update per member while each message carries a dozen; the table exchanges and the
+/// digests carry what the queue drops, and a node's memory stays bounded.
+pub(super) const MAX_PENDING: usize = 1024;
 
 /// Updates still to spread, fewest transmissions first; a newer update about a member replaces the older.
 #[derive(Debug, Default)]
@@ -292,6 +294,10 @@ impl Broadcasts {
         self.seq += 1;
         self.queue.insert((0, self.seq), (key, bytes));
         self.by_key.insert(key, (0, self.seq));
+        while self.queue.len() > MAX_PENDING {
+            let Some((_, (k, _))) = self.queue.pop_last() else { break };
+            self.by_key.remove(&k);
+        }
     }
 
     /// Updates fitting in `room` bytes, least transmitted first, none about `skip` (already in the message);

@@ -399,3 +399,26 @@ fn a_member_every_update_missed_is_found_by_the_digest_exchange() {
     assert!(outputs.iter().any(|o| matches!(o, Output::Send { to, .. } if *to == a.peer())));
     assert_eq!(ma.digests(), mb.digests());
 }
+
+#[test]
+fn the_update_queue_is_bounded_and_drops_the_most_sent() {
+    let mut q = Broadcasts::default();
+    for k in 0..table::MAX_PENDING as u128 {
+        q.push(k, Bytes::from(k.to_be_bytes().to_vec()));
+    }
+    // Twenty are sent once: they are now the most transmitted.
+    let sent = q.take(16 * 20, 10, None);
+    assert_eq!(sent.len(), 20);
+    for k in 0..10u128 {
+        q.push(10_000 + k, Bytes::from((10_000 + k).to_be_bytes().to_vec()));
+    }
+    assert_eq!(q.len(), table::MAX_PENDING);
+    let mut left = Vec::new();
+    while !q.is_empty() {
+        left.extend(q.take(16 * 64, 1, None));
+    }
+    let left: Vec<u128> = left.iter().map(|b| u128::from_be_bytes(b[..].try_into().unwrap())).collect();
+    assert!((10_000..10_010).all(|k| left.contains(&k)), "the new updates are kept");
+    let sent_kept = left.iter().filter(|k| sent.iter().any(|b| b[..] == k.to_be_bytes())).count();
+    assert_eq!(sent_kept, 10, "the ten dropped were among the most transmitted");
+}
