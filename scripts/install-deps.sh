@@ -7,7 +7,7 @@
 set -euo pipefail
 what=${1:-test}
 build_pkgs=(build-essential clang libclang-dev pkg-config protobuf-compiler)
-test_pkgs=(docker-registry containerd skopeo apache2-utils iproute2 iptables curl ca-certificates unzip)
+test_pkgs=(docker-registry containerd runc skopeo apache2-utils iproute2 iptables curl ca-certificates unzip)
 pkgs=("${build_pkgs[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
 
@@ -20,7 +20,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo=sudo
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -q
-  # --no-install-recommends: containerd recommends runc only; docker-registry must not start a system service
+  # --no-install-recommends: containerd only recommends runc (listed: the image test runs the agent with it);
+  # docker-registry must not start a system service
   # that would hold port 5000 (the tests start their own instances).
   $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi

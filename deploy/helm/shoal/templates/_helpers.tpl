@@ -18,7 +18,11 @@ app.kubernetes.io/component: agent
 {{- end -}}
 
 {{- define "shoal.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
 {{- end -}}
 
 {{- define "shoal.secretName" -}}
