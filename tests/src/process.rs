@@ -421,7 +421,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         Ok(())
     }
 
-    async fn ctr(&self, args: &[&str]) -> Result<std::process::Output> {
+    /// Runs `ctr` against this containerd in the agent's namespace.
+    pub async fn ctr(&self, args: &[&str]) -> Result<std::process::Output> {
         let out = tokio::process::Command::new("ctr")
             .arg("--address")
             .arg(self.socket())

@@ -5,8 +5,7 @@
 //! Secret, uninstall hook), with the `helm` that `scripts/install-deps.sh` installs.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -14,60 +13,9 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Secret, Service, ServiceAccount, Volume};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::Deserialize;
 
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// Every object of a multi-document YAML stream, as JSON values.
-fn objects(yaml: &str) -> Result<Vec<serde_json::Value>> {
-    let mut out = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let v = serde_json::Value::deserialize(doc)?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
-}
-
-/// The objects of one kind, typed.
-fn all<T: serde::de::DeserializeOwned>(objs: &[serde_json::Value], kind: &str) -> Result<Vec<T>> {
-    objs.iter()
-        .filter(|o| o["kind"] == kind)
-        .map(|o| serde_json::from_value(o.clone()).with_context(|| format!("a {kind} that is not a valid {kind}")))
-        .collect()
-}
-
-fn one<T: serde::de::DeserializeOwned>(objs: &[serde_json::Value], kind: &str, name: &str) -> Result<T> {
-    let found: Vec<_> = objs.iter().filter(|o| o["kind"] == kind && o["metadata"]["name"] == name).collect();
-    match found.as_slice() {
-        [o] => Ok(serde_json::from_value((*o).clone())?),
-        _ => bail!("expected one {kind} named {name}, found {}", found.len()),
-    }
-}
-
-fn helm() -> Result<PathBuf> {
-    for candidate in [std::env::var_os("SHOAL_HELM").map(PathBuf::from), Some("/opt/shoal-tools/bin/helm".into())] {
-        if let Some(p) = candidate.filter(|p| p.exists()) {
-            return Ok(p);
-        }
-    }
-    bail!("helm not found: scripts/install-deps.sh installs it in /opt/shoal-tools/bin (or set SHOAL_HELM)")
-}
-
-fn helm_template(extra: &[&str]) -> Result<String> {
-    let out = Command::new(helm()?)
-        .args(["template", "shoal", "helm/shoal", "--namespace", "shoal-system"])
-        .args(extra)
-        .current_dir(deploy_dir())
-        .output()?;
-    if !out.status.success() {
-        bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
+mod chart;
+use chart::{all, deploy_dir, helm_template, objects, one};
 
 fn port_of(addr: &str) -> i32 {
     addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(-1)
