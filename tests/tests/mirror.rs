@@ -669,3 +669,67 @@ async fn containerd_2_requests_cold_and_warm() -> Result<()> {
     assert_eq!(n.proxy.count("GET", &format!("/manifests/{}", manifest.digest)), 1);
     Ok(())
 }
+
+/// containerd 2.x's requests (as the issue measured them): HEAD of the tag, GET of the manifest by digest with
+/// `Range: bytes=0-`, and, with `concurrent_layer_fetch_buffer` set, parallel open-ended ranges of one layer; every
+/// GET with `Accept-Encoding: zstd, gzip, deflate`. Cold, the concurrent ranges share the one download (upstream
+/// asked once); warm, upstream is not asked; no response has a content encoding and every range is exactly its
+/// bytes.
+#[tokio::test]
+async fn containerd_2x_parallel_ranges_cold_and_warm() -> Result<()> {
+    use reqwest::header::{ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_RANGE, RANGE};
+    let n = node().await?;
+    let image = Image::random(&[3_000_000, 40_000], 7, "amd64", Compression::Gzip)?;
+    let layer = image.layers[0].clone();
+    let manifest = image.manifest.clone();
+    push(&Artifact::Image(image), &n.registry.host(), "team/ranged", "v1", None, Format::Oci)?;
+    n.proxy.reset_counts();
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let encodings = "zstd, gzip, deflate";
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
+                  application/vnd.docker.distribution.manifest.v2+json, */*";
+    let url = |kind: &str, r: &str| format!("{}/v2/team/ranged/{kind}/{r}?ns={}", n.agent.url(), n.proxy.host());
+
+    let head = http.head(url("manifests", "v1")).header(ACCEPT, accept).send().await?;
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["docker-content-digest"], manifest.digest.as_str());
+    let got = http
+        .get(url("manifests", &manifest.digest))
+        .header(ACCEPT, accept)
+        .header(ACCEPT_ENCODING, encodings)
+        .header(RANGE, "bytes=0-")
+        .send()
+        .await?;
+    assert!(matches!(got.status().as_u16(), 200 | 206), "manifest with bytes=0-: {}", got.status());
+    assert!(got.headers().get(CONTENT_ENCODING).is_none(), "no content encoding on a manifest");
+    assert_eq!(got.bytes().await?.as_ref(), manifest.data.as_slice(), "the whole manifest, as stored");
+
+    let size = layer.data.len();
+    for round in ["cold", "warm"] {
+        let offsets = [0, size / 4, size / 2, size * 3 / 4];
+        let requests = offsets.map(|from| {
+            let req = http
+                .get(url("blobs", &layer.digest))
+                .header(ACCEPT_ENCODING, encodings)
+                .header(RANGE, format!("bytes={from}-"))
+                .send();
+            async move {
+                let resp = req.await?;
+                let status = resp.status().as_u16();
+                let encoding = resp.headers().get(CONTENT_ENCODING).cloned();
+                let range = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok().map(str::to_owned));
+                let body = resp.bytes().await?;
+                anyhow::Ok((from, status, encoding, range, body))
+            }
+        });
+        for r in futures_util::future::join_all(requests).await {
+            let (from, status, encoding, range, body) = r?;
+            assert_eq!(status, 206, "{round}: bytes={from}-");
+            assert!(encoding.is_none(), "{round}: no content encoding on a blob");
+            assert_eq!(range.as_deref(), Some(format!("bytes {from}-{}/{size}", size - 1).as_str()), "{round}");
+            assert!(body.as_ref() == &layer.data[from..], "{round}: bytes={from}- is exactly the blob's tail");
+        }
+        assert_eq!(n.proxy.count("GET", &format!("/blobs/{}", layer.digest)), 1, "{round}: upstream asked once");
+    }
+    Ok(())
+}
