@@ -440,6 +440,12 @@ impl Membership {
                 }
             }
             Body::Ack { seq } => self.on_ack(from, seq),
+            Body::PingReq { seq, target } if target.key() == self.me.key() => {
+                // Asked to probe this node itself (the asker's view of who is who is off): answer for it.
+                if let Some((p, a)) = self.addr_of(sender) {
+                    self.send(p, a, &Body::Ack { seq }, Some(sender));
+                }
+            }
             Body::PingReq { seq, target } => {
                 self.seq += 1;
                 let relay = Relay {
