@@ -48,6 +48,8 @@ pub struct Row {
     pub home_disagreement: f64,
     /// Over a minute with 1 % loss and 5 % of nodes starved: (node, member) pairs ever seen dead while alive.
     pub false_deaths: usize,
+    /// Bytes sent per node per second over that minute (tables included).
+    pub noisy_bytes: f64,
 }
 
 fn digests(n: usize) -> Vec<Digest> {
@@ -190,6 +192,7 @@ pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
         noisy.starved[i] = i % 20 == 7;
     }
     let mut false_deaths = std::collections::HashSet::new();
+    let noisy_before: u64 = noisy.sent_bytes.iter().sum();
     for _ in 0..60 {
         let t = noisy.now() + Duration::from_secs(1);
         noisy.run_until(t);
@@ -203,8 +206,10 @@ pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
             }
         }
     }
+    let noisy_bytes = (noisy.sent_bytes.iter().sum::<u64>() - noisy_before) as f64 / (nodes as f64 * 60.0);
     Row {
         nodes,
+        noisy_bytes,
         converged,
         idle_messages: per(m1 - m0),
         idle_bytes: per(b1 - b0),
@@ -220,11 +225,11 @@ pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
 pub fn table(rows: &[Row]) -> String {
     let s = |v: Option<f64>| v.map_or_else(|| "not within the limit".to_owned(), |v| format!("{v:.1} s"));
     let mut t = String::from(
-        "| nodes | all join at once: converged | idle messages / node / s | idle bytes / node / s | a join seen by all | a crash seen dead by all (median / slowest of 5) | homes disagreeing during the crashes | false deaths (1 % loss, 5 % starved, 60 s) |\n|---|---|---|---|---|---|---|---|\n",
+        "| nodes | all join at once: converged | idle messages / node / s | idle bytes / node / s | a join seen by all | a crash seen dead by all (median / slowest of 5) | homes disagreeing during the crashes | false deaths (1 % loss, 5 % starved, 60 s) | bytes / node / s meanwhile |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         t.push_str(&format!(
-            "| {} | {} | {:.2} | {:.0} B | {} | {} / {} | {:.2} % | {} |\n",
+            "| {} | {} | {:.2} | {:.0} B | {} | {} / {} | {:.2} % | {} | {:.0} B |\n",
             r.nodes,
             s(r.converged),
             r.idle_messages,
@@ -233,7 +238,8 @@ pub fn table(rows: &[Row]) -> String {
             s(r.death_seen_median),
             s(r.death_seen),
             r.home_disagreement * 100.0,
-            r.false_deaths
+            r.false_deaths,
+            r.noisy_bytes
         ));
     }
     t

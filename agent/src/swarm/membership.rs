@@ -12,8 +12,9 @@
 //! on short gossip rounds to a few neighbours; each update is sent `4 × ⌈log10(N)⌉` times. A joining node gets a
 //! feed of members in the answer to its announcement, and the whole table on request ([`Membership::table`]).
 //! Every 10 periods a node compares its table's digests (64 buckets by member key) with a random neighbour's and
-//! pulls the records of the buckets that differ: a member whose updates all went out before this node heard them
-//! is found there, and an idle cluster exchanges 64 digests per node every 10 periods, nothing more.
+//! pulls the records of two of the buckets that differ (at most once per 5 periods: under churn many differ for a
+//! moment): a member whose updates all went out before this node heard them is found there, and an idle cluster
+//! exchanges 64 digests per node every 10 periods, nothing more.
 //!
 //! **Lifeguard.** A suspicion's timeout starts at [`SUSPICION_STRETCH`] × `suspicion` and shrinks towards
 //! `suspicion` as independent suspicions of the same member arrive (a member that only one prober could not reach
@@ -76,6 +77,10 @@ const ANNOUNCE_TO_DEAD_EVERY: u32 = 10;
 const SYNC_EVERY: u32 = 10;
 /// At most one table pulled per this many periods.
 const PULL_AT_MOST_EVERY: u32 = 5;
+/// Buckets pulled at most at once. Under churn (refutations, joins) many buckets differ for a moment while the
+/// updates spread; pulling all of them would be the whole table every few seconds, so a node pulls a few, at
+/// random, and a difference that lasts is caught by the next exchanges.
+const MAX_PULL_BUCKETS: usize = 2;
 /// Every bucket of a table: [`Membership::table_request`] for the whole table.
 pub const ALL_BUCKETS: u64 = u64::MAX;
 
@@ -495,12 +500,17 @@ impl Membership {
         self.send(to, addr, &Body::Sync { digests, reply }, Some(key));
     }
 
-    fn pull(&mut self, to: PeerId, addr: SocketAddr, buckets: u64) {
+    fn pull(&mut self, to: PeerId, addr: SocketAddr, differ: u64) {
         let every = self.timing.probe_period * PULL_AT_MOST_EVERY;
         if self.last_pull.is_some_and(|t| self.now < t + every) {
             return;
         }
         self.last_pull = Some(self.now);
+        let buckets = (0..table::BUCKETS)
+            .filter(|i| differ & (1 << i) != 0)
+            .choose_multiple(&mut self.rng, MAX_PULL_BUCKETS)
+            .into_iter()
+            .fold(0u64, |m, i| m | 1 << i);
         self.out.push_back(Output::PullTable { to, addr, buckets });
     }
 
