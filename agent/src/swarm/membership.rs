@@ -3,10 +3,11 @@
 //! ([`Output`]), the time to be called again ([`Membership::next_wake`]) and the member table.
 //!
 //! **Probing.** Twice a period a node probes one of its neighbours (successor and predecessor on a few hash
-//! rings: [`table`]), in turn; a neighbour that does not answer within the probe timeout is pinged through up to
-//! [`MembershipTiming::indirect_probes`] other neighbours; with no answer within the period it becomes suspect.
-//! Every member is the neighbour of 6–8 members, so it is probed about twice a period, and a node's messages go
-//! to the same few members: its connections stay open (no handshake per message) and do not grow with the cluster.
+//! rings: `membership/table.rs`), in turn; a neighbour that does not answer within the probe timeout is pinged
+//! through up to [`MembershipTiming::indirect_probes`] other neighbours; with no answer within the period it becomes
+//! suspect. Every member is the neighbour of 6–8 members, so it is probed about twice a period, and a node's
+//! messages go to the same few members: its connections stay open (no handshake per message) and do not grow with
+//! the cluster.
 //!
 //! **Spreading.** Joins, suspicions and deaths ride on every message (fewest-sent first) and, while there is news,
 //! on short gossip rounds to a few neighbours; each update is sent `4 × ⌈log10(N)⌉` times. A joining node gets a
@@ -91,7 +92,7 @@ pub struct MembershipTiming {
     pub probe_period: Duration,
     /// Wait for a direct answer before asking others to probe (shorter than the period).
     pub probe_timeout: Duration,
-    /// A suspect member's time to refute before it is dead, once [`CONFIRMATIONS`] members suspect it (up to
+    /// A suspect member's time to refute before it is dead, once three members suspect it (up to
     /// [`SUSPICION_STRETCH`] times this when fewer do).
     pub suspicion: Duration,
     /// Members asked to probe one that did not answer.
