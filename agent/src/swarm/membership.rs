@@ -20,8 +20,9 @@
 //! **Lifeguard.** A suspicion's timeout starts at [`SUSPICION_STRETCH`] × `suspicion` and shrinks towards
 //! `suspicion` as independent suspicions of the same member arrive (a member that only one prober could not reach
 //! has longer to refute); a node that hears a neighbour suspected probes it at once, and every message to a
-//! suspect carries the suspicion (it learns it at once and refutes); a node whose own probes fail, or that has to refute, is probably the slow one: its
-//! local health score stretches its probe period and timeout, so a starved node stops accusing healthy members.
+//! suspect carries the suspicion (it learns it at once and refutes); a node whose own probes fail, or that has to
+//! refute, is probably the slow one: its local health score stretches its probe period and timeout, so a starved
+//! node stops accusing healthy members.
 //!
 //! **What is signed.** What a member says about *itself* (zone, addresses, incarnation, and its renewal number, SWIM's
 //! incarnation) is a [`MemberRecord`] signed with the key its peer id is derived from: nobody can speak for another
