@@ -14,8 +14,9 @@
 //! feed of members in the answer to its announcement, and the whole table on request ([`Membership::table`]).
 //! Every 10 periods a node compares its table's digests (64 buckets by member key) with a random neighbour's and
 //! pulls the records of two of the buckets that differ (at most once per 5 periods: under churn many differ for a
-//! moment): a member whose updates all went out before this node heard them is found there, and an idle cluster
-//! exchanges 64 digests per node every 10 periods, nothing more.
+//! moment), or of all of them when the neighbour holds more members (this node is behind): a member whose updates
+//! all went out before this node heard them is found there, and an idle cluster exchanges 64 digests per node every
+//! 10 periods, nothing more.
 //!
 //! **Lifeguard.** A suspicion's timeout starts at [`SUSPICION_STRETCH`] × `suspicion` and shrinks towards
 //! `suspicion` as independent suspicions of the same member arrive (a member that only one prober could not reach
@@ -468,7 +469,7 @@ impl Membership {
             }
             Body::Announce => self.feed(sender),
             Body::Feed | Body::Gossip => {}
-            Body::Sync { digests, reply } => {
+            Body::Sync { digests, live, reply } => {
                 let mine = self.digests();
                 let differ = mine
                     .iter()
@@ -480,7 +481,10 @@ impl Membership {
                     && differ != 0
                     && let Some((p, a)) = self.addr_of(sender)
                 {
-                    self.pull(p, a, differ);
+                    // A sender that holds more members than this node: this node is behind (it missed joins), and
+                    // every differing bucket is worth pulling; otherwise the difference is churn in flight.
+                    let behind = live as usize > self.table.live() + 1;
+                    self.pull(p, a, differ, behind);
                     if !reply {
                         self.send_sync(p, a, sender, true);
                     }
@@ -499,18 +503,21 @@ impl Membership {
 
     fn send_sync(&mut self, to: PeerId, addr: SocketAddr, key: u128, reply: bool) {
         let digests = self.digests().iter().map(|d| d.to_be_bytes()).collect();
-        self.send(to, addr, &Body::Sync { digests, reply }, Some(key));
+        let live = u32::try_from(self.table.live() + 1).unwrap_or(u32::MAX);
+        self.send(to, addr, &Body::Sync { digests, live, reply }, Some(key));
     }
 
-    fn pull(&mut self, to: PeerId, addr: SocketAddr, differ: u64) {
+    /// Pulls from `to` the buckets in `differ`: all of them when this node is `behind`, else a few.
+    fn pull(&mut self, to: PeerId, addr: SocketAddr, differ: u64, behind: bool) {
         let every = self.timing.probe_period * PULL_AT_MOST_EVERY;
         if self.last_pull.is_some_and(|t| self.now < t + every) {
             return;
         }
         self.last_pull = Some(self.now);
+        let most = if behind { table::BUCKETS } else { MAX_PULL_BUCKETS };
         let buckets = (0..table::BUCKETS)
             .filter(|i| differ & (1 << i) != 0)
-            .choose_multiple(&mut self.rng, MAX_PULL_BUCKETS)
+            .choose_multiple(&mut self.rng, most)
             .into_iter()
             .fold(0u64, |m, i| m | 1 << i);
         self.out.push_back(Output::PullTable { to, addr, buckets });

@@ -42,6 +42,22 @@ impl Run<'_> {
         }
     }
 
+    /// Each agent whose view is not `alive` alive and none suspect: its counts (for a failure's message).
+    async fn views(agents: &[&Agent], alive: f64) -> String {
+        let mut off = Vec::new();
+        for (i, a) in agents.iter().enumerate() {
+            let state = |s: &'static str| async move {
+                a.metric("shoal_peers", &[&format!("state=\"{s}\"")]).await.unwrap_or(-1.0)
+            };
+            let (al, su, de) = (state("alive").await, state("suspect").await, state("dead").await);
+            let health = a.metric("shoal_membership_local_health", &[]).await.unwrap_or(-1.0);
+            if al != alive || su != 0.0 {
+                off.push(format!("agent {i}: {al} alive, {su} suspect, {de} dead, local health {health}"));
+            }
+        }
+        if off.is_empty() { "every view is right now".to_owned() } else { off.join("; ") }
+    }
+
     /// Waits until each of `agents` sees `alive` members alive and none suspect; how long it took, or `None`.
     async fn all_see(agents: &[&Agent], alive: f64, within: Duration) -> Option<Duration> {
         let start = Instant::now();
@@ -72,10 +88,10 @@ impl Run<'_> {
             Size::Long => (Duration::from_secs(10), Duration::from_secs(15)),
         };
         let joined = Self::all_see(&all, (n - 1) as f64, within).await;
-        self.report.check(
-            joined.is_some(),
-            format!("{n} agents did not all see each other alive within {within:?} of being up"),
-        );
+        if joined.is_none() {
+            let views = Self::views(&all, (n - 1) as f64).await;
+            self.report.check(false, format!("{n} agents did not all see each other alive within {within:?}: {views}"));
+        }
         if let Some(d) = joined {
             self.report.recovered(d);
         }
@@ -117,7 +133,10 @@ impl Run<'_> {
         {
             let all: Vec<&Agent> = agents.iter().collect();
             let joined = Self::all_see(&all, (n - 1) as f64, within).await;
-            self.report.check(joined.is_some(), format!("{n} agents did not see each other within {within:?}"));
+            if joined.is_none() {
+                let views = Self::views(&all, (n - 1) as f64).await;
+                self.report.check(false, format!("{n} agents did not see each other within {within:?}: {views}"));
+            }
         }
         let mut half: Vec<usize> = (0..n).collect();
         half.shuffle(&mut self.rng);
@@ -135,10 +154,13 @@ impl Run<'_> {
         let up = restarted.elapsed();
         let all: Vec<&Agent> = agents.iter().collect();
         let back = Self::all_see(&all, (n - 1) as f64, within).await;
-        self.report.check(
-            back.is_some(),
-            format!("after half the cluster restarted at once, not every agent saw the {} others alive", n - 1),
-        );
+        if back.is_none() {
+            let views = Self::views(&all, (n - 1) as f64).await;
+            self.report.check(
+                false,
+                format!("after half the cluster restarted at once, not every agent saw the {} others: {views}", n - 1),
+            );
+        }
         if let Some(d) = back {
             self.report.recovered(up + d);
         }

@@ -379,7 +379,7 @@ fn a_member_every_update_missed_is_found_by_the_digest_exchange() {
     // A's periodic exchange with a neighbour, B.
     let t = T0;
     let digests = ma.digests().iter().map(|d| d.to_be_bytes()).collect();
-    let sync = wire::encode(&a, &Body::Sync { digests, reply: false }, &[]);
+    let sync = wire::encode(&a, &Body::Sync { digests, live: 3, reply: false }, &[]);
     mb.handle_data(a.peer(), &sync, t).unwrap();
     let outputs: Vec<_> = std::iter::from_fn(|| mb.poll_output()).collect();
     let buckets = outputs

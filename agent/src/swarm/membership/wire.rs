@@ -31,9 +31,10 @@ pub(super) enum Body {
     Feed,
     /// Updates only.
     Gossip,
-    /// My table's digests by bucket (anti-entropy): a receiver whose digests differ pulls the sender's records in
-    /// the buckets that differ and, when `reply` is false, answers with its own so the sender can do the same.
-    Sync { digests: Vec<[u8; 8]>, reply: bool },
+    /// My table's digests by bucket and how many members I hold alive or suspect, myself included (anti-entropy): a
+    /// receiver whose digests differ pulls the sender's records in the buckets that differ and, when `reply` is
+    /// false, answers with its own so the sender can do the same.
+    Sync { digests: Vec<[u8; 8]>, live: u32, reply: bool },
 }
 
 /// What a member says about a member.
