@@ -633,11 +633,20 @@ impl Membership {
         false
     }
 
+    /// An accusation (suspect or dead) of this node itself: refuted when it names the current version or a later
+    /// one. Returns whether the accusation was about this node.
+    fn accused_me(&mut self, key: u128, version: Version) -> bool {
+        if key != self.me.key() {
+            return false;
+        }
+        if version >= self.me.version() {
+            self.refute(version);
+        }
+        true
+    }
+
     fn apply_suspect(&mut self, key: u128, version: Version, by: u128) {
-        if key == self.me.key() {
-            if version >= self.me.version() {
-                self.refute(version);
-            }
+        if self.accused_me(key, version) {
             return;
         }
         let Some(e) = self.table.get(key) else { return };
@@ -690,10 +699,7 @@ impl Membership {
     }
 
     fn apply_dead(&mut self, key: u128, version: Version, spread: bool) {
-        if key == self.me.key() {
-            if version >= self.me.version() {
-                self.refute(version);
-            }
+        if self.accused_me(key, version) {
             return;
         }
         let Some(e) = self.table.get(key) else { return };
