@@ -33,9 +33,13 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     membership: Vec<usize>,
     /// With `--membership`: gossip to M members N times a period while there is news, as `MxN` (the agent's:
-    /// 2x2).
+    /// 3x4).
     #[arg(long)]
     gossip: Option<String>,
+    /// With `--membership`: only the minute of loss and starvation (false deaths and bytes), not the joins and
+    /// crashes before it: a quicker run while working on false deaths.
+    #[arg(long)]
+    noise_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +56,14 @@ fn main() -> anyhow::Result<()> {
             if let Some(g) = &args.gossip {
                 let parsed = g.split_once('x').and_then(|(m, k)| Some((m.parse().ok()?, k.parse().ok()?)));
                 timing.gossip = parsed.with_context(|| format!("--gossip {g}: expected MxN, e.g. 3x4"))?;
+            }
+            if args.noise_only {
+                let (false_deaths, bytes) = shoal_sim::membership::noise(n, args.seed.unwrap_or(1), timing);
+                println!(
+                    "{n} nodes: {false_deaths} false deaths, {bytes:.0} B/node/s ({:.0} s of CPU time)",
+                    started.elapsed().as_secs_f64()
+                );
+                continue;
             }
             let row = shoal_sim::membership::run_with(n, args.seed.unwrap_or(1), timing);
             eprintln!("  {row:?} ({:.0} s of CPU time)", started.elapsed().as_secs_f64());

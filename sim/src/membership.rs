@@ -170,7 +170,28 @@ pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
     phase("a join and a crash");
     // The first cluster's memory back before the second starts (each holds N × N table entries).
     drop(lab);
-    // Loss and starvation: a separate cluster, converged first.
+    let (false_deaths, noisy_bytes) = noise(nodes, seed, timing);
+    phase("loss and starvation");
+    Row {
+        nodes,
+        noisy_bytes,
+        converged,
+        idle_messages: per(m1 - m0),
+        idle_bytes: per(b1 - b0),
+        join_seen,
+        death_seen,
+        death_seen_median,
+        home_disagreement: worst,
+        false_deaths,
+    }
+}
+
+/// Loss and starvation: a separate cluster of `nodes`, converged first, then a minute with 1 % of messages lost and
+/// every 20th node starved. Returns the (node, member) pairs ever seen dead while alive and the bytes sent per node
+/// and second meanwhile. With `SHOAL_SIM_DEBUG` set, prints who was seen dead by how many and how often the
+/// starved nodes refuted.
+pub fn noise(nodes: usize, seed: u64, timing: MembershipTiming) -> (usize, f64) {
+    let step = Duration::from_millis(250);
     let mut noisy = Lab::new(nodes, timing, 0.0, seed ^ 0x5eed, false);
     for i in 1..nodes {
         noisy.join(i, 0);
@@ -186,10 +207,15 @@ pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
     });
     let t = noisy.now() + Duration::from_secs(60);
     noisy.run_until(t);
-    phase("second cluster joined");
+    if std::env::var_os("SHOAL_SIM_DEBUG").is_some() {
+        eprintln!("    second cluster joined at {:?}", noisy.now());
+    }
     noisy.loss = 0.01;
     for i in 0..nodes {
         noisy.starved[i] = i % 20 == 7;
+        if noisy.starved[i] && std::env::var_os("XDBG").is_some() {
+            eprintln!("XDBG starved {}", noisy.node(i).map(|m| m.me().key() % 100000).unwrap_or(0));
+        }
     }
     let mut false_deaths = std::collections::HashSet::new();
     let noisy_before: u64 = noisy.sent_bytes.iter().sum();
@@ -207,18 +233,31 @@ pub fn run_with(nodes: usize, seed: u64, timing: MembershipTiming) -> Row {
         }
     }
     let noisy_bytes = (noisy.sent_bytes.iter().sum::<u64>() - noisy_before) as f64 / (nodes as f64 * 60.0);
-    Row {
-        nodes,
-        noisy_bytes,
-        converged,
-        idle_messages: per(m1 - m0),
-        idle_bytes: per(b1 - b0),
-        join_seen,
-        death_seen,
-        death_seen_median,
-        home_disagreement: worst,
-        false_deaths: false_deaths.len(),
+    if std::env::var_os("SHOAL_SIM_DEBUG").is_some() {
+        let mut by_member: HashMap<libp2p::PeerId, usize> = HashMap::new();
+        for (_, p) in &false_deaths {
+            *by_member.entry(*p).or_default() += 1;
+        }
+        let starved: Vec<libp2p::PeerId> =
+            (0..nodes).filter(|i| noisy.starved[*i]).filter_map(|i| noisy.peer(i)).collect();
+        let mut counts: Vec<(usize, bool)> = by_member.iter().map(|(p, c)| (*c, starved.contains(p))).collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        eprintln!("    seen dead by (observers, starved): {counts:?}");
+        let renewals: u64 = (0..nodes)
+            .filter(|i| noisy.starved[*i])
+            .filter_map(|i| noisy.node(i))
+            .map(|m| u64::from(m.me().version().1))
+            .sum();
+        let others: u64 = (0..nodes)
+            .filter(|i| !noisy.starved[*i])
+            .filter_map(|i| noisy.node(i))
+            .map(|m| u64::from(m.me().version().1))
+            .sum();
+        eprintln!("    renewals: starved {renewals}, others {others}");
+        let by_starved = false_deaths.iter().filter(|(i, _)| noisy.starved[*i]).count();
+        eprintln!("    false deaths seen by starved nodes: {by_starved} of {}", false_deaths.len());
     }
+    (false_deaths.len(), noisy_bytes)
 }
 
 /// The rows as a markdown table.

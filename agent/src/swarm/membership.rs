@@ -21,9 +21,17 @@
 //! **Lifeguard.** A suspicion's timeout starts at [`SUSPICION_STRETCH`] × `suspicion` and shrinks towards
 //! `suspicion` as independent suspicions of the same member arrive (a member that only one prober could not reach
 //! has longer to refute); a node that hears a neighbour suspected probes it at once, and every message to a
-//! suspect carries the suspicion (it learns it at once and refutes); a node whose own probes fail, or that has to
-//! refute, is probably the slow one: its local health score stretches its probe period and timeout, so a starved
-//! node stops accusing healthy members.
+//! suspect carries the suspicion (it learns it at once and refutes); a node whose own probes fail, that gets an
+//! answer to a probe that already failed (it handled the answer late) or that has to refute, is probably the slow
+//! one: its local health score stretches its probe period and timeout, so a starved node stops accusing healthy
+//! members; only an answer within the probe timeout heals it (a slow answer says nothing either way).
+//!
+//! **Patience.** A neighbour that refuted a suspicion is alive and slow (a starved process, a congested link): for
+//! [`SLOW_FOR`] periods it is probed with [`PATIENCE`] times the time to answer. Every accusation must be refuted, and
+//! every refutation must reach every node before its suspicion times out; at thousands of nodes with a few percent
+//! of them slow, accusing the same slow members again and again was what made refutations miss their deadline.
+//! Updates queue with this node's own first (its refutation leaves before anything else), then fewest sent and
+//! newest first.
 //!
 //! **What is signed.** What a member says about *itself* (zone, addresses, incarnation, and its renewal number, SWIM's
 //! incarnation) is a [`MemberRecord`] signed with the key its peer id is derived from: nobody can speak for another
@@ -73,6 +81,13 @@ const MAX_PROBES: usize = 6;
 const MAX_HEALTH: u32 = 8;
 /// Each update is sent `RETRANSMIT × ⌈log10(N + 1)⌉` times.
 const RETRANSMIT: u32 = 4;
+/// A neighbour that refuted a suspicion is given this many times the usual time to answer a probe (it is alive
+/// and slow: a CPU-starved node, a congested link), for [`SLOW_FOR`] periods after its refutation.
+const PATIENCE: u32 = 3;
+/// How long (in periods) a neighbour that refuted is probed with [`PATIENCE`].
+const SLOW_FOR: u32 = 60;
+/// Failed probes remembered, so that an answer arriving after its probe failed is recognised.
+const FAILED_KEPT: usize = 8;
 /// A dead member is remembered this long (and announced to now and then, so a healed partition merges).
 const REMEMBER_DEAD: Duration = Duration::from_secs(600);
 /// A dead member is announced to every this many periods.
@@ -179,6 +194,8 @@ struct Probe {
     until: Duration,
     /// Members asked to ping it (their relayed answers count).
     helpers: Vec<PeerId>,
+    /// When the ping went out.
+    sent: Duration,
 }
 
 /// A ping this node sends for another (an indirect probe).
@@ -218,6 +235,10 @@ pub struct Membership {
     last_pull: Option<Duration>,
     /// Lifeguard's local health score: 0 is healthy.
     health: u32,
+    /// Probes that ended in a suspicion, latest last: an answer to one of them came too late.
+    failed: VecDeque<Probe>,
+    /// Neighbours that refuted a suspicion, until when they are probed with [`PATIENCE`].
+    slow: HashMap<u128, Duration>,
     pool: Option<RecordPool>,
     out: VecDeque<Output>,
     changed: bool,
@@ -240,14 +261,15 @@ impl Membership {
         rng: SwimRng,
         binding: Binding,
     ) -> Self {
+        let mine = me.key();
         Self {
-            table: Table::new(me.key()),
+            table: Table::new(mine),
             key,
             me,
             timing,
             rng: rng.0,
             checks: Checks { binding, ..Checks::default() },
-            broadcasts: Broadcasts::default(),
+            broadcasts: Broadcasts::new(mine),
             suspicions: HashMap::new(),
             deadlines: BTreeSet::new(),
             dead: VecDeque::new(),
@@ -261,6 +283,8 @@ impl Membership {
             next_sync: timing.probe_period * 2,
             last_pull: None,
             health: 0,
+            failed: VecDeque::new(),
+            slow: HashMap::new(),
             pool: None,
             out: VecDeque::new(),
             changed: false,
@@ -485,11 +509,22 @@ impl Membership {
         Ok(left_out)
     }
 
+    /// Lifeguard's local health, judged from answers: an answer within the probe timeout (this node keeps up)
+    /// makes it healthier; a later one says nothing (the member or the path may be slow); an answer to a probe
+    /// that already failed means this node accused a live member because it handled the answer late: sicker.
     fn on_ack(&mut self, from: PeerId, seq: u64) {
         if let Some(i) = self.probes.iter().position(|p| p.seq == seq && (p.peer == from || p.helpers.contains(&from)))
         {
-            self.probes.swap_remove(i);
-            self.healthier();
+            let p = self.probes.swap_remove(i);
+            if self.now.saturating_sub(p.sent) <= self.timing.probe_timeout {
+                self.healthier();
+            }
+            return;
+        }
+        if let Some(i) = self.failed.iter().position(|p| p.seq == seq && (p.peer == from || p.helpers.contains(&from)))
+        {
+            self.failed.remove(i);
+            self.sicker();
             return;
         }
         if let Some(r) = self.relays.get(&seq)
@@ -586,6 +621,11 @@ impl Membership {
         if newer {
             if spread {
                 self.broadcast(&Update::Alive(Box::new(rec.clone())));
+            }
+            if self.table.get(key).is_some_and(|e| e.state == Liveness::Suspect) && self.table.is_neighbour(key) {
+                // A neighbour refuted a suspicion: alive and slow. Probed with patience for a while, it is not
+                // accused again and again (each accusation costs a refutation that must reach every node).
+                self.slow.insert(key, self.now + self.timing.probe_period * SLOW_FOR);
             }
             self.suspicions.remove(&key);
             let rec = self.intern(rec);
@@ -710,6 +750,10 @@ impl Membership {
             self.sicker();
             let me = self.me.key();
             self.apply_suspect(p.key, p.version, me);
+            if self.failed.len() >= FAILED_KEPT {
+                self.failed.pop_front();
+            }
+            self.failed.push_back(p);
         }
         if now >= self.next_probe {
             self.next_probe = now + self.period() / PROBES_PER_PERIOD;
@@ -777,6 +821,10 @@ impl Membership {
         if !self.relays.is_empty() {
             self.relays.retain(|_, r| r.until > now);
         }
+        if !self.slow.is_empty() {
+            let table = &self.table;
+            self.slow.retain(|k, until| *until > now && table.is_neighbour(*k));
+        }
     }
 
     /// Pings neighbour `key` (unless a probe of it is already out).
@@ -787,8 +835,9 @@ impl Membership {
         let Some(e) = self.table.get(key).filter(|e| e.state != Liveness::Dead) else { return };
         let (peer, addr, version) = (e.rec.peer(), e.rec.gossip(), e.rec.version());
         self.seq += 1;
-        let period = self.period();
-        let timeout = (self.timing.probe_timeout * (1 + self.health)).min(period / 2);
+        let patience = if self.slow.get(&key).is_some_and(|until| *until > self.now) { PATIENCE } else { 1 };
+        let period = self.period() * patience;
+        let timeout = (self.timing.probe_timeout * (1 + self.health) * patience).min(period / 2);
         self.probes.push(Probe {
             key,
             peer,
@@ -797,6 +846,7 @@ impl Membership {
             direct_until: self.now + timeout,
             until: self.now + period,
             helpers: Vec::new(),
+            sent: self.now,
         });
         let seq = self.seq;
         self.send(peer, addr, &Body::Ping { seq }, Some(key));

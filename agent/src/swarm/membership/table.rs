@@ -269,15 +269,28 @@ impl Table {
 /// digests carry what the queue drops, and a node's memory stays bounded.
 pub(super) const MAX_PENDING: usize = 1024;
 
-/// Updates still to spread, fewest transmissions first; a newer update about a member replaces the older.
+/// Updates still to spread: this node's own first (a refutation must leave the suspect before anything else: its
+/// suspecters' timers are running), then fewest transmissions first and, among those, newest first (memberlist's
+/// order: under a backlog a fresh suspicion or refutation goes out at once instead of behind a thousand older
+/// updates that have mostly spread already). A newer update about a member replaces the older.
 #[derive(Debug, Default)]
 pub(super) struct Broadcasts {
-    queue: BTreeMap<(u32, u64), (u128, Bytes)>,
-    by_key: ByKey<(u32, u64)>,
+    /// By (not this node's own, transmissions, newest first).
+    queue: BTreeMap<Slot, (u128, Bytes)>,
+    by_key: ByKey<Slot>,
     seq: u64,
+    me: u128,
 }
 
+/// A queued update's place: (0 for this node's own update, transmissions so far, `u64::MAX - ` its sequence).
+type Slot = (u8, u32, u64);
+
 impl Broadcasts {
+    /// A queue of node `me` (whose own updates go first).
+    pub(super) fn new(me: u128) -> Self {
+        Self { me, ..Self::default() }
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -292,35 +305,38 @@ impl Broadcasts {
             self.queue.remove(&old);
         }
         self.seq += 1;
-        self.queue.insert((0, self.seq), (key, bytes));
-        self.by_key.insert(key, (0, self.seq));
+        let slot = (u8::from(key != self.me), 0, u64::MAX - self.seq);
+        self.queue.insert(slot, (key, bytes));
+        self.by_key.insert(key, slot);
         while self.queue.len() > MAX_PENDING {
             let Some((_, (k, _))) = self.queue.pop_last() else { break };
             self.by_key.remove(&k);
         }
     }
 
-    /// Updates fitting in `room` bytes, least transmitted first, none about `skip` (already in the message);
-    /// each is counted as sent once more and dropped after `limit` transmissions.
+    /// Updates fitting in `room` bytes, in the queue's order, none about `skip` (already in the message); each is
+    /// counted as sent once more and dropped after `limit` transmissions.
     pub(super) fn take(&mut self, mut room: usize, limit: u32, skip: Option<u128>) -> Vec<Bytes> {
         let mut picked = Vec::new();
         // A bounded look: a message holds about a dozen updates.
-        for (&(tx, seq), (key, bytes)) in self.queue.iter().take(64) {
+        for (&slot, (key, bytes)) in self.queue.iter().take(64) {
             if Some(*key) == skip || bytes.len() > room {
                 continue;
             }
             room -= bytes.len();
-            picked.push((tx, seq));
+            picked.push(slot);
             if room < 16 {
                 break;
             }
         }
         let mut out = Vec::with_capacity(picked.len());
-        for (tx, seq) in picked {
-            let Some((key, bytes)) = self.queue.remove(&(tx, seq)) else { continue };
+        for slot in picked {
+            let Some((key, bytes)) = self.queue.remove(&slot) else { continue };
+            let (mine, tx, order) = slot;
             if tx + 1 < limit {
-                self.queue.insert((tx + 1, seq), (key, bytes.clone()));
-                self.by_key.insert(key, (tx + 1, seq));
+                let next = (mine, tx + 1, order);
+                self.queue.insert(next, (key, bytes.clone()));
+                self.by_key.insert(key, next);
             } else {
                 self.by_key.remove(&key);
             }

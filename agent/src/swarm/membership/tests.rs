@@ -402,7 +402,7 @@ fn a_member_every_update_missed_is_found_by_the_digest_exchange() {
 
 #[test]
 fn the_update_queue_is_bounded_and_drops_the_most_sent() {
-    let mut q = Broadcasts::default();
+    let mut q = Broadcasts::new(u128::MAX);
     for k in 0..table::MAX_PENDING as u128 {
         q.push(k, Bytes::from(k.to_be_bytes().to_vec()));
     }
@@ -421,4 +421,128 @@ fn the_update_queue_is_bounded_and_drops_the_most_sent() {
     assert!((10_000..10_010).all(|k| left.contains(&k)), "the new updates are kept");
     let sent_kept = left.iter().filter(|k| sent.iter().any(|b| b[..] == k.to_be_bytes())).count();
     assert_eq!(sent_kept, 10, "the ten dropped were among the most transmitted");
+}
+
+/// The pings `m` sent to `to` since the last call, by sequence number (other messages are dropped).
+fn pings_to(m: &mut Membership, to: &MemberRecord) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while let Some(o) = m.poll_output() {
+        if let Output::Send { to: p, data, .. } = o
+            && p == to.peer()
+            && let Ok(env) = wire::decode(&data)
+            && let Body::Ping { seq } = env.body
+        {
+            seqs.push(seq);
+        }
+    }
+    seqs
+}
+
+fn ack(from: &MemberRecord, seq: u64) -> Vec<u8> {
+    wire::encode(from, &Body::Ack { seq }, &[])
+}
+
+#[test]
+fn a_node_that_handles_answers_late_grows_sicker_and_only_prompt_answers_heal_it() {
+    // A's only neighbour is B: A probes B and nothing else.
+    let (ka, a) = node(1);
+    let (_, b) = node(2);
+    let mut m = Membership::new(ka, a, TIMING, SwimRng::seeded(1), Binding::Open);
+    m.handle_data(b.peer(), &ping(&b, &b), T0).unwrap();
+    let mut t = T0;
+    m.tick(t);
+    let first = pings_to(&mut m, &b);
+    assert_eq!(first.len(), 1, "one probe of B");
+    // No answer within the period: B is suspected and A is sicker (its own probe failed).
+    t += TIMING.probe_period + Duration::from_millis(1);
+    m.tick(t);
+    assert_eq!(m.liveness_of(&b.peer()), Some(Liveness::Suspect));
+    assert_eq!(m.health(), 1);
+    // B's answer arrives after all: A accused a live member because it handled the answer late.
+    m.handle_data(b.peer(), &ack(&b, first[0]), t).unwrap();
+    assert_eq!(m.health(), 2, "an answer to a probe that already failed");
+    // A's next probe answered slowly (later than the probe timeout) says nothing about A's health…
+    let seqs = loop {
+        t += Duration::from_millis(100);
+        m.tick(t);
+        let s = pings_to(&mut m, &b);
+        if !s.is_empty() {
+            break s;
+        }
+        assert!(t < Duration::from_secs(30), "A probes B again");
+    };
+    let slow = t + TIMING.probe_timeout + Duration::from_millis(1);
+    m.handle_data(b.peer(), &ack(&b, seqs[0]), slow).unwrap();
+    assert_eq!(m.health(), 2, "a slow answer: neither better nor worse");
+    // …and a prompt one heals it by a step.
+    let seqs = loop {
+        t = t.max(slow) + Duration::from_millis(100);
+        m.tick(t);
+        let s = pings_to(&mut m, &b);
+        if !s.is_empty() {
+            break s;
+        }
+        assert!(t < Duration::from_secs(60), "A probes B again");
+    };
+    m.handle_data(b.peer(), &ack(&b, seqs[0]), t + Duration::from_millis(10)).unwrap();
+    assert_eq!(m.health(), 1, "a prompt answer");
+}
+
+#[test]
+fn a_neighbour_that_refuted_is_probed_with_patience() {
+    let (ka, a) = node(1);
+    let (kb, b) = node(2);
+    let mut m = Membership::new(ka, a, TIMING, SwimRng::seeded(1), Binding::Open);
+    m.handle_data(b.peer(), &ping(&b, &b), T0).unwrap();
+    m.tick(T0);
+    assert_eq!(pings_to(&mut m, &b).len(), 1);
+    let normal = m.probes[0].until - m.probes[0].sent;
+    let mut t = T0 + TIMING.probe_period + Duration::from_millis(1);
+    m.tick(t);
+    assert_eq!(m.liveness_of(&b.peer()), Some(Liveness::Suspect));
+    // B refutes with a renewed record (alive and slow), and answers the probe that went out meanwhile.
+    let renewed = MemberRecord::sign(&kb, 1, 1, &b.about());
+    m.handle_data(b.peer(), &gossip(&renewed, &[]), t).unwrap();
+    assert_eq!(m.liveness_of(&b.peer()), Some(Liveness::Alive));
+    for seq in pings_to(&mut m, &b) {
+        m.handle_data(renewed.peer(), &ack(&renewed, seq), t).unwrap();
+    }
+    assert!(m.probes.is_empty());
+    loop {
+        t += Duration::from_millis(100);
+        m.tick(t);
+        if !pings_to(&mut m, &b).is_empty() {
+            break;
+        }
+        assert!(t < Duration::from_secs(30), "A probes B again");
+    }
+    let p = m.probes.iter().find(|p| p.peer == b.peer()).expect("a probe of B");
+    // The period stretched by A's health, times the patience for a member that refuted.
+    assert_eq!(p.until - p.sent, m.period() * PATIENCE);
+    assert!(p.until - p.sent >= normal * PATIENCE, "{:?} vs {normal:?}", p.until - p.sent);
+    // Long after, B is probed as any member again.
+    let later = t + TIMING.probe_period * (SLOW_FOR + 10) * (1 + MAX_HEALTH);
+    m.handle_data(b.peer(), &gossip(&renewed, &[]), later).unwrap();
+    m.tick(later);
+    assert!(m.slow.is_empty(), "forgotten after SLOW_FOR periods");
+}
+
+#[test]
+fn the_update_queue_sends_this_nodes_own_update_first_then_the_newest() {
+    let mut q = Broadcasts::new(7);
+    for k in 0..5u128 {
+        q.push(k, Bytes::from(k.to_be_bytes().to_vec()));
+    }
+    q.push(7, Bytes::from(7u128.to_be_bytes().to_vec()));
+    q.push(5, Bytes::from(5u128.to_be_bytes().to_vec()));
+    let first: Vec<u128> =
+        q.take(16 * 3, 2, None).iter().map(|b| u128::from_be_bytes(b[..].try_into().unwrap())).collect();
+    assert_eq!(first, vec![7, 5, 4], "own update, then newest first");
+    // The own update goes first until it was sent `limit` times; then the ones never sent, newest first; then
+    // the ones sent once.
+    let ids = |q: &mut Broadcasts| -> Vec<u128> {
+        q.take(16 * 3, 2, None).iter().map(|b| u128::from_be_bytes(b[..].try_into().unwrap())).collect()
+    };
+    assert_eq!(ids(&mut q), vec![7, 3, 2]);
+    assert_eq!(ids(&mut q), vec![1, 0, 5]);
 }
