@@ -260,10 +260,12 @@ fn check_config(doc: &toml::Table, hosts_dir: &Path) -> Vec<String> {
         ));
     }
     let reg = get(doc, registry).and_then(toml::Value::as_table);
+    // The table to fix, as the operator writes it in config.toml.
+    let table = format!("[plugins.\"{}\".registry]", registry[1]);
     match reg.and_then(|r| r.get("config_path")).and_then(toml::Value::as_str) {
         None | Some("") => w.push(format!(
             "containerd's registry `config_path` is not set: containerd ignores hosts files and never asks this \
-             mirror; set it to {}",
+             mirror; set it under {table}: config_path = \"{}\"",
             hosts_dir.display()
         )),
         Some(p) if !p.split(':').any(|p| Path::new(p) == hosts_dir) => w.push(format!(
@@ -407,16 +409,40 @@ mod tests {
     #[test]
     fn preflight_reads_real_configs() {
         let hosts = Path::new("/etc/containerd/certs.d");
-        // 1.6's default: config_path empty, nothing else in the way.
-        let w = preflight(&fixture("containerd-1.6-default.toml"), hosts);
-        assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].contains("`config_path` is not set") && w[0].contains("/etc/containerd/certs.d"), "{w:?}");
-        // The same file with config_path set, as an operator (or the chart's docs) would: no warning.
-        let text = fs::read_to_string(fixture("containerd-1.6-default.toml")).unwrap();
-        let fixed = text.replace(r#"config_path = """#, r#"config_path = "/etc/containerd/certs.d""#);
+        // 1.6's and 1.7's defaults: config_path empty, nothing else in the way; the message names the table.
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("config.toml"), fixed).unwrap();
-        assert_eq!(preflight(&dir.path().join("config.toml"), hosts), Vec::<String>::new());
+        for name in ["containerd-1.6-default.toml", "containerd-1.7-default.toml"] {
+            let w = preflight(&fixture(name), hosts);
+            assert_eq!(w.len(), 1, "{name}: {w:?}");
+            let fix = r#"[plugins."io.containerd.grpc.v1.cri".registry]: config_path = "/etc/containerd/certs.d""#;
+            assert!(w[0].contains("`config_path` is not set") && w[0].contains(fix), "{name}: {w:?}");
+            // The same file with config_path set, as an operator (or the chart's docs) would: no warning.
+            let text = fs::read_to_string(fixture(name)).unwrap();
+            let fixed = text.replace(r#"config_path = """#, r#"config_path = "/etc/containerd/certs.d""#);
+            fs::write(dir.path().join("config.toml"), fixed).unwrap();
+            assert_eq!(preflight(&dir.path().join("config.toml"), hosts), Vec::<String>::new(), "{name} fixed");
+        }
+        // 2.x's defaults (version 3): neither the CRI's images plugin nor the transfer service reads hosts files.
+        let w = preflight(&fixture("containerd-2.x-default.toml"), hosts);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains(r#"[plugins."io.containerd.cri.v1.images".registry]: config_path"#), "{w:?}");
+        assert!(w[1].contains("io.containerd.transfer.v1.local"), "{w:?}");
+        // Set in both: no warning. The transfer service given EKS's list: told it bypasses every mirror.
+        let text = fs::read_to_string(fixture("containerd-2.x-default.toml")).unwrap();
+        let one = "config_path = '/etc/containerd/certs.d'";
+        let fixed = text.replace("config_path = ''", one);
+        fs::write(dir.path().join("config.toml"), &fixed).unwrap();
+        assert_eq!(preflight(&dir.path().join("config.toml"), hosts), Vec::<String>::new(), "2.x fixed");
+        let at = fixed.rfind(one).unwrap();
+        let listed = format!(
+            "{}config_path = '/etc/containerd/certs.d:/etc/docker/certs.d'{}",
+            &fixed[..at],
+            &fixed[at + one.len()..]
+        );
+        fs::write(dir.path().join("config.toml"), listed).unwrap();
+        let w = preflight(&dir.path().join("config.toml"), hosts);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("io.containerd.transfer.v1.local `config_path` is the list"), "{w:?}");
         // EKS (containerd 2.x): the list config_path, layers discarded, no transfer-service config_path.
         let w = preflight(&fixture("eks-al2023.toml"), hosts);
         assert!(w.iter().any(|m| m.contains("is the list /etc/containerd/certs.d:/etc/docker/certs.d")), "{w:?}");
