@@ -32,6 +32,10 @@ pub enum MirrorError {
     /// The method or path is not part of the read API (pushes, catalog).
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The manifest reference is neither a tag nor a digest: no manifest can have it (404, `MANIFEST_UNKNOWN`:
+    /// the spec's codes have none for a malformed tag).
+    #[error("{0}")]
+    NoSuchReference(String),
     /// The `Range` header cannot be served.
     #[error("{error}")]
     Range {
@@ -67,8 +71,10 @@ impl MirrorError {
         match self {
             Self::BadRequest { code, .. } => Self::response(StatusCode::BAD_REQUEST, code, &msg),
             Self::Unsupported(_) => Self::response(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", &msg),
+            Self::NoSuchReference(_) => Self::response(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", &msg),
             Self::Range { size, .. } => {
-                let mut r = Self::response(StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID", &msg);
+                // The spec's codes have none for a range: the request asks for something this blob cannot give.
+                let mut r = Self::response(StatusCode::RANGE_NOT_SATISFIABLE, "UNSUPPORTED", &msg);
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                     r.headers_mut().insert(header::CONTENT_RANGE, v);
                 }
@@ -148,7 +154,7 @@ pub fn parse_path(path: &str) -> Result<Parsed, MirrorError> {
     if kind == "manifests" {
         let r = Reference::parse(reference).map_err(|e| match e {
             ParseError::Digest(_) => bad("DIGEST_INVALID", e),
-            _ => bad("TAG_INVALID", e),
+            _ => MirrorError::NoSuchReference(format!("{e}: not a tag or a digest, so no manifest has it")),
         })?;
         Ok(Parsed::Manifest(name, r))
     } else {
@@ -258,7 +264,10 @@ async fn serve(state: &MirrorState, req: Request) -> Result<Response, MirrorErro
             let client = client_for(repo);
             let range = headers
                 .get(header::RANGE)
-                .map(|v| v.to_str().map_err(|_| RangeError::Malformed).and_then(RangeSpec::parse));
+                .map(|v| v.to_str().map_err(|_| RangeError::Malformed).and_then(RangeSpec::parse))
+                // A unit other than bytes, or several ranges: the header is ignored and the whole blob sent (RFC 9110
+                // §14.2: a server must ignore an unknown unit and may ignore any range request).
+                .filter(|r| !matches!(r, Err(RangeError::UnknownUnit | RangeError::Multiple)));
             let opened = state.resolver.open(&client, &digest, Kind::Blob, head).await?;
             Ok(respond(state, opened, head, range)?)
         }

@@ -287,6 +287,9 @@ pub enum RangeError {
     /// Not `bytes=…` with one well-formed range.
     #[error("malformed Range header")]
     Malformed,
+    /// A range unit other than `bytes`: the header is to be ignored (RFC 9110 §14.2), the whole content sent.
+    #[error("unknown range unit")]
+    UnknownUnit,
     /// More than one range: this server serves a single range only.
     #[error("multiple ranges are not supported")]
     Multiple,
@@ -298,7 +301,10 @@ pub enum RangeError {
 impl RangeSpec {
     /// Parses a `Range` header value holding a single byte range.
     pub fn parse(s: &str) -> Result<Self, RangeError> {
-        let spec = s.trim().strip_prefix("bytes=").ok_or(RangeError::Malformed)?;
+        let (unit, spec) = s.trim().split_once('=').ok_or(RangeError::Malformed)?;
+        if !unit.trim().eq_ignore_ascii_case("bytes") {
+            return Err(RangeError::UnknownUnit);
+        }
         if spec.contains(',') {
             return Err(RangeError::Multiple);
         }
@@ -397,6 +403,8 @@ mod tests {
         assert_eq!(RangeSpec::parse("bytes=-1000").unwrap().resolve(100), Ok((0, 100)));
         assert_eq!(RangeSpec::parse("bytes=100-").unwrap().resolve(100), Err(RangeError::Unsatisfiable));
         assert_eq!(RangeSpec::parse("bytes=0-1,3-4"), Err(RangeError::Multiple));
+        assert_eq!(RangeSpec::parse("pages=1-2"), Err(RangeError::UnknownUnit));
+        assert_eq!(RangeSpec::parse("Bytes=0-9").unwrap().resolve(100), Ok((0, 10)));
         for bad in ["", "bytes=", "bytes=a-b", "items=0-1", "bytes=5-1", "bytes=-", "bytes=99999999999999999999-"] {
             assert!(RangeSpec::parse(bad).is_err(), "{bad}");
         }

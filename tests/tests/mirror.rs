@@ -290,7 +290,7 @@ async fn bad_input_gets_4xx_json_from_the_real_process() -> Result<()> {
         ("GET", "/v2/a/..%2f..%2fdata/blobs/".to_owned() + &digest, 400, "NAME_INVALID"),
         ("GET", "/v2/a/blobs/sha256:%2e%2e%2f%2e%2e".to_owned(), 400, "DIGEST_INVALID"),
         ("GET", "/v2/a/blobs/sha256:1234".to_owned(), 400, "DIGEST_INVALID"),
-        ("HEAD", "/v2/a/manifests/.hidden".to_owned(), 400, ""),
+        ("HEAD", "/v2/a/manifests/.hidden".to_owned(), 404, ""),
         ("PUT", "/v2/a/manifests/latest".to_owned(), 405, "UNSUPPORTED"),
         ("POST", "/v2/a/blobs/uploads/".to_owned(), 405, "UNSUPPORTED"),
         ("DELETE", "/v2/a/blobs/".to_owned() + &digest, 405, "UNSUPPORTED"),
@@ -321,9 +321,15 @@ async fn bad_input_gets_4xx_json_from_the_real_process() -> Result<()> {
     assert_eq!(resp.status(), 206);
     assert_eq!(resp.headers()["content-range"], format!("bytes 100-199/{}", layer.data.len()).as_str());
     assert_eq!(resp.bytes().await?, layer.data[100..200]);
-    for bad in ["bytes=999999-", "bytes=9-3", "pages=1-2"] {
+    for bad in ["bytes=999999-", "bytes=9-3"] {
         let resp = http.get(&url).header("range", bad).send().await?;
         assert_eq!(resp.status(), 416, "{bad}");
+    }
+    // A unit other than bytes, and several ranges, are ignored (RFC 9110): the whole blob.
+    for ignored in ["pages=1-2", "bytes=0-1,5-9"] {
+        let resp = http.get(&url).header("range", ignored).send().await?;
+        assert_eq!(resp.status(), 200, "{ignored}");
+        assert_eq!(resp.bytes().await?, layer.data, "{ignored}");
     }
 
     // Still alive and healthy, and SIGTERM ends it cleanly.
@@ -636,6 +642,7 @@ async fn containerd_2_requests_cold_and_warm() -> Result<()> {
             .send()
             .await?;
         assert_eq!(head.status(), 200, "{round}");
+        assert_eq!(head.headers()["docker-content-digest"], manifest.digest.as_str(), "{round}");
         let got = http
             .get(format!("{base}/manifests/{}?ns={ns}", manifest.digest))
             .header("range", "bytes=0-")
@@ -670,66 +677,157 @@ async fn containerd_2_requests_cold_and_warm() -> Result<()> {
     Ok(())
 }
 
-/// containerd 2.x's requests (as the issue measured them): HEAD of the tag, GET of the manifest by digest with
-/// `Range: bytes=0-`, and, with `concurrent_layer_fetch_buffer` set, parallel open-ended ranges of one layer; every
-/// GET with `Accept-Encoding: zstd, gzip, deflate`. Cold, the concurrent ranges share the one download (upstream
-/// asked once); warm, upstream is not asked; no response has a content encoding and every range is exactly its
-/// bytes.
+/// The OCI distribution spec's pull side, every MUST (v1.0/v1.1 "Pull" category), against the agent cold and warm:
+/// `GET /v2/` answers 200; a manifest by tag and by digest, and a blob, answer 200 to GET (the exact bytes) and
+/// HEAD (no body), and a `Docker-Content-Digest` present names the body's digest; what does not exist is 404;
+/// names and references outside the spec's grammar are refused; every 4xx with a JSON body has the spec's shape and
+/// one of its codes. Warm, upstream is not asked again for anything addressed by digest.
 #[tokio::test]
-async fn containerd_2x_parallel_ranges_cold_and_warm() -> Result<()> {
-    use reqwest::header::{ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_RANGE, RANGE};
+async fn distribution_spec_pull_musts_cold_and_warm() -> Result<()> {
+    use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+    const CODES: [&str; 14] = [
+        "BLOB_UNKNOWN",
+        "BLOB_UPLOAD_INVALID",
+        "BLOB_UPLOAD_UNKNOWN",
+        "DIGEST_INVALID",
+        "MANIFEST_BLOB_UNKNOWN",
+        "MANIFEST_INVALID",
+        "MANIFEST_UNKNOWN",
+        "NAME_INVALID",
+        "NAME_UNKNOWN",
+        "SIZE_INVALID",
+        "UNAUTHORIZED",
+        "DENIED",
+        "UNSUPPORTED",
+        "TOOMANYREQUESTS",
+    ];
     let n = node().await?;
-    let image = Image::random(&[3_000_000, 40_000], 7, "amd64", Compression::Gzip)?;
-    let layer = image.layers[0].clone();
+    let image = Image::random(&[200_000, 3_000], 21, "amd64", Compression::Gzip)?;
     let manifest = image.manifest.clone();
-    push(&Artifact::Image(image), &n.registry.host(), "team/ranged", "v1", None, Format::Oci)?;
-    n.proxy.reset_counts();
+    let blobs: Vec<_> = std::iter::once(image.config.clone()).chain(image.layers.iter().cloned()).collect();
+    push(&Artifact::Image(image), &n.registry.host(), "spec/app", "v1.0", None, Format::Oci)?;
     let http = reqwest::Client::builder().no_proxy().build()?;
-    let encodings = "zstd, gzip, deflate";
-    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
-                  application/vnd.docker.distribution.manifest.v2+json, */*";
-    let url = |kind: &str, r: &str| format!("{}/v2/team/ranged/{kind}/{r}?ns={}", n.agent.url(), n.proxy.host());
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+    let ns = n.proxy.host();
+    let url = |path: &str| format!("{}{path}?ns={ns}", n.agent.url());
 
-    let head = http.head(url("manifests", "v1")).header(ACCEPT, accept).send().await?;
-    assert_eq!(head.status(), 200);
-    assert_eq!(head.headers()["docker-content-digest"], manifest.digest.as_str());
-    let got = http
-        .get(url("manifests", &manifest.digest))
-        .header(ACCEPT, accept)
-        .header(ACCEPT_ENCODING, encodings)
-        .header(RANGE, "bytes=0-")
-        .send()
-        .await?;
-    assert!(matches!(got.status().as_u16(), 200 | 206), "manifest with bytes=0-: {}", got.status());
-    assert!(got.headers().get(CONTENT_ENCODING).is_none(), "no content encoding on a manifest");
-    assert_eq!(got.bytes().await?.as_ref(), manifest.data.as_slice(), "the whole manifest, as stored");
-
-    let size = layer.data.len();
-    for round in ["cold", "warm"] {
-        let offsets = [0, size / 4, size / 2, size * 3 / 4];
-        let requests = offsets.map(|from| {
-            let req = http
-                .get(url("blobs", &layer.digest))
-                .header(ACCEPT_ENCODING, encodings)
-                .header(RANGE, format!("bytes={from}-"))
-                .send();
-            async move {
-                let resp = req.await?;
-                let status = resp.status().as_u16();
-                let encoding = resp.headers().get(CONTENT_ENCODING).cloned();
-                let range = resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok().map(str::to_owned));
-                let body = resp.bytes().await?;
-                anyhow::Ok((from, status, encoding, range, body))
-            }
-        });
-        for r in futures_util::future::join_all(requests).await {
-            let (from, status, encoding, range, body) = r?;
-            assert_eq!(status, 206, "{round}: bytes={from}-");
-            assert!(encoding.is_none(), "{round}: no content encoding on a blob");
-            assert_eq!(range.as_deref(), Some(format!("bytes {from}-{}/{size}", size - 1).as_str()), "{round}");
-            assert!(body.as_ref() == &layer.data[from..], "{round}: bytes={from}- is exactly the blob's tail");
+    // A 4xx: the status, and a JSON body (when there is one) in the spec's shape with one of its codes.
+    let refused = |status: u16, body: &[u8], what: &str| -> Result<Vec<String>> {
+        anyhow::ensure!((400..500).contains(&status), "{what}: status {status}");
+        let v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| anyhow::anyhow!("{what}: not JSON: {e}"))?;
+        let errors = v["errors"].as_array().ok_or_else(|| anyhow::anyhow!("{what}: no errors array: {v}"))?;
+        anyhow::ensure!(!errors.is_empty(), "{what}: empty errors");
+        let mut codes = Vec::new();
+        for e in errors {
+            let code = e["code"].as_str().unwrap_or_default();
+            anyhow::ensure!(CODES.contains(&code), "{what}: code {code:?} is not one of the spec's");
+            anyhow::ensure!(e.get("message").is_none_or(serde_json::Value::is_string), "{what}: message");
+            codes.push(code.to_owned());
         }
-        assert_eq!(n.proxy.count("GET", &format!("/blobs/{}", layer.digest)), 1, "{round}: upstream asked once");
+        Ok(codes)
+    };
+
+    for round in ["cold", "warm"] {
+        let v2 = http.get(format!("{}/v2/", n.agent.url())).send().await?;
+        assert_eq!(v2.status(), 200, "{round}: GET /v2/");
+
+        // Manifests by tag and by digest.
+        for reference in ["v1.0", manifest.digest.as_str()] {
+            let path = format!("/v2/spec/app/manifests/{reference}");
+            let head = http.head(url(&path)).header(ACCEPT, accept).send().await?;
+            assert_eq!(head.status(), 200, "{round}: HEAD {path}");
+            assert_eq!(head.headers()[CONTENT_LENGTH], manifest.data.len().to_string().as_str(), "{round}: {path}");
+            assert_eq!(head.headers()["docker-content-digest"], manifest.digest.as_str(), "{round}: HEAD {path}");
+            let get = http.get(url(&path)).header(ACCEPT, accept).send().await?;
+            assert_eq!(get.status(), 200, "{round}: GET {path}");
+            assert_eq!(
+                get.headers()[CONTENT_TYPE],
+                "application/vnd.oci.image.manifest.v1+json",
+                "{round}: the manifest's media type"
+            );
+            let digest = get.headers().get("docker-content-digest").cloned();
+            let body = get.bytes().await?;
+            assert_eq!(body.as_ref(), manifest.data.as_slice(), "{round}: GET {path}");
+            if let Some(d) = digest {
+                assert_eq!(d.to_str()?, sha256_digest(&body), "{round}: the digest header names the body");
+            }
+        }
+        // Blobs.
+        for blob in &blobs {
+            let path = format!("/v2/spec/app/blobs/{}", blob.digest);
+            let head = http.head(url(&path)).send().await?;
+            assert_eq!(head.status(), 200, "{round}: HEAD {path}");
+            assert_eq!(head.headers()[CONTENT_LENGTH], blob.data.len().to_string().as_str(), "{round}: {path}");
+            let get = http.get(url(&path)).send().await?;
+            assert_eq!(get.status(), 200, "{round}: GET {path}");
+            let digest = get.headers().get("docker-content-digest").cloned();
+            let body = get.bytes().await?;
+            assert!(body.as_ref() == blob.data.as_slice(), "{round}: GET {path}: the blob's bytes");
+            if let Some(d) = digest {
+                assert_eq!(d.to_str()?, sha256_digest(&body), "{round}: the digest header names the body");
+            }
+        }
+
+        // What does not exist: 404 to GET (with the spec's body) and to HEAD.
+        let nothing = format!("sha256:{}", "0".repeat(64));
+        let missing = [
+            ("/v2/spec/app/manifests/no-such-tag".to_owned(), "MANIFEST_UNKNOWN"),
+            (format!("/v2/spec/app/manifests/{nothing}"), "MANIFEST_UNKNOWN"),
+            (format!("/v2/spec/app/blobs/{nothing}"), "BLOB_UNKNOWN"),
+            ("/v2/spec/no-such-repo/manifests/v1.0".to_owned(), "NAME_UNKNOWN"),
+        ];
+        for (path, code) in &missing {
+            let get = http.get(url(path)).header(ACCEPT, accept).send().await?;
+            let status = get.status().as_u16();
+            let codes = refused(status, &get.bytes().await?, &format!("{round}: GET {path}"))?;
+            assert_eq!(status, 404, "{round}: GET {path}");
+            // A repository upstream does not know may be reported either way (upstream's answer is passed on).
+            let expected: &[&str] =
+                if *code == "NAME_UNKNOWN" { &["NAME_UNKNOWN", "MANIFEST_UNKNOWN"] } else { &[code] };
+            assert!(codes.iter().any(|c| expected.contains(&c.as_str())), "{round}: GET {path}: {codes:?}");
+            let head = http.head(url(path)).header(ACCEPT, accept).send().await?;
+            assert_eq!(head.status(), 404, "{round}: HEAD {path}");
+        }
+
+        // Outside the grammar: names (components `[a-z0-9]+([._-][a-z0-9]+)*`, under 256 characters in all), tags
+        // (`[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`) and digests (`algorithm:hex`).
+        let long_name = vec!["a".repeat(50); 6].join("/");
+        let long_tag = "t".repeat(129);
+        let malformed = [
+            ("/v2/Spec/app/manifests/v1.0".to_owned(), "NAME_INVALID"),
+            ("/v2/spec//app/manifests/v1.0".to_owned(), "NAME_INVALID"),
+            ("/v2/-spec/app/manifests/v1.0".to_owned(), "NAME_INVALID"),
+            ("/v2/spec/app./manifests/v1.0".to_owned(), "NAME_INVALID"),
+            (format!("/v2/{long_name}/manifests/v1.0"), "NAME_INVALID"),
+            ("/v2/spec/app/manifests/sha256:xyz".to_owned(), "DIGEST_INVALID"),
+            ("/v2/spec/app/blobs/sha256:1234".to_owned(), "DIGEST_INVALID"),
+            ("/v2/spec/app/blobs/v1.0".to_owned(), "DIGEST_INVALID"),
+        ];
+        for (path, code) in &malformed {
+            let get = http.get(url(path)).header(ACCEPT, accept).send().await?;
+            let status = get.status().as_u16();
+            let codes = refused(status, &get.bytes().await?, &format!("{round}: GET {path}"))?;
+            assert_eq!(status, 400, "{round}: GET {path}");
+            assert!(codes.iter().any(|c| c == code), "{round}: GET {path}: {codes:?}, expected {code}");
+            let head = http.head(url(path)).send().await?;
+            assert_eq!(head.status(), 400, "{round}: HEAD {path}");
+        }
+        // A tag outside the grammar names no manifest: 404, MANIFEST_UNKNOWN (the spec has no code for it).
+        for path in ["/v2/spec/app/manifests/.hidden".to_owned(), format!("/v2/spec/app/manifests/{long_tag}")] {
+            let get = http.get(url(&path)).header(ACCEPT, accept).send().await?;
+            let status = get.status().as_u16();
+            let codes = refused(status, &get.bytes().await?, &format!("{round}: GET {path}"))?;
+            assert_eq!((status, codes), (404, vec!["MANIFEST_UNKNOWN".to_owned()]), "{round}: GET {path}");
+        }
+        // The longest name the spec allows is a name.
+        let longest = format!("{}/{}", "a".repeat(127), "b".repeat(127));
+        let get = http.get(url(&format!("/v2/{longest}/manifests/v1.0"))).send().await?;
+        assert_eq!(get.status(), 404, "{round}: a 255-character name is valid (and unknown)");
+    }
+    assert_eq!(n.proxy.count("GET", &format!("/manifests/{}", manifest.digest)), 1, "warm: by digest, from the store");
+    for blob in &blobs {
+        assert_eq!(n.proxy.count("GET", &format!("/blobs/{}", blob.digest)), 1, "warm: {}", blob.digest);
     }
     Ok(())
 }
