@@ -3,7 +3,8 @@
 //! testbed's registry; a real containerd pulls it and runs it with runc, with exactly what the rendered chart
 //! specifies — the entrypoint from the image, the container's args and env, host network, the volumes at their
 //! mount paths (hostPaths and the ConfigMap and Secret as files), a read-only root filesystem, every capability
-//! dropped, the default seccomp profile; it becomes ready on the readiness probe's path and port; a second
+//! dropped, no new privileges, the default seccomp profile (and the running process is checked for each in
+//! `/proc`); it becomes ready on the readiness probe's path and port; a second
 //! containerd pulls an image through it (with the hosts files the agent wrote); SIGTERM stops it within the
 //! grace period. The Kubernetes API is the testbed's fake (what the pod's service account would reach).
 
@@ -276,6 +277,10 @@ async fn the_image_runs_under_containerd_as_the_daemonset_specifies() -> Result<
     if sc.seccomp_profile.as_ref().is_some_and(|p| p.type_ == "RuntimeDefault") {
         args.push("--seccomp".into());
     }
+    // ctr sets no-new-privileges unless told otherwise, as the kubelet does for `allowPrivilegeEscalation: false`.
+    if sc.allow_privilege_escalation != Some(false) {
+        args.push("--allow-new-privs".into());
+    }
     let drops = sc.capabilities.as_ref().and_then(|c| c.drop.clone()).unwrap_or_default();
     assert_eq!(drops, vec!["ALL".to_owned()], "the chart drops every capability");
     ensure!(sc.capabilities.as_ref().and_then(|c| c.add.as_ref()).is_none(), "the chart adds none");
@@ -326,6 +331,23 @@ async fn the_image_runs_under_containerd_as_the_daemonset_specifies() -> Result<
         bail!("{e}\nthe agent's log:\n{}", log());
     }
     let up = launched.elapsed();
+
+    // The running process has what the security context asks: no capabilities, no new privileges, seccomp on.
+    let tasks = node.ctr(&["task", "ls"]).await?;
+    let tasks = String::from_utf8_lossy(&tasks.stdout).into_owned();
+    let pid = tasks
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(CONTAINER)).then(|| f.next()).flatten()
+        })
+        .with_context(|| format!("the agent's task in `ctr task ls`: {tasks}"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default();
+    assert_eq!(field("CapEff:"), "0000000000000000", "no effective capabilities");
+    assert_eq!(field("CapBnd:"), "0000000000000000", "no bounding capabilities");
+    assert_eq!(field("NoNewPrivs:"), "1", "allowPrivilegeEscalation: false");
+    assert_eq!(field("Seccomp:"), "2", "the runtime's default seccomp filter");
 
     // A second containerd pulls through it, with the hosts files the agent wrote.
     let app = Artifact::Image(Image::random(&[700_000, 200_000], 91, "amd64", Compression::Gzip)?);
