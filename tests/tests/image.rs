@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Probe, Secret};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
 use shoal_testbed::kube::{FakeApi, FakeNode};
@@ -308,19 +308,23 @@ async fn the_image_runs_under_containerd_as_the_daemonset_specifies() -> Result<
     ensure!(run.status.success(), "ctr run: {}", String::from_utf8_lossy(&run.stderr));
 
     // Ready on the readiness probe's path and port.
-    let probe = c.readiness_probe.as_ref().and_then(|p| p.http_get.clone()).context("an HTTP readiness probe")?;
-    let port = match &probe.port {
-        IntOrString::Int(p) => *p,
-        IntOrString::String(name) => c
-            .ports
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .find(|p| p.name.as_deref() == Some(name.as_str()))
-            .map(|p| p.container_port)
-            .context("the probe's named port")?,
+    let probe_url = |probe: Option<&Probe>, what: &str| -> Result<(i32, String)> {
+        let get = probe.and_then(|p| p.http_get.clone()).with_context(|| format!("an HTTP {what} probe"))?;
+        let port = match &get.port {
+            IntOrString::Int(p) => *p,
+            IntOrString::String(name) => c
+                .ports
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .map(|p| p.container_port)
+                .with_context(|| format!("the {what} probe's named port"))?,
+        };
+        Ok((port, format!("http://127.0.0.1:{port}{}", get.path.as_deref().unwrap_or("/"))))
     };
-    let ready_url = format!("http://127.0.0.1:{port}{}", probe.path.as_deref().unwrap_or("/"));
+    let (port, ready_url) = probe_url(c.readiness_probe.as_ref(), "readiness")?;
+    let (_, live_url) = probe_url(c.liveness_probe.as_ref(), "liveness")?;
     let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build()?;
     let log = || std::fs::read_to_string(d.join("agent.log")).unwrap_or_default();
     let ready = wait_for("the containerized agent to be ready", Duration::from_secs(60), async || {
@@ -331,6 +335,8 @@ async fn the_image_runs_under_containerd_as_the_daemonset_specifies() -> Result<
         bail!("{e}\nthe agent's log:\n{}", log());
     }
     let up = launched.elapsed();
+    let live = http.get(&live_url).send().await?;
+    ensure!(live.status().is_success(), "the liveness probe's {live_url}: {}", live.status());
 
     // The running process has what the security context asks: no capabilities, no new privileges, seccomp on.
     let tasks = node.ctr(&["task", "ls"]).await?;
