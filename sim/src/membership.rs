@@ -213,9 +213,6 @@ pub fn noise(nodes: usize, seed: u64, timing: MembershipTiming) -> (usize, f64) 
     noisy.loss = 0.01;
     for i in 0..nodes {
         noisy.starved[i] = i % 20 == 7;
-        if noisy.starved[i] && std::env::var_os("XDBG").is_some() {
-            eprintln!("XDBG starved {}", noisy.node(i).map(|m| m.me().key() % 100000).unwrap_or(0));
-        }
     }
     let mut false_deaths = std::collections::HashSet::new();
     let noisy_before: u64 = noisy.sent_bytes.iter().sum();

@@ -9,9 +9,11 @@
 //! messages go to the same few members: its connections stay open (no handshake per message) and do not grow with
 //! the cluster.
 //!
-//! **Spreading.** Joins, suspicions and deaths ride on every message (fewest-sent first) and, while there is news,
-//! on short gossip rounds to a few neighbours; each update is sent `4 × ⌈log10(N)⌉` times. A joining node gets a
-//! feed of members in the answer to its announcement, and the whole table on request ([`Membership::table`]).
+//! **Spreading.** Joins, suspicions and deaths ride on every message (fewest-sent first; among those, refutations
+//! and other news before suspicions) and, while there is news, on short gossip rounds to a few neighbours, twice
+//! as often while more than 24 updates wait unsent; each update is sent `4 × ⌈log10(N)⌉` times. A joining node
+//! gets a feed of members in the answer to its announcement, and the whole table on request
+//! ([`Membership::table`]).
 //! Every 10 periods a node compares its table's digests (64 buckets by member key) with a random neighbour's and
 //! pulls the records of two of the buckets that differ (at most once per 5 periods: under churn many differ for a
 //! moment), or of all of them when the neighbour holds more members (this node is behind): a member whose updates
@@ -27,11 +29,11 @@
 //! members; only an answer within the probe timeout heals it (a slow answer says nothing either way).
 //!
 //! **Patience.** A neighbour that refuted a suspicion is alive and slow (a starved process, a congested link): for
-//! [`SLOW_FOR`] periods it is probed with [`PATIENCE`] times the time to answer. Every accusation must be refuted, and
+//! 60 periods it is probed with 3 times the time to answer. Every accusation must be refuted, and
 //! every refutation must reach every node before its suspicion times out; at thousands of nodes with a few percent
 //! of them slow, accusing the same slow members again and again was what made refutations miss their deadline.
 //! Updates queue with this node's own first (its refutation leaves before anything else), then fewest sent and
-//! newest first.
+//! newest first; at equal transmissions, suspicions after other news.
 //!
 //! **What is signed.** What a member says about *itself* (zone, addresses, incarnation, and its renewal number, SWIM's
 //! incarnation) is a [`MemberRecord`] signed with the key its peer id is derived from: nobody can speak for another
@@ -52,7 +54,7 @@ use rand::seq::{IndexedRandom, IteratorRandom};
 pub use self::exchange::TableApplied;
 use self::record::Checks;
 pub use self::record::{About, MemberRecord, RecordError, SignedFields, Version, tcp_multiaddr};
-use self::table::{Broadcasts, Table};
+use self::table::{Broadcasts, Class, Table};
 use self::wire::{Body, Update};
 use super::binding::Binding;
 use crate::mesh::{Liveness, MemberInfo};
@@ -88,6 +90,8 @@ const PATIENCE: u32 = 3;
 const SLOW_FOR: u32 = 60;
 /// Failed probes remembered, so that an answer arriving after its probe failed is recognised.
 const FAILED_KEPT: usize = 8;
+/// Updates never sent beyond which gossip rounds come twice as often (about two messages' worth).
+const BACKLOG: usize = 24;
 /// A dead member is remembered this long (and announced to now and then, so a healed partition merges).
 const REMEMBER_DEAD: Duration = Duration::from_secs(600);
 /// A dead member is announced to every this many periods.
@@ -354,7 +358,7 @@ impl Membership {
     pub fn leave(&mut self, now: Duration) {
         self.advance(now);
         let u = Update::Dead { key: self.me.key(), version: self.me.version() };
-        self.broadcasts.push(self.me.key(), wire::encode_update(&u));
+        self.broadcasts.push(self.me.key(), wire::encode_update(&u), Class::Urgent);
         for k in self.table.neighbours().to_vec() {
             if let Some((p, a)) = self.addr_of(k) {
                 self.send(p, a, &Body::Gossip, None);
@@ -581,7 +585,12 @@ impl Membership {
     }
 
     fn broadcast(&mut self, u: &Update) {
-        self.broadcasts.push(u.key(), wire::encode_update(u));
+        let class = match u {
+            Update::Suspect { .. } => Class::Suspicion,
+            Update::Dead { .. } => Class::Urgent,
+            Update::Alive(_) => Class::News,
+        };
+        self.broadcasts.push(u.key(), wire::encode_update(u), class);
     }
 
     fn apply(&mut self, u: Update, spread: bool) {
@@ -620,7 +629,11 @@ impl Membership {
         };
         if newer {
             if spread {
-                self.broadcast(&Update::Alive(Box::new(rec.clone())));
+                // A renewed record (same incarnation, higher renewal) is a refutation: urgent.
+                let refutes = self.table.get(key).is_some_and(|e| e.rec.version().0 == rec.version().0);
+                let class = if refutes { Class::Urgent } else { Class::News };
+                let u = Update::Alive(Box::new(rec.clone()));
+                self.broadcasts.push(key, wire::encode_update(&u), class);
             }
             if self.table.get(key).is_some_and(|e| e.state == Liveness::Suspect) && self.table.is_neighbour(key) {
                 // A neighbour refuted a suspicion: alive and slow. Probed with patience for a while, it is not
@@ -780,7 +793,10 @@ impl Membership {
             }
         }
         if !self.broadcasts.is_empty() && now >= self.next_gossip {
-            self.next_gossip = now + self.period() / self.timing.gossip.1.max(1);
+            // Twice as often while updates never sent pile up (a burst of suspicions and refutations when many
+            // members slow down at once): they must spread before the suspicions' timeouts run out.
+            let burst = if self.broadcasts.fresh() > BACKLOG { 2 } else { 1 };
+            self.next_gossip = now + self.period() / (self.timing.gossip.1.max(1) * burst);
             let targets: Vec<u128> =
                 self.table.neighbours().choose_multiple(&mut self.rng, self.timing.gossip.0.max(1)).copied().collect();
             for k in targets {

@@ -404,13 +404,13 @@ fn a_member_every_update_missed_is_found_by_the_digest_exchange() {
 fn the_update_queue_is_bounded_and_drops_the_most_sent() {
     let mut q = Broadcasts::new(u128::MAX);
     for k in 0..table::MAX_PENDING as u128 {
-        q.push(k, Bytes::from(k.to_be_bytes().to_vec()));
+        q.push(k, Bytes::from(k.to_be_bytes().to_vec()), Class::News);
     }
     // Twenty are sent once: they are now the most transmitted.
     let sent = q.take(16 * 20, 10, None);
     assert_eq!(sent.len(), 20);
     for k in 0..10u128 {
-        q.push(10_000 + k, Bytes::from((10_000 + k).to_be_bytes().to_vec()));
+        q.push(10_000 + k, Bytes::from((10_000 + k).to_be_bytes().to_vec()), Class::News);
     }
     assert_eq!(q.len(), table::MAX_PENDING);
     let mut left = Vec::new();
@@ -442,13 +442,31 @@ fn ack(from: &MemberRecord, seq: u64) -> Vec<u8> {
     wire::encode(from, &Body::Ack { seq }, &[])
 }
 
-#[test]
-fn a_node_that_handles_answers_late_grows_sicker_and_only_prompt_answers_heal_it() {
-    // A's only neighbour is B: A probes B and nothing else.
+/// Ticks `m` from `t` in 100 ms steps until it pings `to` again; the ping's sequence number (`t` is then when).
+fn next_ping(m: &mut Membership, to: &MemberRecord, t: &mut Duration) -> u64 {
+    let give_up = *t + Duration::from_secs(60);
+    loop {
+        *t += Duration::from_millis(100);
+        m.tick(*t);
+        if let Some(seq) = pings_to(m, to).first() {
+            return *seq;
+        }
+        assert!(*t < give_up, "no new probe of {to:?}");
+    }
+}
+
+/// Node A, whose only neighbour is B (A probes B and nothing else): A's membership, B's key and record.
+fn a_and_b() -> (Membership, identity::Keypair, MemberRecord) {
     let (ka, a) = node(1);
-    let (_, b) = node(2);
+    let (kb, b) = node(2);
     let mut m = Membership::new(ka, a, TIMING, SwimRng::seeded(1), Binding::Open);
     m.handle_data(b.peer(), &ping(&b, &b), T0).unwrap();
+    (m, kb, b)
+}
+
+#[test]
+fn a_node_that_handles_answers_late_grows_sicker_and_only_prompt_answers_heal_it() {
+    let (mut m, _, b) = a_and_b();
     let mut t = T0;
     m.tick(t);
     let first = pings_to(&mut m, &b);
@@ -462,38 +480,20 @@ fn a_node_that_handles_answers_late_grows_sicker_and_only_prompt_answers_heal_it
     m.handle_data(b.peer(), &ack(&b, first[0]), t).unwrap();
     assert_eq!(m.health(), 2, "an answer to a probe that already failed");
     // A's next probe answered slowly (later than the probe timeout) says nothing about A's health…
-    let seqs = loop {
-        t += Duration::from_millis(100);
-        m.tick(t);
-        let s = pings_to(&mut m, &b);
-        if !s.is_empty() {
-            break s;
-        }
-        assert!(t < Duration::from_secs(30), "A probes B again");
-    };
+    let seq = next_ping(&mut m, &b, &mut t);
     let slow = t + TIMING.probe_timeout + Duration::from_millis(1);
-    m.handle_data(b.peer(), &ack(&b, seqs[0]), slow).unwrap();
+    m.handle_data(b.peer(), &ack(&b, seq), slow).unwrap();
     assert_eq!(m.health(), 2, "a slow answer: neither better nor worse");
     // …and a prompt one heals it by a step.
-    let seqs = loop {
-        t = t.max(slow) + Duration::from_millis(100);
-        m.tick(t);
-        let s = pings_to(&mut m, &b);
-        if !s.is_empty() {
-            break s;
-        }
-        assert!(t < Duration::from_secs(60), "A probes B again");
-    };
-    m.handle_data(b.peer(), &ack(&b, seqs[0]), t + Duration::from_millis(10)).unwrap();
+    t = slow;
+    let seq = next_ping(&mut m, &b, &mut t);
+    m.handle_data(b.peer(), &ack(&b, seq), t + Duration::from_millis(10)).unwrap();
     assert_eq!(m.health(), 1, "a prompt answer");
 }
 
 #[test]
 fn a_neighbour_that_refuted_is_probed_with_patience() {
-    let (ka, a) = node(1);
-    let (kb, b) = node(2);
-    let mut m = Membership::new(ka, a, TIMING, SwimRng::seeded(1), Binding::Open);
-    m.handle_data(b.peer(), &ping(&b, &b), T0).unwrap();
+    let (mut m, kb, b) = a_and_b();
     m.tick(T0);
     assert_eq!(pings_to(&mut m, &b).len(), 1);
     let normal = m.probes[0].until - m.probes[0].sent;
@@ -508,14 +508,7 @@ fn a_neighbour_that_refuted_is_probed_with_patience() {
         m.handle_data(renewed.peer(), &ack(&renewed, seq), t).unwrap();
     }
     assert!(m.probes.is_empty());
-    loop {
-        t += Duration::from_millis(100);
-        m.tick(t);
-        if !pings_to(&mut m, &b).is_empty() {
-            break;
-        }
-        assert!(t < Duration::from_secs(30), "A probes B again");
-    }
+    next_ping(&mut m, &b, &mut t);
     let p = m.probes.iter().find(|p| p.peer == b.peer()).expect("a probe of B");
     // The period stretched by A's health, times the patience for a member that refuted.
     assert_eq!(p.until - p.sent, m.period() * PATIENCE);
@@ -528,21 +521,45 @@ fn a_neighbour_that_refuted_is_probed_with_patience() {
 }
 
 #[test]
-fn the_update_queue_sends_this_nodes_own_update_first_then_the_newest() {
+fn the_update_queue_sends_this_nodes_own_update_first_then_news_then_suspicions() {
     let mut q = Broadcasts::new(7);
     for k in 0..5u128 {
-        q.push(k, Bytes::from(k.to_be_bytes().to_vec()));
+        q.push(k, Bytes::from(k.to_be_bytes().to_vec()), Class::News);
     }
-    q.push(7, Bytes::from(7u128.to_be_bytes().to_vec()));
-    q.push(5, Bytes::from(5u128.to_be_bytes().to_vec()));
-    let first: Vec<u128> =
-        q.take(16 * 3, 2, None).iter().map(|b| u128::from_be_bytes(b[..].try_into().unwrap())).collect();
-    assert_eq!(first, vec![7, 5, 4], "own update, then newest first");
-    // The own update goes first until it was sent `limit` times; then the ones never sent, newest first; then
-    // the ones sent once.
+    q.push(9, Bytes::from(9u128.to_be_bytes().to_vec()), Class::Suspicion);
+    q.push(7, Bytes::from(7u128.to_be_bytes().to_vec()), Class::Suspicion);
+    q.push(5, Bytes::from(5u128.to_be_bytes().to_vec()), Class::News);
     let ids = |q: &mut Broadcasts| -> Vec<u128> {
         q.take(16 * 3, 2, None).iter().map(|b| u128::from_be_bytes(b[..].try_into().unwrap())).collect()
     };
+    // This node's own update first (until sent `limit` times), then the news never sent, newest first…
+    assert_eq!(ids(&mut q), vec![7, 5, 4]);
     assert_eq!(ids(&mut q), vec![7, 3, 2]);
-    assert_eq!(ids(&mut q), vec![1, 0, 5]);
+    // …and the suspicion never sent after the news never sent, before anything sent once.
+    assert_eq!(ids(&mut q), vec![1, 0, 9]);
+    assert_eq!(q.fresh(), 0, "every update was sent once");
+    assert_eq!(ids(&mut q), vec![5, 4, 3]);
+    q.push(4, Bytes::from(4u128.to_be_bytes().to_vec()), Class::Suspicion);
+    assert_eq!((q.fresh(), q.len()), (1, 5), "4, sent twice and dropped, queued again");
+}
+
+#[test]
+fn refutations_and_deaths_go_ahead_of_everything_but_this_nodes_own_for_a_few_sends() {
+    let mut q = Broadcasts::new(u128::MAX);
+    for k in 0..4u128 {
+        q.push(k, Bytes::from(k.to_be_bytes().to_vec()), Class::Suspicion);
+    }
+    q.push(10, Bytes::from(10u128.to_be_bytes().to_vec()), Class::Urgent);
+    for k in 20..22u128 {
+        q.push(k, Bytes::from(k.to_be_bytes().to_vec()), Class::News);
+    }
+    let ids = |q: &mut Broadcasts| -> Vec<u128> {
+        q.take(16 * 2, 10, None).iter().map(|b| u128::from_be_bytes(b[..].try_into().unwrap())).collect()
+    };
+    // The refutation rides on each of the next URGENT_SENDS messages, ahead of updates never sent…
+    for _ in 0..table::URGENT_SENDS {
+        assert_eq!(ids(&mut q)[0], 10);
+    }
+    // …then waits its turn among the updates sent as often.
+    assert!(!ids(&mut q).contains(&10));
 }
