@@ -703,7 +703,9 @@ impl Membership {
     /// Lifeguard: from `SUSPICION_STRETCH × suspicion` with no confirmation down to `suspicion` with
     /// [`CONFIRMATIONS`] of them (fewer expected in a small cluster).
     fn suspicion_timeout(&self, confirmations: usize) -> Duration {
-        let min = self.timing.suspicion;
+        // Beyond 1,000 members, news takes longer to reach everyone (log N rounds, as memberlist scales it).
+        let n = (self.table.live() + 1) as f64;
+        let min = self.timing.suspicion.mul_f64((n.log10() / 3.0).max(1.0));
         let max = min * SUSPICION_STRETCH;
         let k = CONFIRMATIONS.min(self.table.live().saturating_sub(1));
         if k == 0 {
