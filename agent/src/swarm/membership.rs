@@ -92,6 +92,9 @@ const SLOW_FOR: u32 = 60;
 const FAILED_KEPT: usize = 8;
 /// Updates never sent beyond which gossip rounds come twice as often (about two messages' worth).
 const BACKLOG: usize = 24;
+/// A member that is not the suspect's neighbour declares it dead on its own only after this many times the
+/// longest suspicion timeout: until then it waits for the suspect's neighbours to declare the death.
+const BACKSTOP: u32 = 2;
 /// A dead member is remembered this long (and announced to now and then, so a healed partition merges).
 const REMEMBER_DEAD: Duration = Duration::from_secs(600);
 /// A dead member is announced to every this many periods.
@@ -790,6 +793,17 @@ impl Membership {
                 && s.deadline == at
             {
                 let version = s.version;
+                // Only the suspect's neighbours, which probe it and hear its refutation first, declare it dead when
+                // the timeout runs out; anyone else waits for their word, up to the backstop (their death notice
+                // may be lost, or the neighbours dead too).
+                let backstop = s.since + self.suspicion_timeout(0) * BACKSTOP;
+                if !self.table.is_neighbour(key) && at < backstop {
+                    if let Some(s) = self.suspicions.get_mut(&key) {
+                        s.deadline = backstop;
+                    }
+                    self.deadlines.insert((backstop, key));
+                    continue;
+                }
                 tracing::debug!(member = ?self.table.get(key).map(|e| &e.rec), "suspect did not refute: dead");
                 self.kill(key, version, true);
             }

@@ -563,3 +563,39 @@ fn refutations_and_deaths_go_ahead_of_everything_but_this_nodes_own_for_a_few_se
     // …then waits its turn among the updates sent as often.
     assert!(!ids(&mut q).contains(&10));
 }
+
+#[test]
+fn only_the_suspects_neighbours_declare_it_dead_when_its_timeout_runs_out() {
+    // 40 members: this node is the neighbour of a few of them only.
+    let (key, me) = node(1);
+    let others: Vec<_> = (2..42).map(node).collect();
+    let mut m = Membership::new(key, me, TIMING, SwimRng::seeded(1), Binding::Open);
+    for (_, r) in &others {
+        m.handle_data(r.peer(), &ping(r, r), T0).unwrap();
+    }
+    let records: Vec<&MemberRecord> = others.iter().map(|(_, r)| r).collect();
+    let near = *records.iter().find(|r| m.table.is_neighbour(r.key())).expect("a neighbour");
+    let far = *records.iter().find(|r| !m.table.is_neighbour(r.key())).expect("a member that is not a neighbour");
+    let accuse = |who: &MemberRecord, by: &MemberRecord| Update::Suspect {
+        key: who.key(),
+        version: who.version(),
+        by: by.key(),
+    };
+    // Four members suspect both: confirmed, so the timeout is `suspicion` itself.
+    for by in records.iter().filter(|r| r.key() != near.key() && r.key() != far.key()).take(4) {
+        m.handle_data(by.peer(), &gossip(by, &[accuse(near, by), accuse(far, by)]), T0).unwrap();
+    }
+    m.tick(T0 + TIMING.suspicion + Duration::from_millis(1));
+    assert_eq!(m.liveness_of(&near.peer()), Some(Liveness::Dead), "a neighbour declares the suspect dead");
+    assert_eq!(
+        m.liveness_of(&far.peer()),
+        Some(Liveness::Suspect),
+        "anyone else waits for the neighbours' word (their refutation reaches the neighbours first)"
+    );
+    // With no word from the neighbours, the backstop.
+    let backstop = TIMING.suspicion * SUSPICION_STRETCH * BACKSTOP;
+    m.tick(T0 + backstop - Duration::from_millis(1));
+    assert_eq!(m.liveness_of(&far.peer()), Some(Liveness::Suspect));
+    m.tick(T0 + backstop + Duration::from_millis(1));
+    assert_eq!(m.liveness_of(&far.peer()), Some(Liveness::Dead), "the backstop: dead after twice the longest timeout");
+}
