@@ -58,6 +58,9 @@ pub enum AgentError {
     /// The mesh could not start.
     #[error("starting the mesh: {0}")]
     Mesh(#[from] crate::mesh::MeshError),
+    /// The admin socket could not be served.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 #[derive(Debug)]
@@ -107,6 +110,7 @@ impl Agent {
     /// listeners, and starts serving. Readiness follows once the mesh has joined (see [`Agent::addrs`] for where
     /// it listens; with `ready_file`, the addresses are written there once ready).
     pub async fn start(cfg: Config) -> Result<Self, AgentError> {
+        let started = std::time::Instant::now();
         // libp2p enables both of rustls' providers; the process uses one (a second call keeps the first).
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let data_dir = cfg.data_dir.clone();
@@ -221,6 +225,19 @@ impl Agent {
         }
         if let Some(h) = &cfg.hosts {
             write_hosts(&cfg, h);
+        }
+        if let Some(path) = &cfg.admin_socket {
+            let state = Arc::new(crate::admin::AdminState {
+                started,
+                node: cfg.node_name.clone(),
+                zone: cfg.mesh.as_ref().map_or_else(|| "default".to_owned(), |m| m.zone.clone()),
+                mirror: addrs.mirror,
+                resolver: resolver.clone(),
+                mesh: mesh.clone(),
+                metrics: metrics.clone(),
+                budget: cfg.gc_high_bytes,
+            });
+            crate::admin::serve(path, state, &tasks, cancel.child_token())?;
         }
         let mirror_app = mirror::router(MirrorState { resolver, metrics });
         let mirror_server =

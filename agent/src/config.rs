@@ -133,6 +133,8 @@ pub struct Config {
     pub client_limits: crate::mirror::server::Limits,
     /// Where to write the bound addresses once ready.
     pub ready_file: Option<PathBuf>,
+    /// The admin API's unix socket, if any.
+    pub admin_socket: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
     /// Upstream client settings.
@@ -341,6 +343,14 @@ impl RawConfig {
             token_hosts: vec![DOCKER_HUB_AUTH.to_owned()],
         });
 
+        let admin_socket = match &self.admin_socket {
+            None => Some(data_dir.join("admin.sock")),
+            Some(p) if p.as_os_str() == "off" => None,
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(invalid("admin_socket", "must not be empty (`off` for none)"));
+            }
+            Some(p) => Some(p.clone()),
+        };
         Ok(Config {
             containerd,
             hosts,
@@ -357,6 +367,7 @@ impl RawConfig {
             shutdown_grace,
             client_limits,
             ready_file: self.ready_file.clone(),
+            admin_socket,
             log_format,
             upstream: UpstreamConfig {
                 connect_timeout,

@@ -11,10 +11,18 @@ use shoal_agent::config::RawConfig;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The agent's admin socket (the admin commands).
+    #[arg(long, global = true, env = "SHOAL_ADMIN_SOCKET", default_value = "./shoal-data/admin.sock")]
+    socket: PathBuf,
+    /// Output of the admin commands.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value = "table")]
+    output: shoal_agent::admin::cli::Format,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Admin(shoal_agent::admin::cli::Command),
     /// Run the agent: the registry mirror containerd pulls through.
     Agent {
         /// TOML config file; flags and SHOAL_* env vars override its keys.
@@ -81,8 +89,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let (config, settings) = match Cli::parse().command {
+    let cli = Cli::parse();
+    let (config, settings) = match cli.command {
         Command::Agent { config, settings } => (config, settings),
+        Command::Admin(cmd) => {
+            return runtime()?.block_on(shoal_agent::admin::cli::run(cmd, &cli.socket, cli.output));
+        }
         Command::RestoreHosts { hosts_dir, hold } => {
             restore_hosts(&hosts_dir)?;
             if hold {

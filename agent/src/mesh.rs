@@ -183,6 +183,11 @@ impl Mesh {
         self.me
     }
 
+    /// Digests this node is the home of (in its directory).
+    pub fn homed_digests(&self) -> usize {
+        lock(&self.directory).len()
+    }
+
     /// The current membership.
     pub fn view(&self) -> Arc<MembersView> {
         self.view.borrow().clone()

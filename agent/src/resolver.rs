@@ -34,8 +34,9 @@ mod sink;
 mod tags;
 
 use access::{Access, Decision, Provenance};
-pub use body::{Opened, RESPONSE_BUFFERS, ResponseBudget};
+pub use body::{Opened, RESPONSE_BUFFERS, ResponseBudget, Served};
 use body::{OpenedSource, PassThrough};
+pub use download::Tally;
 use download::{Download, Progress, State, wait_progress};
 use peers::order;
 use sink::Room;
@@ -472,7 +473,7 @@ impl Resolver {
             digest: digest.clone(),
             size,
             media_type,
-            source: OpenedSource::InFlight { rx, final_path: self.store.blob_path(digest) },
+            source: OpenedSource::InFlight { rx, final_path: self.store.blob_path(digest), tally: dl.tally.clone() },
             _guard: guard,
         })
     }
@@ -724,6 +725,117 @@ impl Resolver {
             this.update_store_gauges();
             this.gc_running.store(false, Ordering::Release);
         });
+    }
+}
+
+/// Why `shoal evict` refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EvictError {
+    /// Not in the store.
+    #[error("{0} is not stored on this node")]
+    NotStored(Digest),
+    /// A client is reading it or a download of it runs.
+    #[error("{0} is in use (being read or downloaded): try again when it is idle")]
+    InUse(Digest),
+    /// The store failed.
+    #[error(transparent)]
+    Failed(#[from] ResolveError),
+}
+
+/// What `shoal verify` found.
+#[derive(Debug, Default)]
+pub struct Verified {
+    /// Blobs checked.
+    pub blobs: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+impl Resolver {
+    /// Downloads running on this node: digest, bytes written, size if known.
+    pub fn downloads_in_flight(&self) -> Vec<(Digest, u64, Option<u64>)> {
+        let mut v: Vec<_> = lock(&self.downloads)
+            .iter()
+            .map(|(d, dl)| {
+                let p = dl.progress.borrow();
+                (d.clone(), p.written, p.header.as_ref().and_then(|h| h.0))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Removes a stored blob nobody is reading or downloading, and tells its home. Returns the bytes freed.
+    pub async fn evict(&self, digest: &Digest) -> Result<u64, EvictError> {
+        if lock(&self.in_use).contains_key(digest) || lock(&self.downloads).contains_key(digest) {
+            return Err(EvictError::InUse(digest.clone()));
+        }
+        let (store, d) = (self.store.clone(), digest.clone());
+        let freed = blocking(move || store.remove(&d)).await?.ok_or_else(|| EvictError::NotStored(digest.clone()))?;
+        if let Some(mesh) = &self.mesh
+            && !self.containerd_holds(digest)
+        {
+            mesh.hold(removed(digest.clone()));
+        }
+        self.metrics.store.evicted_blobs.inc();
+        self.metrics.store.evicted_bytes.inc_by(freed);
+        self.update_store_gauges();
+        Ok(freed)
+    }
+
+    /// Checks every stored blob: its file exists, has the indexed size and hashes to its digest.
+    pub async fn verify(&self) -> Result<Verified, ResolveError> {
+        let store = self.store.clone();
+        blocking(move || {
+            use sha2::Digest as _;
+            let mut out = Verified::default();
+            for (d, meta) in store.list_blobs()? {
+                out.blobs += 1;
+                out.bytes += meta.size;
+                let path = store.blob_path(&d);
+                let mut f = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    // Evicted since it was listed.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && store.blob(&d)?.is_none() => continue,
+                    Err(e) => {
+                        out.problems.push(format!("{d}: cannot open {}: {e}", path.display()));
+                        continue;
+                    }
+                };
+                let mut h = sha2::Sha256::new();
+                let mut buf = vec![0u8; 1 << 20];
+                let mut n = 0u64;
+                let read = loop {
+                    match std::io::Read::read(&mut f, &mut buf) {
+                        Ok(0) => break Ok(()),
+                        Ok(k) => {
+                            h.update(&buf[..k]);
+                            n += k as u64;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                if let Err(e) = read {
+                    out.problems.push(format!("{d}: cannot read {}: {e}", path.display()));
+                    continue;
+                }
+                if n != meta.size {
+                    out.problems.push(format!("{d}: {n} bytes on disk, {} indexed", meta.size));
+                } else if Digest::from_sha256(&h.finalize()) != d {
+                    out.problems.push(format!("{d}: its bytes hash to something else"));
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 }
 

@@ -540,21 +540,33 @@ impl Store {
             if self.bytes() <= target {
                 break;
             }
-            // Index first: a crash after this leaves an orphan file, which start-up removes.
-            self.db.delete_cf(self.cf(CF_BLOBS), d.as_str())?;
-            self.db.delete_cf(self.cf(CF_PIECES), d.as_str())?;
-            let path = self.blob_path(&d);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::Io { op: "remove", path, source: e }),
-            }
-            self.bytes.fetch_sub(size, Ordering::Relaxed);
-            self.blobs.fetch_sub(1, Ordering::Relaxed);
+            self.drop_blob(&d, size)?;
             freed += size;
             evicted.push(d);
         }
         Ok((evicted, freed))
+    }
+
+    /// Removes one complete blob (`shoal evict`). Returns its size, `None` if it is not stored.
+    pub fn remove(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let Some(meta) = self.blob(digest)? else { return Ok(None) };
+        self.drop_blob(digest, meta.size)?;
+        Ok(Some(meta.size))
+    }
+
+    fn drop_blob(&self, d: &Digest, size: u64) -> Result<(), StoreError> {
+        // Index first: a crash after this leaves an orphan file, which start-up removes.
+        self.db.delete_cf(self.cf(CF_BLOBS), d.as_str())?;
+        self.db.delete_cf(self.cf(CF_PIECES), d.as_str())?;
+        let path = self.blob_path(d);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::Io { op: "remove", path, source: e }),
+        }
+        self.bytes.fetch_sub(size, Ordering::Relaxed);
+        self.blobs.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Flushes the index's memtables to disk (at shutdown).

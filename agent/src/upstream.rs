@@ -167,6 +167,13 @@ impl Upstream {
         self.cfg.stall_timeout
     }
 
+    /// The registries configured by name.
+    pub fn registries(&self) -> Vec<RegistryHost> {
+        let mut v: Vec<RegistryHost> = self.cfg.registries.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
     /// The registry used when a request names none.
     pub fn default_registry(&self) -> Option<&RegistryHost> {
         self.cfg.default_registry.as_ref()

@@ -60,6 +60,10 @@ pub struct RawConfig {
     /// for supervisors and tests that let the OS pick ports (`:0`). Default none.
     #[arg(long, env = "SHOAL_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// The admin API's unix socket (mode 0600; the `shoal` CLI's `--socket`). Default `<data_dir>/admin.sock`;
+    /// `off` for none.
+    #[arg(long, env = "SHOAL_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
     /// Timeout for connecting to an upstream registry. Default `5s`.
     #[arg(long, env = "SHOAL_UPSTREAM_CONNECT_TIMEOUT")]
     pub upstream_connect_timeout: Option<String>,
@@ -269,6 +273,7 @@ impl RawConfig {
             client_header_timeout: self.client_header_timeout.or(file.client_header_timeout),
             client_stall_timeout: self.client_stall_timeout.or(file.client_stall_timeout),
             ready_file: self.ready_file.or(file.ready_file),
+            admin_socket: self.admin_socket.or(file.admin_socket),
             upstream_connect_timeout: self.upstream_connect_timeout.or(file.upstream_connect_timeout),
             upstream_stall_timeout: self.upstream_stall_timeout.or(file.upstream_stall_timeout),
             upstream_response_timeout: self.upstream_response_timeout.or(file.upstream_response_timeout),

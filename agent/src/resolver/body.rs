@@ -12,7 +12,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::InUse;
-use super::download::{Progress, State};
+use super::download::{Progress, State, Tally};
 use crate::containerd::{Containerd, ContentReader};
 use crate::metrics::{Metrics, Source, SourceLabels};
 use crate::oci::Digest;
@@ -96,6 +96,7 @@ pub(super) enum OpenedSource {
     InFlight {
         rx: watch::Receiver<Progress>,
         final_path: PathBuf,
+        tally: Arc<Tally>,
     },
     /// Straight from upstream, not cached (no room in the store).
     PassThrough(Box<PassThrough>),
@@ -171,7 +172,30 @@ pub(super) fn sendable(written: u64, verified: bool, size: Option<u64>, end: u64
     written.min(last.saturating_sub(1))
 }
 
+/// Where an opened blob's bytes come from, as `shoal pull` reports it.
+#[derive(Debug, Clone)]
+pub enum Served {
+    /// This node's store.
+    Store,
+    /// This node's containerd.
+    Containerd,
+    /// A download on this node: what it received from members and from upstream (read when it is done).
+    Download(Arc<Tally>),
+    /// Straight from upstream, not kept.
+    PassThrough,
+}
+
 impl Opened {
+    /// Where its bytes come from.
+    pub fn served(&self) -> Served {
+        match &self.source {
+            OpenedSource::HeadOnly | OpenedSource::Stored(_) => Served::Store,
+            OpenedSource::Containerd(_) => Served::Containerd,
+            OpenedSource::InFlight { tally, .. } => Served::Download(tally.clone()),
+            OpenedSource::PassThrough(_) => Served::PassThrough,
+        }
+    }
+
     /// Streams bytes `[start, end)`. A download's bytes are sent as they arrive, but never its last byte before
     /// the download was verified; if it fails, the stream ends with an error.
     /// Chunks read from files come out of `budget` (see [`ResponseBudget`]).
@@ -254,7 +278,7 @@ impl Reader {
                 return Ok(chunk);
             }
             OpenedSource::Stored(path) => (self.end, path.clone()),
-            OpenedSource::InFlight { rx, final_path } => loop {
+            OpenedSource::InFlight { rx, final_path, .. } => loop {
                 let p = rx.borrow_and_update().clone();
                 // The download started again from upstream (members' bytes did not match the digest): bytes sent
                 // cannot be taken back; a reader that sent none reads the new pass.

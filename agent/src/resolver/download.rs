@@ -61,11 +61,29 @@ pub(super) struct Download {
     pub(super) wanted: Mutex<Instant>,
     /// Nobody wanting it for this long abandons it.
     pub(super) abandon_after: Duration,
+    /// Bytes it received, by where from.
+    pub(super) tally: Arc<Tally>,
+}
+
+/// Bytes a download received from members and from upstream (a restart from upstream counts again).
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// From members (pieces).
+    pub peers: std::sync::atomic::AtomicU64,
+    /// From upstream.
+    pub upstream: std::sync::atomic::AtomicU64,
 }
 
 impl Download {
     pub(super) fn new(origin: Origin, progress: watch::Sender<Progress>, abandon_after: Duration) -> Self {
-        Self { origin, progress, pieces: Mutex::new(None), wanted: Mutex::new(Instant::now()), abandon_after }
+        Self {
+            origin,
+            progress,
+            pieces: Mutex::new(None),
+            wanted: Mutex::new(Instant::now()),
+            abandon_after,
+            tally: Arc::default(),
+        }
     }
 
     /// Someone wants it now.

@@ -131,6 +131,7 @@ impl<'a> Sink<'a> {
     /// the next piece), saving a second BLAKE3 pass.
     pub(super) async fn write_piece(&mut self, piece: VerifiedPiece, sender: Sender) -> Result<(), ResolveError> {
         let len = piece.len();
+        self.dl.tally.peers.fetch_add(len, Ordering::Relaxed);
         let aligned = self.pieces.as_mut().is_some_and(|p| p.push_verified(piece.hash, len, self.size));
         if aligned {
             let i = self.pieces.as_ref().map_or(0, |p| p.hashes().len()) - 1;
@@ -142,6 +143,8 @@ impl<'a> Sink<'a> {
 
     /// Hashes and writes a batch off the async workers, then tells readers and the piece table.
     pub(super) async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), ResolveError> {
+        let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
+        self.dl.tally.upstream.fetch_add(n, Ordering::Relaxed);
         self.write_impl(batch, true).await
     }
 

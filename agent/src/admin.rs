@@ -1,0 +1,275 @@
+//! The admin API (`proto/proto/admin.proto`): a gRPC service on a unix socket, behind the `shoal` CLI.
+//!
+//! The socket is created mode 0600 and every connection's peer credentials are checked as well: only root and the
+//! agent's own user are served (a socket file's mode is not enough on every system, and a stale mode from an
+//! earlier run must not let anyone in). A socket path still answered by another process is an error at start
+//! (two agents on one data dir); one nobody answers is stale and replaced. Bad arguments get `INVALID_ARGUMENT`
+//! with a message naming the argument. The API never takes registry credentials: `pull` uses the agent's own
+//! (the registries configured for it), as a pull with no `Authorization` would.
+
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::StreamExt as _;
+use shoal_proto::admin as pb;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+
+use crate::mesh::{Liveness, Mesh};
+use crate::metrics::Metrics;
+use crate::resolver::{EvictError, ResolveError, Resolver};
+
+pub mod cli;
+mod pull;
+
+pub use pull::{ImageRef, Platform};
+
+/// What the admin API reads from the running agent.
+#[derive(Debug)]
+pub struct AdminState {
+    /// When the agent started.
+    pub started: Instant,
+    /// The Kubernetes node name, when known.
+    pub node: Option<String>,
+    /// This node's zone.
+    pub zone: String,
+    /// Where the mirror listens.
+    pub mirror: std::net::SocketAddr,
+    /// The resolver (store, downloads, upstream).
+    pub resolver: Arc<Resolver>,
+    /// The mesh, if any.
+    pub mesh: Option<Arc<Mesh>>,
+    /// The agent's metrics (the pull's reads count as served bytes).
+    pub metrics: Metrics,
+    /// `gc_high_bytes`.
+    pub budget: u64,
+}
+
+/// Why the admin socket could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Another process answers on the socket.
+    #[error("another process serves the admin socket {0} (a second agent on the same data dir?)")]
+    InUse(PathBuf),
+    /// Creating, binding or securing it failed.
+    #[error("admin socket {path}: {what}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The step.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the admin socket at `path` (mode 0600) and serves the API until `cancel`; the socket file is removed on
+/// the way out.
+pub fn serve(
+    path: &Path,
+    state: Arc<AdminState>,
+    tasks: &TaskTracker,
+    cancel: CancellationToken,
+) -> Result<(), AdminError> {
+    let io = |what| move |source| AdminError::Io { path: path.to_owned(), what, source };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AdminError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(io("removing the stale socket"))?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io("creating its directory"))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io("binding"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io("setting mode 0600"))?;
+    let owner = std::fs::metadata(path).map_err(io("reading its owner"))?.uid();
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener).filter_map(move |conn| async move {
+        match conn {
+            Ok(stream) => match stream.peer_cred() {
+                Ok(c) if c.uid() == 0 || c.uid() == owner => Some(Ok::<_, std::io::Error>(stream)),
+                Ok(c) => {
+                    tracing::warn!(uid = c.uid(), pid = ?c.pid(), "admin socket: a connection from another user refused");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket: peer credentials unreadable; connection refused");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket: accept failed");
+                None
+            }
+        }
+    });
+    let service = pb::admin_server::AdminServer::new(Service { state });
+    let socket = path.to_owned();
+    tasks.spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin socket: the server failed");
+        }
+        let _ = std::fs::remove_file(&socket);
+    });
+    tracing::info!(socket = %path.display(), "admin API listening");
+    Ok(())
+}
+
+/// The service.
+#[derive(Debug)]
+struct Service {
+    state: Arc<AdminState>,
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// A resolver's refusal as a gRPC status.
+fn resolve_status(what: &str, e: ResolveError) -> Status {
+    match e {
+        ResolveError::NotFound => Status::not_found(format!("{what}: not found (upstream has no such image)")),
+        ResolveError::Unauthorized { .. } => Status::permission_denied(format!(
+            "{what}: the registry wants credentials and none are configured for it on this agent"
+        )),
+        ResolveError::Denied => {
+            Status::permission_denied(format!("{what}: the registry refused the agent's credentials"))
+        }
+        ResolveError::Unavailable(r) | ResolveError::NoSpace(r) => Status::unavailable(format!("{what}: {r}")),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for Service {
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let st = &self.state;
+        let (mut alive, mut suspect, mut dead) = (0, 0, 0);
+        let (peer_id, homed) = match &st.mesh {
+            Some(m) => {
+                for (_, l) in &m.view().members {
+                    match l {
+                        Liveness::Alive => alive += 1,
+                        Liveness::Suspect => suspect += 1,
+                        Liveness::Dead => dead += 1,
+                    }
+                }
+                (m.id().to_string(), m.homed_digests() as u64)
+            }
+            None => (String::new(), 0),
+        };
+        let store = st.resolver.store();
+        let downloads = st
+            .resolver
+            .downloads_in_flight()
+            .into_iter()
+            .map(|(d, written, size)| pb::Download { digest: d.to_string(), written, size: size.unwrap_or(0) })
+            .collect();
+        let up = st.resolver.upstream();
+        let registries =
+            up.registries().into_iter().map(|h| pb::Registry { down: up.is_down(&h), host: h.to_string() }).collect();
+        Ok(Response::new(pb::StatusReply {
+            node: st.node.clone().unwrap_or_default(),
+            peer_id,
+            zone: st.zone.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: st.started.elapsed().as_secs(),
+            members_alive: alive,
+            members_suspect: suspect,
+            members_dead: dead,
+            homed_digests: homed,
+            store_bytes: store.bytes(),
+            store_blobs: store.blob_count(),
+            store_budget_bytes: st.budget,
+            downloads,
+            registries,
+            mirror: st.mirror.to_string(),
+        }))
+    }
+
+    async fn peers(&self, _: Request<pb::PeersRequest>) -> Result<Response<pb::PeersReply>, Status> {
+        let Some(mesh) = &self.state.mesh else { return Ok(Response::new(pb::PeersReply::default())) };
+        let peers = mesh
+            .view()
+            .members
+            .iter()
+            .map(|(info, l)| pb::Peer {
+                peer_id: info.id.to_string(),
+                node: info.node.clone().unwrap_or_default(),
+                zone: info.zone.clone(),
+                address: info.transfer_addr.to_string(),
+                state: match l {
+                    Liveness::Alive => "alive",
+                    Liveness::Suspect => "suspect",
+                    Liveness::Dead => "dead",
+                }
+                .to_owned(),
+                quarantined: mesh.is_quarantined(&info.id),
+            })
+            .collect();
+        Ok(Response::new(pb::PeersReply { peers }))
+    }
+
+    async fn blobs(&self, _: Request<pb::BlobsRequest>) -> Result<Response<pb::BlobsReply>, Status> {
+        let store = self.state.resolver.store().clone();
+        let list =
+            tokio::task::spawn_blocking(move || store.list_blobs()).await.map_err(internal)?.map_err(internal)?;
+        let blobs = list
+            .into_iter()
+            .map(|(d, m)| pb::Blob {
+                digest: d.to_string(),
+                size: m.size,
+                last_access: m.last_access,
+                public: m.public,
+                registry: m.registry.map(|r| r.to_string()).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::BlobsReply { blobs }))
+    }
+
+    type PullStream = tokio_stream::wrappers::ReceiverStream<Result<pb::PullEvent, Status>>;
+
+    async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<Self::PullStream>, Status> {
+        let req = req.into_inner();
+        let image = ImageRef::parse(&req.image, self.state.resolver.upstream().default_registry())
+            .map_err(|e| Status::invalid_argument(format!("image: {e}")))?;
+        let platform = if req.platform.is_empty() {
+            Platform::this_node()
+        } else {
+            Platform::parse(&req.platform).map_err(|e| Status::invalid_argument(format!("platform: {e}")))?
+        };
+        let which = if req.all_platforms { None } else { Some(platform) };
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let result = pull::pull(&state, &image, which.as_ref(), &tx).await;
+            let event = result.map(|s| pb::PullEvent { event: Some(pb::pull_event::Event::Done(s)) });
+            let _ = tx.send(event).await;
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn evict(&self, req: Request<pb::EvictRequest>) -> Result<Response<pb::EvictReply>, Status> {
+        let d = crate::oci::Digest::parse(&req.into_inner().digest)
+            .map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
+        match self.state.resolver.evict(&d).await {
+            Ok(freed) => Ok(Response::new(pb::EvictReply { freed })),
+            Err(e @ EvictError::NotStored(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ EvictError::InUse(_)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ EvictError::Failed(_)) => Err(internal(e)),
+        }
+    }
+
+    async fn verify(&self, _: Request<pb::VerifyRequest>) -> Result<Response<pb::VerifyReply>, Status> {
+        let v = self.state.resolver.verify().await.map_err(internal)?;
+        Ok(Response::new(pb::VerifyReply { blobs: v.blobs, bytes: v.bytes, problems: v.problems }))
+    }
+}

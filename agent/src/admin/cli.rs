@@ -1,0 +1,277 @@
+//! The `shoal` CLI's admin commands: a client of the admin socket that prints tables (or JSON with `-o json`).
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde_json::json;
+use shoal_proto::admin as pb;
+use shoal_proto::admin::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Tables for people.
+    Table,
+    /// One JSON document, for scripts.
+    Json,
+}
+
+/// An admin command.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// The node at a glance: members, store use, downloads, upstream registries.
+    Status,
+    /// The members this node knows.
+    Peers,
+    /// The blobs this node holds.
+    Blobs,
+    /// Warm this node with an image through the normal path (store, containerd, members, upstream).
+    Pull {
+        /// `[registry/]repository[:tag][@digest]`.
+        image: String,
+        /// `os/architecture[/variant]` of an index (default: this node's).
+        #[arg(long, conflicts_with = "all_platforms")]
+        platform: Option<String>,
+        /// Every platform of an index.
+        #[arg(long)]
+        all_platforms: bool,
+    },
+    /// Drop a blob from this node's store.
+    Evict {
+        /// `sha256:…`.
+        digest: String,
+    },
+    /// Check every stored blob against its digest. Exits 1 on any problem.
+    Verify,
+}
+
+async fn connect(socket: &Path) -> anyhow::Result<AdminClient<Channel>> {
+    let path: PathBuf = socket.to_owned();
+    let channel =
+        tonic::transport::Endpoint::from_static("http://shoal.admin")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let p = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await
+            .with_context(|| {
+                format!("connecting to the agent's admin socket {} (is the agent running? --socket)", socket.display())
+            })?;
+    Ok(AdminClient::new(channel))
+}
+
+/// The agent's answer as an error that reads well after `shoal: `.
+fn refused(s: tonic::Status) -> anyhow::Error {
+    let code = match s.code() {
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::FailedPrecondition => "refused",
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "failed",
+    };
+    anyhow::anyhow!("{code}: {}", s.message())
+}
+
+/// `n` bytes for people.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(head.iter().map(|h| (*h).to_owned()).collect());
+    for r in rows {
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+/// Runs `cmd` against the agent at `socket`.
+pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let json = format == Format::Json;
+    match cmd {
+        Command::Status => {
+            let s = c.status(pb::StatusRequest {}).await.map_err(refused)?.into_inner();
+            if json {
+                let v = json!({
+                    "node": s.node, "peer_id": s.peer_id, "zone": s.zone, "version": s.version,
+                    "uptime_seconds": s.uptime_seconds, "mirror": s.mirror,
+                    "members": {"alive": s.members_alive, "suspect": s.members_suspect, "dead": s.members_dead},
+                    "homed_digests": s.homed_digests,
+                    "store": {"bytes": s.store_bytes, "blobs": s.store_blobs, "budget_bytes": s.store_budget_bytes},
+                    "downloads": s.downloads.iter().map(|d| json!({"digest": d.digest, "written": d.written, "size": d.size})).collect::<Vec<_>>(),
+                    "registries": s.registries.iter().map(|r| json!({"host": r.host, "down": r.down})).collect::<Vec<_>>(),
+                });
+                println!("{v:#}");
+                return Ok(());
+            }
+            let up = s.uptime_seconds;
+            let mut out = String::new();
+            let mut kv = |k: &str, v: String| out.push_str(&format!("{k:<11} {v}\n"));
+            kv("node", if s.node.is_empty() { "-".into() } else { s.node.clone() });
+            kv("peer id", if s.peer_id.is_empty() { "- (no mesh)".into() } else { s.peer_id.clone() });
+            kv("zone", s.zone.clone());
+            kv("version", s.version.clone());
+            kv("uptime", format!("{}h {}m {}s", up / 3600, up / 60 % 60, up % 60));
+            kv("mirror", s.mirror.clone());
+            kv("members", format!("{} alive, {} suspect, {} dead", s.members_alive, s.members_suspect, s.members_dead));
+            kv("home of", format!("{} digests", s.homed_digests));
+            kv(
+                "store",
+                format!("{} in {} blobs (budget {})", bytes(s.store_bytes), s.store_blobs, bytes(s.store_budget_bytes)),
+            );
+            for r in &s.registries {
+                kv("registry", format!("{} {}", r.host, if r.down { "DOWN (avoided)" } else { "up" }));
+            }
+            if s.downloads.is_empty() {
+                kv("downloads", "none".into());
+            }
+            for d in &s.downloads {
+                let size = if d.size == 0 { "?".into() } else { bytes(d.size) };
+                kv("download", format!("{} {} / {size}", d.digest, bytes(d.written)));
+            }
+            print!("{out}");
+        }
+        Command::Peers => {
+            let p = c.peers(pb::PeersRequest {}).await.map_err(refused)?.into_inner();
+            if json {
+                let v: Vec<_> = p.peers.iter().map(|p| json!({
+                    "peer_id": p.peer_id, "node": p.node, "zone": p.zone, "address": p.address, "state": p.state,
+                    "quarantined": p.quarantined,
+                })).collect();
+                println!("{:#}", json!(v));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = p
+                .peers
+                .iter()
+                .map(|p| {
+                    let node = if p.node.is_empty() { "-".to_owned() } else { p.node.clone() };
+                    let q = if p.quarantined { "yes" } else { "no" };
+                    vec![p.peer_id.clone(), node, p.zone.clone(), p.address.clone(), p.state.clone(), q.into()]
+                })
+                .collect();
+            print!("{}", table(&["PEER ID", "NODE", "ZONE", "ADDRESS", "STATE", "QUARANTINED"], &rows));
+        }
+        Command::Blobs => {
+            let b = c.blobs(pb::BlobsRequest {}).await.map_err(refused)?.into_inner();
+            if json {
+                let v: Vec<_> = b
+                    .blobs
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "digest": b.digest, "size": b.size, "last_access": b.last_access, "public": b.public,
+                            "registry": b.registry,
+                        })
+                    })
+                    .collect();
+                println!("{:#}", json!(v));
+                return Ok(());
+            }
+            let now = crate::store::now_secs();
+            let rows: Vec<Vec<String>> = b
+                .blobs
+                .iter()
+                .map(|b| {
+                    let ago = now.saturating_sub(b.last_access);
+                    let public = if b.public { "yes" } else { "no" };
+                    let reg = if b.registry.is_empty() { "-".to_owned() } else { b.registry.clone() };
+                    vec![b.digest.clone(), bytes(b.size), format!("{ago}s ago"), public.into(), reg]
+                })
+                .collect();
+            print!("{}", table(&["DIGEST", "SIZE", "LAST READ", "PUBLIC", "REGISTRY"], &rows));
+        }
+        Command::Pull { image, platform, all_platforms } => {
+            let req = pb::PullRequest { image: image.clone(), platform: platform.unwrap_or_default(), all_platforms };
+            let mut events = c.pull(req).await.map_err(refused)?.into_inner();
+            let tty = std::io::stderr().is_terminal() && !json;
+            let mut summary = None;
+            while let Some(ev) = events.message().await.map_err(refused)? {
+                match ev.event {
+                    Some(pb::pull_event::Event::Progress(p)) if tty => {
+                        let short = p.digest.get(..19).unwrap_or(&p.digest);
+                        let size = if p.size == 0 { "?".into() } else { bytes(p.size) };
+                        eprint!("\r\x1b[2K{short}  {} / {size}", bytes(p.read));
+                        let _ = std::io::stderr().flush();
+                    }
+                    Some(pb::pull_event::Event::Done(s)) => summary = Some(s),
+                    _ => {}
+                }
+            }
+            if tty {
+                eprint!("\r\x1b[2K");
+            }
+            let s = summary.context("the agent ended the pull without a summary")?;
+            if json {
+                let v = json!({
+                    "image": image, "digest": s.digest, "blobs": s.blobs, "bytes": s.bytes, "seconds": s.seconds,
+                    "from": {"store": s.from_store, "containerd": s.from_containerd, "peers": s.from_peers, "upstream": s.from_upstream},
+                });
+                println!("{v:#}");
+                return Ok(());
+            }
+            println!("pulled {image} ({}): {} blobs, {} in {:.2} s", s.digest, s.blobs, bytes(s.bytes), s.seconds);
+            for (k, v) in [
+                ("store", s.from_store),
+                ("containerd", s.from_containerd),
+                ("peers", s.from_peers),
+                ("upstream", s.from_upstream),
+            ] {
+                println!("  {k:<11} {}", bytes(v));
+            }
+        }
+        Command::Evict { digest } => {
+            let r = c.evict(pb::EvictRequest { digest: digest.clone() }).await.map_err(refused)?.into_inner();
+            if json {
+                println!("{:#}", json!({"digest": digest, "freed": r.freed}));
+            } else {
+                println!("evicted {digest}: {} freed", bytes(r.freed));
+            }
+        }
+        Command::Verify => {
+            let v = c.verify(pb::VerifyRequest {}).await.map_err(refused)?.into_inner();
+            if json {
+                println!("{:#}", json!({"blobs": v.blobs, "bytes": v.bytes, "problems": v.problems}));
+            } else {
+                for p in &v.problems {
+                    println!("problem: {p}");
+                }
+                println!("{} blobs, {}, {} problems", v.blobs, bytes(v.bytes), v.problems.len());
+            }
+            if !v.problems.is_empty() {
+                anyhow::bail!("the store has {} problems", v.problems.len());
+            }
+        }
+    }
+    Ok(())
+}

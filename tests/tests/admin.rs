@@ -1,0 +1,118 @@
+//! End to end: the `shoal` CLI (the real binary) against real agents' admin sockets — a 3-node mesh in front of a
+//! real `docker-registry`.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::time::Duration;
+
+use anyhow::Result;
+use shoal_testbed::cluster::{Cluster, wait_alive};
+use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
+use shoal_testbed::{Agent, shoal_bin};
+
+/// `shoal ARGS --socket <agent's>`: (exit success, stdout, stderr).
+async fn shoal(agent: &Agent, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = tokio::process::Command::new(shoal_bin()?)
+        .args(args)
+        .arg("--socket")
+        .arg(agent.data_dir().join("admin.sock"))
+        .output()
+        .await?;
+    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}
+
+async fn json(agent: &Agent, args: &[&str]) -> Result<serde_json::Value> {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let (ok, out, err) = shoal(agent, &all).await?;
+    anyhow::ensure!(ok, "shoal {args:?} failed: {err}\n{}", agent.log());
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn n(v: &serde_json::Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or_else(|| panic!("{path:?} in {v}"))
+}
+
+#[tokio::test]
+async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Result<()> {
+    let cl = Cluster::start().await?;
+    let image = Artifact::Image(Image::random(&[2 << 20, 1 << 20, 300_000], 41, "amd64", Compression::Gzip)?);
+    let digest = push(&image, &cl.registry.host(), "team/app", "v1", None, Format::Oci)?;
+    let a = cl.agent(41, &[]).start().await?;
+    let b = cl.agent(42, &[&a]).start().await?;
+    let c = cl.agent(43, &[&a]).start().await?;
+    wait_alive(&[&a, &b, &c], 2.0, Duration::from_secs(15)).await?;
+
+    // The socket is the owner's alone.
+    let mode = std::fs::metadata(a.data_dir().join("admin.sock"))?.permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
+
+    // Status and peers show the 3-node mesh.
+    let s = json(&a, &["status"]).await?;
+    assert_eq!(n(&s, &["members", "alive"]), 2, "{s}");
+    assert!(!s["peer_id"].as_str().unwrap_or("").is_empty());
+    let peers = json(&a, &["peers"]).await?;
+    let peers = peers.as_array().expect("a list");
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    assert!(peers.iter().all(|p| p["state"] == "alive" && p["quarantined"] == false), "{peers:?}");
+    let (ok, table, _) = shoal(&a, &["peers"]).await?;
+    assert!(ok && table.starts_with("PEER ID") && table.lines().count() == 3, "{table}");
+
+    // A pull warms A: manifest, config and layers, each byte counted once by where it came from.
+    let reference = format!("{}/team/app:v1", cl.proxy.host());
+    let image_bytes: u64 = image.all_blobs().iter().map(|b| b.data.len() as u64).sum::<u64>()
+        + match &image {
+            Artifact::Image(i) => i.manifest.data.len() as u64,
+            Artifact::Index { .. } => unreachable!("one image"),
+        };
+    let p = json(&a, &["pull", &reference]).await?;
+    assert_eq!(p["digest"], digest.as_str(), "{p}");
+    assert_eq!(n(&p, &["blobs"]), image.all_blobs().len() as u64 + 1, "{p}");
+    assert_eq!(n(&p, &["bytes"]), image_bytes, "{p}");
+    let from = ["store", "containerd", "peers", "upstream"].iter().map(|k| n(&p, &["from", k])).sum::<u64>();
+    assert_eq!(from, image_bytes, "the bytes by source add up: {p}");
+    assert!(n(&p, &["from", "upstream"]) + n(&p, &["from", "peers"]) > 0, "a cold pull came from somewhere: {p}");
+    // Again: all from A's store.
+    let p = json(&a, &["pull", &reference]).await?;
+    assert_eq!(n(&p, &["from", "store"]), image_bytes, "{p}");
+    let blobs = json(&a, &["blobs"]).await?;
+    let held: Vec<&str> = blobs.as_array().expect("a list").iter().filter_map(|b| b["digest"].as_str()).collect();
+    for blob in image.all_blobs() {
+        assert!(held.contains(&blob.digest.as_str()), "A lists {}: {held:?}", blob.digest);
+    }
+    let (ok, human, _) = shoal(&a, &["pull", &reference]).await?;
+    assert!(ok && human.contains("pulled") && human.contains("store"), "{human}");
+
+    // Evict one layer, then it is gone; again: not found.
+    let layer = &image.all_blobs()[1].digest;
+    let e = json(&a, &["evict", layer]).await?;
+    assert_eq!(n(&e, &["freed"]), image.all_blobs()[1].data.len() as u64);
+    let (ok, _, err) = shoal(&a, &["evict", layer]).await?;
+    assert!(!ok && err.contains("not found"), "{err}");
+    let v = json(&a, &["verify"]).await?;
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
+
+    // Bad input gets a clear error naming the argument.
+    let (ok, _, err) = shoal(&a, &["pull", "Not/A/Valid:Ref"]).await?;
+    assert!(!ok && err.contains("invalid argument: image:"), "{err}");
+    let (ok, _, err) = shoal(&a, &["pull", &format!("{}/team/nothing:v1", cl.proxy.host())]).await?;
+    assert!(!ok && err.contains("not found"), "{err}");
+    let (ok, _, err) = shoal(&a, &["pull", &reference, "--platform", "linux"]).await?;
+    assert!(!ok && err.contains("invalid argument: platform:"), "{err}");
+    let (ok, _, err) = shoal(&a, &["evict", "sha256:nothex"]).await?;
+    assert!(!ok && err.contains("invalid argument: digest:"), "{err}");
+    let (ok, _, err) = tokio::process::Command::new(shoal_bin()?)
+        .args(["status", "--socket", "/nonexistent/admin.sock"])
+        .output()
+        .await
+        .map(|o| (o.status.success(), (), String::from_utf8_lossy(&o.stderr).into_owned()))?;
+    assert!(!ok && err.contains("is the agent running"), "{err}");
+
+    // B warms from the members: what A and the homes hold, the rest from upstream, all counted.
+    let p = json(&b, &["pull", &reference]).await?;
+    let from = ["store", "containerd", "peers", "upstream"].iter().map(|k| n(&p, &["from", k])).sum::<u64>();
+    assert_eq!(from, image_bytes, "{p}");
+    let s = json(&b, &["status"]).await?;
+    assert!(n(&s, &["store", "blobs"]) >= image.all_blobs().len() as u64, "{s}");
+    drop(c);
+    Ok(())
+}
