@@ -71,6 +71,7 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
     let from = ["store", "containerd", "peers", "upstream"].iter().map(|k| n(&p, &["from", k])).sum::<u64>();
     assert_eq!(from, image_bytes, "the bytes by source add up: {p}");
     assert!(n(&p, &["from", "upstream"]) + n(&p, &["from", "peers"]) > 0, "a cold pull came from somewhere: {p}");
+    println!("$ shoal pull {reference} -o json\n{p:#}");
     // Again: all from A's store.
     let p = json(&a, &["pull", &reference]).await?;
     assert_eq!(n(&p, &["from", "store"]), image_bytes, "{p}");
@@ -81,6 +82,13 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
     }
     let (ok, human, _) = shoal(&a, &["pull", &reference]).await?;
     assert!(ok && human.contains("pulled") && human.contains("store"), "{human}");
+    // What an operator sees (docs/operations.md quotes it).
+    for args in [&["status"][..], &["peers"], &["blobs"]] {
+        let (ok, out, err) = shoal(&a, args).await?;
+        assert!(ok, "{err}");
+        println!("$ shoal {}\n{out}", args.join(" "));
+    }
+    println!("$ shoal pull {reference}\n{human}");
 
     // Evict one layer, then it is gone; again: not found.
     let layer = &image.all_blobs()[1].digest;

@@ -120,6 +120,11 @@ fn check_agent(objs: &[serde_json::Value]) -> Result<(String, String)> {
     assert_eq!(ports["gossip"], (port_of(&s("gossip_listen")), "TCP".into()));
     assert_eq!(ports["transfer"], (port_of(&s("transfer_listen")), "UDP".into()));
     assert!(s("listen").starts_with("127.0.0.1:"), "the mirror stays on loopback");
+    // The admin socket sits in a node directory (the CLI on the node reaches it), not in the container's own.
+    let admin = s("admin_socket");
+    let admin_dir = Path::new(&admin).parent().context("admin socket dir")?.to_str().context("utf-8")?.to_owned();
+    let admin_volume = volume_at(pod, c, &admin_dir).context("the admin socket's directory is mounted")?;
+    assert!(admin_volume.host_path.is_some(), "the admin socket's directory is a hostPath: {admin_volume:?}");
     for (probe, path) in [(&c.liveness_probe, "/healthz"), (&c.readiness_probe, "/readyz")] {
         let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).context("an HTTP probe")?;
         assert_eq!(get.path.as_deref(), Some(path));
