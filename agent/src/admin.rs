@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::resolver::{EvictError, ResolveError, Resolver};
 
 pub mod cli;
+mod preheat;
 mod pull;
 
 pub use pull::{ImageRef, Platform};
@@ -253,6 +254,48 @@ impl pb::admin_server::Admin for Service {
             let result = pull::pull(&state, &image, which.as_ref(), &tx).await;
             let event = result.map(|s| pb::PullEvent { event: Some(pb::pull_event::Event::Done(s)) });
             let _ = tx.send(event).await;
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    type PreheatStream = tokio_stream::wrappers::ReceiverStream<Result<pb::PreheatEvent, Status>>;
+
+    async fn preheat(&self, req: Request<pb::PreheatRequest>) -> Result<Response<Self::PreheatStream>, Status> {
+        let req = req.into_inner();
+        let Some(mesh) = self.state.mesh.clone() else {
+            return Err(Status::failed_precondition(
+                "this agent has no mesh: nothing to preheat but itself (`shoal pull`)",
+            ));
+        };
+        let image = ImageRef::parse(&req.image, self.state.resolver.upstream().default_registry())
+            .map_err(|e| Status::invalid_argument(format!("image: {e}")))?;
+        let platform = if req.platform.is_empty() {
+            Platform::this_node()
+        } else {
+            Platform::parse(&req.platform).map_err(|e| Status::invalid_argument(format!("platform: {e}")))?
+        };
+        let known = mesh.view().zones();
+        let zones = if req.zones.is_empty() {
+            known
+        } else {
+            for z in &req.zones {
+                if !known.contains(z) {
+                    return Err(Status::invalid_argument(format!(
+                        "zones: no alive member in zone {z:?} (zones: {})",
+                        known.join(", ")
+                    )));
+                }
+            }
+            req.zones.clone()
+        };
+        let timeout =
+            std::time::Duration::from_secs(u64::from(if req.timeout_seconds == 0 { 600 } else { req.timeout_seconds }));
+        let which = if req.all_platforms { None } else { Some(platform) };
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let result = preheat::run(&state, &mesh, &image, which.as_ref(), &zones, timeout, &tx).await;
+            let _ = tx.send(result.map(|s| pb::PreheatEvent { event: Some(pb::preheat_event::Event::Done(s)) })).await;
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }

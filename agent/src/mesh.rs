@@ -223,6 +223,42 @@ impl Mesh {
         self.locate_at(home, digest, None, LOCATE_TIMEOUT).await.ok().flatten()
     }
 
+    /// A preheat of `digest` in `zone` (`order.warm`): its home there fetches it for the zone (from a holder, the
+    /// home zone's home or upstream) unless it is held. Returns the home asked, `None` when this node is that home
+    /// (the caller fetches it itself), or why the home could not be asked.
+    pub async fn warm(
+        &self,
+        zone: &str,
+        digest: &Digest,
+        order: &Order,
+        within: Duration,
+    ) -> Result<Option<PeerId>, String> {
+        let view = self.view();
+        let home = view.home_in(zone, digest).ok_or_else(|| format!("zone {zone} has no alive member"))?;
+        if home == self.me {
+            return Ok(None);
+        }
+        match self.locate_at(home, digest, Some(order), within).await {
+            Ok(_) => Ok(Some(home)),
+            Err(e) => Err(format!("its home {home} could not be asked: {e}")),
+        }
+    }
+
+    /// Whether `zone` holds `digest` completely: its home there knows a complete holder (this node's directory
+    /// when it is that home).
+    pub async fn held_in(&self, zone: &str, digest: &Digest) -> bool {
+        let view = self.view();
+        let Some(home) = view.home_in(zone, digest) else { return false };
+        let located = if home == self.me {
+            let usable = |p: &PeerId| *p == self.me || (view.is_alive(p) && !self.is_quarantined(p));
+            lock(&self.directory).locate(digest, &PeerId::random(), usable)
+        } else {
+            self.locate_at(home, digest, None, LOCATE_TIMEOUT).await.ok().flatten()
+        };
+        let in_zone = |p: &PeerId| view.zone_of(p) == Some(zone);
+        located.is_some_and(|l| l.holders.iter().any(|(p, s)| s.complete && in_zone(p)))
+    }
+
     /// Asks `home` about `digest`; with an order, as a member about to download it (the home fetches it if
     /// nobody has it). `Err` when the home could not be asked (as opposed to "nobody usable holds it").
     async fn locate_at(

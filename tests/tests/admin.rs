@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use shoal_testbed::cluster::{Cluster, wait_alive};
 use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
-use shoal_testbed::{Agent, shoal_bin};
+use shoal_testbed::{Agent, Containerd, shoal_bin};
 
 /// `shoal ARGS --socket <agent's>`: (exit success, stdout, stderr).
 async fn shoal(agent: &Agent, args: &[&str]) -> Result<(bool, String, String)> {
@@ -122,5 +122,54 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
     let s = json(&b, &["status"]).await?;
     assert!(n(&s, &["store", "blobs"]) >= image.all_blobs().len() as u64, "{s}");
     drop(c);
+    Ok(())
+}
+
+#[tokio::test]
+async fn preheat_warms_every_zone_through_the_homes_and_then_every_node_pulls_without_upstream() -> Result<()> {
+    let mut cl = Cluster::start().await?;
+    let image = Artifact::Image(Image::random(&[2 << 20, 700_000], 43, "amd64", Compression::Gzip)?);
+    let digest = push(&image, &cl.registry.host(), "team/warm", "v1", None, Format::Oci)?;
+    let zone = |z: &str| format!("\"{z}\"");
+    let a1 = cl.agent(51, &[]).setting("zone", &zone("zone-a")).start().await?;
+    let a2 = cl.agent(52, &[&a1]).setting("zone", &zone("zone-a")).start().await?;
+    let b1 = cl.agent(53, &[&a1]).setting("zone", &zone("zone-b")).start().await?;
+    let agents = [&a1, &a2, &b1];
+    wait_alive(&agents, 2.0, Duration::from_secs(15)).await?;
+    let reference = format!("{}/team/warm:v1", cl.proxy.host());
+
+    // Bad input first: a zone nobody is in, an image upstream lacks.
+    let (ok, _, err) = shoal(&a2, &["preheat", &reference, "--zones", "zone-x"]).await?;
+    assert!(!ok && err.contains("invalid argument: zones:"), "{err}");
+    let (ok, _, err) = shoal(&a2, &["preheat", &format!("{}/team/none:v1", cl.proxy.host())]).await?;
+    assert!(!ok && err.contains("not found"), "{err}");
+
+    cl.proxy.reset_counts();
+    let p = json(&a2, &["preheat", &reference]).await?;
+    println!("$ shoal preheat {reference} -o json\n{p:#}");
+    assert_eq!(p["digest"], digest.as_str(), "{p}");
+    let zones = p["zones"].as_array().expect("zones");
+    assert_eq!(zones.len(), 2, "{p}");
+    for z in zones {
+        assert_eq!(z["failure"], "", "{p}");
+        assert_eq!(z["ready"], z["blobs"], "{p}");
+    }
+    // Each layer crossed from upstream once for the whole cluster (the far zone's home takes it from the home zone).
+    for blob in image.all_blobs() {
+        let n = cl.proxy.count("GET", &blob.digest);
+        assert_eq!(n, 1, "{} fetched {n} times from upstream", blob.digest);
+    }
+
+    // Upstream gone: every node's containerd pulls the image from the cluster.
+    cl.stop_upstream().await;
+    for agent in agents {
+        let ctr = Containerd::start().await?;
+        ctr.configure_host(&cl.proxy.host(), Some(&agent.url()))?;
+        let out = ctr.pull(&format!("{}/team/warm@{digest}", cl.proxy.host()), None, &[]).await?;
+        assert!(out.success, "pull failed: {}\n{}", out.output, agent.log());
+        for blob in image.all_blobs() {
+            assert!(ctr.has_verified(&blob.digest).await?, "{} not verified", blob.digest);
+        }
+    }
     Ok(())
 }

@@ -38,6 +38,24 @@ pub enum Command {
         #[arg(long)]
         all_platforms: bool,
     },
+    /// Warm the cluster through the homes: in each zone the image's homes fetch every blob once. Exits 1 if any
+    /// zone failed.
+    Preheat {
+        /// `[registry/]repository[:tag][@digest]`.
+        image: String,
+        /// `all`, or zones separated by commas.
+        #[arg(long, default_value = "all")]
+        zones: String,
+        /// `os/architecture[/variant]` of an index (default: this node's).
+        #[arg(long, conflicts_with = "all_platforms")]
+        platform: Option<String>,
+        /// Every platform of an index.
+        #[arg(long)]
+        all_platforms: bool,
+        /// How long to wait for the zones.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Drop a blob from this node's store.
     Evict {
         /// `sha256:…`.
@@ -248,6 +266,65 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                 ("upstream", s.from_upstream),
             ] {
                 println!("  {k:<11} {}", bytes(v));
+            }
+        }
+        Command::Preheat { image, zones, platform, all_platforms, timeout } => {
+            let zones = if zones == "all" {
+                Vec::new()
+            } else {
+                zones.split(',').map(|z| z.trim().to_owned()).filter(|z| !z.is_empty()).collect()
+            };
+            let req = pb::PreheatRequest {
+                image: image.clone(),
+                platform: platform.unwrap_or_default(),
+                all_platforms,
+                zones,
+                timeout_seconds: u32::try_from(timeout.as_secs().max(1)).unwrap_or(u32::MAX),
+            };
+            let mut events = c.preheat(req).await.map_err(refused)?.into_inner();
+            let mut summary = None;
+            while let Some(ev) = events.message().await.map_err(refused)? {
+                match ev.event {
+                    Some(pb::preheat_event::Event::Progress(z)) if !json => {
+                        eprintln!("zone {}: {} of {} blobs held", z.zone, z.ready, z.blobs);
+                    }
+                    Some(pb::preheat_event::Event::Done(s)) => summary = Some(s),
+                    _ => {}
+                }
+            }
+            let s = summary.context("the agent ended the preheat without a summary")?;
+            let failed = s.zones.iter().filter(|z| !z.failure.is_empty()).count();
+            if json {
+                let zones: Vec<_> = s
+                    .zones
+                    .iter()
+                    .map(|z| json!({"zone": z.zone, "ready": z.ready, "blobs": z.blobs, "failure": z.failure}))
+                    .collect();
+                println!(
+                    "{:#}",
+                    json!({"image": image, "digest": s.digest, "blobs": s.blobs, "bytes": s.bytes, "seconds": s.seconds, "zones": zones})
+                );
+            } else {
+                println!(
+                    "preheated {image} ({}): {} blobs, {} in {:.1} s",
+                    s.digest,
+                    s.blobs,
+                    bytes(s.bytes),
+                    s.seconds
+                );
+                let rows: Vec<Vec<String>> = s
+                    .zones
+                    .iter()
+                    .map(|z| {
+                        let result =
+                            if z.failure.is_empty() { "ready".to_owned() } else { format!("FAILED: {}", z.failure) };
+                        vec![z.zone.clone(), format!("{}/{}", z.ready, z.blobs), result]
+                    })
+                    .collect();
+                print!("{}", table(&["ZONE", "HELD", "RESULT"], &rows));
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} zones failed", s.zones.len());
             }
         }
         Command::Evict { digest } => {

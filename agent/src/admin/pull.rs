@@ -205,6 +205,72 @@ pub(super) async fn pull(
     })
 }
 
+/// The image's content as a preheat orders it: the manifests (read through this node's resolver) and the blobs
+/// they name, with the sizes their descriptors give (a claim, for the summary only), root first.
+pub(super) async fn walk(
+    st: &AdminState,
+    image: &ImageRef,
+    platform: Option<&Platform>,
+) -> Result<(Client, Digest, Vec<(Digest, Kind, u64)>), Status> {
+    let client = Client {
+        registry: image.registry.clone(),
+        repo: image.repo.clone(),
+        auth: None,
+        accept: Some(HeaderValue::from_static(ACCEPT)),
+    };
+    let what = format!("{}/{}", image.registry, image.repo);
+    let root = match &image.reference {
+        Reference::Digest(d) => d.clone(),
+        Reference::Tag(t) => {
+            st.resolver.resolve_tag(&client, t).await.map_err(|e| resolve_status(&format!("{what}:{t}"), e))?
+        }
+    };
+    let mut out: Vec<(Digest, Kind, u64)> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut queue = vec![(root.clone(), 0u64)];
+    // Nobody listens to a walk's progress: sends fail at once.
+    let (tx, rx) = mpsc::channel(1);
+    drop(rx);
+    let mut counts = Counts::default();
+    while let Some((digest, size)) = queue.pop() {
+        if !seen.insert(digest.clone()) {
+            continue;
+        }
+        let body = read(st, &client, &digest, Kind::Manifest, &tx, &mut counts).await.map_err(|e| match e {
+            Read::Resolve(e) => resolve_status(&format!("{what}@{digest}"), e),
+            Read::Failed(s) => s,
+        })?;
+        let body = body.unwrap_or_default();
+        out.push((digest.clone(), Kind::Manifest, if size == 0 { body.len() as u64 } else { size }));
+        let doc: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| Status::failed_precondition(format!("{what}@{digest}: not a JSON manifest: {e}")))?;
+        let descriptor = |v: &serde_json::Value| {
+            let d = v.get("digest").and_then(|d| d.as_str()).and_then(|d| Digest::parse(d).ok())?;
+            Some((d, v.get("size").and_then(serde_json::Value::as_u64).unwrap_or(0)))
+        };
+        if let Some(list) = doc.get("manifests").and_then(|m| m.as_array()) {
+            let picked: Vec<_> = list
+                .iter()
+                .filter(|m| platform.is_none_or(|p| m.get("platform").is_some_and(|pl| p.matches(pl))))
+                .filter_map(descriptor)
+                .collect();
+            if picked.is_empty() {
+                return Err(Status::not_found(format!("{what}@{root}: the index has no manifest for this platform")));
+            }
+            queue.extend(picked);
+        } else {
+            let blobs =
+                doc.get("config").into_iter().chain(doc.get("layers").and_then(|l| l.as_array()).into_iter().flatten());
+            for (d, size) in blobs.filter_map(descriptor) {
+                if seen.insert(d.clone()) {
+                    out.push((d, Kind::Blob, size));
+                }
+            }
+        }
+    }
+    Ok((client, root, out))
+}
+
 enum Read {
     Resolve(crate::resolver::ResolveError),
     Failed(Status),

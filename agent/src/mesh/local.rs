@@ -73,6 +73,8 @@ pub struct Order {
     pub auth: Option<http::HeaderValue>,
     /// The client's `Accept`.
     pub accept: Option<http::HeaderValue>,
+    /// A preheat: the asker will not download it (the home fetches it and does not record the asker).
+    pub warm: bool,
 }
 
 /// Longest forwarded header value accepted.
@@ -101,6 +103,7 @@ impl Order {
             kind: if o.manifest { Kind::Manifest } else { Kind::Blob },
             auth: header(o.authorization, "authorization")?,
             accept: header(o.accept.map(String::into_bytes), "accept")?,
+            warm: o.warm,
         })
     }
 
@@ -112,6 +115,7 @@ impl Order {
             manifest: self.kind == Kind::Manifest,
             authorization: self.auth.as_ref().map(|a| a.as_bytes().to_vec()),
             accept: self.accept.as_ref().and_then(|a| a.to_str().ok()).map(str::to_owned),
+            warm: self.warm,
         }
     }
 }
@@ -169,6 +173,7 @@ mod tests {
             manifest: false,
             authorization: Some(b"Bearer s3cr3t-token".to_vec()),
             accept: None,
+            warm: false,
         };
         let order = Order::from_wire(wire).expect("a valid order");
         let printed = format!("{order:?}");

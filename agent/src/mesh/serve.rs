@@ -102,6 +102,10 @@ impl PeerServer {
             );
         }
         let mut dir = lock(&mesh.directory);
+        if order.warm {
+            // A preheat: the asker downloads nothing, so it is neither recorded nor handed sources.
+            return dir.locate(digest, &asker, usable).ok_or_else(no_holder);
+        }
         let record = same_zone.then_some(order.auth.is_none());
         let loc = dir.hand_out(digest, &asker, &me, usable, record).ok_or_else(no_holder)?;
         mesh.directory_gauges(&dir);

@@ -159,6 +159,7 @@ pub(super) fn order(client: &Client, kind: Kind) -> Order {
         kind,
         auth: client.auth.clone(),
         accept: client.accept.clone(),
+        warm: false,
     }
 }
 /// Reads `len` bytes at `offset` of `path` (or of `fallback` if `path` was renamed away meanwhile).

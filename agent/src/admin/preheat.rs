@@ -1,0 +1,113 @@
+//! `shoal preheat`: the cluster warmed through the homes. Every blob of the image (its manifests included) is
+//! ordered from its home in each zone as a preheat (`Order::warm`: the home fetches it for its zone — from a holder,
+//! the home zone's home, or upstream — and does not take the asker for a holder), then each zone is polled until
+//! its home knows a complete holder of every blob there.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use shoal_proto::admin as pb;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::AdminState;
+use super::pull::{ImageRef, Platform, walk};
+use crate::mesh::{Local as _, Mesh, Order};
+
+/// Orders sent at once.
+const CONCURRENT_ORDERS: usize = 16;
+/// How often the zones are asked how far they got.
+const POLL_EVERY: Duration = Duration::from_millis(500);
+/// How long one order may wait for its home to learn the blob's size.
+const ORDER_WITHIN: Duration = Duration::from_secs(60);
+
+pub(super) async fn run(
+    st: &AdminState,
+    mesh: &Arc<Mesh>,
+    image: &ImageRef,
+    platform: Option<&Platform>,
+    zones: &[String],
+    timeout: Duration,
+    tx: &mpsc::Sender<Result<pb::PreheatEvent, Status>>,
+) -> Result<pb::PreheatSummary, Status> {
+    let start = Instant::now();
+    let (client, root, items) = walk(st, image, platform).await?;
+    let total = items.len() as u32;
+    let mut results: BTreeMap<String, pb::ZoneResult> = zones
+        .iter()
+        .map(|z| (z.clone(), pb::ZoneResult { zone: z.clone(), ready: 0, blobs: total, failure: String::new() }))
+        .collect();
+    let mut orders = Vec::with_capacity(zones.len() * items.len());
+    for z in zones {
+        orders.extend(items.iter().map(|(d, kind, _)| (z.clone(), d.clone(), *kind)));
+    }
+    let failures: Vec<(String, String)> = futures_util::stream::iter(orders)
+        .map(|(zone, digest, kind)| {
+            let order = Order {
+                registry: client.registry.clone(),
+                repo: client.repo.clone(),
+                kind,
+                auth: None,
+                accept: client.accept.clone(),
+                warm: true,
+            };
+            let resolver = st.resolver.clone();
+            async move {
+                let failed = match mesh.warm(&zone, &digest, &order, ORDER_WITHIN).await {
+                    Ok(Some(_)) => None,
+                    // This node is the home there: it fetches the blob itself.
+                    Ok(None) => resolver.fetch(digest.clone(), order).await.err().map(|e| e.to_string()),
+                    Err(e) => Some(e),
+                };
+                failed.map(|why| (zone, format!("{digest}: {why}")))
+            }
+        })
+        .buffer_unordered(CONCURRENT_ORDERS)
+        .filter_map(|f| async move { f })
+        .collect()
+        .await;
+    for (zone, why) in failures {
+        let r = results.get_mut(&zone).expect("a zone ordered");
+        if r.failure.is_empty() {
+            r.failure = why;
+        }
+    }
+    let deadline = start + timeout;
+    loop {
+        let mut pending = false;
+        for r in results.values_mut().filter(|r| r.failure.is_empty()) {
+            let mut ready = 0;
+            for (d, _, _) in &items {
+                let here = mesh.view().zone == r.zone && st.resolver.store().blob(d).ok().flatten().is_some();
+                if here || mesh.held_in(&r.zone, d).await {
+                    ready += 1;
+                }
+            }
+            if ready != r.ready {
+                r.ready = ready;
+                let _ =
+                    tx.send(Ok(pb::PreheatEvent { event: Some(pb::preheat_event::Event::Progress(r.clone())) })).await;
+            }
+            pending |= ready < total;
+        }
+        if !pending {
+            break;
+        }
+        if Instant::now() >= deadline {
+            for r in results.values_mut().filter(|r| r.failure.is_empty() && r.ready < total) {
+                r.failure = format!("timed out after {timeout:?} with {} of {} blobs held in the zone", r.ready, total);
+            }
+            break;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    Ok(pb::PreheatSummary {
+        digest: root.to_string(),
+        blobs: total,
+        bytes: items.iter().map(|(_, _, s)| s).sum(),
+        zones: results.into_values().collect(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
