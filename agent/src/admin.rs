@@ -300,6 +300,54 @@ impl pb::admin_server::Admin for Service {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
+    async fn explain(&self, req: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainReply>, Status> {
+        let req = req.into_inner();
+        let st = &self.state;
+        let (root, items) = if let Ok(d) = crate::oci::Digest::parse(&req.target) {
+            (d.clone(), vec![(d, crate::oci::Kind::Blob)])
+        } else {
+            let image = ImageRef::parse(&req.target, st.resolver.upstream().default_registry())
+                .map_err(|e| Status::invalid_argument(format!("target: not a digest, and as an image: {e}")))?;
+            let platform = if req.platform.is_empty() {
+                Platform::this_node()
+            } else {
+                Platform::parse(&req.platform).map_err(|e| Status::invalid_argument(format!("platform: {e}")))?
+            };
+            let (_, root, items) = pull::walk(st, &image, Some(&platform)).await?;
+            (root, items.into_iter().map(|(d, k, _)| (d, k)).collect())
+        };
+        let mut blobs = Vec::with_capacity(items.len());
+        for (d, kind) in items {
+            let store = st.resolver.store().clone();
+            let dd = d.clone();
+            let stored =
+                tokio::task::spawn_blocking(move || store.blob(&dd)).await.map_err(internal)?.map_err(internal)?;
+            let rec = st.resolver.fetch_record(&d);
+            let mut b = pb::BlobFetch {
+                digest: d.to_string(),
+                manifest: rec
+                    .as_ref()
+                    .map_or(kind == crate::oci::Kind::Manifest, |r| r.kind == crate::oci::Kind::Manifest),
+                stored: stored.is_some(),
+                in_containerd: st.resolver.in_containerd(&d),
+                recorded: rec.is_some(),
+                ..Default::default()
+            };
+            if let Some(r) = rec {
+                b.when = r.when;
+                b.seconds = r.seconds;
+                b.failure = r.failure.unwrap_or_default();
+                b.from_upstream = r.upstream;
+                b.from_peers =
+                    r.peers.into_iter().map(|(p, n)| pb::PeerBytes { peer_id: p.to_string(), bytes: n }).collect();
+                b.restarts = r.restarts;
+                b.source_failures = r.source_failures;
+            }
+            blobs.push(b);
+        }
+        Ok(Response::new(pb::ExplainReply { digest: root.to_string(), blobs }))
+    }
+
     async fn evict(&self, req: Request<pb::EvictRequest>) -> Result<Response<pb::EvictReply>, Status> {
         let d = crate::oci::Digest::parse(&req.into_inner().digest)
             .map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;

@@ -36,8 +36,8 @@ mod tags;
 use access::{Access, Decision, Provenance};
 pub use body::{Opened, RESPONSE_BUFFERS, ResponseBudget, Served};
 use body::{OpenedSource, PassThrough};
-pub use download::Tally;
 use download::{Download, Progress, State, wait_progress};
+pub use download::{FETCHES_KEPT, FetchRecord, Tally};
 use peers::order;
 use sink::Room;
 
@@ -187,6 +187,8 @@ pub struct Resolver {
     cfg: ResolverConfig,
     metrics: Metrics,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// The latest downloads' records, newest first (`shoal explain`).
+    fetches: Mutex<std::collections::VecDeque<(Digest, FetchRecord)>>,
     /// Tags being resolved: one resolution per tag at a time.
     tag_gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     in_use: Arc<Mutex<HashMap<Digest, usize>>>,
@@ -257,6 +259,7 @@ impl Resolver {
             cfg,
             metrics,
             downloads: Mutex::default(),
+            fetches: Mutex::default(),
             tag_gates: Mutex::default(),
             in_use: Arc::default(),
             gc_running: AtomicBool::new(false),
@@ -765,6 +768,16 @@ impl Resolver {
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+
+    /// What the last download of `digest` on this node did, if it is among the latest [`FETCHES_KEPT`].
+    pub fn fetch_record(&self, digest: &Digest) -> Option<FetchRecord> {
+        lock(&self.fetches).iter().find(|(d, _)| d == digest).map(|(_, r)| r.clone())
+    }
+
+    /// Whether this node's containerd holds `digest`.
+    pub fn in_containerd(&self, digest: &Digest) -> bool {
+        self.containerd_holds(digest)
     }
 
     /// The store.

@@ -115,6 +115,22 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
         .map(|o| (o.status.success(), (), String::from_utf8_lossy(&o.stderr).into_owned()))?;
     assert!(!ok && err.contains("is the agent running"), "{err}");
 
+    // Explain names where each blob came from: the members' bytes and upstream's add up to each blob's size.
+    let x = json(&a, &["explain", &reference]).await?;
+    println!("$ shoal explain {reference} -o json\n{x:#}");
+    assert_eq!(x["digest"], digest.as_str(), "{x}");
+    for blob in image.all_blobs().iter().filter(|b| b.digest != *layer) {
+        let b = x["blobs"].as_array().expect("blobs").iter().find(|b| b["digest"] == blob.digest.as_str());
+        let b = b.unwrap_or_else(|| panic!("{} explained: {x}", blob.digest));
+        assert_eq!(b["recorded"], true, "{b}");
+        let peers: u64 = b["from_peers"].as_array().expect("peers").iter().map(|p| n(p, &["bytes"])).sum();
+        assert_eq!(peers + n(b, &["from_upstream"]), blob.data.len() as u64, "{b}");
+        assert!(peers == 0 || b["from_peers"][0]["peer_id"].as_str().is_some_and(|p| p.starts_with("12D3")), "{b}");
+    }
+    let (ok, human, err) = shoal(&a, &["explain", &reference]).await?;
+    assert!(ok, "{err}");
+    println!("$ shoal explain {reference}\n{human}");
+
     // B warms from the members: what A and the homes hold, the rest from upstream, all counted.
     let p = json(&b, &["pull", &reference]).await?;
     let from = ["store", "containerd", "peers", "upstream"].iter().map(|k| n(&p, &["from", k])).sum::<u64>();

@@ -56,6 +56,15 @@ pub enum Command {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Where each blob of an image (or one digest) came from on this node's last download of it: members (which,
+    /// how many bytes), upstream, retries, failures.
+    Explain {
+        /// An image reference or a digest.
+        target: String,
+        /// `os/architecture[/variant]` of an index (default: this node's).
+        #[arg(long)]
+        platform: Option<String>,
+    },
     /// Drop a blob from this node's store.
     Evict {
         /// `sha256:…`.
@@ -326,6 +335,71 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
             if failed > 0 {
                 anyhow::bail!("{failed} of {} zones failed", s.zones.len());
             }
+        }
+        Command::Explain { target, platform } => {
+            let req = pb::ExplainRequest { target: target.clone(), platform: platform.unwrap_or_default() };
+            let r = c.explain(req).await.map_err(refused)?.into_inner();
+            if json {
+                let blobs: Vec<_> = r
+                    .blobs
+                    .iter()
+                    .map(|b| {
+                        let peers: Vec<_> =
+                            b.from_peers.iter().map(|p| json!({"peer_id": p.peer_id, "bytes": p.bytes})).collect();
+                        json!({
+                            "digest": b.digest, "manifest": b.manifest, "stored": b.stored,
+                            "in_containerd": b.in_containerd, "recorded": b.recorded, "when": b.when,
+                            "seconds": b.seconds, "failure": b.failure, "from_upstream": b.from_upstream,
+                            "from_peers": peers, "restarts": b.restarts, "source_failures": b.source_failures,
+                        })
+                    })
+                    .collect();
+                println!("{:#}", json!({"target": target, "digest": r.digest, "blobs": blobs}));
+                return Ok(());
+            }
+            println!("{target} ({})", r.digest);
+            let rows: Vec<Vec<String>> = r
+                .blobs
+                .iter()
+                .map(|b| {
+                    let held = match (b.stored, b.in_containerd) {
+                        (true, true) => "store, containerd",
+                        (true, false) => "store",
+                        (false, true) => "containerd",
+                        (false, false) => "-",
+                    };
+                    let from = if !b.recorded {
+                        "no download since the agent started".to_owned()
+                    } else {
+                        let mut parts: Vec<String> = b
+                            .from_peers
+                            .iter()
+                            .map(|p| {
+                                format!(
+                                    "{} {}",
+                                    p.peer_id.get(p.peer_id.len().saturating_sub(8)..).unwrap_or(&p.peer_id),
+                                    bytes(p.bytes)
+                                )
+                            })
+                            .collect();
+                        if b.from_upstream > 0 || parts.is_empty() {
+                            parts.push(format!("upstream {}", bytes(b.from_upstream)));
+                        }
+                        let mut s = parts.join(", ");
+                        s.push_str(&format!(" in {:.2} s", b.seconds));
+                        if b.restarts > 0 || b.source_failures > 0 {
+                            s.push_str(&format!(" ({} restarts, {} failed sources)", b.restarts, b.source_failures));
+                        }
+                        if !b.failure.is_empty() {
+                            s.push_str(&format!(" FAILED: {}", b.failure));
+                        }
+                        s
+                    };
+                    let kind = if b.manifest { "manifest" } else { "blob" };
+                    vec![b.digest.clone(), kind.into(), held.into(), from]
+                })
+                .collect();
+            print!("{}", table(&["DIGEST", "KIND", "HELD", "LAST DOWNLOAD (peer: …last 8 of its id)"], &rows));
         }
         Command::Evict { digest } => {
             let r = c.evict(pb::EvictRequest { digest: digest.clone() }).await.map_err(refused)?.into_inner();

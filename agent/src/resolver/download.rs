@@ -3,7 +3,9 @@
 //! again from upstream when members' pieces do not make up the digest) and commits it; readers follow its
 //! [`Progress`].
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,7 +74,36 @@ pub struct Tally {
     pub peers: std::sync::atomic::AtomicU64,
     /// From upstream.
     pub upstream: std::sync::atomic::AtomicU64,
+    /// From each member.
+    pub by_peer: Mutex<HashMap<libp2p::PeerId, u64>>,
+    /// Sources that failed a piece (refused, stalled, a bad hash).
+    pub failures: std::sync::atomic::AtomicU32,
 }
+
+/// What the last download of a digest on this node did (`shoal explain`), kept in memory for the latest
+/// [`FETCHES_KEPT`] downloads.
+#[derive(Debug, Clone)]
+pub struct FetchRecord {
+    /// Manifest or blob.
+    pub kind: Kind,
+    /// When it started, seconds since the epoch.
+    pub when: u64,
+    /// How long it took.
+    pub seconds: f64,
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
+    /// Bytes from upstream.
+    pub upstream: u64,
+    /// Bytes from each member, most first.
+    pub peers: Vec<(libp2p::PeerId, u64)>,
+    /// Times it was written again from upstream (members' bytes did not match the digest).
+    pub restarts: u32,
+    /// Sources that failed a piece.
+    pub source_failures: u32,
+}
+
+/// Downloads remembered for `shoal explain`.
+pub const FETCHES_KEPT: usize = 4096;
 
 impl Download {
     pub(super) fn new(origin: Origin, progress: watch::Sender<Progress>, abandon_after: Duration) -> Self {
@@ -131,6 +162,32 @@ impl Resolver {
                 State::Failed(e)
             }
         };
+        let record = {
+            let t = &dl.tally;
+            let mut peers: Vec<_> = lock(&t.by_peer).iter().map(|(p, n)| (*p, *n)).collect();
+            peers.sort_by(|a, b| b.1.cmp(&a.1));
+            FetchRecord {
+                kind,
+                when: now_secs().saturating_sub(started.elapsed().as_secs()),
+                seconds: started.elapsed().as_secs_f64(),
+                failure: match &state {
+                    State::Failed(e) => Some(e.to_string()),
+                    _ => None,
+                },
+                upstream: t.upstream.load(Ordering::Relaxed),
+                peers,
+                restarts: dl.progress.borrow().restarts,
+                source_failures: t.failures.load(Ordering::Relaxed),
+            }
+        };
+        {
+            let mut fetches = lock(&self.fetches);
+            fetches.retain(|(d, _)| *d != digest);
+            if fetches.len() >= FETCHES_KEPT {
+                fetches.pop_back();
+            }
+            fetches.push_front((digest.clone(), record));
+        }
         dl.progress.send_modify(|p| p.state = state);
         self.maybe_gc();
     }

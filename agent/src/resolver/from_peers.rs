@@ -245,6 +245,7 @@ impl Resolver {
                 }
                 Some(Err(e)) => {
                     tracing::info!(peer = %sources[source], piece = i, error = %e, "source failed");
+                    sink.dl.tally.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     sched.failed(i, source);
                 }
             }

@@ -132,6 +132,7 @@ impl<'a> Sink<'a> {
     pub(super) async fn write_piece(&mut self, piece: VerifiedPiece, sender: Sender) -> Result<(), ResolveError> {
         let len = piece.len();
         self.dl.tally.peers.fetch_add(len, Ordering::Relaxed);
+        *lock(&self.dl.tally.by_peer).entry(sender.peer).or_default() += len;
         let aligned = self.pieces.as_mut().is_some_and(|p| p.push_verified(piece.hash, len, self.size));
         if aligned {
             let i = self.pieces.as_ref().map_or(0, |p| p.hashes().len()) - 1;
