@@ -165,7 +165,7 @@ impl Resolver {
         let record = {
             let t = &dl.tally;
             let mut peers: Vec<_> = lock(&t.by_peer).iter().map(|(p, n)| (*p, *n)).collect();
-            peers.sort_by(|a, b| b.1.cmp(&a.1));
+            peers.sort_by_key(|p| std::cmp::Reverse(p.1));
             FetchRecord {
                 kind,
                 when: now_secs().saturating_sub(started.elapsed().as_secs()),
