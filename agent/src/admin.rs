@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::resolver::{EvictError, ResolveError, Resolver};
 
 pub mod cli;
+mod images;
 mod preheat;
 mod pull;
 
@@ -234,6 +235,13 @@ impl pb::admin_server::Admin for Service {
             })
             .collect();
         Ok(Response::new(pb::BlobsReply { blobs }))
+    }
+
+    async fn images(&self, _: Request<pb::ImagesRequest>) -> Result<Response<pb::ImagesReply>, Status> {
+        let store = self.state.resolver.store().clone();
+        let images =
+            tokio::task::spawn_blocking(move || images::list(&store)).await.map_err(internal)?.map_err(internal)?;
+        Ok(Response::new(pb::ImagesReply { images }))
     }
 
     type PullStream = tokio_stream::wrappers::ReceiverStream<Result<pb::PullEvent, Status>>;

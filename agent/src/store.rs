@@ -425,6 +425,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Every tag record: `registry/repository:tag` → its last known answer.
+    pub fn list_tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_TAGS), IteratorMode::Start) {
+            let (k, v) = item?;
+            if let (Ok(k), Ok(r)) = (String::from_utf8(k.to_vec()), serde_json::from_slice::<TagRecord>(&v)) {
+                out.push((k, r));
+            }
+        }
+        Ok(out)
+    }
+
     /// Records that a blob was just served (its place in the LRU order).
     pub fn touch(&self, digest: &Digest) -> Result<(), StoreError> {
         if let Some(mut meta) = self.blob(digest)? {

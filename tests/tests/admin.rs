@@ -83,12 +83,24 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
     let (ok, human, _) = shoal(&a, &["pull", &reference]).await?;
     assert!(ok && human.contains("pulled") && human.contains("store"), "{human}");
     // What an operator sees (docs/operations.md quotes it).
-    for args in [&["status"][..], &["peers"], &["blobs"]] {
+    for args in [&["status"][..], &["peers"], &["blobs"], &["images"]] {
         let (ok, out, err) = shoal(&a, args).await?;
         assert!(ok, "{err}");
         println!("$ shoal {}\n{out}", args.join(" "));
     }
     println!("$ shoal pull {reference}\n{human}");
+
+    // Images: the tag, with every blob held.
+    let imgs = json(&a, &["images"]).await?;
+    let entry = imgs
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|i| i["image"].as_str().is_some_and(|s| s.ends_with("team/app:v1")));
+    let entry = entry.unwrap_or_else(|| panic!("team/app:v1 listed: {imgs}"));
+    assert_eq!(entry["digest"], digest.as_str(), "{entry}");
+    assert_eq!(n(entry, &["blobs"]), image.all_blobs().len() as u64, "{entry}");
+    assert_eq!(n(entry, &["held"]), image.all_blobs().len() as u64, "{entry}");
 
     // Evict one layer, then it is gone; again: not found.
     let layer = &image.all_blobs()[1].digest;

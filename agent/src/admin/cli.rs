@@ -27,6 +27,8 @@ pub enum Command {
     Peers,
     /// The blobs this node holds.
     Blobs,
+    /// The images this node resolved by tag, and how much of each it holds.
+    Images,
     /// Warm this node with an image through the normal path (store, containerd, members, upstream).
     Pull {
         /// `[registry/]repository[:tag][@digest]`.
@@ -237,6 +239,43 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                 })
                 .collect();
             print!("{}", table(&["DIGEST", "SIZE", "LAST READ", "PUBLIC", "REGISTRY"], &rows));
+        }
+        Command::Images => {
+            let r = c.images(pb::ImagesRequest {}).await.map_err(refused)?.into_inner();
+            if json {
+                let v: Vec<_> = r
+                    .images
+                    .iter()
+                    .map(|i| {
+                        json!({
+                            "image": i.image, "digest": i.digest, "resolved_at": i.resolved_at, "public": i.public,
+                            "blobs": i.blobs, "held": i.held, "bytes_held": i.bytes_held, "last_access": i.last_access,
+                        })
+                    })
+                    .collect();
+                println!("{:#}", json!(v));
+                return Ok(());
+            }
+            let now = crate::store::now_secs();
+            let rows: Vec<Vec<String>> = r
+                .images
+                .iter()
+                .map(|i| {
+                    let read = if i.last_access == 0 {
+                        "-".into()
+                    } else {
+                        format!("{}s ago", now.saturating_sub(i.last_access))
+                    };
+                    vec![
+                        i.image.clone(),
+                        i.digest.clone(),
+                        format!("{}/{}", i.held, i.blobs),
+                        bytes(i.bytes_held),
+                        read,
+                    ]
+                })
+                .collect();
+            print!("{}", table(&["IMAGE", "DIGEST", "BLOBS HELD", "SIZE HELD", "LAST READ"], &rows));
         }
         Command::Pull { image, platform, all_platforms } => {
             let req = pb::PullRequest { image: image.clone(), platform: platform.unwrap_or_default(), all_platforms };
