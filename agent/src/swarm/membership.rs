@@ -28,6 +28,12 @@
 //! one: its local health score stretches its probe period and timeout, so a starved node stops accusing healthy
 //! members; only an answer within the probe timeout heals it (a slow answer says nothing either way).
 //!
+//! **Who declares a death.** Only the suspect's neighbours (which probe it, and to which its refutation goes
+//! first) declare it dead when the suspicion's timeout runs out; any other member that heard the suspicion waits for
+//! their word, up to a backstop of twice the longest timeout. A node whose local health is poor waits
+//! `1 + health` times as long: a starved node handles the refutation late and would otherwise declare a healthy
+//! neighbour dead.
+//!
 //! **Patience.** A neighbour that refuted a suspicion is alive and slow (a starved process, a congested link): for
 //! 60 periods it is probed with 3 times the time to answer. Every accusation must be refuted, and
 //! every refutation must reach every node before its suspicion times out; at thousands of nodes with a few percent
@@ -186,6 +192,8 @@ struct Suspicion {
     version: Version,
     /// Who suspects it (distinct members; the first started it).
     by: Vec<u128>,
+    /// Its deadline was stretched for this node's poor local health (once).
+    stretched: bool,
 }
 
 /// A probe out.
@@ -676,7 +684,8 @@ impl Membership {
             Liveness::Alive => {
                 self.table.suspect(key);
                 let deadline = self.now + self.suspicion_timeout(0);
-                self.suspicions.insert(key, Suspicion { since: self.now, deadline, version, by: vec![by] });
+                self.suspicions
+                    .insert(key, Suspicion { since: self.now, deadline, version, by: vec![by], stretched: false });
                 self.deadlines.insert((deadline, key));
                 self.broadcast(&Update::Suspect { key, version, by });
                 self.changed = true;
@@ -797,11 +806,20 @@ impl Membership {
                 // the timeout runs out; anyone else waits for their word, up to the backstop (their death notice
                 // may be lost, or the neighbours dead too).
                 let backstop = s.since + self.suspicion_timeout(0) * BACKSTOP;
-                if !self.table.is_neighbour(key) && at < backstop {
+                // A node that is itself unwell (Lifeguard's local health: its probes go unanswered, it answers late,
+                // it had to refute) handles the suspect's refutation late too: it waits longer in proportion.
+                // Once per suspicion.
+                let mut wait = if self.table.is_neighbour(key) { at } else { backstop };
+                let stretch = !s.stretched && self.health > 0;
+                if stretch {
+                    wait = wait.max(s.since + (at - s.since) * (1 + self.health));
+                }
+                if at < wait {
                     if let Some(s) = self.suspicions.get_mut(&key) {
-                        s.deadline = backstop;
+                        s.deadline = wait;
+                        s.stretched |= stretch;
                     }
-                    self.deadlines.insert((backstop, key));
+                    self.deadlines.insert((wait, key));
                     continue;
                 }
                 tracing::debug!(member = ?self.table.get(key).map(|e| &e.rec), "suspect did not refute: dead");

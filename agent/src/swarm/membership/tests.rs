@@ -330,6 +330,8 @@ fn a_suspicion_heard_from_one_member_lasts_longer_than_a_confirmed_one() {
     for (_, by) in &others[2..5] {
         m.handle_data(by.peer(), &gossip(by, &[accuse(by)]), TIMING.suspicion).unwrap();
     }
+    // Nobody answers this node's probes in this test, which makes it unwell (it would wait longer): it keeps up.
+    set_health(&mut m, 0);
     m.tick(TIMING.suspicion + Duration::from_millis(2));
     assert_eq!(m.liveness_of(&target.peer()), Some(Liveness::Dead), "confirmed: dead after `suspicion`");
 }
@@ -585,6 +587,8 @@ fn only_the_suspects_neighbours_declare_it_dead_when_its_timeout_runs_out() {
     for by in records.iter().filter(|r| r.key() != near.key() && r.key() != far.key()).take(4) {
         m.handle_data(by.peer(), &gossip(by, &[accuse(near, by), accuse(far, by)]), T0).unwrap();
     }
+    // A node that keeps up (nobody answers its probes in this test, which would make it wait longer).
+    set_health(&mut m, 0);
     m.tick(T0 + TIMING.suspicion + Duration::from_millis(1));
     assert_eq!(m.liveness_of(&near.peer()), Some(Liveness::Dead), "a neighbour declares the suspect dead");
     assert_eq!(
@@ -594,8 +598,41 @@ fn only_the_suspects_neighbours_declare_it_dead_when_its_timeout_runs_out() {
     );
     // With no word from the neighbours, the backstop.
     let backstop = TIMING.suspicion * SUSPICION_STRETCH * BACKSTOP;
+    set_health(&mut m, 0);
     m.tick(T0 + backstop - Duration::from_millis(1));
     assert_eq!(m.liveness_of(&far.peer()), Some(Liveness::Suspect));
+    set_health(&mut m, 0);
     m.tick(T0 + backstop + Duration::from_millis(1));
     assert_eq!(m.liveness_of(&far.peer()), Some(Liveness::Dead), "the backstop: dead after twice the longest timeout");
+}
+
+/// Sets this node's local health, its unanswered probes forgotten (they would make it sicker at the next tick).
+fn set_health(m: &mut Membership, health: u32) {
+    m.health = health;
+    m.probes.clear();
+}
+
+#[test]
+fn an_unwell_node_waits_longer_before_declaring_a_neighbour_dead() {
+    let (key, me) = node(1);
+    let others: Vec<_> = (2..8).map(node).collect();
+    let mut m = Membership::new(key, me, TIMING, SwimRng::seeded(1), Binding::Open);
+    for (_, r) in &others {
+        m.handle_data(r.peer(), &ping(r, r), T0).unwrap();
+    }
+    let target = &others[0].1;
+    for (_, by) in &others[1..5] {
+        let u = Update::Suspect { key: target.key(), version: target.version(), by: by.key() };
+        m.handle_data(by.peer(), &gossip(by, &[u]), T0).unwrap();
+    }
+    // Starved, say: it would handle the target's refutation late.
+    set_health(&mut m, 2);
+    m.tick(T0 + TIMING.suspicion + Duration::from_millis(1));
+    assert_eq!(m.liveness_of(&target.peer()), Some(Liveness::Suspect), "unwell: not dead at the timeout");
+    set_health(&mut m, 2);
+    m.tick(T0 + TIMING.suspicion * 3 - Duration::from_millis(1));
+    assert_eq!(m.liveness_of(&target.peer()), Some(Liveness::Suspect));
+    set_health(&mut m, 2);
+    m.tick(T0 + TIMING.suspicion * 3 + Duration::from_millis(1));
+    assert_eq!(m.liveness_of(&target.peer()), Some(Liveness::Dead), "(1 + health) × the timeout, once");
 }
