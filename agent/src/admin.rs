@@ -132,6 +132,20 @@ struct Service {
     state: Arc<AdminState>,
 }
 
+impl Service {
+    /// An image argument named `arg` and its platform (`os/arch[/variant]`, empty: this node's), checked.
+    fn image_arg(&self, arg: &str, image: &str, platform: &str) -> Result<(ImageRef, Platform), Status> {
+        let image = ImageRef::parse(image, self.state.resolver.upstream().default_registry())
+            .map_err(|e| Status::invalid_argument(format!("{arg}: {e}")))?;
+        let platform = if platform.is_empty() {
+            Platform::this_node()
+        } else {
+            Platform::parse(platform).map_err(|e| Status::invalid_argument(format!("platform: {e}")))?
+        };
+        Ok((image, platform))
+    }
+}
+
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -248,13 +262,7 @@ impl pb::admin_server::Admin for Service {
 
     async fn pull(&self, req: Request<pb::PullRequest>) -> Result<Response<Self::PullStream>, Status> {
         let req = req.into_inner();
-        let image = ImageRef::parse(&req.image, self.state.resolver.upstream().default_registry())
-            .map_err(|e| Status::invalid_argument(format!("image: {e}")))?;
-        let platform = if req.platform.is_empty() {
-            Platform::this_node()
-        } else {
-            Platform::parse(&req.platform).map_err(|e| Status::invalid_argument(format!("platform: {e}")))?
-        };
+        let (image, platform) = self.image_arg("image", &req.image, &req.platform)?;
         let which = if req.all_platforms { None } else { Some(platform) };
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
@@ -275,13 +283,7 @@ impl pb::admin_server::Admin for Service {
                 "this agent has no mesh: nothing to preheat but itself (`shoal pull`)",
             ));
         };
-        let image = ImageRef::parse(&req.image, self.state.resolver.upstream().default_registry())
-            .map_err(|e| Status::invalid_argument(format!("image: {e}")))?;
-        let platform = if req.platform.is_empty() {
-            Platform::this_node()
-        } else {
-            Platform::parse(&req.platform).map_err(|e| Status::invalid_argument(format!("platform: {e}")))?
-        };
+        let (image, platform) = self.image_arg("image", &req.image, &req.platform)?;
         let known = mesh.view().zones();
         let zones = if req.zones.is_empty() {
             known
@@ -314,13 +316,7 @@ impl pb::admin_server::Admin for Service {
         let (root, items) = if let Ok(d) = crate::oci::Digest::parse(&req.target) {
             (d.clone(), vec![(d, crate::oci::Kind::Blob)])
         } else {
-            let image = ImageRef::parse(&req.target, st.resolver.upstream().default_registry())
-                .map_err(|e| Status::invalid_argument(format!("target: not a digest, and as an image: {e}")))?;
-            let platform = if req.platform.is_empty() {
-                Platform::this_node()
-            } else {
-                Platform::parse(&req.platform).map_err(|e| Status::invalid_argument(format!("platform: {e}")))?
-            };
+            let (image, platform) = self.image_arg("target (not a digest)", &req.target, &req.platform)?;
             let (_, root, items) = pull::walk(st, &image, Some(&platform)).await?;
             (root, items.into_iter().map(|(d, k, _)| (d, k)).collect())
         };

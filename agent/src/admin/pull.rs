@@ -135,63 +135,14 @@ pub(super) async fn pull(
     tx: &mpsc::Sender<Result<pb::PullEvent, Status>>,
 ) -> Result<pb::PullSummary, Status> {
     let start = Instant::now();
-    let client = Client {
-        registry: image.registry.clone(),
-        repo: image.repo.clone(),
-        auth: None,
-        accept: Some(HeaderValue::from_static(ACCEPT)),
-    };
-    let what = format!("{}/{}", image.registry, image.repo);
-    let root = match &image.reference {
-        Reference::Digest(d) => d.clone(),
-        Reference::Tag(t) => {
-            st.resolver.resolve_tag(&client, t).await.map_err(|e| resolve_status(&format!("{what}:{t}"), e))?
-        }
-    };
     let mut counts = Counts::default();
-    let mut seen = HashSet::new();
-    let mut queue = vec![(root.clone(), Kind::Manifest)];
-    while let Some((digest, kind)) = queue.pop() {
-        if !seen.insert(digest.clone()) {
-            continue;
-        }
-        let body = read(st, &client, &digest, kind, tx, &mut counts).await.map_err(|e| match e {
+    let (client, root, items) = walk_counted(st, image, platform, tx, &mut counts).await?;
+    let what = format!("{}/{}", image.registry, image.repo);
+    for (digest, kind, _) in items.into_iter().filter(|(_, k, _)| *k == Kind::Blob) {
+        read(st, &client, &digest, kind, tx, &mut counts).await.map_err(|e| match e {
             Read::Resolve(e) => resolve_status(&format!("{what}@{digest}"), e),
             Read::Failed(s) => s,
         })?;
-        let Some(body) = body else { continue };
-        let doc: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| Status::failed_precondition(format!("{what}@{digest}: not a JSON manifest: {e}")))?;
-        let descriptor =
-            |v: &serde_json::Value| v.get("digest").and_then(|d| d.as_str()).and_then(|d| Digest::parse(d).ok());
-        if let Some(list) = doc.get("manifests").and_then(|m| m.as_array()) {
-            let mut picked = 0;
-            for m in list {
-                let wanted = match platform {
-                    None => true,
-                    Some(p) => m.get("platform").is_some_and(|pl| p.matches(pl)),
-                };
-                if let Some(d) = descriptor(m).filter(|_| wanted) {
-                    queue.push((d, Kind::Manifest));
-                    picked += 1;
-                }
-            }
-            if picked == 0 {
-                let p = platform.map(|p| format!("{}/{}", p.os, p.arch)).unwrap_or_default();
-                return Err(Status::not_found(format!("{what}@{root}: the index has no manifest for platform {p}")));
-            }
-        } else {
-            for d in doc
-                .get("config")
-                .iter()
-                .copied()
-                .chain(doc.get("layers").and_then(|l| l.as_array()).into_iter().flatten())
-            {
-                if let Some(d) = descriptor(d) {
-                    queue.push((d, Kind::Blob));
-                }
-            }
-        }
     }
     Ok(pb::PullSummary {
         digest: root.to_string(),
@@ -212,6 +163,20 @@ pub(super) async fn walk(
     image: &ImageRef,
     platform: Option<&Platform>,
 ) -> Result<(Client, Digest, Vec<(Digest, Kind, u64)>), Status> {
+    // Nobody listens to a walk's progress: sends fail at once.
+    let (tx, rx) = mpsc::channel(1);
+    drop(rx);
+    walk_counted(st, image, platform, &tx, &mut Counts::default()).await
+}
+
+/// [`walk`], counting the manifests' bytes and sending their progress.
+async fn walk_counted(
+    st: &AdminState,
+    image: &ImageRef,
+    platform: Option<&Platform>,
+    tx: &mpsc::Sender<Result<pb::PullEvent, Status>>,
+    counts: &mut Counts,
+) -> Result<(Client, Digest, Vec<(Digest, Kind, u64)>), Status> {
     let client = Client {
         registry: image.registry.clone(),
         repo: image.repo.clone(),
@@ -228,15 +193,11 @@ pub(super) async fn walk(
     let mut out: Vec<(Digest, Kind, u64)> = Vec::new();
     let mut seen = HashSet::new();
     let mut queue = vec![(root.clone(), 0u64)];
-    // Nobody listens to a walk's progress: sends fail at once.
-    let (tx, rx) = mpsc::channel(1);
-    drop(rx);
-    let mut counts = Counts::default();
     while let Some((digest, size)) = queue.pop() {
         if !seen.insert(digest.clone()) {
             continue;
         }
-        let body = read(st, &client, &digest, Kind::Manifest, &tx, &mut counts).await.map_err(|e| match e {
+        let body = read(st, &client, &digest, Kind::Manifest, tx, counts).await.map_err(|e| match e {
             Read::Resolve(e) => resolve_status(&format!("{what}@{digest}"), e),
             Read::Failed(s) => s,
         })?;
