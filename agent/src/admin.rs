@@ -26,6 +26,7 @@ use crate::resolver::{EvictError, ResolveError, Resolver};
 
 pub mod cli;
 mod images;
+mod pins;
 mod preheat;
 mod pull;
 
@@ -208,6 +209,10 @@ impl pb::admin_server::Admin for Service {
             downloads,
             registries,
             mirror: st.mirror.to_string(),
+            store_pinned_bytes: {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.pinned()).await.map_err(internal)?.map_err(internal)?.1
+            },
         }))
     }
 
@@ -352,13 +357,30 @@ impl pb::admin_server::Admin for Service {
         Ok(Response::new(pb::ExplainReply { digest: root.to_string(), blobs }))
     }
 
+    async fn pin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::PinReply>, Status> {
+        let req = req.into_inner();
+        let (image, platform) = self.image_arg("image", &req.image, &req.platform)?;
+        let which = if req.all_platforms { None } else { Some(platform) };
+        Ok(Response::new(pins::pin(&self.state, &image, which.as_ref()).await?))
+    }
+
+    async fn unpin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::PinReply>, Status> {
+        let req = req.into_inner();
+        let (image, _) = self.image_arg("image", &req.image, "")?;
+        Ok(Response::new(pins::unpin(&self.state, &image).await?))
+    }
+
+    async fn pins(&self, _: Request<pb::PinsRequest>) -> Result<Response<pb::PinsReply>, Status> {
+        Ok(Response::new(pins::list(&self.state).await?))
+    }
+
     async fn evict(&self, req: Request<pb::EvictRequest>) -> Result<Response<pb::EvictReply>, Status> {
         let d = crate::oci::Digest::parse(&req.into_inner().digest)
             .map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
         match self.state.resolver.evict(&d).await {
             Ok(freed) => Ok(Response::new(pb::EvictReply { freed })),
             Err(e @ EvictError::NotStored(_)) => Err(Status::not_found(e.to_string())),
-            Err(e @ EvictError::InUse(_)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ (EvictError::InUse(_) | EvictError::Pinned(..))) => Err(Status::failed_precondition(e.to_string())),
             Err(e @ EvictError::Failed(_)) => Err(internal(e)),
         }
     }

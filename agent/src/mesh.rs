@@ -21,14 +21,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt as _;
 use libp2p::{PeerId, identity};
+use rand::seq::IndexedRandom as _;
 use shoal_proto::peer::{self, error::Code, request, response};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use crate::swarm::directory::{self, HolderState, Holding, Located};
-pub use local::{Fetched, Local, Order, Piece, Refusal};
+pub use local::{Fetched, Local, MAX_PINS, Order, Piece, Refusal, pin_from_wire, pin_to_wire};
 pub use members::{Liveness, MemberInfo, MembersView};
 
 use crate::config::MeshConfig;
@@ -39,6 +41,8 @@ use crate::transfer::{FetchError, Transfer, TransferError, VerifiedPiece};
 
 /// Longest wait for a home's answer to a locate (connection included).
 const LOCATE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often pins are exchanged with a random member.
+const PIN_SYNC_EVERY: Duration = Duration::from_secs(300);
 
 /// The mesh could not start.
 #[derive(Debug, thiserror::Error)]
@@ -162,10 +166,68 @@ impl Mesh {
         Ok(mesh)
     }
 
-    /// Answers members' requests (announcements, locates, pieces) with this node's content, until `cancel`.
+    /// Answers members' requests (announcements, locates, pieces, pins) with this node's content, and exchanges
+    /// pins with a random member now and then, until `cancel`.
     pub fn serve(self: &Arc<Self>, local: Arc<dyn Local>, tasks: &TaskTracker, cancel: CancellationToken) {
-        let server = Arc::new(serve::PeerServer::new(self.clone(), local));
-        tasks.spawn(self.transfer.clone().serve(server, tasks.clone(), cancel));
+        let server = Arc::new(serve::PeerServer::new(self.clone(), local.clone()));
+        tasks.spawn(self.transfer.clone().serve(server, tasks.clone(), cancel.clone()));
+        tasks.spawn(self.clone().pin_sync_loop(local, cancel));
+    }
+
+    /// Tells every alive member these pin records. Returns (members told, members alive).
+    pub async fn tell_pins(&self, pins: Vec<crate::store::PinRecord>) -> (u32, u32) {
+        let view = self.view();
+        let alive: Vec<(PeerId, SocketAddr)> = view
+            .members
+            .iter()
+            .filter(|(_, l)| *l == Liveness::Alive)
+            .filter_map(|(m, _)| Some((m.id, view.transfer_addr(&m.id)?)))
+            .collect();
+        let wire: Vec<peer::PinRecord> = pins.iter().map(pin_to_wire).collect();
+        let told = futures_util::stream::iter(alive.iter().copied())
+            .map(|(p, a)| {
+                let req = request::Kind::SharePins(peer::SharePins { pins: wire.clone(), want: false });
+                async move { self.transfer.call(p, a, req).await.is_ok() }
+            })
+            .buffer_unordered(32)
+            .filter(|ok| std::future::ready(*ok))
+            .count()
+            .await;
+        (told as u32, alive.len() as u32)
+    }
+
+    /// Every [`PIN_SYNC_EVERY`] (and soon after start), exchanges pin records with one random alive member: a
+    /// member that was away when a pin was told learns it.
+    async fn pin_sync_loop(self: Arc<Self>, local: Arc<dyn Local>, cancel: CancellationToken) {
+        let mut wait = Duration::from_secs(5);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = PIN_SYNC_EVERY;
+            let view = self.view();
+            let alive: Vec<PeerId> =
+                view.members.iter().filter(|(_, l)| *l == Liveness::Alive).map(|(m, _)| m.id).collect();
+            let Some(peer) = alive.choose(&mut rand::rng()).copied() else { continue };
+            let Some(addr) = view.transfer_addr(&peer) else { continue };
+            let Ok(mine) = local.clone().merge_pins(Vec::new()).await else { continue };
+            let pins = mine.iter().take(MAX_PINS).map(pin_to_wire).collect();
+            let req = request::Kind::SharePins(peer::SharePins { pins, want: true });
+            match self.transfer.call(peer, addr, req).await {
+                Ok(response::Kind::Pins(p)) if p.pins.len() <= MAX_PINS => {
+                    let theirs: Result<Vec<_>, _> = p.pins.into_iter().map(pin_from_wire).collect();
+                    match theirs {
+                        Ok(theirs) => {
+                            let _ = local.clone().merge_pins(theirs).await;
+                        }
+                        Err(e) => tracing::info!(%peer, error = %e, "a member's pins refused"),
+                    }
+                }
+                Ok(_) => self.failure(TransferFailure::protocol),
+                Err(e) => tracing::debug!(%peer, error = %e, "pin exchange failed"),
+            }
+        }
     }
 
     /// The gossip listener's address.

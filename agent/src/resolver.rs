@@ -702,6 +702,21 @@ impl Resolver {
         self.tasks.spawn(async move {
             let mut keep: HashSet<Digest> = lock(&this.in_use).keys().cloned().collect();
             keep.extend(lock(&this.downloads).keys().cloned());
+            // Pinned blobs are never evicted — up to the GC's target: pins come from members, and together they
+            // may not stop GC (the oldest pins are kept first).
+            match this.store.pinned_within(this.cfg.gc_low_bytes) {
+                Ok((pinned, _, left_out)) => {
+                    if !left_out.is_empty() {
+                        tracing::warn!(?left_out, "pins beyond the store's budget are not kept from GC");
+                    }
+                    keep.extend(pinned);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "GC: the pins could not be read; nothing evicted");
+                    this.gc_running.store(false, Ordering::Release);
+                    return;
+                }
+            }
             // Blobs containerd holds too go first: their bytes stay servable from containerd.
             let doubled: HashSet<Digest> = this
                 .containerd
@@ -737,6 +752,9 @@ pub enum EvictError {
     /// Not in the store.
     #[error("{0} is not stored on this node")]
     NotStored(Digest),
+    /// A pin keeps it.
+    #[error("{0} is pinned by {1}: unpin it first")]
+    Pinned(Digest, String),
     /// A client is reading it or a download of it runs.
     #[error("{0} is in use (being read or downloaded): try again when it is idle")]
     InUse(Digest),
@@ -789,6 +807,12 @@ impl Resolver {
     pub async fn evict(&self, digest: &Digest) -> Result<u64, EvictError> {
         if lock(&self.in_use).contains_key(digest) || lock(&self.downloads).contains_key(digest) {
             return Err(EvictError::InUse(digest.clone()));
+        }
+        let store = self.store.clone();
+        if let Some(p) =
+            blocking(move || store.list_pins()).await?.into_iter().find(|p| p.pinned && p.blobs.contains(digest))
+        {
+            return Err(EvictError::Pinned(digest.clone(), p.image));
         }
         let (store, d) = (self.store.clone(), digest.clone());
         let freed = blocking(move || store.remove(&d)).await?.ok_or_else(|| EvictError::NotStored(digest.clone()))?;

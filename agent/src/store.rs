@@ -31,6 +31,7 @@ const CF_BLOBS: &str = "blobs";
 const CF_TAGS: &str = "tags";
 const CF_LINKS: &str = "links";
 const CF_PIECES: &str = "pieces";
+const CF_PINS: &str = "pins";
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,24 @@ pub struct BlobMeta {
     /// configured ones whose word unlocks it for other clients (see `resolver/access.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryHost>,
+}
+
+/// A pin: an image whose blobs GC never evicts (`shoal pin`), or its removal (kept as a tombstone so an older
+/// copy of the pin coming back from a member does not revive it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinRecord {
+    /// The image as pinned (`registry/repository:tag` or `…@digest`).
+    pub image: String,
+    /// What it resolved to when pinned.
+    pub digest: Digest,
+    /// Every blob it names (manifests included).
+    pub blobs: Vec<Digest>,
+    /// Their total size.
+    pub bytes: u64,
+    /// Pinned (else: unpinned).
+    pub pinned: bool,
+    /// When it was pinned or unpinned, milliseconds since the epoch: the latest word wins.
+    pub stamp: u64,
 }
 
 /// A tag's last known answer.
@@ -211,7 +230,8 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(3);
         opts.set_max_log_file_size(1 << 20);
-        let cfs = [CF_BLOBS, CF_TAGS, CF_LINKS, CF_PIECES].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let cfs = [CF_BLOBS, CF_TAGS, CF_LINKS, CF_PIECES, CF_PINS]
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, root.join("index"), cfs)?;
         let store = Self {
             root: root.to_owned(),
@@ -296,7 +316,7 @@ impl Store {
     /// its file, of its size, whose sha256 is its name; every file has a record; no partial is left. A store that
     /// an agent restarted into after a crash must pass.
     pub fn check(root: &Path) -> Result<Checked, StoreError> {
-        let cfs = [CF_BLOBS, CF_TAGS, CF_LINKS, CF_PIECES];
+        let cfs = [CF_BLOBS, CF_TAGS, CF_LINKS, CF_PIECES, CF_PINS];
         let db = DB::open_cf_for_read_only(&Options::default(), root.join("index"), cfs, false)?;
         let cf = db.cf_handle(CF_BLOBS).expect("opened with this column family");
         let mut c = Checked::default();
@@ -435,6 +455,56 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Every pin record (tombstones included).
+    pub fn list_pins(&self) -> Result<Vec<PinRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_PINS), IteratorMode::Start) {
+            let (_, v) = item?;
+            if let Ok(r) = serde_json::from_slice::<PinRecord>(&v) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores `rec` unless a record of the same image with a later stamp is stored. Returns whether it was.
+    pub fn put_pin(&self, rec: &PinRecord) -> Result<bool, StoreError> {
+        if let Some(old) = self.get::<PinRecord>(CF_PINS, &rec.image)?
+            && (old.stamp, old.pinned) >= (rec.stamp, rec.pinned)
+        {
+            return Ok(false);
+        }
+        self.put(CF_PINS, &rec.image, rec)?;
+        Ok(true)
+    }
+
+    /// The blobs pinned now, and their bytes held on this node.
+    pub fn pinned(&self) -> Result<(HashSet<Digest>, u64), StoreError> {
+        let (set, held, _) = self.pinned_within(u64::MAX)?;
+        Ok((set, held))
+    }
+
+    /// The blobs of the oldest pins whose bytes held here fit in `budget`, those bytes, and the images left out
+    /// (pins are members' word: together they may not stop GC from reaching its target).
+    pub fn pinned_within(&self, budget: u64) -> Result<(HashSet<Digest>, u64, Vec<String>), StoreError> {
+        let mut pins: Vec<PinRecord> = self.list_pins()?.into_iter().filter(|p| p.pinned).collect();
+        pins.sort_by_key(|p| p.stamp);
+        let (mut set, mut held, mut left_out) = (HashSet::new(), 0u64, Vec::new());
+        for p in pins {
+            let mut adds = 0;
+            for d in p.blobs.iter().filter(|d| !set.contains(*d)) {
+                adds += self.blob(d)?.map_or(0, |m| m.size);
+            }
+            if held + adds > budget {
+                left_out.push(p.image);
+                continue;
+            }
+            held += adds;
+            set.extend(p.blobs);
+        }
+        Ok((set, held, left_out))
     }
 
     /// Records that a blob was just served (its place in the LRU order).
@@ -781,5 +851,50 @@ mod tests {
         store.put_link("r/x@d", LinkRecord { public: true, at: 1 }).unwrap();
         store.put_link("r/x@d", LinkRecord { public: false, at: 2 }).unwrap();
         assert!(store.link("r/x@d").unwrap().unwrap().public);
+    }
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use super::*;
+    use sha2::{Digest as _, Sha256};
+
+    fn blob(store: &Store, data: &[u8]) -> Digest {
+        let d = Digest::from_sha256(&Sha256::digest(data));
+        let (path, mut file) = store.create_partial(&d).unwrap();
+        write_all(&mut file, data, &path).unwrap();
+        let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: 0, public: true, registry: None };
+        store.commit(&path, &file, &d, &meta, None).unwrap();
+        d
+    }
+
+    fn pin(image: &str, blobs: &[Digest], pinned: bool, stamp: u64) -> PinRecord {
+        let digest = blobs.first().cloned().unwrap_or_else(|| Digest::from_sha256(&Sha256::digest(image)));
+        PinRecord { image: image.into(), digest, blobs: blobs.to_vec(), bytes: 0, pinned, stamp }
+    }
+
+    #[test]
+    fn the_latest_word_on_a_pin_wins_and_pins_fit_a_budget_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let (a, b) = (blob(&store, &[1; 100]), blob(&store, &[2; 300]));
+        assert!(store.put_pin(&pin("r/x:1", &[a.clone()], true, 10)).unwrap());
+        // An older word, or the same one again, changes nothing; a later removal does; an older pin does not
+        // revive it.
+        assert!(!store.put_pin(&pin("r/x:1", &[a.clone()], false, 9)).unwrap());
+        assert!(!store.put_pin(&pin("r/x:1", &[a.clone()], true, 10)).unwrap());
+        assert!(store.put_pin(&pin("r/x:1", &[a.clone()], false, 11)).unwrap());
+        assert!(!store.put_pin(&pin("r/x:1", &[a.clone()], true, 10)).unwrap());
+        assert_eq!(store.pinned().unwrap(), (HashSet::new(), 0));
+        assert!(store.put_pin(&pin("r/x:1", &[a.clone()], true, 12)).unwrap());
+        assert!(store.put_pin(&pin("r/y:1", &[b.clone()], true, 13)).unwrap());
+        assert_eq!(store.pinned().unwrap().1, 400);
+        // Within 250 bytes: the older pin only.
+        let (set, held, left_out) = store.pinned_within(250).unwrap();
+        assert_eq!((set, held, left_out), (HashSet::from([a]), 100, vec!["r/y:1".to_owned()]));
+        // Survives a reopen.
+        drop(store);
+        let (store, _) = Store::open(dir.path()).unwrap();
+        assert_eq!(store.list_pins().unwrap().len(), 2);
     }
 }

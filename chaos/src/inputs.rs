@@ -121,6 +121,11 @@ pub fn peer_frame(data: &[u8]) {
                 Some(request::Kind::GetPiece(p)) => {
                     let _ = Digest::parse(&p.digest);
                 }
+                Some(request::Kind::SharePins(p)) => {
+                    for pin in p.pins {
+                        let _ = shoal_agent::mesh::pin_from_wire(pin);
+                    }
+                }
                 _ => {}
             }
         }

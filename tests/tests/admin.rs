@@ -201,3 +201,74 @@ async fn preheat_warms_every_zone_through_the_homes_and_then_every_node_pulls_wi
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_pin_is_told_to_every_member_survives_gc_and_restarts_and_is_refused_past_the_budget() -> Result<()> {
+    let cl = Cluster::start().await?;
+    let pinned = Artifact::Image(Image::random(&[1_500_000, 500_000], 44, "amd64", Compression::Gzip)?);
+    let other = Artifact::Image(Image::random(&[1_500_000, 500_000], 45, "amd64", Compression::Gzip)?);
+    push(&pinned, &cl.registry.host(), "team/keep", "v1", None, Format::Oci)?;
+    push(&other, &cl.registry.host(), "team/other", "v1", None, Format::Oci)?;
+    let a = cl.agent(61, &[]).start().await?;
+    // B's budget: GC above 0.9 × 4 MiB, down to 0.8 × 4 MiB: both images do not fit.
+    let mut b = cl.agent(62, &[&a]).setting("disk_budget", "\"4MiB\"").start().await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
+    let keep = format!("{}/team/keep:v1", cl.proxy.host());
+    let other_ref = format!("{}/team/other:v1", cl.proxy.host());
+
+    // Pinned on A: A pulls it and tells B.
+    let p = json(&a, &["pin", &keep]).await?;
+    assert_eq!((n(&p, &["members_told"]), n(&p, &["members_alive"])), (1, 1), "{p}");
+    assert_eq!(p["pin"]["image"], keep.as_str(), "{p}");
+    let pins = json(&b, &["pins"]).await?;
+    assert_eq!(pins["pins"].as_array().map(Vec::len), Some(1), "B was told: {pins}");
+
+    // B holds the pinned image, then the other one: GC must make room and keeps every pinned blob.
+    json(&b, &["pull", &keep]).await?;
+    json(&b, &["pull", &other_ref]).await?;
+    let held = || async {
+        let blobs = json(&b, &["blobs"]).await?;
+        Ok::<Vec<String>, anyhow::Error>(
+            blobs.as_array().expect("a list").iter().filter_map(|x| x["digest"].as_str().map(str::to_owned)).collect(),
+        )
+    };
+    let evicted = shoal_testbed::wait_for("GC on B", Duration::from_secs(20), async || {
+        let h = held().await.unwrap_or_default();
+        other.all_blobs().iter().any(|x| !h.contains(&x.digest))
+    })
+    .await;
+    let h = held().await?;
+    assert!(evicted.is_ok(), "GC evicted none of the other image: {h:?}\n{}", b.log());
+    for x in pinned.all_blobs() {
+        assert!(h.contains(&x.digest), "pinned {} evicted: {h:?}", x.digest);
+    }
+    // A pinned blob cannot be evicted by hand either.
+    let (ok, _, err) = shoal(&b, &["evict", &pinned.all_blobs()[1].digest]).await?;
+    assert!(!ok && err.contains("pinned by"), "{err}");
+    // Past the budget: refused with the numbers.
+    let (ok, _, err) = shoal(&b, &["pin", &other_ref]).await?;
+    assert!(!ok && err.contains("budget") && err.contains("pinned already"), "{err}");
+
+    // A restart keeps the pin and the blobs.
+    b.restart().await?;
+    wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
+    let pins = json(&b, &["pins"]).await?;
+    assert_eq!(pins["pins"][0]["image"], keep.as_str(), "{pins}");
+    assert_eq!(n(&pins["pins"][0], &["held"]), n(&pins["pins"][0], &["bytes"]), "{pins}");
+
+    // A member that was not there when the pin was told learns it from the others' exchange.
+    let c = cl.agent(63, &[&a]).start().await?;
+    shoal_testbed::wait_for("C to learn the pin", Duration::from_secs(30), async || {
+        json(&c, &["pins"]).await.is_ok_and(|p| p["pins"][0]["image"] == keep.as_str())
+    })
+    .await?;
+
+    // Unpinned on A: B is told.
+    let u = json(&a, &["unpin", &keep]).await?;
+    assert_eq!(n(&u, &["members_told"]), 2, "{u}");
+    let pins = json(&b, &["pins"]).await?;
+    assert_eq!(pins["pins"].as_array().map(Vec::len), Some(0), "{pins}");
+    let (ok, _, err) = shoal(&a, &["unpin", &keep]).await?;
+    assert!(!ok && err.contains("not pinned"), "{err}");
+    Ok(())
+}

@@ -67,6 +67,25 @@ pub enum Command {
         #[arg(long)]
         platform: Option<String>,
     },
+    /// Pin an image: this node pulls it, and no node's GC evicts its blobs (told to every member). Refused when
+    /// the pinned bytes would not fit the store's budget.
+    Pin {
+        /// `[registry/]repository[:tag][@digest]`.
+        image: String,
+        /// `os/architecture[/variant]` of an index (default: this node's).
+        #[arg(long, conflicts_with = "all_platforms")]
+        platform: Option<String>,
+        /// Every platform of an index.
+        #[arg(long)]
+        all_platforms: bool,
+    },
+    /// Remove a pin (on every member).
+    Unpin {
+        /// The image as pinned.
+        image: String,
+    },
+    /// The pins this node knows.
+    Pins,
     /// Drop a blob from this node's store.
     Evict {
         /// `sha256:…`.
@@ -141,6 +160,30 @@ fn table(head: &[&str], rows: &[Vec<String>]) -> String {
         out.push_str(&line(r.clone()));
     }
     out
+}
+
+fn pin_json(p: &pb::Pin) -> serde_json::Value {
+    json!({
+        "image": p.image, "digest": p.digest, "blobs": p.blobs, "bytes": p.bytes, "pinned": p.pinned,
+        "stamp": p.stamp, "held": p.held,
+    })
+}
+
+fn print_pin(r: &pb::PinReply, json: bool, what: &str) {
+    let Some(p) = &r.pin else { return };
+    if json {
+        println!("{:#}", json!({"pin": pin_json(p), "members_told": r.members_told, "members_alive": r.members_alive}));
+    } else {
+        println!(
+            "{what} {} ({}): {} blobs, {}; told {} of {} alive members",
+            p.image,
+            p.digest,
+            p.blobs,
+            bytes(p.bytes),
+            r.members_told,
+            r.members_alive
+        );
+    }
 }
 
 /// Runs `cmd` against the agent at `socket`.
@@ -439,6 +482,30 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                 })
                 .collect();
             print!("{}", table(&["DIGEST", "KIND", "HELD", "LAST DOWNLOAD (peer: …last 8 of its id)"], &rows));
+        }
+        Command::Pin { image, platform, all_platforms } => {
+            let req = pb::PinRequest { image, platform: platform.unwrap_or_default(), all_platforms };
+            let r = c.pin(req).await.map_err(refused)?.into_inner();
+            print_pin(&r, json, "pinned");
+        }
+        Command::Unpin { image } => {
+            let r = c.unpin(pb::PinRequest { image, ..Default::default() }).await.map_err(refused)?.into_inner();
+            print_pin(&r, json, "unpinned");
+        }
+        Command::Pins => {
+            let r = c.pins(pb::PinsRequest {}).await.map_err(refused)?.into_inner();
+            if json {
+                let pins: Vec<_> = r.pins.iter().map(pin_json).collect();
+                println!("{:#}", json!({"pins": pins, "pinned_held": r.pinned_held, "budget": r.budget}));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = r
+                .pins
+                .iter()
+                .map(|p| vec![p.image.clone(), p.digest.clone(), p.blobs.to_string(), bytes(p.bytes), bytes(p.held)])
+                .collect();
+            print!("{}", table(&["IMAGE", "DIGEST", "BLOBS", "SIZE", "HELD HERE"], &rows));
+            println!("pinned and held here: {} of a {} budget", bytes(r.pinned_held), bytes(r.budget));
         }
         Command::Evict { digest } => {
             let r = c.evict(pb::EvictRequest { digest: digest.clone() }).await.map_err(refused)?.into_inner();

@@ -34,6 +34,17 @@ pub struct ImageRef {
     pub reference: Reference,
 }
 
+impl std::fmt::Display for ImageRef {
+    /// `registry/repository:tag` or `registry/repository@digest`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sep = match self.reference {
+            Reference::Tag(_) => ':',
+            Reference::Digest(_) => '@',
+        };
+        write!(f, "{}/{}{sep}{}", self.registry, self.repo, self.reference.as_str())
+    }
+}
+
 impl ImageRef {
     /// Parses `s`. A first component with a `.` or a `:`, or `localhost`, is a registry; without one the image is
     /// in `default` (Docker Hub's single-component names get `library/`). No tag means `latest`.

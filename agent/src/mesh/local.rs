@@ -10,6 +10,7 @@ use shoal_proto::peer::{self, error::Code};
 
 use crate::oci::{Digest, Kind, RegistryHost, RepoName};
 use crate::pieces::PieceTable;
+use crate::store::PinRecord;
 
 /// A piece read for a peer.
 #[derive(Debug, Clone)]
@@ -120,6 +121,42 @@ impl Order {
     }
 }
 
+/// Pin records in one message, at most.
+pub const MAX_PINS: usize = 1024;
+/// Blobs one pin names, at most.
+const MAX_PIN_BLOBS: usize = 4096;
+/// The longest image name a pin carries.
+const MAX_PIN_IMAGE: usize = 512;
+
+/// Checks a member's pin record: a claim that guides only what this node keeps of what it holds.
+pub fn pin_from_wire(p: peer::PinRecord) -> Result<PinRecord, String> {
+    if p.image.is_empty() || p.image.len() > MAX_PIN_IMAGE || p.image.chars().any(char::is_control) {
+        return Err("pin image: empty, longer than 512 bytes, or with control characters".into());
+    }
+    if p.blobs.len() > MAX_PIN_BLOBS {
+        return Err(format!("pin {}: more than {MAX_PIN_BLOBS} blobs", p.image));
+    }
+    let digest = Digest::parse(&p.digest).map_err(|e| format!("pin {} digest: {e}", p.image))?;
+    let blobs = p
+        .blobs
+        .iter()
+        .map(|b| Digest::parse(b).map_err(|e| format!("pin {} blob: {e}", p.image)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(PinRecord { image: p.image, digest, blobs, bytes: p.bytes, pinned: p.pinned, stamp: p.stamp })
+}
+
+/// The wire form of a pin record.
+pub fn pin_to_wire(p: &PinRecord) -> peer::PinRecord {
+    peer::PinRecord {
+        image: p.image.clone(),
+        digest: p.digest.to_string(),
+        blobs: p.blobs.iter().map(ToString::to_string).collect(),
+        bytes: p.bytes,
+        pinned: p.pinned,
+        stamp: p.stamp,
+    }
+}
+
 /// What a home's own fetch (or copy) of a digest looks like, once its size is known.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -149,6 +186,9 @@ pub trait Local: Send + Sync + 'static {
     /// The piece table of `digest`, if this node holds all of it, verified (a download in progress has none to
     /// give).
     fn piece_table(self: Arc<Self>, digest: Digest) -> BoxFuture<'static, Result<PieceTable, Refusal>>;
+
+    /// Merges pin records (the latest stamp per image wins) and returns all of this node's.
+    fn merge_pins(self: Arc<Self>, pins: Vec<PinRecord>) -> BoxFuture<'static, Result<Vec<PinRecord>, Refusal>>;
 
     /// Makes sure this node holds or downloads `digest` (as the home, for the asker's client), and returns once
     /// its size is known.

@@ -181,6 +181,19 @@ impl PeerServer {
                 let t = peer::PieceTable { piece_size: table.piece, blob_size: table.size, hashes };
                 respond(send, response::Kind::PieceTable(t)).await;
             }
+            request::Kind::SharePins(p) => {
+                if p.pins.len() > super::MAX_PINS {
+                    return Err(Refusal::BadRequest(format!("more than {} pins", super::MAX_PINS)));
+                }
+                let pins = p.pins.into_iter().map(super::pin_from_wire).collect::<Result<Vec<_>, _>>();
+                let mine = self.local.clone().merge_pins(pins.map_err(Refusal::BadRequest)?).await?;
+                let pins = if p.want {
+                    mine.iter().take(super::MAX_PINS).map(super::pin_to_wire).collect()
+                } else {
+                    Vec::new()
+                };
+                respond(send, response::Kind::Pins(peer::Pins { pins })).await;
+            }
             request::Kind::Hello(_) => return Err(Refusal::BadRequest("already authenticated".into())),
         }
         Ok(())

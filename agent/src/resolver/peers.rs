@@ -105,6 +105,31 @@ impl From<ResolveError> for Refusal {
 }
 
 impl Local for Resolver {
+    fn merge_pins(
+        self: Arc<Self>,
+        pins: Vec<crate::store::PinRecord>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<crate::store::PinRecord>, Refusal>> {
+        Box::pin(async move {
+            let store = self.store.clone();
+            let (all, unpinned) = blocking(move || {
+                let mut unpinned = false;
+                for p in &pins {
+                    if store.put_pin(p)? {
+                        tracing::info!(image = %p.image, pinned = p.pinned, "a member's pin record taken");
+                        unpinned |= !p.pinned;
+                    }
+                }
+                Ok((store.list_pins()?, unpinned))
+            })
+            .await
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
+            if unpinned {
+                self.maybe_gc();
+            }
+            Ok(all)
+        })
+    }
+
     fn piece(
         self: Arc<Self>,
         digest: Digest,
