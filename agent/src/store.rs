@@ -878,16 +878,16 @@ mod pin_tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path()).unwrap();
         let (a, b) = (blob(&store, &[1; 100]), blob(&store, &[2; 300]));
-        assert!(store.put_pin(&pin("r/x:1", &[a.clone()], true, 10)).unwrap());
+        assert!(store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), true, 10)).unwrap());
         // An older word, or the same one again, changes nothing; a later removal does; an older pin does not
         // revive it.
-        assert!(!store.put_pin(&pin("r/x:1", &[a.clone()], false, 9)).unwrap());
-        assert!(!store.put_pin(&pin("r/x:1", &[a.clone()], true, 10)).unwrap());
-        assert!(store.put_pin(&pin("r/x:1", &[a.clone()], false, 11)).unwrap());
-        assert!(!store.put_pin(&pin("r/x:1", &[a.clone()], true, 10)).unwrap());
+        assert!(!store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), false, 9)).unwrap());
+        assert!(!store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), true, 10)).unwrap());
+        assert!(store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), false, 11)).unwrap());
+        assert!(!store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), true, 10)).unwrap());
         assert_eq!(store.pinned().unwrap(), (HashSet::new(), 0));
-        assert!(store.put_pin(&pin("r/x:1", &[a.clone()], true, 12)).unwrap());
-        assert!(store.put_pin(&pin("r/y:1", &[b.clone()], true, 13)).unwrap());
+        assert!(store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), true, 12)).unwrap());
+        assert!(store.put_pin(&pin("r/y:1", std::slice::from_ref(&b), true, 13)).unwrap());
         assert_eq!(store.pinned().unwrap().1, 400);
         // Within 250 bytes: the older pin only.
         let (set, held, left_out) = store.pinned_within(250).unwrap();
