@@ -306,10 +306,11 @@ impl pb::admin_server::Admin for Service {
         let timeout =
             std::time::Duration::from_secs(u64::from(if req.timeout_seconds == 0 { 600 } else { req.timeout_seconds }));
         let which = if req.all_platforms { None } else { Some(platform) };
+        let plan = preheat::Plan { image, platform: which, zones, timeout, pin: req.pin };
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {
-            let result = preheat::run(&state, &mesh, &image, which.as_ref(), &zones, timeout, &tx).await;
+            let result = preheat::run(&state, &mesh, &plan, &tx).await;
             let _ = tx.send(result.map(|s| pb::PreheatEvent { event: Some(pb::preheat_event::Event::Done(s)) })).await;
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))

@@ -173,7 +173,12 @@ async fn preheat_warms_every_zone_through_the_homes_and_then_every_node_pulls_wi
     assert!(!ok && err.contains("not found"), "{err}");
 
     cl.proxy.reset_counts();
-    let p = json(&a2, &["preheat", &reference]).await?;
+    let p = json(&a2, &["preheat", &reference, "--pin"]).await?;
+    assert_eq!((p["pinned"].as_bool(), n(&p, &["members_told"])), (Some(true), 2), "{p}");
+    for agent in agents {
+        let pins = json(agent, &["pins"]).await?;
+        assert_eq!(pins["pins"][0]["image"], reference.as_str(), "{pins}");
+    }
     println!("$ shoal preheat {reference} -o json\n{p:#}");
     assert_eq!(p["digest"], digest.as_str(), "{p}");
     let zones = p["zones"].as_array().expect("zones");

@@ -57,6 +57,9 @@ pub enum Command {
         /// How long to wait for the zones.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Pin it too once every zone holds it (the homes keep it).
+        #[arg(long)]
+        pin: bool,
     },
     /// Where each blob of an image (or one digest) came from on this node's last download of it: members (which,
     /// how many bytes), upstream, retries, failures.
@@ -359,7 +362,7 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                 println!("  {k:<11} {}", bytes(v));
             }
         }
-        Command::Preheat { image, zones, platform, all_platforms, timeout } => {
+        Command::Preheat { image, zones, platform, all_platforms, timeout, pin } => {
             let zones = if zones == "all" {
                 Vec::new()
             } else {
@@ -371,6 +374,7 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                 all_platforms,
                 zones,
                 timeout_seconds: u32::try_from(timeout.as_secs().max(1)).unwrap_or(u32::MAX),
+                pin,
             };
             let mut events = c.preheat(req).await.map_err(refused)?.into_inner();
             let mut summary = None;
@@ -393,7 +397,7 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                     .collect();
                 println!(
                     "{:#}",
-                    json!({"image": image, "digest": s.digest, "blobs": s.blobs, "bytes": s.bytes, "seconds": s.seconds, "zones": zones})
+                    json!({"image": image, "digest": s.digest, "blobs": s.blobs, "bytes": s.bytes, "seconds": s.seconds, "zones": zones, "pinned": s.pinned, "members_told": s.members_told})
                 );
             } else {
                 println!(
@@ -413,6 +417,9 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                     })
                     .collect();
                 print!("{}", table(&["ZONE", "HELD", "RESULT"], &rows));
+                if s.pinned {
+                    println!("pinned: told {} members", s.members_told);
+                }
             }
             if failed > 0 {
                 anyhow::bail!("{failed} of {} zones failed", s.zones.len());

@@ -16,7 +16,7 @@ use super::{AdminState, internal};
 use crate::store::{PinRecord, Store};
 
 /// Milliseconds since the epoch.
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

@@ -12,9 +12,10 @@ use shoal_proto::admin as pb;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::AdminState;
 use super::pull::{ImageRef, Platform, walk};
+use super::{AdminState, internal};
 use crate::mesh::{Local as _, Mesh, Order};
+use crate::store::PinRecord;
 
 /// Orders sent at once.
 const CONCURRENT_ORDERS: usize = 16;
@@ -23,15 +24,26 @@ const POLL_EVERY: Duration = Duration::from_millis(500);
 /// How long one order may wait for its home to learn the blob's size.
 const ORDER_WITHIN: Duration = Duration::from_secs(60);
 
+/// What to preheat.
+#[derive(Debug)]
+pub(super) struct Plan {
+    pub(super) image: ImageRef,
+    /// One platform of an index, `None`: all.
+    pub(super) platform: Option<Platform>,
+    pub(super) zones: Vec<String>,
+    pub(super) timeout: Duration,
+    /// Pin it once every zone holds it.
+    pub(super) pin: bool,
+}
+
 pub(super) async fn run(
     st: &AdminState,
     mesh: &Arc<Mesh>,
-    image: &ImageRef,
-    platform: Option<&Platform>,
-    zones: &[String],
-    timeout: Duration,
+    plan: &Plan,
     tx: &mpsc::Sender<Result<pb::PreheatEvent, Status>>,
 ) -> Result<pb::PreheatSummary, Status> {
+    let Plan { image, platform, zones, timeout, pin } = plan;
+    let (platform, timeout, pin) = (platform.as_ref(), *timeout, *pin);
     let start = Instant::now();
     let (client, root, items) = walk(st, image, platform).await?;
     let total = items.len() as u32;
@@ -103,11 +115,31 @@ pub(super) async fn run(
         }
         tokio::time::sleep(POLL_EVERY).await;
     }
+    let bytes = items.iter().map(|(_, _, s)| s).sum();
+    let all_ready = results.values().all(|r| r.failure.is_empty());
+    let (pinned, members_told) = if pin && all_ready {
+        let rec = PinRecord {
+            image: image.to_string(),
+            digest: root.clone(),
+            blobs: items.iter().map(|(d, _, _)| d.clone()).collect(),
+            bytes,
+            pinned: true,
+            stamp: super::pins::now_ms(),
+        };
+        let store = st.resolver.store().clone();
+        let r = rec.clone();
+        tokio::task::spawn_blocking(move || store.put_pin(&r)).await.map_err(internal)?.map_err(internal)?;
+        (true, mesh.tell_pins(vec![rec]).await.0)
+    } else {
+        (false, 0)
+    };
     Ok(pb::PreheatSummary {
         digest: root.to_string(),
         blobs: total,
-        bytes: items.iter().map(|(_, _, s)| s).sum(),
+        bytes,
         zones: results.into_values().collect(),
         seconds: start.elapsed().as_secs_f64(),
+        pinned,
+        members_told,
     })
 }
