@@ -111,7 +111,10 @@ fn idle_cost_per_node_does_not_grow_with_the_cluster() {
 }
 
 fn node(n: usize) -> (identity::Keypair, MemberRecord) {
-    let key = identity::Keypair::generate_ed25519();
+    // Keys from `n`: positions on the rings (who is whose neighbour) are the same in every run.
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&(n as u64).to_be_bytes());
+    let key = identity::Keypair::ed25519_from_bytes(seed).expect("32 bytes");
     let r = record(&key, n);
     (key, r)
 }
@@ -320,14 +323,17 @@ fn a_suspicion_heard_from_one_member_lasts_longer_than_a_confirmed_one() {
     for (_, r) in &others {
         m.handle_data(r.peer(), &ping(r, r), T0).unwrap();
     }
-    let target = &others[0].1;
+    // A neighbour (keys are random: with 5 others, one may not be).
+    let t = others.iter().position(|(_, r)| m.table.is_neighbour(r.key())).expect("a neighbour");
+    let target = others[t].1.clone();
+    let rest: Vec<&MemberRecord> = others.iter().enumerate().filter(|(i, _)| *i != t).map(|(_, (_, r))| r).collect();
     let accuse = |by: &MemberRecord| Update::Suspect { key: target.key(), version: target.version(), by: by.key() };
-    let (_, a) = &others[1];
+    let a = rest[0];
     m.handle_data(a.peer(), &gossip(a, &[accuse(a)]), T0).unwrap();
     assert_eq!(m.liveness_of(&target.peer()), Some(Liveness::Suspect));
     m.tick(TIMING.suspicion + Duration::from_millis(1));
     assert_eq!(m.liveness_of(&target.peer()), Some(Liveness::Suspect), "one suspecter: not dead after `suspicion`");
-    for (_, by) in &others[2..5] {
+    for by in &rest[1..4] {
         m.handle_data(by.peer(), &gossip(by, &[accuse(by)]), TIMING.suspicion).unwrap();
     }
     // Nobody answers this node's probes in this test, which makes it unwell (it would wait longer): it keeps up.
@@ -577,15 +583,19 @@ fn only_the_suspects_neighbours_declare_it_dead_when_its_timeout_runs_out() {
     }
     let records: Vec<&MemberRecord> = others.iter().map(|(_, r)| r).collect();
     let near = *records.iter().find(|r| m.table.is_neighbour(r.key())).expect("a neighbour");
-    let far = *records.iter().find(|r| !m.table.is_neighbour(r.key())).expect("a member that is not a neighbour");
+    let mut fars = others.iter().filter(|(_, r)| !m.table.is_neighbour(r.key()));
+    let far = &fars.next().expect("a member that is not a neighbour").1;
+    let (far2_key, far2) = fars.next().expect("another");
     let accuse = |who: &MemberRecord, by: &MemberRecord| Update::Suspect {
         key: who.key(),
         version: who.version(),
         by: by.key(),
     };
     // Four members suspect both: confirmed, so the timeout is `suspicion` itself.
-    for by in records.iter().filter(|r| r.key() != near.key() && r.key() != far.key()).take(4) {
-        m.handle_data(by.peer(), &gossip(by, &[accuse(near, by), accuse(far, by)]), T0).unwrap();
+    let suspects = [near.key(), far.key(), far2.key()];
+    for by in records.iter().filter(|r| !suspects.contains(&r.key())).take(4) {
+        let u = [accuse(near, by), accuse(far, by), accuse(far2, by)];
+        m.handle_data(by.peer(), &gossip(by, &u), T0).unwrap();
     }
     // A node that keeps up (nobody answers its probes in this test, which would make it wait longer).
     set_health(&mut m, 0);
@@ -602,8 +612,29 @@ fn only_the_suspects_neighbours_declare_it_dead_when_its_timeout_runs_out() {
     m.tick(T0 + backstop - Duration::from_millis(1));
     assert_eq!(m.liveness_of(&far.peer()), Some(Liveness::Suspect));
     set_health(&mut m, 0);
-    m.tick(T0 + backstop + Duration::from_millis(1));
-    assert_eq!(m.liveness_of(&far.peer()), Some(Liveness::Dead), "the backstop: dead after twice the longest timeout");
+    let t = T0 + backstop + Duration::from_millis(1);
+    m.tick(t);
+    // At the backstop it asks the suspects themselves first.
+    let sent: Vec<Output> = std::iter::from_fn(|| m.poll_output()).collect();
+    let pinged = |who: &MemberRecord| {
+        sent.iter().find_map(|o| match o {
+            Output::Send { to, data, .. } if *to == who.peer() => match wire::decode(data).ok()?.body {
+                Body::Ping { seq } => Some(seq),
+                _ => None,
+            },
+            _ => None,
+        })
+    };
+    assert!(pinged(far).is_some(), "the suspect is asked at the backstop: {sent:?}");
+    let seq = pinged(far2).expect("both suspects are asked");
+    assert_eq!(m.liveness_of(&far.peer()), Some(Liveness::Suspect));
+    // far2 heard the suspicion in the ping and answers with its refutation; far does not answer.
+    let refuted = MemberRecord::sign(far2_key, far2.version().0, far2.version().1 + 1, &far2.about());
+    m.handle_data(far2.peer(), &ack(&refuted, seq), t + Duration::from_millis(5)).unwrap();
+    assert_eq!(m.liveness_of(&far2.peer()), Some(Liveness::Alive), "its answer refutes the suspicion");
+    set_health(&mut m, 0);
+    m.tick(t + TIMING.probe_period + Duration::from_millis(1));
+    assert_eq!(m.liveness_of(&far.peer()), Some(Liveness::Dead), "no answer: dead, a period after the backstop");
 }
 
 /// Sets this node's local health, its unanswered probes forgotten (they would make it sicker at the next tick).
@@ -620,8 +651,10 @@ fn an_unwell_node_waits_longer_before_declaring_a_neighbour_dead() {
     for (_, r) in &others {
         m.handle_data(r.peer(), &ping(r, r), T0).unwrap();
     }
-    let target = &others[0].1;
-    for (_, by) in &others[1..5] {
+    // A neighbour (keys are random: with 6 others, one may not be).
+    let t = others.iter().position(|(_, r)| m.table.is_neighbour(r.key())).expect("a neighbour");
+    let target = others[t].1.clone();
+    for (_, by) in others.iter().enumerate().filter(|(i, _)| *i != t).map(|(_, o)| o).take(4) {
         let u = Update::Suspect { key: target.key(), version: target.version(), by: by.key() };
         m.handle_data(by.peer(), &gossip(by, &[u]), T0).unwrap();
     }
