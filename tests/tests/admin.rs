@@ -260,6 +260,12 @@ async fn a_pin_is_told_to_every_member_survives_gc_and_restarts_and_is_refused_p
     let pins = json(&b, &["pins"]).await?;
     assert_eq!(pins["pins"][0]["image"], keep.as_str(), "{pins}");
     assert_eq!(n(&pins["pins"][0], &["held"]), n(&pins["pins"][0], &["bytes"]), "{pins}");
+    let s = json(&b, &["status"]).await?;
+    assert_eq!(
+        n(&s, &["store", "pinned_bytes"]),
+        n(&pins["pins"][0], &["bytes"]),
+        "status counts the pinned bytes: {s}"
+    );
 
     // A member that was not there when the pin was told learns it from the others' exchange.
     let c = cl.agent(63, &[&a]).start().await?;

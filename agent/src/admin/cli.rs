@@ -202,7 +202,7 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                     "uptime_seconds": s.uptime_seconds, "mirror": s.mirror,
                     "members": {"alive": s.members_alive, "suspect": s.members_suspect, "dead": s.members_dead},
                     "homed_digests": s.homed_digests,
-                    "store": {"bytes": s.store_bytes, "blobs": s.store_blobs, "budget_bytes": s.store_budget_bytes},
+                    "store": {"bytes": s.store_bytes, "blobs": s.store_blobs, "budget_bytes": s.store_budget_bytes, "pinned_bytes": s.store_pinned_bytes},
                     "downloads": s.downloads.iter().map(|d| json!({"digest": d.digest, "written": d.written, "size": d.size})).collect::<Vec<_>>(),
                     "registries": s.registries.iter().map(|r| json!({"host": r.host, "down": r.down})).collect::<Vec<_>>(),
                 });
@@ -222,7 +222,13 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
             kv("home of", format!("{} digests", s.homed_digests));
             kv(
                 "store",
-                format!("{} in {} blobs (budget {})", bytes(s.store_bytes), s.store_blobs, bytes(s.store_budget_bytes)),
+                format!(
+                    "{} in {} blobs, {} of it pinned (budget {})",
+                    bytes(s.store_bytes),
+                    s.store_blobs,
+                    bytes(s.store_pinned_bytes),
+                    bytes(s.store_budget_bytes)
+                ),
             );
             for r in &s.registries {
                 kv("registry", format!("{} {}", r.host, if r.down { "DOWN (avoided)" } else { "up" }));
