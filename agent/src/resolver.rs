@@ -46,7 +46,7 @@ use crate::mesh::{Fetched, Holding, Mesh};
 use crate::metrics::{LookupKind, LookupLabels, LookupResult, Metrics};
 pub use crate::oci::Kind;
 use crate::oci::{Digest, Reference, RegistryHost, RepoName};
-use crate::store::{BlobMeta, LinkRecord, Store, StoreError, now_secs};
+use crate::store::{BlobMeta, Checked, LinkRecord, Store, StoreError, now_secs};
 use crate::upstream::{Request, Target, Upstream, UpstreamError};
 
 /// Largest manifest accepted from upstream (the distribution spec suggests 4 MiB).
@@ -763,17 +763,6 @@ pub enum EvictError {
     Failed(#[from] ResolveError),
 }
 
-/// What `shoal verify` found.
-#[derive(Debug, Default)]
-pub struct Verified {
-    /// Blobs checked.
-    pub blobs: u64,
-    /// Their bytes.
-    pub bytes: u64,
-    /// One line per problem.
-    pub problems: Vec<String>,
-}
-
 impl Resolver {
     /// Downloads running on this node: digest, bytes written, size if known.
     pub fn downloads_in_flight(&self) -> Vec<(Digest, u64, Option<u64>)> {
@@ -828,51 +817,9 @@ impl Resolver {
     }
 
     /// Checks every stored blob: its file exists, has the indexed size and hashes to its digest.
-    pub async fn verify(&self) -> Result<Verified, ResolveError> {
+    pub async fn verify(&self) -> Result<Checked, ResolveError> {
         let store = self.store.clone();
-        blocking(move || {
-            use sha2::Digest as _;
-            let mut out = Verified::default();
-            for (d, meta) in store.list_blobs()? {
-                out.blobs += 1;
-                out.bytes += meta.size;
-                let path = store.blob_path(&d);
-                let mut f = match std::fs::File::open(&path) {
-                    Ok(f) => f,
-                    // Evicted since it was listed.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && store.blob(&d)?.is_none() => continue,
-                    Err(e) => {
-                        out.problems.push(format!("{d}: cannot open {}: {e}", path.display()));
-                        continue;
-                    }
-                };
-                let mut h = sha2::Sha256::new();
-                let mut buf = vec![0u8; 1 << 20];
-                let mut n = 0u64;
-                let read = loop {
-                    match std::io::Read::read(&mut f, &mut buf) {
-                        Ok(0) => break Ok(()),
-                        Ok(k) => {
-                            h.update(&buf[..k]);
-                            n += k as u64;
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => break Err(e),
-                    }
-                };
-                if let Err(e) = read {
-                    out.problems.push(format!("{d}: cannot read {}: {e}", path.display()));
-                    continue;
-                }
-                if n != meta.size {
-                    out.problems.push(format!("{d}: {n} bytes on disk, {} indexed", meta.size));
-                } else if Digest::from_sha256(&h.finalize()) != d {
-                    out.problems.push(format!("{d}: its bytes hash to something else"));
-                }
-            }
-            Ok(out)
-        })
-        .await
+        blocking(move || store.verify()).await
     }
 }
 

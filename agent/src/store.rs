@@ -185,6 +185,18 @@ pub struct Checked {
     pub problems: Vec<String>,
 }
 
+/// One indexed blob against its file: of its size, hashing to its name. The problem, if any.
+fn check_blob(path: &Path, digest: &Digest, size: u64) -> Result<Option<String>, StoreError> {
+    match fs::metadata(path) {
+        Ok(m) if m.len() != size => Ok(Some(format!("{digest}: file has {} bytes, index says {size}", m.len()))),
+        Ok(_) => {
+            let got = sha256_file(path)?;
+            Ok((got != *digest).then(|| format!("{digest}: file content hashes to {got}")))
+        }
+        Err(e) => Ok(Some(format!("{digest}: indexed but its file cannot be read: {e}"))),
+    }
+}
+
 fn sha256_file(path: &Path) -> Result<Digest, StoreError> {
     use sha2::Digest as _;
     use std::io::Read as _;
@@ -312,6 +324,28 @@ impl Store {
         Ok(rec)
     }
 
+    /// [`Store::check`]'s per-blob check on the open store (`shoal verify`): every indexed blob's file exists, has
+    /// its size and hashes to its name. Blobs evicted while it runs are skipped; `partials` counts the running
+    /// downloads' files.
+    pub fn verify(&self) -> Result<Checked, StoreError> {
+        let mut c = Checked::default();
+        for (digest, meta) in self.list_blobs()? {
+            let found = check_blob(&self.blob_path(&digest), &digest, meta.size);
+            // Evicted meanwhile: nothing to check.
+            if self.blob(&digest)?.is_none() {
+                continue;
+            }
+            c.blobs += 1;
+            c.bytes += meta.size;
+            match found {
+                Ok(p) => c.problems.extend(p),
+                Err(e) => c.problems.push(format!("{digest}: {e}")),
+            }
+        }
+        c.partials = fs::read_dir(self.root.join("partial")).map_or(0, |d| d.count() as u64);
+        Ok(c)
+    }
+
     /// Checks a stopped agent's store without changing it (the index is opened read-only): every index record has
     /// its file, of its size, whose sha256 is its name; every file has a record; no partial is left. A store that
     /// an agent restarted into after a crash must pass.
@@ -331,19 +365,7 @@ impl Store {
                 c.problems.push(format!("index record {key:?} is not a sha256 digest with a readable record"));
                 continue;
             };
-            let path = blob_path(digest.hex());
-            match fs::metadata(&path) {
-                Ok(m) if m.len() != meta.size => {
-                    c.problems.push(format!("{digest}: file has {} bytes, index says {}", m.len(), meta.size));
-                }
-                Ok(_) => {
-                    let got = sha256_file(&path)?;
-                    if got != digest {
-                        c.problems.push(format!("{digest}: file content hashes to {got}"));
-                    }
-                }
-                Err(e) => c.problems.push(format!("{digest}: indexed but its file cannot be read: {e}")),
-            }
+            c.problems.extend(check_blob(&blob_path(digest.hex()), &digest, meta.size)?);
             known.insert(digest.hex().to_owned());
             c.blobs += 1;
             c.bytes += meta.size;
