@@ -2,6 +2,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::lab::Lab;
+use super::suspicion::BACKSTOP;
 use super::*;
 
 const TIMING: MembershipTiming = MembershipTiming {
