@@ -151,6 +151,13 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+/// Runs a store call off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?.map_err(internal)
+}
+
 /// A resolver's refusal as a gRPC status.
 fn resolve_status(what: &str, e: ResolveError) -> Status {
     match e {
@@ -211,7 +218,7 @@ impl pb::admin_server::Admin for Service {
             mirror: st.mirror.to_string(),
             store_pinned_bytes: {
                 let store = store.clone();
-                tokio::task::spawn_blocking(move || store.pinned()).await.map_err(internal)?.map_err(internal)?.1
+                blocking(move || store.pinned()).await?.1
             },
         }))
     }
@@ -241,8 +248,7 @@ impl pb::admin_server::Admin for Service {
 
     async fn blobs(&self, _: Request<pb::BlobsRequest>) -> Result<Response<pb::BlobsReply>, Status> {
         let store = self.state.resolver.store().clone();
-        let list =
-            tokio::task::spawn_blocking(move || store.list_blobs()).await.map_err(internal)?.map_err(internal)?;
+        let list = blocking(move || store.list_blobs()).await?;
         let blobs = list
             .into_iter()
             .map(|(d, m)| pb::Blob {
@@ -258,8 +264,7 @@ impl pb::admin_server::Admin for Service {
 
     async fn images(&self, _: Request<pb::ImagesRequest>) -> Result<Response<pb::ImagesReply>, Status> {
         let store = self.state.resolver.store().clone();
-        let images =
-            tokio::task::spawn_blocking(move || images::list(&store)).await.map_err(internal)?.map_err(internal)?;
+        let images = blocking(move || images::list(&store)).await?;
         Ok(Response::new(pb::ImagesReply { images }))
     }
 
@@ -330,8 +335,7 @@ impl pb::admin_server::Admin for Service {
         for (d, kind) in items {
             let store = st.resolver.store().clone();
             let dd = d.clone();
-            let stored =
-                tokio::task::spawn_blocking(move || store.blob(&dd)).await.map_err(internal)?.map_err(internal)?;
+            let stored = blocking(move || store.blob(&dd)).await?;
             let rec = st.resolver.fetch_record(&d);
             let mut b = pb::BlobFetch {
                 digest: d.to_string(),

@@ -313,7 +313,8 @@ impl Mesh {
         let Some(home) = view.home_in(zone, digest) else { return false };
         let located = if home == self.me {
             let usable = |p: &PeerId| *p == self.me || (view.is_alive(p) && !self.is_quarantined(p));
-            lock(&self.directory).locate(digest, &PeerId::random(), usable)
+            // This node's own copy is the caller's to check (its store): the directory is asked about the others.
+            lock(&self.directory).locate(digest, &self.me, usable)
         } else {
             self.locate_at(home, digest, None, LOCATE_TIMEOUT).await.ok().flatten()
         };

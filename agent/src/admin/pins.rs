@@ -8,11 +8,10 @@
 use std::collections::HashSet;
 
 use shoal_proto::admin as pb;
-use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::pull::{ImageRef, Platform, pull, walk};
-use super::{AdminState, internal};
+use super::pull::{Counts, ImageRef, Platform, read_blobs, walk};
+use super::{AdminState, blocking};
 use crate::store::{PinRecord, Store};
 
 /// Milliseconds since the epoch.
@@ -33,12 +32,6 @@ fn to_pb(store: &Store, r: &PinRecord) -> pb::Pin {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?.map_err(internal)
-}
-
 /// Tells the members, if there is a mesh: (told, alive).
 async fn tell(st: &AdminState, rec: PinRecord) -> (u32, u32) {
     match &st.mesh {
@@ -52,7 +45,7 @@ pub(super) async fn pin(
     image: &ImageRef,
     platform: Option<&Platform>,
 ) -> Result<pb::PinReply, Status> {
-    let (_, root, items) = walk(st, image, platform).await?;
+    let (client, root, items) = walk(st, image, platform).await?;
     let blobs: Vec<_> = items.iter().map(|(d, _, _)| d.clone()).collect();
     // The sizes the image's manifests give (their bytes were checked against their digests).
     let bytes: u64 = items.iter().map(|(_, _, s)| s).sum();
@@ -68,16 +61,16 @@ pub(super) async fn pin(
         )));
     }
     // Held here first: a pin protects bytes that are on this node.
-    let (tx, rx) = mpsc::channel(1);
-    drop(rx);
-    pull(st, image, platform, &tx).await?;
+    read_blobs(st, image, &client, &items, None, &mut Counts::default()).await?;
     let rec = PinRecord { image: image.to_string(), digest: root, blobs, bytes, pinned: true, stamp: now_ms() };
     let store = st.resolver.store().clone();
     let r = rec.clone();
     blocking(move || store.put_pin(&r)).await?;
     tracing::info!(image = %rec.image, bytes = rec.bytes, "pinned");
     let (told, alive) = tell(st, rec.clone()).await;
-    Ok(pb::PinReply { pin: Some(to_pb(st.resolver.store(), &rec)), members_told: told, members_alive: alive })
+    let store = st.resolver.store().clone();
+    let pin = blocking(move || Ok(to_pb(&store, &rec))).await?;
+    Ok(pb::PinReply { pin: Some(pin), members_told: told, members_alive: alive })
 }
 
 pub(super) async fn unpin(st: &AdminState, image: &ImageRef) -> Result<pb::PinReply, Status> {
@@ -96,17 +89,23 @@ pub(super) async fn unpin(st: &AdminState, image: &ImageRef) -> Result<pb::PinRe
     tracing::info!(image = %rec.image, "unpinned");
     let (told, alive) = tell(st, rec.clone()).await;
     st.resolver.maybe_gc();
-    Ok(pb::PinReply { pin: Some(to_pb(st.resolver.store(), &rec)), members_told: told, members_alive: alive })
+    let store = st.resolver.store().clone();
+    let pin = blocking(move || Ok(to_pb(&store, &rec))).await?;
+    Ok(pb::PinReply { pin: Some(pin), members_told: told, members_alive: alive })
 }
 
 pub(super) async fn list(st: &AdminState) -> Result<pb::PinsReply, Status> {
     let store = st.resolver.store().clone();
-    let (records, held) = blocking(move || Ok((store.list_pins()?, store.pinned()?.1))).await?;
-    let mut seen = HashSet::new();
-    let pins = records
-        .iter()
-        .filter(|r| r.pinned && seen.insert(r.image.clone()))
-        .map(|r| to_pb(st.resolver.store(), r))
-        .collect();
+    let (pins, held) = blocking(move || {
+        let mut seen = HashSet::new();
+        let pins = store
+            .list_pins()?
+            .iter()
+            .filter(|r| r.pinned && seen.insert(r.image.clone()))
+            .map(|r| to_pb(&store, r))
+            .collect();
+        Ok((pins, store.pinned()?.1))
+    })
+    .await?;
     Ok(pb::PinsReply { pins, pinned_held: held, budget: st.budget })
 }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::pull::{ImageRef, Platform, walk};
-use super::{AdminState, internal};
+use super::{AdminState, blocking};
 use crate::mesh::{Local as _, Mesh, Order};
 use crate::store::PinRecord;
 
@@ -128,7 +128,7 @@ pub(super) async fn run(
         };
         let store = st.resolver.store().clone();
         let r = rec.clone();
-        tokio::task::spawn_blocking(move || store.put_pin(&r)).await.map_err(internal)?.map_err(internal)?;
+        blocking(move || store.put_pin(&r)).await?;
         (true, mesh.tell_pins(vec![rec]).await.0)
     } else {
         (false, 0)

@@ -128,8 +128,9 @@ impl Platform {
     }
 }
 
+/// Bytes read, by where they came from.
 #[derive(Default)]
-struct Counts {
+pub(super) struct Counts {
     blobs: u32,
     bytes: u64,
     store: u64,
@@ -148,13 +149,7 @@ pub(super) async fn pull(
     let start = Instant::now();
     let mut counts = Counts::default();
     let (client, root, items) = walk_counted(st, image, platform, tx, &mut counts).await?;
-    let what = format!("{}/{}", image.registry, image.repo);
-    for (digest, kind, _) in items.into_iter().filter(|(_, k, _)| *k == Kind::Blob) {
-        read(st, &client, &digest, kind, tx, &mut counts).await.map_err(|e| match e {
-            Read::Resolve(e) => resolve_status(&format!("{what}@{digest}"), e),
-            Read::Failed(s) => s,
-        })?;
-    }
+    read_blobs(st, image, &client, &items, Some(tx), &mut counts).await?;
     Ok(pb::PullSummary {
         digest: root.to_string(),
         blobs: counts.blobs,
@@ -167,6 +162,27 @@ pub(super) async fn pull(
     })
 }
 
+/// Reads the blobs (not the manifests) of a walked image through the resolver, to their end.
+pub(super) async fn read_blobs(
+    st: &AdminState,
+    image: &ImageRef,
+    client: &Client,
+    items: &[(Digest, Kind, u64)],
+    tx: Option<&mpsc::Sender<Result<pb::PullEvent, Status>>>,
+    counts: &mut Counts,
+) -> Result<(), Status> {
+    // Nobody listening: progress sends fail at once.
+    let closed = mpsc::channel(1).0;
+    let tx = tx.unwrap_or(&closed);
+    for (digest, kind, _) in items.iter().filter(|(_, k, _)| *k == Kind::Blob) {
+        read(st, client, digest, *kind, tx, counts).await.map_err(|e| match e {
+            Read::Resolve(e) => resolve_status(&format!("{}/{}@{digest}", image.registry, image.repo), e),
+            Read::Failed(s) => s,
+        })?;
+    }
+    Ok(())
+}
+
 /// The image's content as a preheat orders it: the manifests (read through this node's resolver) and the blobs
 /// they name, with the sizes their descriptors give (a claim, for the summary only), root first.
 pub(super) async fn walk(
@@ -175,9 +191,8 @@ pub(super) async fn walk(
     platform: Option<&Platform>,
 ) -> Result<(Client, Digest, Vec<(Digest, Kind, u64)>), Status> {
     // Nobody listens to a walk's progress: sends fail at once.
-    let (tx, rx) = mpsc::channel(1);
-    drop(rx);
-    walk_counted(st, image, platform, &tx, &mut Counts::default()).await
+    let closed = mpsc::channel(1).0;
+    walk_counted(st, image, platform, &closed, &mut Counts::default()).await
 }
 
 /// [`walk`], counting the manifests' bytes and sending their progress.
