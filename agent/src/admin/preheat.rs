@@ -3,7 +3,7 @@
 //! the home zone's home, or upstream — and does not take the asker for a holder), then each zone is polled until
 //! its home knows a complete holder of every blob there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,11 +89,24 @@ pub(super) async fn run(
     let deadline = start + timeout;
     loop {
         let mut pending = false;
+        // What this node holds itself (its zone's homes are not asked about its own copies).
+        let store = st.resolver.store().clone();
+        let digests: Vec<_> = items.iter().map(|(d, _, _)| d.clone()).collect();
+        let here: HashSet<_> = blocking(move || {
+            let mut held = HashSet::new();
+            for d in digests {
+                if store.blob(&d)?.is_some() {
+                    held.insert(d);
+                }
+            }
+            Ok(held)
+        })
+        .await?;
+        let my_zone = mesh.view().zone.clone();
         for r in results.values_mut().filter(|r| r.failure.is_empty()) {
             let mut ready = 0;
             for (d, _, _) in &items {
-                let here = mesh.view().zone == r.zone && st.resolver.store().blob(d).ok().flatten().is_some();
-                if here || mesh.held_in(&r.zone, d).await {
+                if (r.zone == my_zone && here.contains(d)) || mesh.held_in(&r.zone, d).await {
                     ready += 1;
                 }
             }
