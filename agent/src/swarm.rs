@@ -6,6 +6,8 @@
 //!   burst forms a tree of holders streaming to each other.
 //! - [`scheduler`]: which source gets which piece of a download, in a bounded window, with failed sources
 //!   dropped and straggling pieces hedged.
+//! - [`exchange`]: the same for a download that trades pieces out of order with every peer that has them, rarest
+//!   first (over a [`bitfield`] per peer) — the swarm without a tree, simulated (`shoal-sim --swarm exchange`).
 //! - [`announcer`]: what this node must tell which home, re-announcing only what moved.
 //! - [`membership`]: who is in the cluster and alive (SWIM over signed member records), and [`binding`]: what a
 //!   member's identity is bound to (its Kubernetes Node, a list), so nobody can pick its place on the ring.
@@ -17,7 +19,9 @@
 
 pub mod announcer;
 pub mod binding;
+pub mod bitfield;
 pub mod directory;
+pub mod exchange;
 pub mod homes;
 pub mod membership;
 pub mod scheduler;

@@ -23,6 +23,10 @@ struct Args {
     /// Override the fraction of slow nodes.
     #[arg(long)]
     slow: Option<f64>,
+    /// How downloads take pieces: `tree` (in order from sources ahead, what the agent runs) or `exchange` (out of
+    /// order, rarest first, from every peer that has them).
+    #[arg(long, default_value = "tree")]
+    swarm: String,
     /// Print one JSON line per scenario.
     #[arg(long)]
     json: bool,
@@ -98,6 +102,11 @@ fn main() -> anyhow::Result<()> {
         if let Some(s) = args.slow {
             p.slow = s;
         }
+        p.swarm = match args.swarm.as_str() {
+            "tree" => sim::Swarm::Tree,
+            "exchange" => sim::Swarm::Exchange,
+            other => bail!("--swarm {other:?}: expected tree or exchange"),
+        };
         eprintln!("running {name} ({} nodes)…", p.nodes);
         let r = sim::Sim::new(p).run();
         if args.json {

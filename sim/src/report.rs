@@ -7,6 +7,8 @@ use std::fmt::Write as _;
 pub struct Report {
     /// Scenario.
     pub scenario: String,
+    /// How downloads took pieces (`tree` or `exchange`).
+    pub swarm: &'static str,
     /// Nodes.
     pub nodes: usize,
     /// Nodes that completed (survivors).

@@ -1,6 +1,6 @@
 //! The built-in scenarios, by name.
 
-use crate::sim::Params;
+use crate::sim::{Params, Swarm};
 
 const GB: f64 = 1e9;
 const MIB: u64 = 1 << 20;
@@ -27,6 +27,7 @@ fn base(name: &str, nodes: usize) -> Params {
         limit: 600.0,
         kill_homes: 0,
         machine_cpu: None,
+        swarm: Swarm::Tree,
     }
 }
 

@@ -24,7 +24,9 @@ use shoal_agent::mesh::{Liveness, MemberInfo, MembersView};
 use shoal_agent::oci::Digest;
 use shoal_agent::pieces::{piece_count, piece_size};
 use shoal_agent::swarm::announcer::Announcer;
+use shoal_agent::swarm::bitfield::Bitfield;
 use shoal_agent::swarm::directory::{Directory, Holding};
+use shoal_agent::swarm::exchange::Exchange;
 use shoal_agent::swarm::homes::test_id;
 use shoal_agent::swarm::scheduler::PieceScheduler;
 
@@ -33,6 +35,7 @@ pub use crate::report::Report;
 
 mod diagnostics;
 mod node;
+mod trade;
 
 /// Rounds without progress before upstream (the resolver's `PEER_ROUNDS`).
 pub const PEER_ROUNDS: u32 = 3;
@@ -80,6 +83,27 @@ pub struct Params {
     /// cross it, at most this many bytes per second in all (the cores over the measured CPU cost of a byte
     /// delivered). `None`: each node has CPU of its own, not modelled.
     pub machine_cpu: Option<f64>,
+    /// How downloads take pieces from peers.
+    pub swarm: Swarm,
+}
+
+/// How a download takes pieces from peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swarm {
+    /// In order, from sources ahead of it ([`PieceScheduler`]): what the agent runs.
+    Tree,
+    /// Out of order, rarest first, from every peer that has them ([`Exchange`]): simulated only so far.
+    Exchange,
+}
+
+impl Swarm {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tree => "tree",
+            Self::Exchange => "exchange",
+        }
+    }
 }
 
 /// Timeouts the agent uses (config defaults).
@@ -123,10 +147,30 @@ enum Phase {
         home: usize,
         flows: BTreeMap<(u64, usize), Option<FlowId>>,
     },
+    /// Trading pieces out of order with peers ([`Swarm::Exchange`]).
+    Trade(Box<Trade>),
     Upstream {
         flow: Option<FlowId>,
     },
     Done,
+}
+
+/// A download trading pieces with its peers.
+#[derive(Debug)]
+struct Trade {
+    x: Exchange,
+    /// Node of each of the exchange's peers, and the other way round.
+    peers: Vec<usize>,
+    index: HashMap<usize, usize>,
+    flows: BTreeMap<(u64, usize), Option<FlowId>>,
+    /// The home it asked.
+    home: usize,
+    /// A `TradeIdle` check is pending.
+    idle_check: bool,
+    /// When the last piece came (or the trade began).
+    progress_at: f64,
+    /// A home outside the digest's home zone asked that zone's home.
+    asked_far: bool,
 }
 
 #[derive(Debug)]
@@ -148,7 +192,23 @@ struct Waiter {
 
 #[derive(Debug, Default)]
 struct BlobState {
+    /// Pieces from the first on that are here.
     have: u64,
+    /// Every piece here ([`Swarm::Exchange`] only: the tree holds a prefix).
+    bits: Bitfield,
+    /// Nodes told about each new piece (peers trading this blob with it), and the pieces not told yet.
+    watchers: Vec<usize>,
+    untold: Vec<u64>,
+    /// Injected pieces told to one watcher each: (watcher, piece).
+    untold_one: Vec<(usize, u64)>,
+    /// The watcher told of the last injected piece.
+    turn: usize,
+    /// It injected pieces into its zone.
+    injected: bool,
+    /// The pieces its download from upstream asks for (a trader's missing pieces).
+    up_missing: Vec<u64>,
+    /// A `HaveFlush` is pending.
+    flush_pending: bool,
     complete: bool,
     dl: Option<Dl>,
     waiters: Vec<Waiter>,
@@ -243,6 +303,39 @@ enum Ev {
     },
     /// A new home looks again for holders after its settling time.
     HomeOwn {
+        node: usize,
+        blob: usize,
+        generation: u64,
+    },
+    /// `from` starts trading the blob with `to` and sends what it has; `to` answers with what it has.
+    Hello {
+        to: usize,
+        from: usize,
+        blob: usize,
+        bits: Box<Bitfield>,
+    },
+    HelloBack {
+        to: usize,
+        from: usize,
+        blob: usize,
+        bits: Box<Bitfield>,
+        /// `from` downloads the blob by trading too (else `to` need not tell it its pieces).
+        trades: bool,
+    },
+    /// `from` got these pieces.
+    Have {
+        to: usize,
+        from: usize,
+        blob: usize,
+        pieces: std::rc::Rc<[u64]>,
+    },
+    /// The node tells its watchers the pieces it got since the last flush.
+    HaveFlush {
+        node: usize,
+        blob: usize,
+    },
+    /// A trade with no request out looks again: asks its home for more peers, or gives up on them.
+    TradeIdle {
         node: usize,
         blob: usize,
         generation: u64,
@@ -347,7 +440,10 @@ impl Sim {
                     dir: Directory::new(id),
                     ann: Announcer::new(),
                     view: 0,
-                    blobs: (0..layers.len()).map(|_| BlobState::default()).collect(),
+                    blobs: layers
+                        .iter()
+                        .map(|l| BlobState { bits: Bitfield::new(l.count), ..Default::default() })
+                        .collect(),
                     done_at: None,
                     view_changed_at: f64::NEG_INFINITY,
                     deferred: Vec::new(),
@@ -497,19 +593,31 @@ impl Sim {
         let mut stalled = Vec::new();
         for (m, node) in self.nodes.iter().enumerate() {
             for (b, bs) in node.blobs.iter().enumerate() {
-                if let Some(Dl { generation, phase: Phase::Peers { sources, flows, .. }, .. }) = &bs.dl {
-                    for (&(piece, source), f) in flows {
-                        if sources[source] == n && f.is_some() {
-                            stalled.push((m, b, piece, source, *generation, f.expect("checked")));
-                        }
+                let Some(dl) = &bs.dl else { continue };
+                let (sources, flows) = match &dl.phase {
+                    Phase::Peers { sources, flows, .. } => (sources, flows),
+                    Phase::Trade(t) => (&t.peers, &t.flows),
+                    _ => continue,
+                };
+                for (&(piece, source), f) in flows {
+                    if sources[source] == n
+                        && let Some(f) = f
+                    {
+                        stalled.push((m, b, piece, source, dl.generation, *f));
                     }
                 }
             }
         }
         for (m, b, piece, source, g, f) in stalled {
             self.net.stop(f);
-            if let Some(Dl { phase: Phase::Peers { flows, .. }, .. }) = self.nodes[m].blobs[b].dl.as_mut() {
-                flows.insert((piece, source), None);
+            match self.nodes[m].blobs[b].dl.as_mut() {
+                Some(Dl { phase: Phase::Peers { flows, .. }, .. }) => {
+                    flows.insert((piece, source), None);
+                }
+                Some(Dl { phase: Phase::Trade(t), .. }) => {
+                    t.flows.insert((piece, source), None);
+                }
+                _ => {}
             }
             let t = self.now + STALL;
             self.at(t, Ev::PieceFail { node: m, blob: b, piece, source, generation: g });
@@ -559,6 +667,18 @@ impl Sim {
             let again = match &dl.phase {
                 Phase::WaitHomeMove { from } => new_home != *from,
                 Phase::Peers { home, .. } => new_home != old_home && *home == old_home,
+                // A trade goes on with its peers, and asks the new home for more.
+                Phase::Trade(t) if new_home != old_home && t.home == old_home => {
+                    if let Some(Dl { phase: Phase::Trade(t), .. }) = self.nodes[n].blobs[b].dl.as_mut() {
+                        t.home = new_home;
+                    }
+                    if new_home != n {
+                        self.nodes[n].control += 1;
+                        let at = self.now + self.delay(n, new_home);
+                        self.at(at, Ev::Locate { home: new_home, asker: n, blob: b, generation: g });
+                    }
+                    false
+                }
                 _ => false,
             };
             if again {
@@ -652,6 +772,11 @@ impl Sim {
                     self.home_own(node, blob, generation);
                 }
             }
+            Ev::Hello { to, from, blob, bits } => self.on_hello(to, from, blob, &bits),
+            Ev::HelloBack { to, from, blob, bits, trades } => self.on_hello_back(to, from, blob, &bits, trades),
+            Ev::Have { to, from, blob, pieces } => self.on_have(to, from, blob, &pieces),
+            Ev::HaveFlush { node, blob } => self.on_have_flush(node, blob),
+            Ev::TradeIdle { node, blob, generation } => self.on_trade_idle(node, blob, generation),
             Ev::Death(n) => self.on_death(n),
             Ev::ViewUpdate { node, view } => self.on_view_update(node, view),
         }
@@ -664,7 +789,15 @@ impl Sim {
             let Carry::Upstream { node, blob, offset, .. } = c else { continue };
             let piece = u64::from(self.layers[blob].piece);
             let have = (offset + done as u64) / piece;
-            if have > self.nodes[node].blobs[blob].have {
+            if self.p.swarm == Swarm::Exchange {
+                // The missing pieces, in order, as their bytes arrive.
+                let k = (done as u64 / piece) as usize;
+                let bs = &self.nodes[node].blobs[blob];
+                let new: Vec<u64> = bs.up_missing.iter().take(k).copied().filter(|&i| !bs.bits.get(i)).collect();
+                for i in new {
+                    self.got_piece(node, blob, i, true);
+                }
+            } else if have > self.nodes[node].blobs[blob].have {
                 self.nodes[node].blobs[blob].have = have;
                 self.serve_waiters(node, blob);
             }

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 
 use super::{Holding, Local, Located, Mesh, Order, Refusal, lock};
 use crate::oci::Digest;
+use crate::swarm::directory::HandOut;
 use crate::transfer::{Sent, Service, respond, respond_error, write_piece};
 
 /// A token bucket capping upload bandwidth.
@@ -107,7 +108,7 @@ impl PeerServer {
             return dir.locate(digest, &asker, usable).ok_or_else(no_holder);
         }
         let record = same_zone.then_some(order.auth.is_none());
-        let loc = dir.hand_out(digest, &asker, &me, usable, record).ok_or_else(no_holder)?;
+        let loc = dir.hand_out(digest, &asker, &me, usable, record, HandOut::Tree).ok_or_else(no_holder)?;
         mesh.directory_gauges(&dir);
         Ok(loc)
     }

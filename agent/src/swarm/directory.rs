@@ -27,6 +27,12 @@ pub const SOURCES: usize = 3;
 /// Askers a holder is handed to before others are preferred: bounds each holder's uploads, so a burst forms a
 /// tree of partial holders streaming to each other rather than a star around the first one.
 pub const FANOUT: u32 = 4;
+/// Peers handed to one asker that trades pieces out of order ([`HandOut::Exchange`]).
+pub const PEERS: usize = 6;
+/// Peers handed to the home of another zone, which brings the blob into its zone: its intake is the whole zone's,
+/// so it trades with more of this zone's holders (at their fair share each; simulated: with 6 the far zones'
+/// homes took in about half a link, and every node of their zones waited on them).
+pub const PEERS_ACROSS_ZONES: usize = 4 * PEERS;
 /// Longest media type accepted.
 const MAX_MEDIA_TYPE: usize = 255;
 
@@ -116,6 +122,18 @@ pub struct Located {
     pub media_type: Option<String>,
     /// Holders, complete ones first.
     pub holders: Vec<(PeerId, HolderState)>,
+}
+
+/// What kind of download the asker runs, so what the home hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOut {
+    /// In-order streaming ([`super::scheduler`]): sources ahead of the asker ([`Directory::sources`]).
+    Tree,
+    /// Out-of-order trading ([`super::exchange`]): this many peers in any order ([`Directory::exchange_peers`]).
+    Exchange {
+        /// Peers handed out.
+        peers: usize,
+    },
 }
 
 /// The directory.
@@ -260,6 +278,40 @@ impl Directory {
         Some(Located { size: e.size, media_type: e.media_type.clone(), holders })
     }
 
+    /// Peers for `asker`, which is about to download `digest` and trades pieces out of order
+    /// ([`super::exchange`]): up to [`PEERS`] holders whatever their arrival (a request only ever goes to a peer
+    /// known to have the piece, so nobody waits on anyone behind it), those handed out fewest times first (each
+    /// holder's uploads stay spread), then complete before partial, then the earliest. The `home` counts as any
+    /// holder: it is one of the swarm, not the root of a tree.
+    pub fn exchange_peers(
+        &mut self,
+        digest: &Digest,
+        asker: &PeerId,
+        usable: impl Fn(&PeerId) -> bool,
+        count: usize,
+    ) -> Option<Located> {
+        let e = self.entries.get_mut(digest)?;
+        let size = e.size;
+        let mut chosen: Vec<(PeerId, Holder)> = e
+            .holders
+            .iter()
+            .filter(|(p, h)| *p != asker && h.size == size && usable(p))
+            .map(|(p, h)| (*p, *h))
+            .collect();
+        chosen.sort_by_key(|(_, h)| (h.given / count.max(1) as u32, !h.state.complete, h.since));
+        chosen.truncate(count);
+        if chosen.is_empty() {
+            return None;
+        }
+        for (p, _) in &chosen {
+            if let Some(h) = e.holders.get_mut(p) {
+                h.given += 1;
+            }
+        }
+        let holders = chosen.into_iter().map(|(p, h)| (p, h.state)).collect();
+        Some(Located { size: e.size, media_type: e.media_type.clone(), holders })
+    }
+
     /// Sources for `asker`, which is about to download `digest` and streams from what it is given: complete
     /// holders, the `home` (which fetches from outside), and partial holders that arrived before the asker (so
     /// waits only ever point at holders further ahead, and end at the home). Holders handed out fewer than [`FANOUT`] times come first, then
@@ -314,8 +366,12 @@ impl Directory {
         home: &PeerId,
         usable: impl Fn(&PeerId) -> bool,
         record: Option<bool>,
+        how: HandOut,
     ) -> Option<Located> {
-        let loc = self.sources(digest, asker, home, usable)?;
+        let loc = match how {
+            HandOut::Tree => self.sources(digest, asker, home, usable)?,
+            HandOut::Exchange { peers } => self.exchange_peers(digest, asker, usable, peers)?,
+        };
         if let Some(public) = record {
             let h = Holding {
                 digest: digest.clone(),
@@ -519,7 +575,7 @@ mod tests {
         let mut askers = Vec::new();
         while dir.entries[&d(1)].holders.len() < MAX_HOLDERS {
             let a = PeerId::random();
-            dir.hand_out(&d(1), &a, &home, |_| true, Some(true)).unwrap();
+            dir.hand_out(&d(1), &a, &home, |_| true, Some(true), HandOut::Tree).unwrap();
             askers.push(a);
         }
         let handed: Vec<PeerId> =
@@ -540,7 +596,7 @@ mod tests {
         let last =
             *handed.iter().chain(&askers).filter(|p| holders.contains_key(p)).max_by_key(|p| holders[p].since).unwrap();
         let since = holders[&last].since;
-        let loc = dir.hand_out(&d(1), &last, &home, |_| true, Some(true)).unwrap();
+        let loc = dir.hand_out(&d(1), &last, &home, |_| true, Some(true), HandOut::Tree).unwrap();
         for (p, s) in &loc.holders {
             let x = dir.entries[&d(1)].holders[p];
             assert!(s.complete || *p == home || x.since < since, "{p} is not ahead of the asker");

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{LinkId, Node, Phase, Report, Sim};
+use super::{LinkId, Node, Phase, Report, Sim, Swarm};
 
 impl Sim {
     /// Finds nodes that wait, through the partial holders they follow, on themselves.
@@ -80,7 +80,8 @@ impl Sim {
             alive.iter().map(|n| u[f(n)]).sum::<f64>() / alive.len().max(1) as f64
         };
         let waiting: usize = self.nodes.iter().map(|n| n.blobs.iter().map(|b| b.waiters.len()).sum::<usize>()).sum();
-        let have: Vec<u64> = self.nodes.iter().map(|n| n.blobs.iter().map(|b| b.have).sum()).collect();
+        let have: Vec<u64> =
+            self.nodes.iter().map(|n| n.blobs.iter().map(|b| b.have.max(b.bits.count())).sum()).collect();
         eprintln!(
             "t={:.0} down {:.2} up {:.2} flows {} waiters {waiting} have min {} max {}",
             self.now,
@@ -128,9 +129,22 @@ impl Sim {
             all[i]
         };
         let end = survivors.iter().filter_map(|n| n.done_at).fold(0.0f64, f64::max).max(1e-9);
+        if self.debug {
+            for z in 0..self.p.zones {
+                let mut t: Vec<f64> = survivors.iter().filter(|n| n.zone == z).filter_map(|n| n.done_at).collect();
+                t.sort_by(f64::total_cmp);
+                let q =
+                    |f: f64| t.get(((t.len() as f64 * f).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0);
+                eprintln!("zone {z}: done p10 {:.2} p50 {:.2} p90 {:.2} max {:.2} s", q(0.1), q(0.5), q(0.9), q(1.0));
+            }
+        }
         let control: u64 = self.nodes.iter().map(|n| n.control).sum();
         Report {
-            scenario: self.p.name.clone(),
+            scenario: match self.p.swarm {
+                Swarm::Tree => self.p.name.clone(),
+                Swarm::Exchange => format!("{} (exchange)", self.p.name),
+            },
+            swarm: self.p.swarm.name(),
             nodes: self.p.nodes,
             completed,
             survivors: survivors.len(),

@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 
 use libp2p::PeerId;
 use shoal_agent::oci::Digest;
+use shoal_agent::swarm::directory::{HandOut, PEERS, PEERS_ACROSS_ZONES};
 use shoal_agent::swarm::scheduler::{Action, PieceScheduler, SchedulerConfig};
 
-use super::{CONNECT_TIMEOUT, Dl, Ev, FOLLOW, PEER_ROUNDS, Phase, SETTLE, Sim, Waiter};
+use super::{CONNECT_TIMEOUT, Dl, Ev, FOLLOW, PEER_ROUNDS, Phase, SETTLE, Sim, Swarm, Waiter};
 use crate::net::Carry;
 
 impl Sim {
@@ -187,7 +188,13 @@ impl Sim {
             let alive = self.views[self.nodes[home].view].1.clone();
             let index = &self.index;
             let usable = |p: &PeerId| *p == home_id || index.get(p).is_some_and(|&i| alive[i]);
-            self.nodes[home].dir.hand_out(&digest, &asker_id, &home_id, usable, same_zone.then_some(true))
+            let how = match self.p.swarm {
+                Swarm::Tree => HandOut::Tree,
+                // A home bringing the blob into another zone trades with more of this zone: its intake is that
+                // zone's.
+                Swarm::Exchange => HandOut::Exchange { peers: if same_zone { PEERS } else { PEERS_ACROSS_ZONES } },
+            };
+            self.nodes[home].dir.hand_out(&digest, &asker_id, &home_id, usable, same_zone.then_some(true), how)
         };
         let sources = loc.map(|l| l.holders.iter().filter_map(|(p, _)| self.index.get(p).copied()).collect());
         self.at(reply + extra, Ev::Located { asker, blob: b, generation: g, home, sources });
@@ -195,6 +202,12 @@ impl Sim {
 
     pub(super) fn on_located(&mut self, n: usize, b: usize, g: u64, home: usize, sources: Option<Vec<usize>>) {
         if self.dl_generation(n, b) != Some(g) || !self.nodes[n].alive {
+            return;
+        }
+        // A trade asking for more peers goes on with whatever came.
+        if matches!(self.nodes[n].blobs[b].dl.as_ref(), Some(Dl { phase: Phase::Trade(_), .. })) {
+            self.add_peers(n, b, sources.unwrap_or_default());
+            self.drive_trade(n, b);
             return;
         }
         match sources {
@@ -207,6 +220,9 @@ impl Sim {
     /// A new tier: a generation of its own, so requests of earlier tiers (to other nodes under the same source
     /// index) are told apart.
     pub(super) fn peers(&mut self, n: usize, b: usize, _g: u64, sources: Vec<usize>, follow: bool, home: usize) {
+        if self.p.swarm == Swarm::Exchange {
+            return self.trade(n, b, sources, home);
+        }
         let l = &self.layers[b];
         let have = self.nodes[n].blobs[b].have;
         let sched = PieceScheduler::new(SchedulerConfig::for_piece(l.piece), l.count, have, sources.len());
@@ -289,9 +305,12 @@ impl Sim {
     /// Drops every piece request of the node's current tier.
     pub(super) fn cancel_requests(&mut self, n: usize, b: usize) {
         let Some(dl) = self.nodes[n].blobs[b].dl.as_mut() else { return };
-        if let Phase::Peers { flows, sources, .. } = &mut dl.phase {
-            let flows = std::mem::take(flows);
-            let sources = sources.clone();
+        let taken = match &mut dl.phase {
+            Phase::Peers { flows, sources, .. } => Some((std::mem::take(flows), sources.clone())),
+            Phase::Trade(t) => Some((std::mem::take(&mut t.flows), t.peers.clone())),
+            _ => None,
+        };
+        if let Some((flows, sources)) = taken {
             for ((_, source), f) in flows {
                 if let Some(f) = f {
                     self.net.stop(f);
@@ -322,7 +341,7 @@ impl Sim {
             self.waits_on_self += 1;
         }
         let bs = &self.nodes[src].blobs[b];
-        if bs.complete || bs.have > piece {
+        if bs.complete || bs.have > piece || bs.bits.get(piece) {
             self.start_piece(src, n, b, piece, source, g);
         } else if follow {
             let w = Waiter { node: n, piece, source, generation: g, deadline: self.now + FOLLOW };
@@ -341,7 +360,11 @@ impl Sim {
 
     pub(super) fn start_piece(&mut self, src: usize, n: usize, b: usize, piece: u64, source: usize, g: u64) {
         let wanted = matches!(self.nodes[n].blobs[b].dl.as_ref(), Some(dl) if dl.generation == g
-            && matches!(&dl.phase, Phase::Peers { flows, .. } if flows.get(&(piece, source)) == Some(&None)));
+        && match &dl.phase {
+            Phase::Peers { flows, .. } => flows.get(&(piece, source)) == Some(&None),
+            Phase::Trade(t) => t.flows.get(&(piece, source)) == Some(&None),
+            _ => false,
+        });
         if !wanted || !self.nodes[n].alive {
             return;
         }
@@ -351,8 +374,14 @@ impl Sim {
         let conn = ((src as u64) << 32) | n as u64;
         let f =
             self.net.start(conn, &links, len as f64, Carry::Piece { node: n, blob: b, piece, source, generation: g });
-        if let Some(Dl { phase: Phase::Peers { flows, .. }, .. }) = self.nodes[n].blobs[b].dl.as_mut() {
-            flows.insert((piece, source), Some(f));
+        match self.nodes[n].blobs[b].dl.as_mut() {
+            Some(Dl { phase: Phase::Peers { flows, .. }, .. }) => {
+                flows.insert((piece, source), Some(f));
+            }
+            Some(Dl { phase: Phase::Trade(t), .. }) => {
+                t.flows.insert((piece, source), Some(f));
+            }
+            _ => {}
         }
         let s = &mut self.nodes[src];
         s.uploads += 1;
@@ -360,6 +389,10 @@ impl Sim {
     }
 
     pub(super) fn on_piece_done(&mut self, n: usize, b: usize, piece: u64, source: usize, g: u64) {
+        if matches!(self.nodes[n].blobs[b].dl.as_ref(), Some(Dl { generation, phase: Phase::Trade(_), .. }) if *generation == g)
+        {
+            return self.trade_piece_done(n, b, piece, source);
+        }
         let now = self.instant(self.now);
         let mut stop = Vec::new();
         let mut written = 0;
@@ -400,6 +433,10 @@ impl Sim {
     }
 
     pub(super) fn on_piece_fail(&mut self, n: usize, b: usize, piece: u64, source: usize, g: u64) {
+        if matches!(self.nodes[n].blobs[b].dl.as_ref(), Some(Dl { generation, phase: Phase::Trade(_), .. }) if *generation == g)
+        {
+            return self.trade_piece_failed(n, b, piece, source);
+        }
         {
             let Some(dl) = self.nodes[n].blobs[b].dl.as_mut() else { return };
             if dl.generation != g {
@@ -448,6 +485,22 @@ impl Sim {
     }
 
     pub(super) fn complete(&mut self, n: usize, b: usize) {
+        if self.p.swarm == Swarm::Exchange {
+            // The pieces its trading peers have not heard of yet (the end of an upstream download).
+            let count = self.layers[b].count;
+            for i in 0..count {
+                self.got_piece(n, b, i, false);
+            }
+            // An injector told each of its pieces to one watcher: now all of them hear of every piece.
+            let bs = &mut self.nodes[n].blobs[b];
+            if bs.injected {
+                bs.untold = (0..count).collect();
+                if !bs.flush_pending && !bs.watchers.is_empty() {
+                    bs.flush_pending = true;
+                    self.at(self.now, Ev::HaveFlush { node: n, blob: b });
+                }
+            }
+        }
         let bs = &mut self.nodes[n].blobs[b];
         bs.complete = true;
         bs.have = self.layers[b].count;
@@ -458,6 +511,14 @@ impl Sim {
         let h = self.holding(b, true);
         self.nodes[n].ann.hold(h);
         self.flush_announcements(n);
+        // Downloads that waited for this one to come in go on.
+        if self.p.swarm == Swarm::Exchange {
+            for o in 0..self.layers.len() {
+                if o != b {
+                    self.drive_trade(n, o);
+                }
+            }
+        }
         if self.nodes[n].blobs.iter().all(|x| x.complete) && self.nodes[n].done_at.is_none() {
             self.nodes[n].done_at = Some(self.now);
         }
@@ -469,17 +530,20 @@ impl Sim {
         }
         let l = &self.layers[b];
         let offset = self.nodes[n].blobs[b].have * u64::from(l.piece);
+        // A trader asks upstream for the pieces it lacks only (ranges), not everything past its first gap.
+        let bytes = if self.p.swarm == Swarm::Exchange {
+            let bs = &mut self.nodes[n].blobs[b];
+            bs.up_missing = (0..l.count).filter(|&i| !bs.bits.get(i)).collect();
+            bs.up_missing.iter().map(|&i| (l.size - i * u64::from(l.piece)).min(u64::from(l.piece))).sum::<u64>()
+        } else {
+            l.size - offset
+        };
         let mut links = vec![self.upstream, self.zone_in[self.nodes[n].zone], self.nodes[n].down];
         links.extend(self.cpu);
         // Each download from upstream is a connection of its own.
         self.generation += 1;
         let conn = u64::MAX - self.generation;
-        let f = self.net.start(
-            conn,
-            &links,
-            (l.size - offset) as f64,
-            Carry::Upstream { node: n, blob: b, offset, generation: g },
-        );
+        let f = self.net.start(conn, &links, bytes as f64, Carry::Upstream { node: n, blob: b, offset, generation: g });
         if let Some(Dl { phase: Phase::Upstream { flow }, .. }) = self.nodes[n].blobs[b].dl.as_mut() {
             *flow = Some(f);
         }
