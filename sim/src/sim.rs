@@ -10,6 +10,9 @@
 //! continues from upstream at its offset. Deaths stop a node's flows; its peers notice through stalls and,
 //! after the detection delay, through their view (homes move, the announcer re-announces what moved).
 //!
+//! With [`Swarm::Exchange`] downloads trade pieces out of order instead ([`Exchange`], `trade.rs`): what the
+//! agent will run, not what it runs yet.
+//!
 //! Not modelled: CPU, disk, QUIC's congestion control (flows share links max-min fairly and start at their fair
 //! rate), message loss, tags and manifests (the image's layers only), membership gossip itself (a death reaches
 //! every view after `detect` ± 0.5 s).
