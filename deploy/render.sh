@@ -9,7 +9,7 @@ helm=${HELM:-helm}
 out=kustomize/shoal.yaml
 render() {
   echo "# Rendered from deploy/helm/shoal by deploy/render.sh: edit the chart, not this file."
-  "$helm" template shoal helm/shoal --namespace shoal-system \
+  "$helm" template shoal helm/shoal --namespace shoal-system --include-crds \
     --set createNamespace=true \
     --set clusterSecret.existingSecret=shoal-cluster-secret \
     --set uninstallHook.enabled=false

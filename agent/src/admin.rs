@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::resolver::{EvictError, ResolveError, Resolver};
 
 pub mod cli;
+pub mod imagecache;
 mod images;
 mod pins;
 mod preheat;

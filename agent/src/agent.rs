@@ -226,18 +226,34 @@ impl Agent {
         if let Some(h) = &cfg.hosts {
             write_hosts(&cfg, h);
         }
+        let admin_state = Arc::new(crate::admin::AdminState {
+            started,
+            node: cfg.node_name.clone(),
+            zone: cfg.mesh.as_ref().map_or_else(|| "default".to_owned(), |m| m.zone.clone()),
+            mirror: addrs.mirror,
+            resolver: resolver.clone(),
+            mesh: mesh.clone(),
+            metrics: metrics.clone(),
+            budget: cfg.gc_high_bytes,
+        });
         if let Some(path) = &cfg.admin_socket {
-            let state = Arc::new(crate::admin::AdminState {
-                started,
-                node: cfg.node_name.clone(),
-                zone: cfg.mesh.as_ref().map_or_else(|| "default".to_owned(), |m| m.zone.clone()),
-                mirror: addrs.mirror,
-                resolver: resolver.clone(),
-                mesh: mesh.clone(),
-                metrics: metrics.clone(),
-                budget: cfg.gc_high_bytes,
-            });
-            crate::admin::serve(path, state, &tasks, cancel.child_token())?;
+            crate::admin::serve(path, admin_state.clone(), &tasks, cancel.child_token())?;
+        }
+        if cfg.image_caches
+            && let Some(m) = &mesh
+        {
+            match crate::kubernetes::client().await {
+                Ok(client) => crate::admin::imagecache::spawn(
+                    client,
+                    admin_state.clone(),
+                    m.clone(),
+                    &tasks,
+                    cancel.child_token(),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "image_caches: no Kubernetes API: ImageCache objects are not followed")
+                }
+            }
         }
         let mirror_app = mirror::router(MirrorState { resolver, metrics });
         let mirror_server =

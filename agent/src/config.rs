@@ -135,6 +135,8 @@ pub struct Config {
     pub ready_file: Option<PathBuf>,
     /// The admin API's unix socket, if any.
     pub admin_socket: Option<PathBuf>,
+    /// Follow and reconcile `ImageCache` objects.
+    pub image_caches: bool,
     /// Log format.
     pub log_format: LogFormat,
     /// Upstream client settings.
@@ -343,6 +345,13 @@ impl RawConfig {
             token_hosts: vec![DOCKER_HUB_AUTH.to_owned()],
         });
 
+        let image_caches = self.image_caches.unwrap_or(false);
+        if image_caches && mesh.is_none() {
+            return Err(invalid(
+                "image_caches",
+                "needs the mesh (`cluster_secret_file`): the images are placed at the zones' homes",
+            ));
+        }
         let admin_socket = match &self.admin_socket {
             None => Some(data_dir.join("admin.sock")),
             Some(p) if p.as_os_str() == "off" => None,
@@ -368,6 +377,7 @@ impl RawConfig {
             client_limits,
             ready_file: self.ready_file.clone(),
             admin_socket,
+            image_caches,
             log_format,
             upstream: UpstreamConfig {
                 connect_timeout,

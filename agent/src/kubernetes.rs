@@ -72,24 +72,37 @@ pub fn node_facts(node: &Node) -> Option<(String, NodeFacts)> {
     Some((name, NodeFacts { addresses, zone: zone.cloned() }))
 }
 
-/// Lists every Node (in pages of 500) into `book`, then follows changes with a watch; relists after a watch error
-/// (an expired resource version, the API server restarting) or when a watch cannot start. Runs until `cancel`.
-pub async fn watch_nodes(client: Client, book: Arc<NodeBook>, cancel: CancellationToken) {
-    let nodes: Api<Node> = Api::all(client);
+/// What a list-then-watch ([`list_watch`]) feeds: the whole set after each list, then each change.
+pub trait Follower<K>: Send {
+    /// Everything there is, as listed (replacing what was known).
+    fn listed(&mut self, all: Vec<K>);
+    /// An object was added or changed.
+    fn applied(&mut self, k: K);
+    /// An object was deleted.
+    fn deleted(&mut self, k: K);
+}
+
+/// Lists every object of `api` (in pages of 500) into `follower`, then follows changes with a watch; relists
+/// after a watch error (an expired resource version, the API server restarting) or when a watch cannot start.
+/// `what` names the objects in logs. Runs until `cancel`.
+pub async fn list_watch<K>(api: Api<K>, what: &str, mut follower: impl Follower<K>, cancel: CancellationToken)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
     let retry = Duration::from_secs(5);
     loop {
         let listed = tokio::select! {
             () = cancel.cancelled() => return,
-            r = list_nodes(&nodes) => r,
+            r = list_all(&api, what) => r,
         };
         let mut version = match listed {
             Ok((all, version)) => {
-                tracing::info!(nodes = all.len(), "Nodes listed: members are checked against them");
-                book.replace_all(all);
+                tracing::info!(objects = all.len(), "{what} listed");
+                follower.listed(all);
                 version
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list Nodes: members cannot be admitted until it can");
+                tracing::warn!(error = %e, "cannot list {what}: listing again in 5 s");
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(retry) => continue,
@@ -100,10 +113,10 @@ pub async fn watch_nodes(client: Client, book: Arc<NodeBook>, cancel: Cancellati
         loop {
             let started = Instant::now();
             let wp = WatchParams::default().timeout(290);
-            let stream = match nodes.watch(&wp, &version).await {
+            let stream = match api.watch(&wp, &version).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot watch Nodes: listing again");
+                    tracing::debug!(error = %e, "cannot watch {what}: listing again");
                     break;
                 }
             };
@@ -114,32 +127,29 @@ pub async fn watch_nodes(client: Client, book: Arc<NodeBook>, cancel: Cancellati
                     () = cancel.cancelled() => return,
                     e = stream.try_next() => e,
                 };
-                match event {
-                    Ok(Some(WatchEvent::Added(n) | WatchEvent::Modified(n))) => {
-                        if let Some(v) = n.metadata.resource_version.clone() {
-                            version = v;
-                        }
-                        if let Some((name, facts)) = node_facts(&n) {
-                            book.upsert(name, facts);
-                        }
+                let seen = |k: &K, version: &mut String| {
+                    if let Some(v) = k.meta().resource_version.clone() {
+                        *version = v;
                     }
-                    Ok(Some(WatchEvent::Deleted(n))) => {
-                        if let Some(v) = n.metadata.resource_version.clone() {
-                            version = v;
-                        }
-                        if let Some(name) = &n.metadata.name {
-                            book.remove(name);
-                        }
+                };
+                match event {
+                    Ok(Some(WatchEvent::Added(k) | WatchEvent::Modified(k))) => {
+                        seen(&k, &mut version);
+                        follower.applied(k);
+                    }
+                    Ok(Some(WatchEvent::Deleted(k))) => {
+                        seen(&k, &mut version);
+                        follower.deleted(k);
                     }
                     Ok(Some(WatchEvent::Bookmark(b))) => version = b.metadata.resource_version,
                     Ok(Some(WatchEvent::Error(e))) => {
-                        tracing::debug!(code = e.code, message = %e.message, "Node watch error: listing again");
+                        tracing::debug!(code = e.code, message = %e.message, "{what} watch error: listing again");
                         relist = true;
                         break;
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!(error = %e, "Node watch failed: listing again");
+                        tracing::debug!(error = %e, "{what} watch failed: listing again");
                         relist = true;
                         break;
                     }
@@ -163,18 +173,46 @@ pub async fn watch_nodes(client: Client, book: Arc<NodeBook>, cancel: Cancellati
     }
 }
 
-async fn list_nodes(nodes: &Api<Node>) -> Result<(HashMap<String, NodeFacts>, String), KubeError> {
-    let mut all = HashMap::new();
+async fn list_all<K>(api: &Api<K>, what: &str) -> Result<(Vec<K>, String), KubeError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut all = Vec::new();
     let mut lp = ListParams::default().limit(500);
     loop {
         let page =
-            nodes.list(&lp).await.map_err(|e| KubeError::Api { what: "listing Nodes".into(), source: Box::new(e) })?;
-        all.extend(page.items.iter().filter_map(node_facts));
+            api.list(&lp).await.map_err(|e| KubeError::Api { what: format!("listing {what}"), source: Box::new(e) })?;
+        all.extend(page.items);
         match page.metadata.continue_.filter(|c| !c.is_empty()) {
             Some(c) => lp = lp.continue_token(&c),
             None => return Ok((all, page.metadata.resource_version.unwrap_or_default())),
         }
     }
+}
+
+/// The Nodes into a [`NodeBook`].
+struct NodeFollower(Arc<NodeBook>);
+
+impl Follower<Node> for NodeFollower {
+    fn listed(&mut self, all: Vec<Node>) {
+        self.0.replace_all(all.iter().filter_map(node_facts).collect::<HashMap<_, _>>());
+    }
+    fn applied(&mut self, n: Node) {
+        if let Some((name, facts)) = node_facts(&n) {
+            self.0.upsert(name, facts);
+        }
+    }
+    fn deleted(&mut self, n: Node) {
+        if let Some(name) = &n.metadata.name {
+            self.0.remove(name);
+        }
+    }
+}
+
+/// Lists every Node into `book`, then follows changes ([`list_watch`]): members are checked against them. Runs
+/// until `cancel`.
+pub async fn watch_nodes(client: Client, book: Arc<NodeBook>, cancel: CancellationToken) {
+    list_watch(Api::<Node>::all(client), "Nodes", NodeFollower(book), cancel).await;
 }
 
 /// The zone label of node `name`: `None` when the node has no such label.

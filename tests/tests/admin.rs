@@ -283,3 +283,89 @@ async fn a_pin_is_told_to_every_member_survives_gc_and_restarts_and_is_refused_p
     assert!(!ok && err.contains("not pinned"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_image_cache_is_preheated_pinned_and_reported_by_the_home_of_its_name_and_unpinned_when_deleted()
+-> Result<()> {
+    use shoal_testbed::kube::FakeApi;
+    let cl = Cluster::start().await?;
+    let image = Artifact::Image(Image::random(&[1_200_000, 400_000], 46, "amd64", Compression::Gzip)?);
+    let digest = push(&image, &cl.registry.host(), "team/cached", "v1", None, Format::Oci)?;
+    let api = FakeApi::start(Vec::new()).await?;
+    let on = |n: u8, zone: &str, peers: &[&Agent]| -> Result<shoal_testbed::AgentBuilder> {
+        Ok(cl
+            .agent(n, peers)
+            .setting("zone", &format!("\"{zone}\""))
+            .setting("image_caches", "true")
+            .env("KUBECONFIG", &api.kubeconfig_with_token(&format!("agent-{n}"))?))
+    };
+    let a1 = on(71, "zone-a", &[])?.start().await?;
+    let a2 = on(72, "zone-a", &[&a1])?.start().await?;
+    let b1 = on(73, "zone-b", &[&a1])?.start().await?;
+    let agents = [&a1, &a2, &b1];
+    wait_alive(&agents, 2.0, Duration::from_secs(15)).await?;
+    let reference = format!("{}/team/cached:v1", cl.proxy.host());
+    let logs = || agents.iter().map(|a| a.log()).collect::<Vec<_>>().join("\n----\n");
+
+    // A spec the agents cannot act on: the status says why, naming the field; nothing is fetched.
+    cl.proxy.reset_counts();
+    api.put_image_cache("apps", "bad", serde_json::json!({"images": [reference], "imagePullSecrets": [{"name": "s"}]}));
+    shoal_testbed::wait_for("the refusal in the status", Duration::from_secs(20), async || {
+        api.image_cache("apps", "bad").is_some_and(|o| {
+            o["status"]["message"].as_str().is_some_and(|m| m.starts_with("spec.imagePullSecrets: not supported"))
+        })
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+
+    api.put_image_cache("apps", "warm", serde_json::json!({"images": [reference], "pin": true}));
+    let ready = |o: &serde_json::Value| {
+        o["status"]["images"][0]["zones"]
+            .as_array()
+            .is_some_and(|zs| zs.len() == 2 && zs.iter().all(|z| z["state"] == "Ready"))
+    };
+    shoal_testbed::wait_for("both zones Ready", Duration::from_secs(60), async || {
+        api.image_cache("apps", "warm").is_some_and(|o| ready(&o))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{:?}\n{}", api.image_cache("apps", "warm"), logs()))?;
+    let obj = api.image_cache("apps", "warm").expect("there");
+    println!("status: {:#}", obj["status"]);
+    assert_eq!(obj["status"]["observedGeneration"], 1, "{obj}");
+    assert_eq!(obj["status"]["images"][0]["digest"], digest.as_str(), "{obj}");
+    assert_eq!(obj["status"]["images"][0]["pinned"], true, "{obj}");
+    let mut zones: Vec<&str> = obj["status"]["images"][0]["zones"]
+        .as_array()
+        .expect("zones")
+        .iter()
+        .filter_map(|z| z["zone"].as_str())
+        .collect();
+    zones.sort_unstable();
+    assert_eq!(zones, ["zone-a", "zone-b"]);
+    // One agent writes each object's status: the home of its name (Fetching, then Ready).
+    for name in ["bad", "warm"] {
+        let mut writers = api.status_writers("apps", name);
+        writers.dedup();
+        assert_eq!(writers.len(), 1, "{name}: {writers:?}");
+    }
+    // Each layer crossed from upstream once; every member holds the pin.
+    for blob in image.all_blobs() {
+        let n = cl.proxy.count("GET", &blob.digest);
+        assert_eq!(n, 1, "{} fetched {n} times from upstream", blob.digest);
+    }
+    for agent in agents {
+        let pins = json(agent, &["pins"]).await?;
+        assert_eq!(pins["pins"][0]["image"], reference.as_str(), "{pins}");
+    }
+
+    // Deleted: unpinned on every member.
+    api.delete_image_cache("apps", "warm");
+    for agent in agents {
+        shoal_testbed::wait_for("the pin gone", Duration::from_secs(20), async || {
+            json(agent, &["pins"]).await.is_ok_and(|p| p["pins"].as_array().is_some_and(Vec::is_empty))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", agent.log()))?;
+    }
+    Ok(())
+}

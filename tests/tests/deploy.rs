@@ -194,7 +194,8 @@ fn check_agent(objs: &[serde_json::Value]) -> Result<(String, String)> {
         format!("{}.{ns}.svc:{}", svc.metadata.name.as_deref().unwrap_or_default(), port_of(&s("gossip_listen")));
     assert_eq!(bootstrap.iter().filter_map(toml::Value::as_str).collect::<Vec<_>>(), vec![want.as_str()]);
 
-    // RBAC: the agent's service account may get nodes (its own, for the zone label) and nothing else.
+    // RBAC: the agent's service account may read nodes (its own for the zone label, all of them for the members'
+    // identities) and, when it follows ImageCache objects, read those and write their status; nothing else.
     let sa_name = pod.service_account_name.clone().context("a service account")?;
     let _: ServiceAccount = one(objs, "ServiceAccount", &sa_name)?;
     let bindings: Vec<ClusterRoleBinding> = all(objs, "ClusterRoleBinding")?;
@@ -204,7 +205,22 @@ fn check_agent(objs: &[serde_json::Value]) -> Result<(String, String)> {
         subjects.iter().all(|s| s.kind == "ServiceAccount" && s.name == sa_name && s.namespace.as_deref() == Some(&ns))
     );
     let role: ClusterRole = one(objs, "ClusterRole", &binding.role_ref.name)?;
-    assert_eq!(role.rules, Some(vec![rule(&[""], &["nodes"], None, &["get", "list", "watch"])]));
+    let mut rules = vec![rule(&[""], &["nodes"], None, &["get", "list", "watch"])];
+    if cfg.get("image_caches").and_then(toml::Value::as_bool) == Some(true) {
+        use shoal_agent::admin::imagecache::{GROUP, KIND, PLURAL, VERSION};
+        rules.push(rule(&[GROUP], &[PLURAL], None, &["get", "list", "watch"]));
+        rules.push(rule(&[GROUP], &[&format!("{PLURAL}/status")], None, &["update", "patch"]));
+        // The CRD the chart installs is the one the agent follows, with a status subresource it can write.
+        let crd: serde_json::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(deploy_dir().join("helm/shoal/crds/imagecache.yaml"))?)?;
+        assert_eq!(crd["metadata"]["name"], format!("{PLURAL}.{GROUP}"));
+        assert_eq!((&crd["spec"]["group"], &crd["spec"]["names"]["kind"]), (&GROUP.into(), &KIND.into()));
+        assert_eq!(crd["spec"]["names"]["plural"], PLURAL);
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!((&v["name"], &v["served"]), (&VERSION.into(), &true.into()));
+        assert!(v["subresources"]["status"].is_object(), "the agent writes status through the subresource");
+    }
+    assert_eq!(role.rules, Some(rules));
     assert!(
         all::<Role>(objs, "Role")?.iter().all(|r| r
             .metadata
@@ -222,6 +238,12 @@ fn plain_manifests_are_wired_to_the_agents_config() -> Result<()> {
     let objs = objects(&std::fs::read_to_string(dir.join("shoal.yaml"))?)?;
     assert_eq!(all::<serde_json::Value>(&objs, "Namespace")?.len(), 1);
     let (secret, _) = check_agent(&objs)?;
+    // kubectl has no crds/ directory: the plain manifests carry the CRD.
+    let crds: Vec<serde_json::Value> = all(&objs, "CustomResourceDefinition")?;
+    assert_eq!(
+        crds.iter().filter_map(|c| c["metadata"]["name"].as_str()).collect::<Vec<_>>(),
+        vec!["imagecaches.shoal.dev"]
+    );
     // The Secret comes from kustomize's generator, from a file made at install time: none in the manifests.
     assert!(all::<Secret>(&objs, "Secret")?.is_empty(), "no secret value in the repository");
     let kustomization: serde_json::Value =
@@ -322,7 +344,7 @@ async fn the_agent_takes_its_zone_from_its_nodes_label() -> Result<()> {
         .await?;
     assert!(zoned.log().contains("zone=eu-west-1b"), "{}", zoned.log());
     let listed = shoal_testbed::wait_for("the Nodes listed", std::time::Duration::from_secs(10), async || {
-        zoned.log().contains("Nodes listed: members are checked against them nodes=1")
+        zoned.log().contains("Nodes listed objects=1")
     })
     .await;
     assert!(listed.is_ok(), "members are checked against the Nodes: {}", zoned.log());

@@ -64,6 +64,11 @@ pub struct RawConfig {
     /// `off` for none.
     #[arg(long, env = "SHOAL_ADMIN_SOCKET")]
     pub admin_socket: Option<PathBuf>,
+    /// Follow the cluster's `ImageCache` objects (`shoal.dev/v1alpha1`) and, on the agent that is the home of an
+    /// object's name, preheat, pin and report them. Needs the mesh and the Kubernetes API. Default `false` (the
+    /// chart: `true`).
+    #[arg(long, env = "SHOAL_IMAGE_CACHES")]
+    pub image_caches: Option<bool>,
     /// Timeout for connecting to an upstream registry. Default `5s`.
     #[arg(long, env = "SHOAL_UPSTREAM_CONNECT_TIMEOUT")]
     pub upstream_connect_timeout: Option<String>,
@@ -274,6 +279,7 @@ impl RawConfig {
             client_stall_timeout: self.client_stall_timeout.or(file.client_stall_timeout),
             ready_file: self.ready_file.or(file.ready_file),
             admin_socket: self.admin_socket.or(file.admin_socket),
+            image_caches: self.image_caches.or(file.image_caches),
             upstream_connect_timeout: self.upstream_connect_timeout.or(file.upstream_connect_timeout),
             upstream_stall_timeout: self.upstream_stall_timeout.or(file.upstream_stall_timeout),
             upstream_response_timeout: self.upstream_response_timeout.or(file.upstream_response_timeout),
