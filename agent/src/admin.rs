@@ -30,6 +30,7 @@ mod images;
 mod pins;
 mod preheat;
 mod pull;
+pub mod rollouts;
 
 pub use pull::{ImageRef, Platform};
 

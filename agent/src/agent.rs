@@ -239,19 +239,22 @@ impl Agent {
         if let Some(path) = &cfg.admin_socket {
             crate::admin::serve(path, admin_state.clone(), &tasks, cancel.child_token())?;
         }
-        if cfg.image_caches
+        if (cfg.image_caches || cfg.prefetch_rollouts)
             && let Some(m) = &mesh
         {
             match crate::kubernetes::client().await {
-                Ok(client) => crate::admin::imagecache::spawn(
-                    client,
-                    admin_state.clone(),
-                    m.clone(),
-                    &tasks,
-                    cancel.child_token(),
-                ),
+                Ok(client) => {
+                    if cfg.image_caches {
+                        let st = admin_state.clone();
+                        crate::admin::imagecache::spawn(client.clone(), st, m.clone(), &tasks, cancel.child_token());
+                    }
+                    if cfg.prefetch_rollouts {
+                        let st = admin_state.clone();
+                        crate::admin::rollouts::spawn(client, st, m.clone(), &tasks, cancel.child_token());
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "image_caches: no Kubernetes API: ImageCache objects are not followed")
+                    tracing::warn!(error = %e, "no Kubernetes API: ImageCache objects and rollouts are not followed");
                 }
             }
         }

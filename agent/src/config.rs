@@ -137,6 +137,8 @@ pub struct Config {
     pub admin_socket: Option<PathBuf>,
     /// Follow and reconcile `ImageCache` objects.
     pub image_caches: bool,
+    /// Prefetch the new images of workloads' rollouts.
+    pub prefetch_rollouts: bool,
     /// Log format.
     pub log_format: LogFormat,
     /// Upstream client settings.
@@ -346,11 +348,14 @@ impl RawConfig {
         });
 
         let image_caches = self.image_caches.unwrap_or(false);
-        if image_caches && mesh.is_none() {
-            return Err(invalid(
-                "image_caches",
-                "needs the mesh (`cluster_secret_file`): the images are placed at the zones' homes",
-            ));
+        let prefetch_rollouts = self.prefetch_rollouts.unwrap_or(false);
+        for (key, on) in [("image_caches", image_caches), ("prefetch_rollouts", prefetch_rollouts)] {
+            if on && mesh.is_none() {
+                return Err(invalid(
+                    key,
+                    "needs the mesh (`cluster_secret_file`): the images are placed at the zones' homes",
+                ));
+            }
         }
         let admin_socket = match &self.admin_socket {
             None => Some(data_dir.join("admin.sock")),
@@ -378,6 +383,7 @@ impl RawConfig {
             ready_file: self.ready_file.clone(),
             admin_socket,
             image_caches,
+            prefetch_rollouts,
             log_format,
             upstream: UpstreamConfig {
                 connect_timeout,

@@ -1,7 +1,7 @@
 //! A fake Kubernetes API server (the one mock the testbed allows: no cluster can run here). It serves Nodes — `get`
-//! by name, `list`, and a `watch` that ends at once (the agent watches again) — and `ImageCache` objects (list, a
-//! watch that streams changes from the version asked for, and the status subresource's merge patch, recording who
-//! wrote it), and writes kubeconfigs pointing at itself, which agents find through `KUBECONFIG` as outside a
+//! by name, `list`, and a `watch` that ends at once (the agent watches again) — and `ImageCache` objects and
+//! workloads (Deployments, StatefulSets, DaemonSets: list, a watch that streams changes from the version asked for,
+//! and ImageCaches' status subresource's merge patch, recording who wrote it), and writes kubeconfigs pointing at itself, which agents find through `KUBECONFIG` as outside a
 //! cluster (one per agent with a token of its own, to tell the writers apart).
 
 use std::collections::BTreeMap;
@@ -41,15 +41,15 @@ impl FakeNode {
     }
 }
 
-/// The ImageCache objects the fake holds, and their history.
+/// The objects the fake holds besides Nodes (ImageCaches, workloads), and their history.
 #[derive(Debug, Default)]
 struct Caches {
-    /// By (namespace, name).
-    objects: BTreeMap<(String, String), Value>,
-    /// The last resource version given out.
+    /// By (resource path `group/version/plural`, namespace, name).
+    objects: BTreeMap<(String, String, String), Value>,
+    /// The last resource version given out (one sequence for all, as etcd's).
     version: u64,
-    /// Every change: (version, watch event).
-    log: Vec<(u64, Value)>,
+    /// Every change: (version, resource path, watch event).
+    log: Vec<(u64, String, Value)>,
     /// Status writes: (namespace, name, the writer's bearer token).
     writers: Vec<(String, String, String)>,
 }
@@ -57,7 +57,7 @@ struct Caches {
 #[derive(Debug, Clone)]
 struct Shared {
     caches: Arc<Mutex<Caches>>,
-    changes: broadcast::Sender<(u64, Value)>,
+    changes: broadcast::Sender<(u64, String, Value)>,
 }
 
 impl Shared {
@@ -65,15 +65,49 @@ impl Shared {
         self.caches.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records a change (`ADDED`, `MODIFIED`, `DELETED`) of `obj`, stamping its resource version.
-    fn change(&self, c: &mut Caches, kind: &str, obj: &mut Value) {
+    /// Records a change (`ADDED`, `MODIFIED`, `DELETED`) of `obj` of resource `res`, stamping its version.
+    fn change(&self, c: &mut Caches, res: &str, kind: &str, obj: &mut Value) {
         c.version += 1;
         obj["metadata"]["resourceVersion"] = json!(c.version.to_string());
         let ev = json!({"type": kind, "object": obj.clone()});
-        c.log.push((c.version, ev.clone()));
-        let _ = self.changes.send((c.version, ev));
+        c.log.push((c.version, res.to_owned(), ev.clone()));
+        let _ = self.changes.send((c.version, res.to_owned(), ev));
+    }
+
+    /// Creates or replaces `res` object `namespace/name` with `spec` (a new generation when the spec changed).
+    fn put(&self, res: &str, kind: &str, namespace: &str, name: &str, spec: Value) {
+        let mut c = self.lock();
+        let key = (res.to_owned(), namespace.to_owned(), name.to_owned());
+        let api_version = res.rsplit_once('/').map_or(res, |(gv, _)| gv);
+        let (change, mut obj) = match c.objects.get(&key) {
+            Some(old) if old["spec"] == spec => return,
+            Some(old) => {
+                let mut o = old.clone();
+                o["spec"] = spec;
+                o["metadata"]["generation"] = json!(old["metadata"]["generation"].as_i64().unwrap_or(1) + 1);
+                ("MODIFIED", o)
+            }
+            None => (
+                "ADDED",
+                json!({"apiVersion": api_version, "kind": kind,
+                    "metadata": {"name": name, "namespace": namespace, "generation": 1, "uid": format!("uid-{res}-{namespace}-{name}")},
+                    "spec": spec}),
+            ),
+        };
+        self.change(&mut c, res, change, &mut obj);
+        c.objects.insert(key, obj);
+    }
+
+    fn delete(&self, res: &str, namespace: &str, name: &str) {
+        let mut c = self.lock();
+        if let Some(mut obj) = c.objects.remove(&(res.to_owned(), namespace.to_owned(), name.to_owned())) {
+            self.change(&mut c, res, "DELETED", &mut obj);
+        }
     }
 }
+
+/// ImageCaches' resource path.
+const CACHES: &str = "shoal.dev/v1alpha1/imagecaches";
 
 /// The running fake.
 #[derive(Debug)]
@@ -114,14 +148,20 @@ fn query_param<'a>(q: &'a str, key: &str) -> Option<&'a str> {
     q.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// A list, or with `watch=true` a stream of changes after `resourceVersion`, held open up to `timeoutSeconds`.
-async fn list_or_watch_caches(State(shared): State<Shared>, RawQuery(q): RawQuery) -> axum::response::Response {
+/// A list of every object of a resource, or with `watch=true` a stream of its changes after `resourceVersion`,
+/// held open up to `timeoutSeconds`.
+async fn list_or_watch(
+    State(shared): State<Shared>,
+    Path((group, version, plural)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+) -> axum::response::Response {
     use axum::response::IntoResponse as _;
+    let res = format!("{group}/{version}/{plural}");
     let q = q.unwrap_or_default();
     if query_param(&q, "watch") != Some("true") {
         let c = shared.lock();
-        let items: Vec<Value> = c.objects.values().cloned().collect();
-        let list = json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "ImageCacheList",
+        let items: Vec<Value> = c.objects.iter().filter(|(k, _)| k.0 == res).map(|(_, v)| v.clone()).collect();
+        let list = json!({"apiVersion": format!("{group}/{version}"), "kind": "List",
             "metadata": {"resourceVersion": c.version.to_string()}, "items": items});
         return json_response(http::StatusCode::OK, &list).into_response();
     }
@@ -129,7 +169,8 @@ async fn list_or_watch_caches(State(shared): State<Shared>, RawQuery(q): RawQuer
     let secs: u64 = query_param(&q, "timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290);
     // Subscribed before the log is read: nothing falls between the two.
     let mut live = shared.changes.subscribe();
-    let past: Vec<(u64, Value)> = shared.lock().log.iter().filter(|(v, _)| *v > from).cloned().collect();
+    let past: Vec<(u64, Value)> =
+        shared.lock().log.iter().filter(|(v, r, _)| *v > from && *r == res).map(|(v, _, e)| (*v, e.clone())).collect();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(64);
     tokio::spawn(async move {
         let mut last = from;
@@ -143,8 +184,8 @@ async fn list_or_watch_caches(State(shared): State<Shared>, RawQuery(q): RawQuer
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
         loop {
             let next = tokio::time::timeout_at(deadline, live.recv()).await;
-            let Ok(Ok((v, ev))) = next else { return };
-            if v > last {
+            let Ok(Ok((v, r, ev))) = next else { return };
+            if v > last && r == res {
                 last = v;
                 if tx.send(Ok(line(&ev))).await.is_err() {
                     return;
@@ -174,7 +215,7 @@ async fn patch_cache_status(
         .unwrap_or("")
         .to_owned();
     let mut c = shared.lock();
-    let key = (ns.clone(), name.clone());
+    let key = (CACHES.to_owned(), ns.clone(), name.clone());
     let Some(mut obj) = c.objects.get(&key).cloned() else {
         return json_response(
             http::StatusCode::NOT_FOUND,
@@ -187,7 +228,7 @@ async fn patch_cache_status(
     if let Some(status) = patch.get("status") {
         obj["status"] = status.clone();
     }
-    shared.change(&mut c, "MODIFIED", &mut obj);
+    shared.change(&mut c, CACHES, "MODIFIED", &mut obj);
     c.objects.insert(key, obj.clone());
     c.writers.push((ns, name, writer));
     json_response(http::StatusCode::OK, &obj).into_response()
@@ -200,6 +241,11 @@ fn json_response(status: http::StatusCode, v: &Value) -> impl axum::response::In
 impl FakeApi {
     /// Serves `nodes` on 127.0.0.1.
     pub async fn start(nodes: Vec<FakeNode>) -> Result<Self> {
+        Self::start_at(nodes, IpAddr::from([127, 0, 0, 1])).await
+    }
+
+    /// Serves `nodes` on `ip` (a bridge's host address, for agents in network namespaces).
+    pub async fn start_at(nodes: Vec<FakeNode>, ip: IpAddr) -> Result<Self> {
         let by_name = nodes.clone();
         let app = axum::Router::new()
             .route(
@@ -239,11 +285,11 @@ impl FakeApi {
         let (changes, _) = broadcast::channel(1024);
         let shared = Shared { caches: Arc::default(), changes };
         let caches = axum::Router::new()
-            .route("/apis/shoal.dev/v1alpha1/imagecaches", get(list_or_watch_caches))
+            .route("/apis/{group}/{version}/{plural}", get(list_or_watch))
             .route("/apis/shoal.dev/v1alpha1/namespaces/{ns}/imagecaches/{name}/status", patch(patch_cache_status))
             .with_state(shared.clone());
         let app = app.merge(caches);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0)).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -261,38 +307,28 @@ impl FakeApi {
 
     /// Creates or replaces ImageCache `namespace/name` with `spec` (a new generation when the spec changed).
     pub fn put_image_cache(&self, namespace: &str, name: &str, spec: Value) {
-        let mut c = self.shared.lock();
-        let key = (namespace.to_owned(), name.to_owned());
-        let (kind, mut obj) = match c.objects.get(&key) {
-            Some(old) if old["spec"] == spec => return,
-            Some(old) => {
-                let mut o = old.clone();
-                o["spec"] = spec;
-                o["metadata"]["generation"] = json!(old["metadata"]["generation"].as_i64().unwrap_or(1) + 1);
-                ("MODIFIED", o)
-            }
-            None => (
-                "ADDED",
-                json!({"apiVersion": "shoal.dev/v1alpha1", "kind": "ImageCache",
-                    "metadata": {"name": name, "namespace": namespace, "generation": 1, "uid": format!("uid-{name}")},
-                    "spec": spec}),
-            ),
-        };
-        self.shared.change(&mut c, kind, &mut obj);
-        c.objects.insert(key, obj);
+        self.shared.put(CACHES, "ImageCache", namespace, name, spec);
     }
 
     /// Deletes ImageCache `namespace/name`.
     pub fn delete_image_cache(&self, namespace: &str, name: &str) {
-        let mut c = self.shared.lock();
-        if let Some(mut obj) = c.objects.remove(&(namespace.to_owned(), name.to_owned())) {
-            self.shared.change(&mut c, "DELETED", &mut obj);
-        }
+        self.shared.delete(CACHES, namespace, name);
     }
 
     /// ImageCache `namespace/name` as stored (status included).
     pub fn image_cache(&self, namespace: &str, name: &str) -> Option<Value> {
-        self.shared.lock().objects.get(&(namespace.to_owned(), name.to_owned())).cloned()
+        self.shared.lock().objects.get(&(CACHES.to_owned(), namespace.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// Creates or updates a workload (`kind` Deployment, StatefulSet or DaemonSet) `namespace/name` whose pod
+    /// template runs `images` (as the one container each).
+    pub fn put_workload(&self, kind: &str, namespace: &str, name: &str, images: &[&str]) {
+        let plural = format!("apps/v1/{}s", kind.to_lowercase());
+        let containers: Vec<Value> =
+            images.iter().enumerate().map(|(i, im)| json!({"name": format!("c{i}"), "image": im})).collect();
+        let spec = json!({"selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": containers}}});
+        self.shared.put(&plural, kind, namespace, name, spec);
     }
 
     /// The tokens of the clients that wrote `namespace/name`'s status, one per write.

@@ -369,3 +369,69 @@ async fn an_image_cache_is_preheated_pinned_and_reported_by_the_home_of_its_name
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_rollouts_new_image_is_fetched_once_by_each_zone_before_any_node_pulls_it() -> Result<()> {
+    use shoal_testbed::kube::FakeApi;
+    let mut cl = Cluster::start().await?;
+    let old = Artifact::Image(Image::random(&[900_000, 300_000], 47, "amd64", Compression::Gzip)?);
+    let new = Artifact::Image(Image::random(&[1_100_000, 300_000], 48, "amd64", Compression::Gzip)?);
+    push(&old, &cl.registry.host(), "team/web", "v1", None, Format::Oci)?;
+    let digest = push(&new, &cl.registry.host(), "team/web", "v2", None, Format::Oci)?;
+    let (v1, v2) = (format!("{}/team/web:v1", cl.proxy.host()), format!("{}/team/web:v2", cl.proxy.host()));
+    let api = FakeApi::start(Vec::new()).await?;
+    // There before the agents: the first list only records it.
+    api.put_workload("Deployment", "shop", "web", &[&v1]);
+    let on = |n: u8, zone: &str, peers: &[&Agent]| -> Result<shoal_testbed::AgentBuilder> {
+        Ok(cl
+            .agent(n, peers)
+            .setting("zone", &format!("\"{zone}\""))
+            .setting("prefetch_rollouts", "true")
+            .env("KUBECONFIG", api.kubeconfig_env()?))
+    };
+    let a1 = on(81, "zone-a", &[])?.start().await?;
+    let a2 = on(82, "zone-a", &[&a1])?.start().await?;
+    let b1 = on(83, "zone-b", &[&a1])?.start().await?;
+    let agents = [&a1, &a2, &b1];
+    wait_alive(&agents, 2.0, Duration::from_secs(15)).await?;
+    let logs = || agents.iter().map(|a| a.log()).collect::<Vec<_>>().join("\n----\n");
+    let count = |needle: &str| agents.iter().map(|a| a.log().matches(needle).count()).sum::<usize>();
+    // One watcher per zone, each having listed the workloads (the first agent watched zone-a alone for a moment,
+    // until the second one joined and took the role).
+    let watching = |a: &Agent| {
+        let log = a.log();
+        log.rfind("watching rollouts for this zone")
+            .is_some_and(|w| log.rfind("no longer this zone's").is_none_or(|n| n < w))
+            && log.contains("Deployments listed objects=1")
+    };
+    shoal_testbed::wait_for("a watcher per zone", Duration::from_secs(30), async || {
+        agents.iter().filter(|a| watching(a)).count() == 2
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+
+    cl.proxy.reset_counts();
+    api.put_workload("Deployment", "shop", "web", &[&v2]);
+    shoal_testbed::wait_for("both zones prefetched", Duration::from_secs(60), async || {
+        count("rollout: prefetched") == 2
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    // The old image was never fetched; each blob of the new one crossed from upstream once for the cluster.
+    for blob in old.all_blobs() {
+        assert_eq!(cl.proxy.count("GET", &blob.digest), 0, "{} of the old image fetched", blob.digest);
+    }
+    for blob in new.all_blobs() {
+        let n = cl.proxy.count("GET", &blob.digest);
+        assert_eq!(n, 1, "{} fetched {n} times from upstream", blob.digest);
+    }
+    // Upstream gone: every node's containerd pulls the new image from the cluster.
+    cl.stop_upstream().await;
+    for agent in agents {
+        let ctr = Containerd::start().await?;
+        ctr.configure_host(&cl.proxy.host(), Some(&agent.url()))?;
+        let out = ctr.pull(&format!("{}/team/web@{digest}", cl.proxy.host()), None, &[]).await?;
+        assert!(out.success, "pull failed: {}\n{}", out.output, agent.log());
+    }
+    Ok(())
+}

@@ -220,6 +220,9 @@ fn check_agent(objs: &[serde_json::Value]) -> Result<(String, String)> {
         assert_eq!((&v["name"], &v["served"]), (&VERSION.into(), &true.into()));
         assert!(v["subresources"]["status"].is_object(), "the agent writes status through the subresource");
     }
+    if cfg.get("prefetch_rollouts").and_then(toml::Value::as_bool) == Some(true) {
+        rules.push(rule(&["apps"], &["deployments", "statefulsets", "daemonsets"], None, &["get", "list", "watch"]));
+    }
     assert_eq!(role.rules, Some(rules));
     assert!(
         all::<Role>(objs, "Role")?.iter().all(|r| r
@@ -258,6 +261,19 @@ fn plain_manifests_are_wired_to_the_agents_config() -> Result<()> {
         !dir.join("cluster-secret").exists()
             || std::fs::read_to_string(dir.join(".gitignore"))?.contains("cluster-secret")
     );
+    Ok(())
+}
+
+#[test]
+fn optional_features_bring_their_rbac_and_only_then() -> Result<()> {
+    // Prefetch on rollouts on, image caches off: the workloads' read access comes, the ImageCache rules go.
+    let objs =
+        objects(&helm_template(&["--set", "prefetchRollouts.enabled=true", "--set", "imageCaches.enabled=false"])?)?;
+    check_agent(&objs)?;
+    let role: ClusterRole = all(&objs, "ClusterRole")?.into_iter().next().context("a ClusterRole")?;
+    let rules = role.rules.context("rules")?;
+    assert!(rules.iter().any(|r| r.api_groups == Some(vec!["apps".into()])), "{rules:?}");
+    assert!(!rules.iter().any(|r| r.api_groups == Some(vec!["shoal.dev".into()])), "{rules:?}");
     Ok(())
 }
 

@@ -69,6 +69,11 @@ pub struct RawConfig {
     /// chart: `true`).
     #[arg(long, env = "SHOAL_IMAGE_CACHES")]
     pub image_caches: Option<bool>,
+    /// When a Deployment's, StatefulSet's or DaemonSet's pod template names a new image, have each zone fetch it
+    /// once before the kubelets ask (one agent per zone watches the workloads). Needs the mesh and the Kubernetes
+    /// API (read-only on those kinds). Default `false`.
+    #[arg(long, env = "SHOAL_PREFETCH_ROLLOUTS")]
+    pub prefetch_rollouts: Option<bool>,
     /// Timeout for connecting to an upstream registry. Default `5s`.
     #[arg(long, env = "SHOAL_UPSTREAM_CONNECT_TIMEOUT")]
     pub upstream_connect_timeout: Option<String>,
@@ -280,6 +285,7 @@ impl RawConfig {
             ready_file: self.ready_file.or(file.ready_file),
             admin_socket: self.admin_socket.or(file.admin_socket),
             image_caches: self.image_caches.or(file.image_caches),
+            prefetch_rollouts: self.prefetch_rollouts.or(file.prefetch_rollouts),
             upstream_connect_timeout: self.upstream_connect_timeout.or(file.upstream_connect_timeout),
             upstream_stall_timeout: self.upstream_stall_timeout.or(file.upstream_stall_timeout),
             upstream_response_timeout: self.upstream_response_timeout.or(file.upstream_response_timeout),

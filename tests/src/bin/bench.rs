@@ -25,6 +25,8 @@ mod burst;
 mod load;
 #[path = "bench/membership.rs"]
 mod membership;
+#[path = "bench/rollout.rs"]
+mod rollout;
 #[path = "bench/small.rs"]
 mod small;
 
@@ -61,11 +63,12 @@ fn parse_args() -> Result<Args> {
         Some("mirror") => Bench::Mirror,
         Some("mesh") => Bench::Mesh,
         _ => bail!(
-            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]\n       {}\n       {}\n       {}\n       {}",
+            "usage: shoal-bench mirror [--blob-mib N] [--image-mib N] [--runs N] [--out PREFIX] [--cold-only | --hit-only]\n       shoal-bench mesh [--blob-mib N] [--runs N] [--out PREFIX]\n       {}\n       {}\n       {}\n       {}\n       {}",
             burst::USAGE,
             load::USAGE,
             membership::USAGE,
-            small::USAGE
+            small::USAGE,
+            rollout::USAGE
         ),
     };
     let mut a = Args { bench, blob_mib: 1024, image_mib: 256, runs: 3, out: None, cold_only: false, hit_only: false };
@@ -125,6 +128,7 @@ async fn main() -> Result<()> {
         Some("load") => return load::run(load::parse(std::env::args().skip(2))?).await,
         Some("membership") => return membership::run(membership::parse(std::env::args().skip(2))?).await,
         Some("small") => return small::run(small::parse(std::env::args().skip(2))?).await,
+        Some("rollout") => return rollout::run(rollout::parse(std::env::args().skip(2))?).await,
         _ => {}
     }
     let args = parse_args()?;

@@ -108,26 +108,31 @@ struct Outcome {
 /// otherwise every node bursts.
 async fn pulls(warm: bool, nodes: &[Netns], endpoint: impl Fn(usize) -> Endpoint) -> Result<Vec<f64>> {
     if !warm {
-        return burst(nodes, endpoint).await;
+        return burst(nodes, endpoint, REPO, "v1").await;
     }
-    burst(&nodes[..1], &endpoint).await?;
-    burst(&nodes[1..], |i| endpoint(i + 1)).await
+    burst(&nodes[..1], &endpoint, REPO, "v1").await?;
+    burst(&nodes[1..], |i| endpoint(i + 1), REPO, "v1").await
 }
 
-/// Pulls on every node at the same moment (each node's thread is in its namespace with its client built before
-/// the start is given); returns each node's completion time from that start.
-async fn burst(nodes: &[Netns], endpoint: impl Fn(usize) -> Endpoint) -> Result<Vec<f64>> {
+/// Pulls `repo:tag` on every node at the same moment (each node's thread is in its namespace with its client built
+/// before the start is given); returns each node's completion time from that start.
+pub(crate) async fn burst(
+    nodes: &[Netns],
+    endpoint: impl Fn(usize) -> Endpoint,
+    repo: &'static str,
+    tag: &str,
+) -> Result<Vec<f64>> {
     let start = std::sync::Arc::new(tokio::sync::Barrier::new(nodes.len() + 1));
     let handles: Vec<_> = nodes
         .iter()
         .enumerate()
         .map(|(i, ns)| {
-            let (ep, start) = (endpoint(i), start.clone());
+            let (ep, start, tag) = (endpoint(i), start.clone(), tag.to_owned());
             ns.spawn(move || async move {
                 let http = reqwest::Client::builder().no_proxy().build();
                 start.wait().await;
                 let began = Instant::now();
-                client::pull(&http?, &ep, REPO, "v1").await?;
+                client::pull(&http?, &ep, repo, &tag).await?;
                 Ok(began.elapsed().as_secs_f64())
             })
         })
@@ -272,7 +277,7 @@ async fn shoal_only(
     Ok(())
 }
 
-fn percentile(v: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let i = ((s.len() - 1) as f64 * p).round() as usize;
