@@ -231,18 +231,24 @@ impl pb::admin_server::Admin for Service {
             .view()
             .members
             .iter()
-            .map(|(info, l)| pb::Peer {
-                peer_id: info.id.to_string(),
-                node: info.node.clone().unwrap_or_default(),
-                zone: info.zone.clone(),
-                address: info.transfer_addr.to_string(),
-                state: match l {
-                    Liveness::Alive => "alive",
-                    Liveness::Suspect => "suspect",
-                    Liveness::Dead => "dead",
+            .map(|(info, l)| {
+                let (bytes_sent, bytes_received, heard) = mesh.peer_counters(&info.id);
+                pb::Peer {
+                    last_heard_ms: heard.map(|d| d.as_millis() as u64),
+                    bytes_sent,
+                    bytes_received,
+                    peer_id: info.id.to_string(),
+                    node: info.node.clone().unwrap_or_default(),
+                    zone: info.zone.clone(),
+                    address: info.transfer_addr.to_string(),
+                    state: match l {
+                        Liveness::Alive => "alive",
+                        Liveness::Suspect => "suspect",
+                        Liveness::Dead => "dead",
+                    }
+                    .to_owned(),
+                    quarantined: mesh.is_quarantined(&info.id),
                 }
-                .to_owned(),
-                quarantined: mesh.is_quarantined(&info.id),
             })
             .collect();
         Ok(Response::new(pb::PeersReply { peers }))

@@ -13,6 +13,7 @@ mod announce;
 mod gossip;
 mod local;
 pub mod members;
+mod peer_stats;
 mod serve;
 
 use std::collections::HashMap;
@@ -91,6 +92,8 @@ pub struct Mesh {
     /// Signalled when announcements were applied to the directory.
     directory_changed: tokio::sync::Notify,
     metrics: Metrics,
+    /// Bytes and last contact per member (`shoal peers`).
+    peer_stats: Arc<peer_stats::PeerStats>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -144,7 +147,9 @@ impl Mesh {
         let initial = MembersView::new(me, cfg.zone.clone(), Vec::new());
         let initial_epoch = initial.epoch();
         let (view_tx, view) = watch::channel(Arc::new(initial));
-        let gossip = gossip::Gossip::new(cfg, keypair, transfer_addr, view_tx, metrics.clone()).await?;
+        let peer_stats = Arc::new(peer_stats::PeerStats::default());
+        let gossip =
+            gossip::Gossip::new(cfg, keypair, transfer_addr, view_tx, metrics.clone(), peer_stats.clone()).await?;
         let gossip_addr = gossip.local_addr();
         let (holdings, rx) = mpsc::unbounded_channel();
         let mesh = Arc::new(Self {
@@ -159,11 +164,18 @@ impl Mesh {
             settling: Mutex::new((initial_epoch, Instant::now())),
             directory_changed: tokio::sync::Notify::new(),
             metrics,
+            peer_stats,
         });
         tracing::info!(peer_id = %me, zone = %cfg.zone, gossip = %gossip_addr, transfer = %transfer_addr, "mesh started");
         tasks.spawn(gossip.run(cancel.child_token()));
         tasks.spawn(mesh.clone().announce_loop(rx, cancel.child_token()));
         Ok(mesh)
+    }
+
+    /// Piece bytes sent to and received from `peer`, and how long ago it was last heard from.
+    pub fn peer_counters(&self, peer: &PeerId) -> (u64, u64, Option<Duration>) {
+        let c = self.peer_stats.get(peer);
+        (c.sent, c.received, c.heard.map(|h| h.elapsed()))
     }
 
     /// Answers members' requests (announcements, locates, pieces, pins) with this node's content, and exchanges
@@ -499,6 +511,7 @@ impl Mesh {
         match self.transfer.get_piece(peer, addr, digest, (offset, len), wait).await {
             Ok(p) => {
                 self.metrics.mesh.bytes_received.inc_by(p.len());
+                self.peer_stats.received(peer, p.len());
                 if view.zone_of(&peer).is_some_and(|z| z != view.zone) {
                     self.metrics.mesh.bytes_received_cross_zone.inc_by(p.len());
                 }

@@ -54,6 +54,8 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
     let peers = peers.as_array().expect("a list");
     assert_eq!(peers.len(), 2, "{peers:?}");
     assert!(peers.iter().all(|p| p["state"] == "alive" && p["quarantined"] == false), "{peers:?}");
+    // Each was heard from (membership messages) within the last few seconds.
+    assert!(peers.iter().all(|p| p["last_heard_ms"].as_u64().is_some_and(|ms| ms < 10_000)), "{peers:?}");
     let (ok, table, _) = shoal(&a, &["peers"]).await?;
     assert!(ok && table.starts_with("PEER ID") && table.lines().count() == 3, "{table}");
 
@@ -147,6 +149,23 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
     let p = json(&b, &["pull", &reference]).await?;
     let from = ["store", "containerd", "peers", "upstream"].iter().map(|k| n(&p, &["from", k])).sum::<u64>();
     assert_eq!(from, image_bytes, "{p}");
+    // What B took from the members is what B's `peers` says it received, and what they say they sent it.
+    let received: u64 =
+        json(&b, &["peers"]).await?.as_array().expect("a list").iter().map(|p| n(p, &["bytes_received"])).sum();
+    assert_eq!(received, n(&p, &["from", "peers"]), "{p}");
+    let b_id = json(&b, &["status"]).await?["peer_id"].as_str().expect("an id").to_owned();
+    let mut sent = 0;
+    for x in [&a, &c] {
+        let ps = json(x, &["peers"]).await?;
+        sent += ps
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|p| p["peer_id"] == b_id.as_str())
+            .map(|p| n(p, &["bytes_sent"]))
+            .sum::<u64>();
+    }
+    assert!(sent >= received, "sent {sent} to B, B received {received}");
     let s = json(&b, &["status"]).await?;
     assert!(n(&s, &["store", "blobs"]) >= image.all_blobs().len() as u64, "{s}");
     drop(c);

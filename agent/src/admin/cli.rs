@@ -247,7 +247,8 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
             if json {
                 let v: Vec<_> = p.peers.iter().map(|p| json!({
                     "peer_id": p.peer_id, "node": p.node, "zone": p.zone, "address": p.address, "state": p.state,
-                    "quarantined": p.quarantined,
+                    "quarantined": p.quarantined, "last_heard_ms": p.last_heard_ms, "bytes_sent": p.bytes_sent,
+                    "bytes_received": p.bytes_received,
                 })).collect();
                 println!("{:#}", json!(v));
                 return Ok(());
@@ -258,10 +259,22 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                 .map(|p| {
                     let node = if p.node.is_empty() { "-".to_owned() } else { p.node.clone() };
                     let q = if p.quarantined { "yes" } else { "no" };
-                    vec![p.peer_id.clone(), node, p.zone.clone(), p.address.clone(), p.state.clone(), q.into()]
+                    let heard = p.last_heard_ms.map_or("never".to_owned(), |ms| format!("{:.1}s ago", ms as f64 / 1e3));
+                    vec![
+                        p.peer_id.clone(),
+                        node,
+                        p.zone.clone(),
+                        p.address.clone(),
+                        p.state.clone(),
+                        heard,
+                        bytes(p.bytes_sent),
+                        bytes(p.bytes_received),
+                        q.into(),
+                    ]
                 })
                 .collect();
-            print!("{}", table(&["PEER ID", "NODE", "ZONE", "ADDRESS", "STATE", "QUARANTINED"], &rows));
+            let head = ["PEER ID", "NODE", "ZONE", "ADDRESS", "STATE", "LAST HEARD", "SENT", "RECEIVED", "QUARANTINED"];
+            print!("{}", table(&head, &rows));
         }
         Command::Blobs => {
             let b = c.blobs(pb::BlobsRequest {}).await.map_err(refused)?.into_inner();

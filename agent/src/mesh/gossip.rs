@@ -191,6 +191,7 @@ pub(super) struct Gossip {
     node: Option<String>,
     cfg: MeshConfig,
     metrics: Metrics,
+    peer_stats: Arc<super::peer_stats::PeerStats>,
 }
 
 impl std::fmt::Debug for Gossip {
@@ -207,6 +208,7 @@ impl Gossip {
         transfer_addr: SocketAddr,
         view: watch::Sender<Arc<MembersView>>,
         metrics: Metrics,
+        peer_stats: Arc<super::peer_stats::PeerStats>,
     ) -> Result<Self, GossipError> {
         let me = keypair.public().to_peer_id();
         let psk = PreSharedKey::new(blake3::derive_key("shoal 2026 gossip pnet v1", &cfg.secret.0));
@@ -325,6 +327,7 @@ impl Gossip {
             node,
             cfg: cfg.clone(),
             metrics,
+            peer_stats,
         })
     }
 
@@ -417,6 +420,8 @@ impl Gossip {
             self.metrics.mesh.peers.get_or_create(&PeerStateLabels { state }).set(n as i64);
         }
         tracing::debug!(members = members.len(), "membership view changed");
+        let known: HashSet<PeerId> = members.iter().map(|(m, _)| m.id).collect();
+        self.peer_stats.retain(|p| known.contains(p));
         let view = MembersView::bound(self.me, self.node.as_deref(), self.cfg.zone.clone(), members);
         self.view.send_replace(Arc::new(view));
     }
@@ -546,6 +551,7 @@ impl Gossip {
                 self.used(connection_id);
                 let _ = self.swarm.behaviour_mut().swim.send_response(channel, Vec::new());
                 self.metrics.mesh.membership_bytes_received.inc_by(request.len() as u64);
+                self.peer_stats.heard(peer);
                 let now = self.now();
                 match self.core.handle_data(peer, &request, now) {
                     Ok(0) => {}

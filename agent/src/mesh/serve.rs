@@ -143,6 +143,7 @@ impl PeerServer {
         };
         let sent = |n: u64| {
             self.mesh.metrics.mesh.bytes_sent.inc_by(n);
+            self.mesh.peer_stats.sent(asker, n);
         };
         if write_piece(send, &frame, &data, stall, pace, sent).await == Sent::Stalled {
             tracing::info!(peer = %asker, "a member stopped reading a piece: stream reset, upload slot freed");
