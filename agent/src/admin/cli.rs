@@ -128,6 +128,19 @@ fn refused(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{code}: {}", s.message())
 }
 
+/// A pull's progress line: a bar over the whole image, then the blob being read.
+fn progress_bar(p: &pb::BlobProgress) -> String {
+    const WIDTH: usize = 30;
+    let short = p.digest.get(..19).unwrap_or(&p.digest);
+    if p.image_bytes == 0 {
+        return format!("reading manifests… {short}");
+    }
+    let frac = (p.image_read as f64 / p.image_bytes as f64).clamp(0.0, 1.0);
+    let filled = (frac * WIDTH as f64).round() as usize;
+    let bar: String = "=".repeat(filled) + &" ".repeat(WIDTH - filled);
+    format!("[{bar}] {:>3.0}%  {} / {}  {short}", frac * 100.0, bytes(p.image_read), bytes(p.image_bytes))
+}
+
 /// `n` bytes for people.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -350,9 +363,7 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
             while let Some(ev) = events.message().await.map_err(refused)? {
                 match ev.event {
                     Some(pb::pull_event::Event::Progress(p)) if tty => {
-                        let short = p.digest.get(..19).unwrap_or(&p.digest);
-                        let size = if p.size == 0 { "?".into() } else { bytes(p.size) };
-                        eprint!("\r\x1b[2K{short}  {} / {size}", bytes(p.read));
+                        eprint!("\r\x1b[2K{}", progress_bar(&p));
                         let _ = std::io::stderr().flush();
                     }
                     Some(pb::pull_event::Event::Done(s)) => summary = Some(s),
@@ -557,4 +568,25 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_bar_covers_the_whole_image() {
+        let p = |read, total| pb::BlobProgress {
+            digest: "sha256:0123456789abcdef".into(),
+            read: 0,
+            size: 0,
+            image_read: read,
+            image_bytes: total,
+        };
+        assert!(progress_bar(&p(0, 0)).starts_with("reading manifests"));
+        let half = progress_bar(&p(50, 100));
+        assert!(half.starts_with(&format!("[{}{}]  50%", "=".repeat(15), " ".repeat(15))), "{half}");
+        assert!(progress_bar(&p(100, 100)).contains("100%"));
+        assert!(progress_bar(&p(150, 100)).contains("100%"), "never past the end");
+    }
 }

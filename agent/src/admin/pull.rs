@@ -137,6 +137,8 @@ pub(super) struct Counts {
     containerd: u64,
     peers: u64,
     upstream: u64,
+    /// The image's bytes as its descriptors give them (known once the manifests are read).
+    total: u64,
 }
 
 /// Reads `image` through the resolver; progress goes to `tx`. `platform`: one platform of an index, `None`: all.
@@ -174,6 +176,7 @@ pub(super) async fn read_blobs(
     // Nobody listening: progress sends fail at once.
     let closed = mpsc::channel(1).0;
     let tx = tx.unwrap_or(&closed);
+    counts.total = counts.bytes + items.iter().filter(|(_, k, _)| *k == Kind::Blob).map(|(_, _, s)| s).sum::<u64>();
     for (digest, kind, _) in items.iter().filter(|(_, k, _)| *k == Kind::Blob) {
         read(st, client, digest, *kind, tx, counts).await.map_err(|e| match e {
             Read::Resolve(e) => resolve_status(&format!("{}/{}@{digest}", image.registry, image.repo), e),
@@ -258,6 +261,12 @@ async fn walk_counted(
     Ok((client, root, out))
 }
 
+fn progress(digest: &Digest, read: u64, size: u64, counts: &Counts) -> pb::BlobProgress {
+    let image_read = counts.bytes + read;
+    let image_bytes = if counts.total == 0 { 0 } else { counts.total.max(image_read) };
+    pb::BlobProgress { digest: digest.to_string(), read, size, image_read, image_bytes }
+}
+
 enum Read {
     Resolve(crate::resolver::ResolveError),
     Failed(Status),
@@ -290,11 +299,11 @@ async fn read(
         }
         if last.elapsed() >= PROGRESS_EVERY {
             last = Instant::now();
-            let p = pb::BlobProgress { digest: digest.to_string(), read: n, size: size.unwrap_or(0) };
+            let p = progress(digest, n, size.unwrap_or(0), counts);
             let _ = tx.send(Ok(pb::PullEvent { event: Some(pb::pull_event::Event::Progress(p)) })).await;
         }
     }
-    let p = pb::BlobProgress { digest: digest.to_string(), read: n, size: size.unwrap_or(n) };
+    let p = progress(digest, n, size.unwrap_or(n), counts);
     let _ = tx.send(Ok(pb::PullEvent { event: Some(pb::pull_event::Event::Progress(p)) })).await;
     counts.blobs += 1;
     counts.bytes += n;
