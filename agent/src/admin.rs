@@ -319,7 +319,11 @@ impl pb::admin_server::Admin for Service {
         let timeout =
             std::time::Duration::from_secs(u64::from(if req.timeout_seconds == 0 { 600 } else { req.timeout_seconds }));
         let which = if req.all_platforms { None } else { Some(platform) };
-        let plan = preheat::Plan { image, platform: which, zones, timeout, pin: req.pin };
+        let replicas = req.replicas.max(1) as usize;
+        if replicas > preheat::MAX_REPLICAS {
+            return Err(Status::invalid_argument(format!("replicas: at most {}", preheat::MAX_REPLICAS)));
+        }
+        let plan = preheat::Plan { image, platform: which, zones, timeout, pin: req.pin, replicas };
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {

@@ -318,11 +318,27 @@ impl Mesh {
         }
     }
 
-    /// Whether `zone` holds `digest` completely: its home there knows a complete holder (this node's directory
-    /// when it is that home).
-    pub async fn held_in(&self, zone: &str, digest: &Digest) -> bool {
+    /// A preheat's replica: `member` downloads `digest` into its own store (through its zone's home, as any
+    /// download), home or not; returns once it knows the size.
+    pub async fn replicate(
+        &self,
+        member: PeerId,
+        digest: &Digest,
+        order: &Order,
+        within: Duration,
+    ) -> Result<(), String> {
+        let order = Order { warm: true, replica: true, ..order.clone() };
+        match self.locate_at(member, digest, Some(&order), within).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("member {member} could not be asked to hold it: {e}")),
+        }
+    }
+
+    /// The members of `zone` (this node included when there) that hold `digest` completely, as its home there
+    /// knows them (this node's directory when it is that home), this node itself left out.
+    pub async fn holders_in(&self, zone: &str, digest: &Digest) -> usize {
         let view = self.view();
-        let Some(home) = view.home_in(zone, digest) else { return false };
+        let Some(home) = view.home_in(zone, digest) else { return 0 };
         let located = if home == self.me {
             let usable = |p: &PeerId| *p == self.me || (view.is_alive(p) && !self.is_quarantined(p));
             // This node's own copy is the caller's to check (its store): the directory is asked about the others.
@@ -331,7 +347,18 @@ impl Mesh {
             self.locate_at(home, digest, None, LOCATE_TIMEOUT).await.ok().flatten()
         };
         let in_zone = |p: &PeerId| view.zone_of(p) == Some(zone);
-        located.is_some_and(|l| l.holders.iter().any(|(p, s)| s.complete && in_zone(p)))
+        located.map_or(0, |l| l.holders.iter().filter(|(p, s)| s.complete && in_zone(p) && *p != self.me).count())
+    }
+
+    /// The alive members of `zone` (this node included when there).
+    pub fn alive_in(&self, zone: &str) -> Vec<PeerId> {
+        let view = self.view();
+        let mut v: Vec<PeerId> =
+            view.members.iter().filter(|(m, l)| *l == Liveness::Alive && m.zone == zone).map(|(m, _)| m.id).collect();
+        if view.zone == zone {
+            v.push(view.me);
+        }
+        v
     }
 
     /// Asks `home` about `digest`; with an order, as a member about to download it (the home fetches it if

@@ -212,6 +212,29 @@ async fn preheat_warms_every_zone_through_the_homes_and_then_every_node_pulls_wi
         assert_eq!(n, 1, "{} fetched {n} times from upstream", blob.digest);
     }
 
+    // Replicas: 2 holders of every blob in zone-a (both its members), zone-b's one member; still one crossing.
+    let (ok, _, err) = shoal(&a2, &["preheat", &reference, "--replicas", "17"]).await?;
+    assert!(!ok && err.contains("invalid argument: replicas:"), "{err}");
+    let more = Artifact::Image(Image::random(&[1_500_000, 600_000], 49, "amd64", Compression::Gzip)?);
+    push(&more, &cl.registry.host(), "team/twice", "v1", None, Format::Oci)?;
+    let twice = format!("{}/team/twice:v1", cl.proxy.host());
+    let r = json(&b1, &["preheat", &twice, "--replicas", "2"]).await?;
+    assert!(
+        r["zones"].as_array().expect("zones").iter().all(|z| z["failure"] == "" && z["ready"] == z["blobs"]),
+        "{r}"
+    );
+    for agent in agents {
+        let blobs = json(agent, &["blobs"]).await?;
+        let held: Vec<&str> = blobs.as_array().expect("a list").iter().filter_map(|b| b["digest"].as_str()).collect();
+        for blob in more.all_blobs() {
+            assert!(held.contains(&blob.digest.as_str()), "{} not held by {}: {held:?}", blob.digest, agent.url());
+        }
+    }
+    for blob in more.all_blobs() {
+        let n = cl.proxy.count("GET", &blob.digest);
+        assert_eq!(n, 1, "{} fetched {n} times from upstream", blob.digest);
+    }
+
     // Upstream gone: every node's containerd pulls the image from the cluster.
     cl.stop_upstream().await;
     for agent in agents {

@@ -60,6 +60,10 @@ pub enum Command {
         /// Pin it too once every zone holds it (the homes keep it).
         #[arg(long)]
         pin: bool,
+        /// Holders of every blob per zone: its home, then members chosen by a hash of the image (at most 16, and
+        /// at most the zone's members).
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
     },
     /// Where each blob of an image (or one digest) came from on this node's last download of it: members (which,
     /// how many bytes), upstream, retries, failures.
@@ -392,7 +396,7 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                 println!("  {k:<11} {}", bytes(v));
             }
         }
-        Command::Preheat { image, zones, platform, all_platforms, timeout, pin } => {
+        Command::Preheat { image, zones, platform, all_platforms, timeout, pin, replicas } => {
             let zones = if zones == "all" {
                 Vec::new()
             } else {
@@ -405,6 +409,7 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
                 zones,
                 timeout_seconds: u32::try_from(timeout.as_secs().max(1)).unwrap_or(u32::MAX),
                 pin,
+                replicas,
             };
             let mut events = c.preheat(req).await.map_err(refused)?.into_inner();
             let mut summary = None;

@@ -8,10 +8,10 @@
 //! generation), when it becomes the name's home (members came or went), and every [`RESYNC`] (a zone that lost its
 //! holders is warmed again). When an object with `pin` is deleted, the name's home unpins its images.
 //!
-//! A spec the agent cannot act on is never half-acted on: the status says `Failed` and names the field. Not
-//! supported yet, and refused that way: `replicas` other than 1 (the zone's home holds the image),
-//! `nodeSelector` (name the zones instead) and `imagePullSecrets` (the agent's own registry credentials are used,
-//! never a client's).
+//! `spec.replicas` (1 to 16) is the number of holders per zone (the zone's home, then members chosen by a hash of
+//! the image, as `shoal preheat --replicas`). A spec the agent cannot act on is never half-acted on: the status
+//! says why and names the field. Not supported yet, and refused that way: `nodeSelector` (name the zones instead)
+//! and `imagePullSecrets` (the agent's own registry credentials are used, never a client's).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -66,6 +66,8 @@ struct Spec {
     /// Empty: every zone.
     zones: Vec<String>,
     pin: bool,
+    /// Holders per zone.
+    replicas: usize,
 }
 
 /// Checks an object's `spec`; the error names the field.
@@ -112,12 +114,15 @@ fn parse_spec(spec: Option<&Value>, default: Option<&RegistryHost>) -> Result<Sp
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("spec.pin: not a boolean".into()),
     };
-    match spec.get("replicas") {
-        None | Some(Value::Null) => {}
-        Some(v) if v.as_u64() == Some(1) => {}
-        Some(_) => return Err("spec.replicas: only 1 is supported yet (each zone's home holds the image)".into()),
-    }
-    Ok(Spec { images, zones, pin })
+    let most = preheat::MAX_REPLICAS;
+    let replicas = match spec.get("replicas") {
+        None | Some(Value::Null) => 1,
+        Some(v) => match v.as_u64() {
+            Some(n @ 1..) if n as usize <= most => n as usize,
+            _ => return Err(format!("spec.replicas: a number from 1 to {most}")),
+        },
+    };
+    Ok(Spec { images, zones, pin, replicas })
 }
 
 /// An object as followed.
@@ -298,6 +303,7 @@ async fn reconcile(st: &AdminState, mesh: &Arc<Mesh>, api: &Api<DynamicObject>, 
             zones: zones.clone(),
             timeout: PREHEAT_TIMEOUT,
             pin: spec.pin,
+            replicas: spec.replicas,
         };
         // Progress events are not followed (nobody receives them: sending fails at once); the status is written
         // once the image is done.
@@ -357,7 +363,8 @@ mod tests {
         assert_eq!((s.images.len(), s.zones, s.pin), (1, vec!["z1".to_owned()], true));
         let s = spec(json!({"images": ["localhost:5000/app@sha256:0000000000000000000000000000000000000000000000000000000000000000"], "replicas": 1}))
             .expect("valid");
-        assert!(s.zones.is_empty() && !s.pin);
+        assert!(s.zones.is_empty() && !s.pin && s.replicas == 1);
+        assert_eq!(spec(json!({"images": ["localhost:5000/a"], "replicas": 3})).map(|s| s.replicas), Ok(3));
         for (bad, field) in [
             (json!({}), "spec.images"),
             (json!({"images": []}), "spec.images"),
@@ -365,7 +372,8 @@ mod tests {
             (json!({"images": ["localhost:5000/ok", "UPPER CASE!"]}), "spec.images[1]"),
             (json!({"images": ["localhost:5000/a"], "zones": ["no spaces allowed"]}), "spec.zones[0]"),
             (json!({"images": ["localhost:5000/a"], "pin": "yes"}), "spec.pin"),
-            (json!({"images": ["localhost:5000/a"], "replicas": 3}), "spec.replicas"),
+            (json!({"images": ["localhost:5000/a"], "replicas": 0}), "spec.replicas"),
+            (json!({"images": ["localhost:5000/a"], "replicas": 17}), "spec.replicas"),
             (json!({"images": ["localhost:5000/a"], "nodeSelector": {"a": "b"}}), "spec.nodeSelector"),
             (json!({"images": ["localhost:5000/a"], "imagePullSecrets": [{"name": "s"}]}), "spec.imagePullSecrets"),
             (json!({"images": ["localhost:5000/a"], "colour": "blue"}), "spec.colour"),

@@ -15,7 +15,9 @@ use tonic::Status;
 use super::pull::{ImageRef, Platform, walk};
 use super::{AdminState, blocking};
 use crate::mesh::{Local as _, Mesh, Order};
+use crate::oci::Digest;
 use crate::store::PinRecord;
+use libp2p::PeerId;
 
 /// Orders sent at once.
 const CONCURRENT_ORDERS: usize = 16;
@@ -34,6 +36,31 @@ pub(super) struct Plan {
     pub(super) timeout: Duration,
     /// Pin it once every zone holds it.
     pub(super) pin: bool,
+    /// Holders per zone of every blob (the zone's home, then members chosen by rendezvous hashing), at most the
+    /// zone's alive members.
+    pub(super) replicas: usize,
+}
+
+/// Most replicas per zone (a home's locate answer lists 16 holders).
+pub(super) const MAX_REPLICAS: usize = crate::swarm::directory::MAX_LOCATED;
+
+/// The `n - 1` members of `zone` besides `digest`'s home there that hold a replica of it: the first by a hash of
+/// the image and the member (stable while members stay, spread over the zone across images).
+fn replicas_for(mesh: &Mesh, zone: &str, root: &Digest, digest: &Digest, n: usize) -> Vec<PeerId> {
+    let home = mesh.view().home_in(zone, digest);
+    let mut members: Vec<(blake3::Hash, PeerId)> = mesh
+        .alive_in(zone)
+        .into_iter()
+        .filter(|p| Some(*p) != home)
+        .map(|p| {
+            let mut h = blake3::Hasher::new();
+            h.update(root.to_string().as_bytes());
+            h.update(&p.to_bytes());
+            (h.finalize(), p)
+        })
+        .collect();
+    members.sort_by_key(|(h, _)| *h.as_bytes());
+    members.into_iter().take(n.saturating_sub(1)).map(|(_, p)| p).collect()
 }
 
 pub(super) async fn run(
@@ -42,8 +69,9 @@ pub(super) async fn run(
     plan: &Plan,
     tx: &mpsc::Sender<Result<pb::PreheatEvent, Status>>,
 ) -> Result<pb::PreheatSummary, Status> {
-    let Plan { image, platform, zones, timeout, pin } = plan;
+    let Plan { image, platform, zones, timeout, pin, replicas } = plan;
     let (platform, timeout, pin) = (platform.as_ref(), *timeout, *pin);
+    let replicas = (*replicas).clamp(1, MAX_REPLICAS);
     let start = Instant::now();
     let (client, root, items) = walk(st, image, platform).await?;
     let total = items.len() as u32;
@@ -51,12 +79,23 @@ pub(super) async fn run(
         .iter()
         .map(|z| (z.clone(), pb::ZoneResult { zone: z.clone(), ready: 0, blobs: total, failure: String::new() }))
         .collect();
-    let mut orders = Vec::with_capacity(zones.len() * items.len());
+    // Each zone's home first (the zone's one download), then the replicas (which download through that home).
+    let mut orders = Vec::with_capacity(zones.len() * items.len() * replicas);
     for z in zones {
-        orders.extend(items.iter().map(|(d, kind, _)| (z.clone(), d.clone(), *kind)));
+        orders.extend(items.iter().map(|(d, kind, _)| (z.clone(), d.clone(), *kind, None)));
     }
+    for z in zones {
+        for (d, kind, _) in &items {
+            let chosen = replicas_for(mesh, z, &root, d, replicas);
+            orders.extend(chosen.into_iter().map(|p| (z.clone(), d.clone(), *kind, Some(p))));
+        }
+    }
+    // How many holders each zone is to have: the zone's alive members at most.
+    let want: BTreeMap<String, usize> =
+        zones.iter().map(|z| (z.clone(), replicas.min(mesh.alive_in(z).len()).max(1))).collect();
+    let me = mesh.view().me;
     let failures: Vec<(String, String)> = futures_util::stream::iter(orders)
-        .map(|(zone, digest, kind)| {
+        .map(|(zone, digest, kind, replica)| {
             let order = Order {
                 registry: client.registry.clone(),
                 repo: client.repo.clone(),
@@ -64,14 +103,20 @@ pub(super) async fn run(
                 auth: None,
                 accept: client.accept.clone(),
                 warm: true,
+                replica: false,
             };
             let resolver = st.resolver.clone();
             async move {
-                let failed = match mesh.warm(&zone, &digest, &order, ORDER_WITHIN).await {
-                    Ok(Some(_)) => None,
-                    // This node is the home there: it fetches the blob itself.
-                    Ok(None) => resolver.fetch(digest.clone(), order).await.err().map(|e| e.to_string()),
-                    Err(e) => Some(e),
+                let failed = match replica {
+                    // This node holds a replica: it fetches the blob itself.
+                    Some(p) if p == me => resolver.fetch(digest.clone(), order).await.err().map(|e| e.to_string()),
+                    Some(p) => mesh.replicate(p, &digest, &order, ORDER_WITHIN).await.err(),
+                    None => match mesh.warm(&zone, &digest, &order, ORDER_WITHIN).await {
+                        Ok(Some(_)) => None,
+                        // This node is the home there: it fetches the blob itself.
+                        Ok(None) => resolver.fetch(digest.clone(), order).await.err().map(|e| e.to_string()),
+                        Err(e) => Some(e),
+                    },
                 };
                 failed.map(|why| (zone, format!("{digest}: {why}")))
             }
@@ -105,8 +150,10 @@ pub(super) async fn run(
         let my_zone = mesh.view().zone.clone();
         for r in results.values_mut().filter(|r| r.failure.is_empty()) {
             let mut ready = 0;
+            let need = want.get(&r.zone).copied().unwrap_or(1);
             for (d, _, _) in &items {
-                if (r.zone == my_zone && here.contains(d)) || mesh.held_in(&r.zone, d).await {
+                let mine = usize::from(r.zone == my_zone && here.contains(d));
+                if mine >= need || mine + mesh.holders_in(&r.zone, d).await >= need {
                     ready += 1;
                 }
             }

@@ -246,6 +246,7 @@ async fn prefetch(st: &AdminState, mesh: &Arc<Mesh>, image: &str) {
         zones: vec![zone.clone()],
         timeout: TIMEOUT,
         pin: false,
+        replicas: 1,
     };
     let (tx, rx) = mpsc::channel(1);
     drop(rx);

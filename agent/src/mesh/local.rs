@@ -76,6 +76,8 @@ pub struct Order {
     pub accept: Option<http::HeaderValue>,
     /// A preheat: the asker will not download it (the home fetches it and does not record the asker).
     pub warm: bool,
+    /// A preheat's replica: the receiver downloads it into its own store, home or not.
+    pub replica: bool,
 }
 
 /// Longest forwarded header value accepted.
@@ -105,6 +107,7 @@ impl Order {
             auth: header(o.authorization, "authorization")?,
             accept: header(o.accept.map(String::into_bytes), "accept")?,
             warm: o.warm,
+            replica: o.warm && o.replica,
         })
     }
 
@@ -117,6 +120,7 @@ impl Order {
             authorization: self.auth.as_ref().map(|a| a.as_bytes().to_vec()),
             accept: self.accept.as_ref().and_then(|a| a.to_str().ok()).map(str::to_owned),
             warm: self.warm,
+            replica: self.replica,
         }
     }
 }
@@ -214,6 +218,7 @@ mod tests {
             authorization: Some(b"Bearer s3cr3t-token".to_vec()),
             accept: None,
             warm: false,
+            replica: false,
         };
         let order = Order::from_wire(wire).expect("a valid order");
         let printed = format!("{order:?}");

@@ -11,7 +11,7 @@ use libp2p::PeerId;
 use shoal_proto::peer::{self, request, response};
 use tokio::sync::Semaphore;
 
-use super::{Holding, Local, Located, Mesh, Order, Refusal, lock};
+use super::{HolderState, Holding, Local, Located, Mesh, Order, Refusal, lock};
 use crate::oci::Digest;
 use crate::swarm::directory::HandOut;
 use crate::transfer::{Sent, Service, respond, respond_error, write_piece};
@@ -71,6 +71,12 @@ impl PeerServer {
             return lock(&mesh.directory).locate(digest, &asker, usable).ok_or_else(no_holder);
         };
         let same_zone = view.zone_of(&asker) == Some(view.zone.as_str());
+        if order.replica {
+            // A preheat's replica: this node holds it, home or not (its download goes through the zone's home).
+            let f = self.local.clone().fetch(digest.clone(), order).await?;
+            let me_held = HolderState { complete: f.complete, public: f.public };
+            return Ok(Located { size: f.size, media_type: f.media_type, holders: vec![(me, me_held)] });
+        }
         // Views disagree for a moment after a change (the asker may see a death first): give this node's view the
         // time to agree. Two nodes that each think the other is the home would wait on each other: past that, the
         // asker goes upstream instead.

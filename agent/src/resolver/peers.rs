@@ -185,6 +185,7 @@ pub(super) fn order(client: &Client, kind: Kind) -> Order {
         auth: client.auth.clone(),
         accept: client.accept.clone(),
         warm: false,
+        replica: false,
     }
 }
 /// Reads `len` bytes at `offset` of `path` (or of `fallback` if `path` was renamed away meanwhile).
