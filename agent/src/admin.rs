@@ -254,11 +254,20 @@ impl pb::admin_server::Admin for Service {
         Ok(Response::new(pb::PeersReply { peers }))
     }
 
-    async fn blobs(&self, _: Request<pb::BlobsRequest>) -> Result<Response<pb::BlobsReply>, Status> {
+    async fn blobs(&self, req: Request<pb::BlobsRequest>) -> Result<Response<pb::BlobsReply>, Status> {
+        let repo = req.into_inner().repo;
+        if repo.len() > 512 || repo.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(Status::invalid_argument("repo: longer than 512 bytes, or with spaces or control characters"));
+        }
         let store = self.state.resolver.store().clone();
-        let list = blocking(move || store.list_blobs()).await?;
+        let (list, only) = blocking(move || {
+            let only = if repo.is_empty() { None } else { Some(images::digests_of_repo(&store, &repo)?) };
+            Ok((store.list_blobs()?, only))
+        })
+        .await?;
         let blobs = list
             .into_iter()
+            .filter(|(d, _)| only.as_ref().is_none_or(|o| o.contains(d)))
             .map(|(d, m)| pb::Blob {
                 digest: d.to_string(),
                 size: m.size,

@@ -82,6 +82,11 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
     for blob in image.all_blobs() {
         assert!(held.contains(&blob.digest.as_str()), "A lists {}: {held:?}", blob.digest);
     }
+    // By repository: this one's manifest and blobs, none for another.
+    let of_repo = json(&a, &["blobs", "--repo", "team/app"]).await?;
+    assert_eq!(of_repo.as_array().map(Vec::len), Some(image.all_blobs().len() + 1), "{of_repo}");
+    let none = json(&a, &["blobs", "--repo", "team/other"]).await?;
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
     let (ok, human, _) = shoal(&a, &["pull", &reference]).await?;
     assert!(ok && human.contains("pulled") && human.contains("store"), "{human}");
     // What an operator sees (docs/operations.md quotes it).
@@ -475,5 +480,57 @@ async fn a_rollouts_new_image_is_fetched_once_by_each_zone_before_any_node_pulls
         let out = ctr.pull(&format!("{}/team/web@{digest}", cl.proxy.host()), None, &[]).await?;
         assert!(out.success, "pull failed: {}\n{}", out.output, agent.log());
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_private_image_without_the_agents_credentials_and_another_users_connection_are_refused() -> Result<()> {
+    use shoal_testbed::{Proxy, Registry};
+    let registry = Registry::start_private("alice", "wonderland").await?;
+    let proxy = Proxy::start(registry.addr()).await?;
+    let agent = Agent::builder().registry(&proxy.host()).start().await?;
+    let image = Artifact::Image(Image::random(&[300_000], 50, "amd64", Compression::Gzip)?);
+    push(&image, &registry.host(), "private/app", "v1", registry.creds_arg().as_deref(), Format::Oci)?;
+    let reference = format!("{}/private/app:v1", proxy.host());
+    // The admin API never takes a client's credentials, and the agent has none for this registry: refused, and
+    // nothing is stored.
+    for args in [&["pull", &reference][..], &["pin", &reference]] {
+        let (ok, _, err) = shoal(&agent, args).await?;
+        assert!(!ok && err.contains("credentials"), "{args:?}: {err}");
+    }
+    let blobs = json(&agent, &["blobs"]).await?;
+    assert_eq!(blobs.as_array().map(Vec::len), Some(0), "{blobs}");
+
+    // Another user: the socket's mode keeps it out…
+    let socket = agent.data_dir().join("admin.sock");
+    let as_nobody = || async {
+        let out = tokio::process::Command::new(shoal_bin()?)
+            .args(["status", "--socket"])
+            .arg(&socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .await?;
+        Ok::<_, anyhow::Error>((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    let (ok, err) = as_nobody().await?;
+    assert!(!ok && err.contains("admin socket"), "{err}");
+    // …and with the mode widened (a mistake, or a directory another user can reach), the agent refuses it by its
+    // peer credentials.
+    for dir in
+        socket.ancestors().skip(1).take_while(|d| d.starts_with(std::env::temp_dir()) && *d != std::env::temp_dir())
+    {
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o111))?;
+    }
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+    let (ok, err) = as_nobody().await?;
+    assert!(!ok, "another user was served: {err}");
+    shoal_testbed::wait_for("the refusal logged", Duration::from_secs(5), async || {
+        agent.log().contains("admin socket: a connection from another user refused")
+    })
+    .await?;
+    // Root (the owner) is still served.
+    json(&agent, &["status"]).await?;
     Ok(())
 }

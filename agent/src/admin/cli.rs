@@ -26,7 +26,12 @@ pub enum Command {
     /// The members this node knows.
     Peers,
     /// The blobs this node holds.
-    Blobs,
+    Blobs {
+        /// Only the manifests and blobs of the images resolved by tag in this repository (`repository` or
+        /// `registry/repository`).
+        #[arg(long)]
+        repo: Option<String>,
+    },
     /// The images this node resolved by tag, and how much of each it holds.
     Images,
     /// Warm this node with an image through the normal path (store, containerd, members, upstream).
@@ -293,8 +298,8 @@ pub async fn run(cmd: Command, socket: &Path, format: Format) -> anyhow::Result<
             let head = ["PEER ID", "NODE", "ZONE", "ADDRESS", "STATE", "LAST HEARD", "SENT", "RECEIVED", "QUARANTINED"];
             print!("{}", table(&head, &rows));
         }
-        Command::Blobs => {
-            let b = c.blobs(pb::BlobsRequest {}).await.map_err(refused)?.into_inner();
+        Command::Blobs { repo } => {
+            let b = c.blobs(pb::BlobsRequest { repo: repo.unwrap_or_default() }).await.map_err(refused)?.into_inner();
             if json {
                 let v: Vec<_> = b
                     .blobs

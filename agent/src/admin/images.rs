@@ -28,6 +28,47 @@ fn named(store: &Store, d: &Digest) -> Result<Option<(bool, Vec<Digest>)>, Store
     Ok(Some((false, blobs.filter_map(digest).collect())))
 }
 
+/// The stored manifests reachable from `root` (itself included when stored) and the blobs they name.
+fn walk(store: &Store, root: &Digest) -> Result<(HashSet<Digest>, HashSet<Digest>), StoreError> {
+    let (mut seen, mut blobs) = (HashSet::new(), HashSet::new());
+    let mut manifests = vec![root.clone()];
+    while let Some(m) = manifests.pop() {
+        if seen.len() >= MAX_MANIFESTS || !seen.insert(m.clone()) {
+            continue;
+        }
+        match named(store, &m)? {
+            Some((true, children)) => {
+                manifests.extend(children.into_iter().filter(|c| store.blob(c).ok().flatten().is_some()))
+            }
+            Some((false, named)) => blobs.extend(named),
+            None => {
+                seen.remove(&m);
+            }
+        }
+    }
+    Ok((seen, blobs))
+}
+
+/// Whether tag record `key` (`registry/repository:tag`) is of repository `repo` (`repository` or
+/// `registry/repository`).
+fn of_repo(key: &str, repo: &str) -> bool {
+    let name = key.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map_or(key, |(n, _)| n);
+    name == repo || name.strip_suffix(repo).is_some_and(|rest| rest.ends_with('/'))
+}
+
+/// The manifests and blobs of the images this node resolved by tag in repository `repo`.
+pub(super) fn digests_of_repo(store: &Store, repo: &str) -> Result<HashSet<Digest>, StoreError> {
+    let mut all = HashSet::new();
+    for (key, rec) in store.list_tags()? {
+        if of_repo(&key, repo) {
+            let (manifests, blobs) = walk(store, &rec.digest)?;
+            all.extend(manifests);
+            all.extend(blobs);
+        }
+    }
+    Ok(all)
+}
+
 /// Every tag record with what this node holds of its image.
 pub(super) fn list(store: &Store) -> Result<Vec<pb::ImageEntry>, StoreError> {
     let mut out = Vec::new();
@@ -39,22 +80,7 @@ pub(super) fn list(store: &Store) -> Result<Vec<pb::ImageEntry>, StoreError> {
             public: rec.public,
             ..Default::default()
         };
-        let mut blobs: HashSet<Digest> = HashSet::new();
-        let mut manifests = vec![rec.digest.clone()];
-        let mut followed = 0;
-        while let Some(m) = manifests.pop() {
-            followed += 1;
-            if followed > MAX_MANIFESTS {
-                break;
-            }
-            match named(store, &m)? {
-                Some((true, children)) => {
-                    manifests.extend(children.into_iter().filter(|c| store.blob(c).ok().flatten().is_some()))
-                }
-                Some((false, named)) => blobs.extend(named),
-                None => {}
-            }
-        }
+        let (_, blobs) = walk(store, &rec.digest)?;
         entry.blobs = blobs.len() as u32;
         for b in &blobs {
             if let Some(meta) = store.blob(b)? {
@@ -67,4 +93,23 @@ pub(super) fn list(store: &Store) -> Result<Vec<pb::ImageEntry>, StoreError> {
     }
     out.sort_by(|a, b| a.image.cmp(&b.image));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::of_repo;
+
+    #[test]
+    fn a_tag_record_belongs_to_its_repository_with_or_without_the_registry() {
+        for (key, repo, yes) in [
+            ("127.0.0.1:5000/team/app:v1", "team/app", true),
+            ("127.0.0.1:5000/team/app:v1", "127.0.0.1:5000/team/app", true),
+            ("127.0.0.1:5000/team/app:v1", "app", true),
+            ("127.0.0.1:5000/team/app:v1", "eam/app", false),
+            ("127.0.0.1:5000/team/app:v1", "team/other", false),
+            ("registry.example/team/app-two:latest", "team/app", false),
+        ] {
+            assert_eq!(of_repo(key, repo), yes, "{key} in {repo}");
+        }
+    }
 }
