@@ -32,6 +32,28 @@ fn n(v: &serde_json::Value, path: &[&str]) -> u64 {
     path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or_else(|| panic!("{path:?} in {v}"))
 }
 
+/// Each blob of `image` crossed from upstream exactly once (since the proxy's counts were last reset).
+fn fetched_once(cl: &Cluster, image: &Artifact) {
+    for blob in image.all_blobs() {
+        let n = cl.proxy.count("GET", &blob.digest);
+        assert_eq!(n, 1, "{} fetched {n} times from upstream", blob.digest);
+    }
+}
+
+/// Every agent's node pulls `repo@digest` with containerd through the agent, and holds `image`'s blobs verified.
+async fn every_node_pulls(cl: &Cluster, agents: &[&Agent], repo: &str, digest: &str, image: &Artifact) -> Result<()> {
+    for agent in agents {
+        let ctr = Containerd::start().await?;
+        ctr.configure_host(&cl.proxy.host(), Some(&agent.url()))?;
+        let out = ctr.pull(&format!("{}/{repo}@{digest}", cl.proxy.host()), None, &[]).await?;
+        assert!(out.success, "pull failed: {}\n{}", out.output, agent.log());
+        for blob in image.all_blobs() {
+            assert!(ctr.has_verified(&blob.digest).await?, "{} not verified", blob.digest);
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Result<()> {
     let cl = Cluster::start().await?;
@@ -212,10 +234,7 @@ async fn preheat_warms_every_zone_through_the_homes_and_then_every_node_pulls_wi
         assert_eq!(z["ready"], z["blobs"], "{p}");
     }
     // Each layer crossed from upstream once for the whole cluster (the far zone's home takes it from the home zone).
-    for blob in image.all_blobs() {
-        let n = cl.proxy.count("GET", &blob.digest);
-        assert_eq!(n, 1, "{} fetched {n} times from upstream", blob.digest);
-    }
+    fetched_once(&cl, &image);
 
     // Replicas: 2 holders of every blob in zone-a (both its members), zone-b's one member; still one crossing.
     let (ok, _, err) = shoal(&a2, &["preheat", &reference, "--replicas", "17"]).await?;
@@ -235,22 +254,11 @@ async fn preheat_warms_every_zone_through_the_homes_and_then_every_node_pulls_wi
             assert!(held.contains(&blob.digest.as_str()), "{} not held by {}: {held:?}", blob.digest, agent.url());
         }
     }
-    for blob in more.all_blobs() {
-        let n = cl.proxy.count("GET", &blob.digest);
-        assert_eq!(n, 1, "{} fetched {n} times from upstream", blob.digest);
-    }
+    fetched_once(&cl, &more);
 
     // Upstream gone: every node's containerd pulls the image from the cluster.
     cl.stop_upstream().await;
-    for agent in agents {
-        let ctr = Containerd::start().await?;
-        ctr.configure_host(&cl.proxy.host(), Some(&agent.url()))?;
-        let out = ctr.pull(&format!("{}/team/warm@{digest}", cl.proxy.host()), None, &[]).await?;
-        assert!(out.success, "pull failed: {}\n{}", out.output, agent.log());
-        for blob in image.all_blobs() {
-            assert!(ctr.has_verified(&blob.digest).await?, "{} not verified", blob.digest);
-        }
-    }
+    every_node_pulls(&cl, &agents, "team/warm", &digest, &image).await?;
     Ok(())
 }
 
@@ -396,10 +404,7 @@ async fn an_image_cache_is_preheated_pinned_and_reported_by_the_home_of_its_name
         assert_eq!(writers.len(), 1, "{name}: {writers:?}");
     }
     // Each layer crossed from upstream once; every member holds the pin.
-    for blob in image.all_blobs() {
-        let n = cl.proxy.count("GET", &blob.digest);
-        assert_eq!(n, 1, "{} fetched {n} times from upstream", blob.digest);
-    }
+    fetched_once(&cl, &image);
     for agent in agents {
         let pins = json(agent, &["pins"]).await?;
         assert_eq!(pins["pins"][0]["image"], reference.as_str(), "{pins}");
@@ -468,18 +473,10 @@ async fn a_rollouts_new_image_is_fetched_once_by_each_zone_before_any_node_pulls
     for blob in old.all_blobs() {
         assert_eq!(cl.proxy.count("GET", &blob.digest), 0, "{} of the old image fetched", blob.digest);
     }
-    for blob in new.all_blobs() {
-        let n = cl.proxy.count("GET", &blob.digest);
-        assert_eq!(n, 1, "{} fetched {n} times from upstream", blob.digest);
-    }
+    fetched_once(&cl, &new);
     // Upstream gone: every node's containerd pulls the new image from the cluster.
     cl.stop_upstream().await;
-    for agent in agents {
-        let ctr = Containerd::start().await?;
-        ctr.configure_host(&cl.proxy.host(), Some(&agent.url()))?;
-        let out = ctr.pull(&format!("{}/team/web@{digest}", cl.proxy.host()), None, &[]).await?;
-        assert!(out.success, "pull failed: {}\n{}", out.output, agent.log());
-    }
+    every_node_pulls(&cl, &agents, "team/web", &digest, &new).await?;
     Ok(())
 }
 

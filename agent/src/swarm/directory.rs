@@ -291,14 +291,17 @@ impl Directory {
         count: usize,
     ) -> Option<Located> {
         let e = self.entries.get_mut(digest)?;
+        Self::hand(e, |p, _| p != asker && usable(p), count.max(1) as u32, count)
+    }
+
+    /// Up to `count` of `e`'s holders `pick` accepts (of the size decided), those handed out fewer than `spread`
+    /// times first, then complete before partial, then the earliest; each one chosen counts as handed out once
+    /// more.
+    fn hand(e: &mut Entry, pick: impl Fn(&PeerId, &Holder) -> bool, spread: u32, count: usize) -> Option<Located> {
         let size = e.size;
-        let mut chosen: Vec<(PeerId, Holder)> = e
-            .holders
-            .iter()
-            .filter(|(p, h)| *p != asker && h.size == size && usable(p))
-            .map(|(p, h)| (*p, *h))
-            .collect();
-        chosen.sort_by_key(|(_, h)| (h.given / count.max(1) as u32, !h.state.complete, h.since));
+        let mut chosen: Vec<(PeerId, Holder)> =
+            e.holders.iter().filter(|(p, h)| h.size == size && pick(p, h)).map(|(p, h)| (*p, *h)).collect();
+        chosen.sort_by_key(|(_, h)| (h.given / spread, !h.state.complete, h.since));
         chosen.truncate(count);
         if chosen.is_empty() {
             return None;
@@ -329,25 +332,7 @@ impl Directory {
         let asker_since = e.holders.get(asker).map_or(u64::MAX, |h| h.since);
         // The home itself fetches from outside, never waiting on the others: it is ahead of everyone.
         let ahead = |p: &PeerId, h: &Holder| h.state.complete || h.since < asker_since || p == home;
-        let size = e.size;
-        let mut chosen: Vec<(PeerId, Holder)> = e
-            .holders
-            .iter()
-            .filter(|(p, h)| *p != asker && h.size == size && usable(p) && ahead(p, h))
-            .map(|(p, h)| (*p, *h))
-            .collect();
-        chosen.sort_by_key(|(_, h)| (h.given / FANOUT, !h.state.complete, h.since));
-        chosen.truncate(SOURCES);
-        if chosen.is_empty() {
-            return None;
-        }
-        for (p, _) in &chosen {
-            if let Some(h) = e.holders.get_mut(p) {
-                h.given += 1;
-            }
-        }
-        let holders = chosen.into_iter().map(|(p, h)| (p, h.state)).collect();
-        Some(Located { size: e.size, media_type: e.media_type.clone(), holders })
+        Self::hand(e, |p, h| p != asker && usable(p) && ahead(p, h), FANOUT, SOURCES)
     }
 
     /// Whether the home must make sure it downloads `digest` itself before it hands out sources: no usable

@@ -159,29 +159,20 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     let layer = (args.image_mib << 20) / args.layers;
     eprintln!("building a {} MiB image in {} layers…", args.image_mib, args.layers);
     let image = Artifact::Image(Image::random(&vec![layer; args.layers], 77, "amd64", Compression::None)?);
-    let bridge = Bridge::create("shb")?;
-    let up = bridge.netns(UPSTREAM_NS, Some(Rate::mbit(args.upstream_mbit)))?;
+    let net = Network::start("shb", args.nodes, args.upstream_mbit, args.node_mbit).await?;
+    let Network { bridge, nodes, registry, upstream_host, stats, .. } = &net;
     let cache_ns = bridge.netns(CACHE_NS, Some(Rate::mbit(args.node_mbit)))?;
-    let nodes: Vec<Netns> = (0..args.nodes)
-        .map(|i| bridge.netns(FIRST_NODE + i, Some(Rate::mbit(args.node_mbit))))
-        .collect::<Result<_>>()?;
-
-    // Upstream: the registry on the upstream namespace's address, the counting proxy in front of it.
-    let registry = Registry::start_in(&up, 5001, None).await?;
-    let upstream_host = format!("{}:5000", up.ip());
-    let proxy = NsProxy::start(&up, upstream_host.parse()?, registry.addr()).await?;
-    let stats: ProxyStats = proxy.stats().clone();
     eprintln!("pushing it to upstream (over the capped link)…");
     push(&image, &registry.host(), REPO, "v1", None, Format::Oci)?;
 
     let mut outcomes = Vec::new();
 
     if args.shoal_only {
-        return shoal_only(&args, &nodes, &upstream_host, &stats, image_bytes).await;
+        return shoal_only(&args, nodes, upstream_host, stats, image_bytes).await;
     }
     eprintln!("(a) direct from upstream…");
     stats.reset();
-    let done = pulls(args.warm, &nodes, |_| Endpoint { base: format!("http://{upstream_host}"), ns: None }).await?;
+    let done = pulls(args.warm, nodes, |_| Endpoint { base: format!("http://{upstream_host}"), ns: None }).await?;
     outcomes.push(Outcome {
         name: "direct",
         done,
@@ -195,7 +186,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     stats.reset();
     let cache = Registry::start_in(&cache_ns, 5000, Some(&format!("http://{upstream_host}"))).await?;
     let cache_url = format!("http://{}", cache.addr());
-    let done = pulls(args.warm, &nodes, |_| Endpoint { base: cache_url.clone(), ns: None }).await?;
+    let done = pulls(args.warm, nodes, |_| Endpoint { base: cache_url.clone(), ns: None }).await?;
     outcomes.push(Outcome {
         name: "central cache (docker-registry proxy)",
         done,
@@ -206,8 +197,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     });
     drop(cache);
 
-    outcomes.push(shoal(args.warm, &nodes, &upstream_host, &stats).await?);
-    drop(proxy);
+    outcomes.push(shoal(args.warm, nodes, upstream_host, stats).await?);
 
     let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
     let table = render_table(&args, &outcomes, image_bytes, link_secs);
@@ -217,21 +207,55 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         std::fs::write(prefix.with_extension("svg"), render_svg(&outcomes, link_secs))?;
         eprintln!("wrote {}.md and .svg", prefix.display());
     }
-    drop((nodes, up, cache_ns, bridge));
+    drop(cache_ns);
+    drop(net);
     Ok(())
 }
 
-/// The Shoal contender: an agent per node, in a mesh, each node pulling through its own.
-async fn shoal(warm: bool, nodes: &[Netns], upstream_host: &str, stats: &ProxyStats) -> Result<Outcome> {
-    eprintln!("(c) through Shoal on every node…");
-    stats.reset();
-    let dir = tempfile::Builder::new().prefix("shoal-burst").tempdir()?;
+/// The bench's network: a bridge, the upstream namespace (the registry on its address behind a counting proxy, its
+/// link capped) and the nodes' namespaces (their links capped). Dropped in the order it must be torn down.
+pub(crate) struct Network {
+    /// Counts what crosses the upstream link (read through `stats`).
+    _proxy: NsProxy,
+    pub(crate) stats: ProxyStats,
+    pub(crate) registry: Registry,
+    /// `ip:port` of the proxy, the upstream the nodes see.
+    pub(crate) upstream_host: String,
+    pub(crate) nodes: Vec<Netns>,
+    /// The upstream's namespace (the registry and the proxy run in it).
+    _up: Netns,
+    pub(crate) bridge: Bridge,
+}
+
+impl Network {
+    /// Creates it on bridge `<prefix>br`.
+    pub(crate) async fn start(prefix: &str, nodes: u8, upstream_mbit: u64, node_mbit: u64) -> Result<Self> {
+        let bridge = Bridge::create(prefix)?;
+        let up = bridge.netns(UPSTREAM_NS, Some(Rate::mbit(upstream_mbit)))?;
+        let nodes: Vec<Netns> =
+            (0..nodes).map(|i| bridge.netns(FIRST_NODE + i, Some(Rate::mbit(node_mbit)))).collect::<Result<_>>()?;
+        let registry = Registry::start_in(&up, 5001, None).await?;
+        let upstream_host = format!("{}:5000", up.ip());
+        let proxy = NsProxy::start(&up, upstream_host.parse()?, registry.addr()).await?;
+        let stats = proxy.stats().clone();
+        Ok(Self { _proxy: proxy, stats, registry, upstream_host, nodes, _up: up, bridge })
+    }
+}
+
+/// An agent per node (`configure` adds settings), in one mesh through the first, once every agent sees all the
+/// others. The directory holds the mesh's secret: keep it as long as the agents.
+pub(crate) async fn mesh_of_agents(
+    nodes: &[Netns],
+    upstream_host: &str,
+    configure: impl Fn(shoal_testbed::AgentBuilder) -> shoal_testbed::AgentBuilder,
+) -> Result<(tempfile::TempDir, Vec<Agent>)> {
+    let dir = tempfile::Builder::new().prefix("shoal-bench").tempdir()?;
     let secret = write_secret(&dir, "secret", &format!("{:032x}", rand::random::<u128>()))?;
     let mut agents: Vec<Agent> = Vec::new();
     for ns in nodes {
         let boot: Vec<_> = agents.first().and_then(|a| a.gossip_addr).into_iter().collect();
-        let agent = Agent::builder().registry(upstream_host).mesh(&secret, ns.ip(), &boot).netns(ns).start().await?;
-        agents.push(agent);
+        let builder = Agent::builder().registry(upstream_host).mesh(&secret, ns.ip(), &boot).netns(ns);
+        agents.push(configure(builder).start().await?);
     }
     let n = (nodes.len() - 1) as f64;
     wait_for("every agent to see the others", Duration::from_secs(60), async || {
@@ -243,6 +267,14 @@ async fn shoal(warm: bool, nodes: &[Netns], upstream_host: &str, stats: &ProxySt
         true
     })
     .await?;
+    Ok((dir, agents))
+}
+
+/// The Shoal contender: an agent per node, in a mesh, each node pulling through its own.
+async fn shoal(warm: bool, nodes: &[Netns], upstream_host: &str, stats: &ProxyStats) -> Result<Outcome> {
+    eprintln!("(c) through Shoal on every node…");
+    stats.reset();
+    let (_dir, agents) = mesh_of_agents(nodes, upstream_host, |b| b).await?;
     let urls: Vec<String> = agents.iter().map(Agent::url).collect();
     let pids: Vec<u32> = agents.iter().filter_map(Agent::pid).collect();
     let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;

@@ -12,17 +12,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use shoal_testbed::client::Endpoint;
-use shoal_testbed::cluster::write_secret;
 use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
 use shoal_testbed::kube::FakeApi;
-use shoal_testbed::netns::{Bridge, Netns, Rate};
-use shoal_testbed::{Agent, NsProxy, ProxyStats, Registry, wait_for};
+use shoal_testbed::netns::{Netns, Rate};
+use shoal_testbed::{Agent, ProxyStats, wait_for};
 
-use crate::burst::{burst, percentile};
+use crate::burst::{Network, burst, mesh_of_agents, percentile};
 
 const REPO: &str = "bench/rollout";
-const UPSTREAM_NS: u8 = 1;
-const FIRST_NODE: u8 = 11;
 
 pub(crate) const USAGE: &str = "shoal-bench rollout [--nodes 8] [--image-mib 128] [--layers 4] [--upstream-mbit 200] \
                                 [--node-mbit 1000] [--delay 5] [--out PREFIX]";
@@ -84,29 +81,9 @@ async fn once(
     eprintln!("{name}…");
     let deployment = format!("app-{tag}");
     api.put_workload("Deployment", "bench", &deployment, &[&format!("{upstream_host}/{REPO}:before")]);
-    let dir = tempfile::Builder::new().prefix("shoal-rollout").tempdir()?;
-    let secret = write_secret(&dir, "secret", &format!("{:032x}", rand::random::<u128>()))?;
-    let mut agents: Vec<Agent> = Vec::new();
-    for ns in nodes {
-        let boot: Vec<_> = agents.first().and_then(|a| a.gossip_addr).into_iter().collect();
-        let agent = Agent::builder()
-            .registry(upstream_host)
-            .mesh(&secret, ns.ip(), &boot)
-            .netns(ns)
-            .setting("prefetch_rollouts", if prefetch { "true" } else { "false" })
-            .env("KUBECONFIG", api.kubeconfig_env()?)
-            .start()
-            .await?;
-        agents.push(agent);
-    }
-    let n = (nodes.len() - 1) as f64;
-    wait_for("every agent to see the others", Duration::from_secs(60), async || {
-        for a in &agents {
-            if a.metric("shoal_peers", &["state=\"alive\""]).await.unwrap_or(0.0) != n {
-                return false;
-            }
-        }
-        true
+    let kubeconfig = api.kubeconfig_env()?;
+    let (_dir, agents) = mesh_of_agents(nodes, upstream_host, |b| {
+        b.setting("prefetch_rollouts", if prefetch { "true" } else { "false" }).env("KUBECONFIG", kubeconfig)
     })
     .await?;
     if prefetch {
@@ -136,23 +113,16 @@ async fn once(
 pub(crate) async fn run(args: Args) -> Result<()> {
     let image_bytes = (args.image_mib << 20) as u64;
     let layer = (args.image_mib << 20) / args.layers;
-    let bridge = Bridge::create("shr")?;
-    let up = bridge.netns(UPSTREAM_NS, Some(Rate::mbit(args.upstream_mbit)))?;
-    let nodes: Vec<Netns> = (0..args.nodes)
-        .map(|i| bridge.netns(FIRST_NODE + i, Some(Rate::mbit(args.node_mbit))))
-        .collect::<Result<_>>()?;
-    let registry = Registry::start_in(&up, 5001, None).await?;
-    let upstream_host = format!("{}:5000", up.ip());
-    let proxy = NsProxy::start(&up, upstream_host.parse()?, registry.addr()).await?;
-    let stats: ProxyStats = proxy.stats().clone();
+    let net = Network::start("shr", args.nodes, args.upstream_mbit, args.node_mbit).await?;
+    let Network { bridge, nodes, registry, upstream_host, stats, .. } = &net;
     let api = FakeApi::start_at(Vec::new(), bridge.host_ip().into()).await?;
     eprintln!("pushing two {} MiB images in {} layers (over the capped link)…", args.image_mib, args.layers);
     for (seed, tag) in [(81, "without"), (82, "with")] {
         let image = Artifact::Image(Image::random(&vec![layer; args.layers], seed, "amd64", Compression::None)?);
         push(&image, &registry.host(), REPO, tag, None, Format::Oci)?;
     }
-    let without = once("rollout, no prefetch", false, &args, &nodes, &api, &upstream_host, &stats, "without").await?;
-    let with = once("rollout, prefetch_rollouts", true, &args, &nodes, &api, &upstream_host, &stats, "with").await?;
+    let without = once("rollout, no prefetch", false, &args, nodes, &api, upstream_host, stats, "without").await?;
+    let with = once("rollout, prefetch_rollouts", true, &args, nodes, &api, upstream_host, stats, "with").await?;
     let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
     let mut t = format!(
         "A rollout changes a Deployment's image; {:.0} s later {} nodes pull it at the same moment. One {} MiB image \
@@ -183,6 +153,6 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         std::fs::write(prefix.with_extension("md"), &t)?;
         eprintln!("wrote {}.md", prefix.display());
     }
-    drop((proxy, nodes, up, bridge));
+    drop(net);
     Ok(())
 }
