@@ -3,7 +3,7 @@
 //! ```text
 //! <data_dir>/blobs/sha256/<xx>/<hex>   complete blobs, each verified against its name before it got there
 //! <data_dir>/partial/<hex>.<n>         downloads in progress (removed on start: they cannot be trusted)
-//! <data_dir>/index/                    rocksdb: column families `blobs`, `tags`, `links`, `pieces`
+//! <data_dir>/index/                    rocksdb: column families `blobs`, `pieces`, and (`records.rs`) `tags`, `links`, `pins`
 //! ```
 //!
 //! `pieces` holds each complete blob's piece hashes (see [`crate::pieces`]) as they were computed when its bytes
@@ -26,6 +26,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::oci::{Digest, RegistryHost};
 use crate::pieces::PieceTable;
+
+mod records;
+
+pub use records::{LinkRecord, PinRecord, TagRecord};
 
 const CF_BLOBS: &str = "blobs";
 const CF_TAGS: &str = "tags";
@@ -112,51 +116,6 @@ pub struct BlobMeta {
     /// configured ones whose word unlocks it for other clients (see `resolver/access.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryHost>,
-}
-
-/// A pin: an image whose blobs GC never evicts (`shoal pin`), or its removal (kept as a tombstone so an older
-/// copy of the pin coming back from a member does not revive it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PinRecord {
-    /// The image as pinned (`registry/repository:tag` or `…@digest`).
-    pub image: String,
-    /// What it resolved to when pinned.
-    pub digest: Digest,
-    /// Every blob it names (manifests included).
-    pub blobs: Vec<Digest>,
-    /// Their total size.
-    pub bytes: u64,
-    /// Pinned (else: unpinned).
-    pub pinned: bool,
-    /// When it was pinned or unpinned, milliseconds since the epoch: the latest word wins.
-    pub stamp: u64,
-}
-
-/// A tag's last known answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TagRecord {
-    /// The manifest digest the tag pointed to.
-    pub digest: Digest,
-    /// When upstream said so, seconds since the epoch.
-    pub fetched_at: u64,
-    /// Whether it was resolved without a client's credentials (anyone may be given it).
-    pub public: bool,
-    /// The manifest's media type as upstream gave it (whether a client's `Accept` admits the cached answer).
-    #[serde(default)]
-    pub media_type: Option<String>,
-    /// The registry itself gave this answer to this node. Records without it (written by versions that took a
-    /// member's word for a tag) are ignored.
-    #[serde(default)]
-    pub from_upstream: bool,
-}
-
-/// Evidence that a digest is served by a repository upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LinkRecord {
-    /// Whether upstream served it without a client's credentials (so any client may get it from the cache).
-    pub public: bool,
-    /// When this was learnt, seconds since the epoch.
-    pub at: u64,
 }
 
 /// Counts from a start-up reconciliation.
@@ -455,78 +414,20 @@ impl Store {
 
     /// Every complete blob with its record.
     pub fn list_blobs(&self) -> Result<Vec<(Digest, BlobMeta)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
-            let (k, v) = item?;
-            if let (Ok(d), Ok(m)) =
-                (Digest::parse(&String::from_utf8_lossy(&k)), serde_json::from_slice::<BlobMeta>(&v))
-            {
-                out.push((d, m));
-            }
-        }
-        Ok(out)
+        Ok(self.scan(CF_BLOBS)?.into_iter().filter_map(|(k, m)| Some((Digest::parse(&k).ok()?, m))).collect())
     }
 
-    /// Every tag record: `registry/repository:tag` → its last known answer.
-    pub fn list_tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
+    /// Every record of column family `cf` whose key is UTF-8 and whose value parses (others are skipped: a list
+    /// never fails on one bad record).
+    fn scan<T: for<'de> Deserialize<'de>>(&self, cf: &str) -> Result<Vec<(String, T)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_TAGS), IteratorMode::Start) {
+        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
             let (k, v) = item?;
-            if let (Ok(k), Ok(r)) = (String::from_utf8(k.to_vec()), serde_json::from_slice::<TagRecord>(&v)) {
+            if let (Ok(k), Ok(r)) = (String::from_utf8(k.to_vec()), serde_json::from_slice::<T>(&v)) {
                 out.push((k, r));
             }
         }
         Ok(out)
-    }
-
-    /// Every pin record (tombstones included).
-    pub fn list_pins(&self) -> Result<Vec<PinRecord>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_PINS), IteratorMode::Start) {
-            let (_, v) = item?;
-            if let Ok(r) = serde_json::from_slice::<PinRecord>(&v) {
-                out.push(r);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Stores `rec` unless a record of the same image with a later stamp is stored. Returns whether it was.
-    pub fn put_pin(&self, rec: &PinRecord) -> Result<bool, StoreError> {
-        if let Some(old) = self.get::<PinRecord>(CF_PINS, &rec.image)?
-            && (old.stamp, old.pinned) >= (rec.stamp, rec.pinned)
-        {
-            return Ok(false);
-        }
-        self.put(CF_PINS, &rec.image, rec)?;
-        Ok(true)
-    }
-
-    /// The blobs pinned now, and their bytes held on this node.
-    pub fn pinned(&self) -> Result<(HashSet<Digest>, u64), StoreError> {
-        let (set, held, _) = self.pinned_within(u64::MAX)?;
-        Ok((set, held))
-    }
-
-    /// The blobs of the oldest pins whose bytes held here fit in `budget`, those bytes, and the images left out
-    /// (pins are members' word: together they may not stop GC from reaching its target).
-    pub fn pinned_within(&self, budget: u64) -> Result<(HashSet<Digest>, u64, Vec<String>), StoreError> {
-        let mut pins: Vec<PinRecord> = self.list_pins()?.into_iter().filter(|p| p.pinned).collect();
-        pins.sort_by_key(|p| p.stamp);
-        let (mut set, mut held, mut left_out) = (HashSet::new(), 0u64, Vec::new());
-        for p in pins {
-            let mut adds = 0;
-            for d in p.blobs.iter().filter(|d| !set.contains(*d)) {
-                adds += self.blob(d)?.map_or(0, |m| m.size);
-            }
-            if held + adds > budget {
-                left_out.push(p.image);
-                continue;
-            }
-            held += adds;
-            set.extend(p.blobs);
-        }
-        Ok((set, held, left_out))
     }
 
     /// Records that a blob was just served (its place in the LRU order).
@@ -540,55 +441,6 @@ impl Store {
             }
         }
         Ok(())
-    }
-
-    /// A tag's last known answer. `key` is `registry/repo:tag`.
-    pub fn tag(&self, key: &str) -> Result<Option<TagRecord>, StoreError> {
-        self.get(CF_TAGS, key)
-    }
-
-    /// Records a tag's answer.
-    pub fn put_tag(&self, key: &str, rec: &TagRecord) -> Result<(), StoreError> {
-        self.put(CF_TAGS, key, rec)
-    }
-
-    /// What is known of `digest` in a repository. `key` is `registry/repo@digest`.
-    pub fn link(&self, key: &str) -> Result<Option<LinkRecord>, StoreError> {
-        self.get(CF_LINKS, key)
-    }
-
-    /// Records that a repository serves a digest; a public record is never downgraded to a private one.
-    pub fn put_link(&self, key: &str, rec: LinkRecord) -> Result<(), StoreError> {
-        if !rec.public && self.link(key)?.is_some_and(|l| l.public) {
-            return Ok(());
-        }
-        self.put(CF_LINKS, key, &rec)
-    }
-
-    /// Forgets tag answers and repository links older than `max_age` seconds at `now` (and records that no longer
-    /// parse): names clients made up must not grow the index forever. Returns (tags, links) removed.
-    pub fn expire_records(&self, now: u64, max_age: u64) -> Result<(usize, usize), StoreError> {
-        let old = |t: u64| now.saturating_sub(t) > max_age;
-        let mut removed = (0, 0);
-        for (cf, count) in [(CF_TAGS, &mut removed.0), (CF_LINKS, &mut removed.1)] {
-            let mut doomed = Vec::new();
-            for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
-                let (k, v) = item?;
-                let expired = if cf == CF_TAGS {
-                    serde_json::from_slice::<TagRecord>(&v).map_or(true, |r| old(r.fetched_at))
-                } else {
-                    serde_json::from_slice::<LinkRecord>(&v).map_or(true, |r| old(r.at))
-                };
-                if expired {
-                    doomed.push(k);
-                }
-            }
-            for k in doomed {
-                self.db.delete_cf(self.cf(cf), k)?;
-                *count += 1;
-            }
-        }
-        Ok(removed)
     }
 
     fn get<T: for<'de> Deserialize<'de>>(&self, cf: &str, key: &str) -> Result<Option<T>, StoreError> {
@@ -695,7 +547,7 @@ mod tests {
     use super::*;
     use sha2::{Digest as _, Sha256};
 
-    fn put_blob(store: &Store, data: &[u8]) -> Digest {
+    pub(super) fn put_blob(store: &Store, data: &[u8]) -> Digest {
         let d = Digest::from_sha256(&Sha256::digest(data));
         let (path, mut file) = store.create_partial(&d).unwrap();
         write_all(&mut file, data, &path).unwrap();
@@ -731,22 +583,6 @@ mod tests {
         assert_eq!(rec.blobs, 1);
         drop(store);
         assert_eq!(fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap().trim(), "1");
-    }
-
-    #[test]
-    fn old_tag_and_link_records_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path()).unwrap();
-        let d = Digest::from_sha256(&Sha256::digest(b"x"));
-        let tag =
-            |at| TagRecord { digest: d.clone(), fetched_at: at, public: true, media_type: None, from_upstream: true };
-        store.put_tag("r/a:old", &tag(100)).unwrap();
-        store.put_tag("r/a:new", &tag(1000)).unwrap();
-        store.put_link("r/a@old", LinkRecord { public: true, at: 100 }).unwrap();
-        store.put_link("r/a@new", LinkRecord { public: true, at: 1000 }).unwrap();
-        assert_eq!(store.expire_records(1000, 500).unwrap(), (1, 1));
-        assert!(store.tag("r/a:old").unwrap().is_none() && store.tag("r/a:new").unwrap().is_some());
-        assert!(store.link("r/a@old").unwrap().is_none() && store.link("r/a@new").unwrap().is_some());
     }
 
     #[test]
@@ -873,50 +709,5 @@ mod tests {
         store.put_link("r/x@d", LinkRecord { public: true, at: 1 }).unwrap();
         store.put_link("r/x@d", LinkRecord { public: false, at: 2 }).unwrap();
         assert!(store.link("r/x@d").unwrap().unwrap().public);
-    }
-}
-
-#[cfg(test)]
-mod pin_tests {
-    use super::*;
-    use sha2::{Digest as _, Sha256};
-
-    fn blob(store: &Store, data: &[u8]) -> Digest {
-        let d = Digest::from_sha256(&Sha256::digest(data));
-        let (path, mut file) = store.create_partial(&d).unwrap();
-        write_all(&mut file, data, &path).unwrap();
-        let meta = BlobMeta { size: data.len() as u64, media_type: None, last_access: 0, public: true, registry: None };
-        store.commit(&path, &file, &d, &meta, None).unwrap();
-        d
-    }
-
-    fn pin(image: &str, blobs: &[Digest], pinned: bool, stamp: u64) -> PinRecord {
-        let digest = blobs.first().cloned().unwrap_or_else(|| Digest::from_sha256(&Sha256::digest(image)));
-        PinRecord { image: image.into(), digest, blobs: blobs.to_vec(), bytes: 0, pinned, stamp }
-    }
-
-    #[test]
-    fn the_latest_word_on_a_pin_wins_and_pins_fit_a_budget_oldest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path()).unwrap();
-        let (a, b) = (blob(&store, &[1; 100]), blob(&store, &[2; 300]));
-        assert!(store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), true, 10)).unwrap());
-        // An older word, or the same one again, changes nothing; a later removal does; an older pin does not
-        // revive it.
-        assert!(!store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), false, 9)).unwrap());
-        assert!(!store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), true, 10)).unwrap());
-        assert!(store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), false, 11)).unwrap());
-        assert!(!store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), true, 10)).unwrap());
-        assert_eq!(store.pinned().unwrap(), (HashSet::new(), 0));
-        assert!(store.put_pin(&pin("r/x:1", std::slice::from_ref(&a), true, 12)).unwrap());
-        assert!(store.put_pin(&pin("r/y:1", std::slice::from_ref(&b), true, 13)).unwrap());
-        assert_eq!(store.pinned().unwrap().1, 400);
-        // Within 250 bytes: the older pin only.
-        let (set, held, left_out) = store.pinned_within(250).unwrap();
-        assert_eq!((set, held, left_out), (HashSet::from([a]), 100, vec!["r/y:1".to_owned()]));
-        // Survives a reopen.
-        drop(store);
-        let (store, _) = Store::open(dir.path()).unwrap();
-        assert_eq!(store.list_pins().unwrap().len(), 2);
     }
 }
