@@ -153,6 +153,11 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+/// A progress channel nobody listens to: sends fail at once, so the work never waits on them.
+fn unheard<T>() -> mpsc::Sender<T> {
+    mpsc::channel(1).0
+}
+
 /// Runs a store call off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,

@@ -305,10 +305,8 @@ async fn reconcile(st: &AdminState, mesh: &Arc<Mesh>, api: &Api<DynamicObject>, 
             pin: spec.pin,
             replicas: spec.replicas,
         };
-        // Progress events are not followed (nobody receives them: sending fails at once); the status is written
-        // once the image is done.
-        let (tx, rx) = mpsc::channel(1);
-        drop(rx);
+        // Progress events are not followed: the status is written once the image is done.
+        let tx = super::unheard();
         let zs: Vec<Value> = match preheat::run(st, mesh, &plan, &tx).await {
             Ok(summary) => {
                 images[i]["digest"] = json!(summary.digest);

@@ -46,11 +46,14 @@ pub(super) const MAX_REPLICAS: usize = crate::swarm::directory::MAX_LOCATED;
 
 /// The `n - 1` members of `zone` besides `digest`'s home there that hold a replica of it: the first by a hash of
 /// the image and the member (stable while members stay, spread over the zone across images).
-fn replicas_for(mesh: &Mesh, zone: &str, root: &Digest, digest: &Digest, n: usize) -> Vec<PeerId> {
+fn replicas_for(mesh: &Mesh, zone: &str, members: &[PeerId], root: &Digest, digest: &Digest, n: usize) -> Vec<PeerId> {
+    if n <= 1 {
+        return Vec::new();
+    }
     let home = mesh.view().home_in(zone, digest);
-    let mut members: Vec<(blake3::Hash, PeerId)> = mesh
-        .alive_in(zone)
-        .into_iter()
+    let mut members: Vec<(blake3::Hash, PeerId)> = members
+        .iter()
+        .copied()
         .filter(|p| Some(*p) != home)
         .map(|p| {
             let mut h = blake3::Hasher::new();
@@ -84,15 +87,16 @@ pub(super) async fn run(
     for z in zones {
         orders.extend(items.iter().map(|(d, kind, _)| (z.clone(), d.clone(), *kind, None)));
     }
+    // How many holders each zone is to have: the zone's alive members at most.
+    let mut want: BTreeMap<String, usize> = BTreeMap::new();
     for z in zones {
+        let members = mesh.alive_in(z);
+        want.insert(z.clone(), replicas.min(members.len()).max(1));
         for (d, kind, _) in &items {
-            let chosen = replicas_for(mesh, z, &root, d, replicas);
+            let chosen = replicas_for(mesh, z, &members, &root, d, replicas);
             orders.extend(chosen.into_iter().map(|p| (z.clone(), d.clone(), *kind, Some(p))));
         }
     }
-    // How many holders each zone is to have: the zone's alive members at most.
-    let want: BTreeMap<String, usize> =
-        zones.iter().map(|z| (z.clone(), replicas.min(mesh.alive_in(z).len()).max(1))).collect();
     let me = mesh.view().me;
     let failures: Vec<(String, String)> = futures_util::stream::iter(orders)
         .map(|(zone, digest, kind, replica)| {

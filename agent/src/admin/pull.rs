@@ -173,9 +173,8 @@ pub(super) async fn read_blobs(
     tx: Option<&mpsc::Sender<Result<pb::PullEvent, Status>>>,
     counts: &mut Counts,
 ) -> Result<(), Status> {
-    // Nobody listening: progress sends fail at once.
-    let closed = mpsc::channel(1).0;
-    let tx = tx.unwrap_or(&closed);
+    let unheard = super::unheard();
+    let tx = tx.unwrap_or(&unheard);
     counts.total = counts.bytes + items.iter().filter(|(_, k, _)| *k == Kind::Blob).map(|(_, _, s)| s).sum::<u64>();
     for (digest, kind, _) in items.iter().filter(|(_, k, _)| *k == Kind::Blob) {
         read(st, client, digest, *kind, tx, counts).await.map_err(|e| match e {
@@ -193,9 +192,7 @@ pub(super) async fn walk(
     image: &ImageRef,
     platform: Option<&Platform>,
 ) -> Result<(Client, Digest, Vec<(Digest, Kind, u64)>), Status> {
-    // Nobody listens to a walk's progress: sends fail at once.
-    let closed = mpsc::channel(1).0;
-    walk_counted(st, image, platform, &closed, &mut Counts::default()).await
+    walk_counted(st, image, platform, &super::unheard(), &mut Counts::default()).await
 }
 
 /// [`walk`], counting the manifests' bytes and sending their progress.

@@ -248,8 +248,7 @@ async fn prefetch(st: &AdminState, mesh: &Arc<Mesh>, image: &str) {
         pin: false,
         replicas: 1,
     };
-    let (tx, rx) = mpsc::channel(1);
-    drop(rx);
+    let tx = super::unheard();
     let started = Instant::now();
     match preheat::run(st, mesh, &plan, &tx).await {
         Ok(s) if s.zones.iter().all(|z| z.failure.is_empty()) => {

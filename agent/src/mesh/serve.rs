@@ -147,11 +147,15 @@ impl PeerServer {
                 l.take(n).await;
             }
         };
+        let mut total = 0u64;
         let sent = |n: u64| {
             self.mesh.metrics.mesh.bytes_sent.inc_by(n);
-            self.mesh.peer_stats.sent(asker, n);
+            total += n;
         };
-        if write_piece(send, &frame, &data, stall, pace, sent).await == Sent::Stalled {
+        let outcome = write_piece(send, &frame, &data, stall, pace, sent).await;
+        // Per member once per piece, not per chunk: its map is behind a lock.
+        self.mesh.peer_stats.sent(asker, total);
+        if outcome == Sent::Stalled {
             tracing::info!(peer = %asker, "a member stopped reading a piece: stream reset, upload slot freed");
         }
         Ok(())
