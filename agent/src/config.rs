@@ -207,6 +207,8 @@ pub struct MeshConfig {
     pub max_uploads: usize,
     /// Upload cap in bytes per second (`None`: no cap).
     pub upload_rate: Option<u64>,
+    /// How downloads take pieces from members.
+    pub swarm: Swarm,
     /// Wait for a peer's answer or next bytes.
     pub peer_stall_timeout: Duration,
     /// Quarantine of a peer whose data failed a check.
@@ -496,6 +498,11 @@ impl RawConfig {
         if upload_rate != 0 && upload_rate < 64 << 10 {
             return Err(invalid("upload_rate", "must be 0 (no cap) or at least 64KiB"));
         }
+        let swarm = match self.swarm.as_deref().unwrap_or("exchange") {
+            "exchange" => Swarm::Exchange,
+            "tree" => Swarm::Tree,
+            _ => return Err(invalid("swarm", "must be `exchange` or `tree`")),
+        };
         Ok(Some(MeshConfig {
             secret,
             gossip_listen,
@@ -511,10 +518,21 @@ impl RawConfig {
             dead_after,
             max_uploads: max_uploads as usize,
             upload_rate: (upload_rate > 0).then_some(upload_rate),
+            swarm,
             peer_stall_timeout: dur("peer_stall_timeout", &self.peer_stall_timeout, "5s", Duration::from_millis(50))?,
             peer_quarantine: dur("peer_quarantine", &self.peer_quarantine, "5m", Duration::ZERO)?,
         }))
     }
+}
+
+/// How a download takes pieces from members (`swarm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swarm {
+    /// Any piece from any peer that has it, rarest first ([`crate::swarm::exchange`]); the home hands out peers in
+    /// any order of arrival, and peers downloading the same blob trade both ways.
+    Exchange,
+    /// In order, from sources ahead of this node ([`crate::swarm::scheduler`]): a burst forms a tree.
+    Tree,
 }
 
 /// What members' identities are bound to (see `member_binding`).
@@ -793,6 +811,7 @@ mod tests {
             (with("advertise_ip = \"10.0.0.5\"\nsuspect_after = \"3s\""), "`suspect_after`"),
             (with("advertise_ip = \"10.0.0.5\"\nmax_uploads = 0"), "`max_uploads`"),
             (with("advertise_ip = \"10.0.0.5\"\nupload_rate = \"1KiB\""), "`upload_rate`"),
+            (with("advertise_ip = \"10.0.0.5\"\nswarm = \"torrent\""), "`swarm`"),
         ];
         for (toml, key) in cases {
             let err = check(&toml).unwrap_err();

@@ -38,6 +38,7 @@ use crate::config::MeshConfig;
 use crate::metrics::{FailureLabels, Metrics, TransferFailure};
 use crate::oci::Digest;
 use crate::pieces::{PieceTable, piece_count, piece_size};
+use crate::swarm::bitfield::Bitfield;
 use crate::transfer::{FetchError, Transfer, TransferError, VerifiedPiece};
 
 /// Longest wait for a home's answer to a locate (connection included).
@@ -555,6 +556,54 @@ impl Mesh {
                 Err(e)
             }
         }
+    }
+
+    /// How this node's downloads take pieces from members.
+    pub fn swarm(&self) -> crate::config::Swarm {
+        self.cfg.swarm
+    }
+
+    /// Watches which of the `count` pieces of `digest` `peer` holds: its whole set now, then again each time it has
+    /// more (at most every 20 ms). The stream ends after a full set, when the peer stops, or with the first
+    /// error (a refusal, a set of another length or with bits past its end: a protocol error). `public`: this
+    /// node downloads the blob for a client without credentials (the peer trades back only with the same
+    /// provenance).
+    pub async fn watch_pieces(
+        &self,
+        peer: PeerId,
+        digest: &Digest,
+        count: u64,
+        public: bool,
+    ) -> Result<futures_util::stream::BoxStream<'static, Result<Bitfield, FetchError>>, FetchError> {
+        let Some(addr) = self.view().reachable_addr(&peer) else {
+            return Err(FetchError::Connect(format!("{peer} is not a member or is dead")));
+        };
+        let req = request::Kind::WatchPieces(peer::WatchPieces { digest: digest.to_string(), public });
+        let recv = self.transfer.open_series(peer, addr, req).await?;
+        let frames = futures_util::stream::unfold(Some(recv), move |recv| async move {
+            let mut recv = recv?;
+            let r = match crate::transfer::read_frame::<peer::Response, _>(&mut recv, crate::transfer::MAX_FRAME).await
+            {
+                Ok(peer::Response { kind: Some(response::Kind::Bits(b)) }) => {
+                    if b.count == count {
+                        Bitfield::from_words(count, b.words)
+                            .ok_or_else(|| FetchError::Protocol("a piece set with bits past the blob's end".into()))
+                    } else {
+                        Err(FetchError::Protocol(format!("a set of {} pieces for a blob of {count}", b.count)))
+                    }
+                }
+                Ok(peer::Response { kind: Some(response::Kind::Error(e)) }) => {
+                    Err(FetchError::Refused { code: e.code(), message: e.message })
+                }
+                Ok(_) => Err(FetchError::Protocol("answer to a watch is not a piece set".into())),
+                // Finished (after its full set) or gone: either way nothing more comes.
+                Err(crate::transfer::FrameError::Truncated(_)) => return None,
+                Err(e) => Err(FetchError::Protocol(e.to_string())),
+            };
+            let more = r.as_ref().is_ok_and(|b| !b.is_full());
+            Some((r, more.then_some(recv)))
+        });
+        Ok(Box::pin(frames))
     }
 
     /// Asks `peer`, a holder that says it verified the whole blob, for its piece table: its word, checked for

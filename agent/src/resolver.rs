@@ -32,6 +32,7 @@ mod from_peers;
 mod peers;
 mod sink;
 mod tags;
+mod trade;
 mod upkeep;
 
 use access::{Access, Decision, Provenance};
@@ -130,6 +131,7 @@ impl Client {
             accept: self.accept.as_ref(),
             client_auth: self.auth.as_ref(),
             offset: 0,
+            end: None,
         }
     }
 }

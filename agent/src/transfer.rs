@@ -2,7 +2,7 @@
 //! pieces' bytes between members.
 //!
 //! Every bidirectional stream carries one request frame and one response frame (see `proto/peer.proto`), followed
-//! for a piece by its raw bytes. A connection is admitted by its first stream, the Hello exchange: each side
+//! for a piece by its raw bytes; a watch of a blob's pieces is answered by a series of frames. A connection is admitted by its first stream, the Hello exchange: each side
 //! proves it holds the cluster secret with a MAC over the connection's TLS exporter value (channel binding), so a
 //! node without the secret gets no answer, and a relay in the middle cannot reuse a proof on its own TLS session;
 //! and signs the same binding with its node key, the key its peer id is derived from, so a member that knows the
@@ -524,6 +524,28 @@ impl Transfer {
             return Err(FetchError::HashMismatch);
         }
         Ok(VerifiedPiece { chunks, hash: expected })
+    }
+
+    /// Opens a request answered by a series of frames (`WatchPieces`): the stream to read them from, once the
+    /// request is sent. Nothing bounds the wait for a frame here (a holder with no new piece says nothing); the
+    /// caller reads with [`read_frame`] and drops the stream when done (which stops the sender).
+    pub async fn open_series(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        req: request::Kind,
+    ) -> Result<quinn::RecvStream, FetchError> {
+        let r = async {
+            let conn = self.connection(peer, addr).await?;
+            let proto = |e: String| FetchError::Protocol(e);
+            let (mut send, recv) = timed(self.stall, conn.open_bi()).await?.map_err(|e| proto(e.to_string()))?;
+            timed(self.stall, send.write_all(&encode_frame(&Request { kind: Some(req) })))
+                .await?
+                .map_err(|e| proto(e.to_string()))?;
+            let _ = send.finish();
+            Ok(recv)
+        };
+        self.settle(peer, r.await)
     }
 
     /// Closes every connection and waits (bounded) for the peers to be told.

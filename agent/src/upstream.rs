@@ -98,6 +98,9 @@ pub struct Request<'a> {
     pub client_auth: Option<&'a HeaderValue>,
     /// Ask for the body from this offset on (`Range: bytes=N-`).
     pub offset: u64,
+    /// And only up to this offset, exclusive (`Range: bytes=N-M`, M = end - 1). A registry may ignore the
+    /// range and send the whole body: readers skip to `offset` and stop at `end` themselves.
+    pub end: Option<u64>,
 }
 
 struct CachedAuth {
@@ -373,8 +376,12 @@ impl Upstream {
             if let (Some(accept), Target::Manifest(_)) = (req.accept, req.target) {
                 rb = rb.header(header::ACCEPT, accept.clone());
             }
-            if req.offset > 0 {
-                rb = rb.header(header::RANGE, format!("bytes={}-", req.offset));
+            match req.end {
+                Some(end) if end > req.offset => {
+                    rb = rb.header(header::RANGE, format!("bytes={}-{}", req.offset, end - 1));
+                }
+                _ if req.offset > 0 => rb = rb.header(header::RANGE, format!("bytes={}-", req.offset)),
+                _ => {}
             }
             let resp = tokio::time::timeout(self.cfg.response_timeout, rb.send())
                 .await

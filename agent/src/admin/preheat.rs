@@ -108,6 +108,7 @@ pub(super) async fn run(
                 accept: client.accept.clone(),
                 warm: true,
                 replica: false,
+                exchange: false,
             };
             let resolver = st.resolver.clone();
             async move {

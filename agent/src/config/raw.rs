@@ -157,6 +157,10 @@ pub struct RawConfig {
     /// Upload bandwidth cap towards peers per second, e.g. `200MiB`; `0` for none. Default `0`.
     #[arg(long, env = "SHOAL_UPLOAD_RATE")]
     pub upload_rate: Option<String>,
+    /// How a download takes pieces from members: `exchange` (any piece from any peer that has it, rarest first,
+    /// peers trading both ways) or `tree` (in order, from sources ahead of it). Default `exchange`.
+    #[arg(long, env = "SHOAL_SWARM")]
+    pub swarm: Option<String>,
     /// Longest wait for a peer's answer, and for all of a piece's bytes, before the piece is fetched elsewhere (a
     /// source too slow to deliver a piece in this time is dropped). Default `5s`.
     #[arg(long, env = "SHOAL_PEER_STALL_TIMEOUT")]
@@ -309,6 +313,7 @@ impl RawConfig {
             dead_after: self.dead_after.or(file.dead_after),
             max_uploads: self.max_uploads.or(file.max_uploads),
             upload_rate: self.upload_rate.or(file.upload_rate),
+            swarm: self.swarm.or(file.swarm),
             peer_stall_timeout: self.peer_stall_timeout.or(file.peer_stall_timeout),
             peer_quarantine: self.peer_quarantine.or(file.peer_quarantine),
             containerd_socket: self.containerd_socket.or(file.containerd_socket),

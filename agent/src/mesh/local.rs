@@ -11,6 +11,7 @@ use shoal_proto::peer::{self, error::Code};
 use crate::oci::{Digest, Kind, RegistryHost, RepoName};
 use crate::pieces::PieceTable;
 use crate::store::PinRecord;
+use crate::swarm::bitfield::Bitfield;
 
 /// A piece read for a peer.
 #[derive(Debug, Clone)]
@@ -78,6 +79,9 @@ pub struct Order {
     pub warm: bool,
     /// A preheat's replica: the receiver downloads it into its own store, home or not.
     pub replica: bool,
+    /// The asker trades pieces out of order: the home hands it peers in any order of arrival
+    /// ([`crate::swarm::directory::HandOut::Exchange`]).
+    pub exchange: bool,
 }
 
 /// Longest forwarded header value accepted.
@@ -108,6 +112,7 @@ impl Order {
             accept: header(o.accept.map(String::into_bytes), "accept")?,
             warm: o.warm,
             replica: o.warm && o.replica,
+            exchange: o.exchange,
         })
     }
 
@@ -121,6 +126,7 @@ impl Order {
             accept: self.accept.as_ref().and_then(|a| a.to_str().ok()).map(str::to_owned),
             warm: self.warm,
             replica: self.replica,
+            exchange: self.exchange,
         }
     }
 }
@@ -191,6 +197,17 @@ pub trait Local: Send + Sync + 'static {
     /// give).
     fn piece_table(self: Arc<Self>, digest: Digest) -> BoxFuture<'static, Result<PieceTable, Refusal>>;
 
+    /// Which pieces of `digest` this node holds: the whole set now, then again as it gets more (at most every 20
+    /// ms), ending after a full set or when its download ends. `asker`, downloading the same blob (for a client
+    /// without credentials when `public`), is traded with by this node's download of it, if it trades and has
+    /// the same provenance.
+    fn watch_pieces(
+        self: Arc<Self>,
+        digest: Digest,
+        asker: libp2p::PeerId,
+        public: bool,
+    ) -> BoxFuture<'static, Result<futures_util::stream::BoxStream<'static, Bitfield>, Refusal>>;
+
     /// Merges pin records (the latest stamp per image wins) and returns all of this node's.
     fn merge_pins(self: Arc<Self>, pins: Vec<PinRecord>) -> BoxFuture<'static, Result<Vec<PinRecord>, Refusal>>;
 
@@ -219,6 +236,7 @@ mod tests {
             accept: None,
             warm: false,
             replica: false,
+            exchange: false,
         };
         let order = Order::from_wire(wire).expect("a valid order");
         let printed = format!("{order:?}");

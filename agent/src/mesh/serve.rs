@@ -13,8 +13,10 @@ use tokio::sync::Semaphore;
 
 use super::{HolderState, Holding, Local, Located, Mesh, Order, Refusal, lock};
 use crate::oci::Digest;
-use crate::swarm::directory::HandOut;
+use crate::swarm::bitfield::Bitfield;
+use crate::swarm::directory::{HandOut, PEERS, PEERS_ACROSS_ZONES};
 use crate::transfer::{Sent, Service, respond, respond_error, write_piece};
+use futures_util::StreamExt as _;
 
 /// A token bucket capping upload bandwidth.
 #[derive(Debug)]
@@ -114,7 +116,13 @@ impl PeerServer {
             return dir.locate(digest, &asker, usable).ok_or_else(no_holder);
         }
         let record = same_zone.then_some(order.auth.is_none());
-        let loc = dir.hand_out(digest, &asker, &me, usable, record, HandOut::Tree).ok_or_else(no_holder)?;
+        let how = match (order.exchange, same_zone) {
+            (false, _) => HandOut::Tree,
+            (true, true) => HandOut::Exchange { peers: PEERS },
+            // Another zone's home brings the blob into its zone: its intake is that zone's.
+            (true, false) => HandOut::Exchange { peers: PEERS_ACROSS_ZONES },
+        };
+        let loc = dir.hand_out(digest, &asker, &me, usable, record, how).ok_or_else(no_holder)?;
         mesh.directory_gauges(&dir);
         Ok(loc)
     }
@@ -161,6 +169,35 @@ impl PeerServer {
         Ok(())
     }
 
+    /// Sends each piece set as a frame until the sets end (then finishes the stream) or the watcher stops reading
+    /// (a write that makes no progress for the stall timeout resets the stream).
+    async fn send_sets(
+        &self,
+        send: &mut quinn::SendStream,
+        mut sets: futures_util::stream::BoxStream<'static, Bitfield>,
+    ) {
+        let stall = self.mesh.cfg.peer_stall_timeout;
+        loop {
+            let next = tokio::select! {
+                s = sets.next() => s,
+                // The watcher is done with it (its download ended): stop without waiting for another set.
+                _ = send.stopped() => return,
+            };
+            let Some(bits) = next else { break };
+            let set = peer::PieceBits { count: bits.len(), words: bits.words().to_vec() };
+            let frame = crate::transfer::encode_frame(&peer::Response { kind: Some(response::Kind::Bits(set)) });
+            match tokio::time::timeout(stall, send.write_all(&frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let _ = send.reset(0u32.into());
+                    return;
+                }
+            }
+        }
+        let _ = send.finish();
+    }
+
     async fn handle_impl(&self, peer: PeerId, req: request::Kind, send: &mut quinn::SendStream) -> Result<(), Refusal> {
         match req {
             request::Kind::Announce(a) => {
@@ -192,6 +229,11 @@ impl PeerServer {
                 let hashes = table.hashes.iter().flatten().copied().collect();
                 let t = peer::PieceTable { piece_size: table.piece, blob_size: table.size, hashes };
                 respond(send, response::Kind::PieceTable(t)).await;
+            }
+            request::Kind::WatchPieces(w) => {
+                let digest = Digest::parse(&w.digest).map_err(|_| Refusal::BadRequest("bad digest".into()))?;
+                let sets = self.local.clone().watch_pieces(digest, peer, w.public).await?;
+                self.send_sets(send, sets).await;
             }
             request::Kind::SharePins(p) => {
                 if p.pins.len() > super::MAX_PINS {

@@ -19,8 +19,9 @@ use super::{Client, Kind, MAX_MANIFEST_SIZE, ResolveError, Resolver, blocking, l
 use crate::mesh::{Holding, Order, Tier};
 use crate::metrics::TransferFailure;
 use crate::oci::{Digest, Reference};
-use crate::pieces::piece_size;
+use crate::pieces::{piece_range, piece_size};
 use crate::store::{BlobMeta, LinkRecord, now_secs};
+use crate::swarm::bitfield::Bitfield;
 use crate::swarm::vouch;
 use crate::upstream::Request;
 
@@ -57,14 +58,49 @@ pub(super) struct Progress {
 pub(super) struct Download {
     pub(super) origin: Origin,
     pub(super) progress: watch::Sender<Progress>,
-    /// Piece size and the hashes of the pieces written so far (for serving peers while the download runs).
-    pub(super) pieces: Mutex<Option<(u32, Vec<[u8; 32]>)>>,
+    /// The pieces members may be given while the download runs (with a known size).
+    pub(super) pieces: Mutex<Option<Held>>,
+    /// While the download trades pieces out of order: members downloading the same blob that watch this node's
+    /// pieces are sent here to be traded with too.
+    pub(super) traders: Mutex<Option<Traders>>,
     /// When someone last wanted it (a client reading it, a member asking for a piece).
     pub(super) wanted: Mutex<Instant>,
     /// Nobody wanting it for this long abandons it.
     pub(super) abandon_after: Duration,
     /// Bytes it received, by where from.
     pub(super) tally: Arc<Tally>,
+}
+
+/// The pieces of a running download members may be given: each one's BLAKE3 hash as written, and which are there
+/// (not necessarily a prefix: the exchange writes pieces in any order).
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    pub(super) piece: u32,
+    pub(super) hashes: Vec<Option<[u8; 32]>>,
+    pub(super) bits: Bitfield,
+}
+
+impl Held {
+    pub(super) fn new(size: u64, piece: u32) -> Self {
+        let count = crate::pieces::piece_count(size, piece);
+        Self { piece, hashes: vec![None; count as usize], bits: Bitfield::new(count) }
+    }
+
+    /// Piece `i` is there, with this hash.
+    pub(super) fn set(&mut self, i: usize, hash: [u8; 32]) {
+        if let Some(h) = self.hashes.get_mut(i) {
+            *h = Some(hash);
+            self.bits.set(i as u64);
+        }
+    }
+}
+
+/// Where a download that trades out of order hears of members to trade with.
+#[derive(Debug)]
+pub(super) struct Traders {
+    /// The download is for a client without credentials: only members whose download is too trade with it.
+    pub(super) public: bool,
+    pub(super) tell: tokio::sync::mpsc::UnboundedSender<libp2p::PeerId>,
 }
 
 /// Bytes a download received from members and from upstream (a restart from upstream counts again).
@@ -111,6 +147,7 @@ impl Download {
             origin,
             progress,
             pieces: Mutex::new(None),
+            traders: Mutex::new(None),
             wanted: Mutex::new(Instant::now()),
             abandon_after,
             tally: Arc::default(),
@@ -217,7 +254,7 @@ impl Resolver {
         let reference = Reference::Digest(digest.clone());
         let target = target(kind, digest, &reference);
         let mut req = client.request(target, false);
-        let order = order(client, kind);
+        let order = order(client, kind, self.trades(kind));
         let tiers = self.peer_tiers(client, digest, kind, &order).await?;
         let mut first_resp = None;
         let (size, media_type) = match tiers.first() {
@@ -296,7 +333,11 @@ impl Resolver {
         let table = sink.table();
         if let Some(t) = &table {
             // Every piece may be served now (a download that held its readers kept its pieces from members).
-            *lock(&dl.pieces) = Some((t.piece, t.hashes.clone()));
+            let mut held = Held::new(t.size, t.piece);
+            for (i, h) in t.hashes.iter().enumerate() {
+                held.set(i, *h);
+            }
+            *lock(&dl.pieces) = Some(held);
         }
         if let (Some(mesh), Some(truth)) = (&self.mesh, &table) {
             // A member that vouched for another table than the verified one lied, whoever sent the pieces.
@@ -380,32 +421,44 @@ impl Resolver {
             && !tiers.is_empty()
         {
             let piece = u64::from(piece_size(size));
+            let exchange = self.trades(kind);
             self.vouch(mesh, req, digest, size, &tiers, sink).await;
             // Rounds that brought nothing, in a row.
             let mut fruitless = 0;
             loop {
-                let before = sink.written;
+                let before = sink.have().count();
                 for t in &tiers {
                     if !sink.written.is_multiple_of(piece) || sink.complete() {
                         break;
                     }
-                    self.fill_from_peers(mesh, digest, sink, t).await?;
+                    if exchange {
+                        self.fill_by_exchange(mesh, digest, sink, t, client.auth.is_none()).await?;
+                    } else {
+                        self.fill_from_peers(mesh, digest, sink, t).await?;
+                    }
                 }
                 if sink.complete() {
                     return Ok(());
                 }
-                fruitless = if sink.written > before { 0 } else { fruitless + 1 };
+                fruitless = if sink.have().count() > before { 0 } else { fruitless + 1 };
                 if fruitless == PEER_ROUNDS || !sink.written.is_multiple_of(piece) {
                     break;
                 }
                 tracing::info!(offset = sink.written, "sources ran out: asking where to continue");
-                tiers = self.peer_tiers(client, digest, kind, &order(client, kind)).await?;
+                tiers = self.peer_tiers(client, digest, kind, &order(client, kind, exchange)).await?;
                 tiers.retain(|t| t.located.size == size);
                 if tiers.is_empty() {
                     break;
                 }
             }
             tracing::info!(offset = sink.written, "no peer could finish the blob: continuing from upstream");
+            if sink.scattered.is_some() {
+                let r = self.fill_missing_from_upstream(req, sink).await;
+                if r.is_ok() {
+                    self.access.note_accepted(&self.access.origin(client), Instant::now());
+                }
+                return r;
+            }
         }
         let resp = match first_resp {
             Some(r) => r,
@@ -417,6 +470,73 @@ impl Resolver {
             }
         };
         self.fill_from_upstream(req, sink, resp).await
+    }
+
+    /// Whether downloads of this kind trade pieces out of order (blobs, with `swarm = "exchange"`).
+    fn trades(&self, kind: Kind) -> bool {
+        kind == Kind::Blob && self.mesh.as_ref().is_some_and(|m| m.swarm() == crate::config::Swarm::Exchange)
+    }
+
+    /// Fills the pieces a scattered download still lacks from upstream, a range request per run of missing pieces
+    /// (a body that breaks is asked again from the first piece it did not finish, five times at most).
+    async fn fill_missing_from_upstream(&self, req: &mut Request<'_>, sink: &mut Sink<'_>) -> Result<(), ResolveError> {
+        let size = sink.size.ok_or_else(|| ResolveError::Unavailable("a scattered download without a size".into()))?;
+        let piece = piece_size(size);
+        let stall = self.upstream.stall_timeout();
+        let mut breaks = 0;
+        while let Some((first, end)) = sink.missing_run() {
+            let (start, _) = piece_range(size, piece, first);
+            let stop = piece_range(size, piece, end - 1);
+            req.offset = start;
+            req.end = Some(stop.0 + stop.1);
+            let resp = self.upstream.send(*req).await?;
+            req.end = None;
+            // A registry that ignored the range sends the blob from its first byte.
+            let mut skip = if resp.status() == http::StatusCode::PARTIAL_CONTENT { 0 } else { start };
+            let mut body = resp.bytes_stream();
+            let mut k = first;
+            let mut buf: Vec<bytes::Bytes> = Vec::new();
+            let mut have = 0u64;
+            let broken = loop {
+                if k == end {
+                    break None;
+                }
+                let mut chunk = match tokio::time::timeout(stall, body.next()).await {
+                    Ok(Some(Ok(c))) => c,
+                    Ok(Some(Err(e))) => break Some(crate::upstream::error_chain(&e)),
+                    Ok(None) => break Some("body ended early".to_owned()),
+                    Err(_) => break Some(format!("no data for {stall:?}")),
+                };
+                let drop_n = skip.min(chunk.len() as u64);
+                skip -= drop_n;
+                let _ = chunk.split_to(drop_n as usize);
+                while !chunk.is_empty() && k < end {
+                    let want = piece_range(size, piece, k).1;
+                    let take = (want - have).min(chunk.len() as u64) as usize;
+                    buf.push(chunk.split_to(take));
+                    have += take as u64;
+                    self.upstream.count_bytes(take as u64);
+                    if have == want {
+                        let mut h = blake3::Hasher::new();
+                        for b in &buf {
+                            h.update(b);
+                        }
+                        let hash = *h.finalize().as_bytes();
+                        sink.put_piece(k, std::mem::take(&mut buf), hash, None).await?;
+                        have = 0;
+                        k += 1;
+                    }
+                }
+            };
+            if let Some(reason) = broken {
+                breaks += 1;
+                if breaks > 5 {
+                    return Err(ResolveError::Unavailable(format!("upstream body broke {breaks} times: {reason}")));
+                }
+                tracing::info!(piece = k, %reason, "upstream body broke; asking again from the piece it did not finish");
+            }
+        }
+        Ok(())
     }
 
     async fn fill_from_upstream(

@@ -93,6 +93,7 @@ impl Resolver {
     async fn upstream_piece(&self, mut req: Request<'_>, size: u64, i: u64) -> Result<[u8; 32], ResolveError> {
         let (offset, len) = piece_range(size, piece_size(size), i);
         req.offset = offset;
+        req.end = Some(offset + len);
         let resp = self.upstream.send(req).await?;
         // A registry that ignored the range sends the blob from its first byte.
         let mut skip = if resp.status() == http::StatusCode::PARTIAL_CONTENT { 0 } else { offset };
@@ -135,6 +136,31 @@ impl Resolver {
             count();
             tracing::info!(peer = %p, "a partial holder passed on a piece upstream contradicts (perhaps a liar's)");
         }
+    }
+
+    /// Whether piece `i` from `peer` contradicts the piece table two members vouched for (its bytes match the hash
+    /// it sent, not the table): it is refused and taken from another source. A complete holder that vouched for
+    /// that table itself is not trusted again; a partial holder may have relayed a liar's piece.
+    pub(super) fn contradicts_vouched(
+        &self,
+        mesh: &Mesh,
+        sink: &Sink<'_>,
+        peer: libp2p::PeerId,
+        i: u64,
+        p: &VerifiedPiece,
+    ) -> bool {
+        if sink.trusted.as_ref().is_none_or(|t| t.hashes.get(i as usize) == Some(&p.hash)) {
+            return false;
+        }
+        tracing::warn!(%peer, piece = i, "a piece contradicts the vouched piece table");
+        let mut blame = vouch::Blame::default();
+        if sink.vouchers.iter().any(|(v, _)| *v == peer) {
+            blame.liars.insert(peer);
+        } else {
+            blame.relayed.insert(peer);
+        }
+        self.punish(mesh, &blame, "it sent a piece that contradicts the piece table it vouched for");
+        true
     }
 
     /// Takes pieces from a tier's sources as the [`PieceScheduler`] decides (in order, a window of them, each to
@@ -211,21 +237,7 @@ impl Resolver {
                 None => {}
                 // A hedge's loser that arrived before its cancellation: already have it.
                 Some(Ok(_)) if !sched.awaits(i) => {}
-                Some(Ok(p)) if sink.trusted.as_ref().is_some_and(|t| t.hashes.get(i as usize) != Some(&p.hash)) => {
-                    // Its bytes match the hash it sent, not the table two members vouched for: refused, and the
-                    // piece taken from another source. A complete holder that vouched for that table itself is
-                    // not trusted again; a partial holder may have relayed a liar's piece.
-                    tracing::warn!(peer = %sources[source], piece = i, "a piece contradicts the vouched piece table");
-                    let peer = sources[source];
-                    let mut blame = vouch::Blame::default();
-                    if sink.vouchers.iter().any(|(v, _)| *v == peer) {
-                        blame.liars.insert(peer);
-                    } else {
-                        blame.relayed.insert(peer);
-                    }
-                    self.punish(mesh, &blame, "it sent a piece that contradicts the piece table it vouched for");
-                    sched.failed(i, source);
-                }
+                Some(Ok(p)) if self.contradicts_vouched(mesh, sink, sources[source], i, &p) => sched.failed(i, source),
                 Some(Ok(p)) => {
                     for c in sched.delivered(i, source, Instant::now()) {
                         if let SchedAction::Cancel { piece: ci, source: cs } = c

@@ -13,8 +13,11 @@ use super::{Client, Kind, ResolveError, Resolver, blocking, lock};
 use crate::containerd::ContainerdError;
 use crate::mesh::{Fetched, Local, Order, Piece, Refusal};
 use crate::oci::Digest;
-use crate::pieces::{PieceHasher, PieceTable, piece_index, piece_size};
+use crate::pieces::{PieceHasher, PieceTable, piece_count, piece_index, piece_size};
 use crate::store::StoreError;
+use crate::swarm::bitfield::Bitfield;
+use futures_util::StreamExt as _;
+use futures_util::stream::BoxStream;
 
 impl Resolver {
     /// Reads a piece of a stored blob, containerd's copy, or a running download, with the hash recorded when it
@@ -64,10 +67,10 @@ impl Resolver {
             }
             let (Some(partial), Some((Some(size), _))) = (&p.partial, &p.header) else { return Ok(None) };
             let pieces = lock(&dl.pieces);
-            let Some((piece, hashes)) = pieces.as_ref() else { return Ok(None) };
-            let i = piece_index(*size, *piece, offset, u64::from(len))
+            let Some(held) = pieces.as_ref() else { return Ok(None) };
+            let i = piece_index(*size, held.piece, offset, u64::from(len))
                 .ok_or_else(|| Refusal::BadRequest(format!("[{offset}, +{len}) is not a piece")))?;
-            Ok(hashes.get(i).map(|h| (partial.clone(), *size, *h)))
+            Ok(held.hashes.get(i).copied().flatten().map(|h| (partial.clone(), *size, h)))
         };
         let mut rx = dl.progress.subscribe();
         let found = tokio::time::timeout(wait, async {
@@ -89,6 +92,71 @@ impl Resolver {
         };
         let data = read_range(partial, Some(self.store.blob_path(&digest)), offset, len).await?;
         Ok(Piece { data, hash, blob_size: size })
+    }
+}
+
+/// Least time between two piece sets sent to a watcher: a download writing many pieces a second sends one set
+/// per batch.
+const WATCH_BATCH: Duration = Duration::from_millis(20);
+
+impl Resolver {
+    /// Which pieces of `digest` this node holds, as they arrive ([`Local::watch_pieces`]).
+    async fn watch(
+        self: Arc<Self>,
+        digest: Digest,
+        asker: libp2p::PeerId,
+        public: bool,
+    ) -> Result<BoxStream<'static, Bitfield>, Refusal> {
+        let internal = |e: ResolveError| Refusal::Internal(e.to_string());
+        let store = self.store.clone();
+        let d = digest.clone();
+        let whole = match blocking(move || store.blob(&d)).await.map_err(internal)? {
+            Some(meta) => Some(meta.size),
+            None => self.containerd.as_ref().and_then(|c| c.readable(&digest)),
+        };
+        if let Some(size) = whole {
+            let all = Bitfield::full(piece_count(size, piece_size(size)));
+            return Ok(futures_util::stream::once(async move { all }).boxed());
+        }
+        let dl = lock(&self.downloads).get(&digest).cloned().ok_or(Refusal::NotFound("not held".into()))?;
+        dl.wanted();
+        // Trading goes both ways: a member of this zone downloading the same blob, with the same provenance, is a
+        // peer of this node's exchange too.
+        let same_zone = self.mesh.as_ref().is_some_and(|m| {
+            let view = m.view();
+            view.zone_of(&asker) == Some(view.zone.as_str())
+        });
+        if let Some(t) = lock(&dl.traders).as_ref().filter(|t| same_zone && t.public == public) {
+            let _ = t.tell.send(asker);
+        }
+        let rx = dl.progress.subscribe();
+        // State: the download, its progress, the set last sent (None before the first).
+        let sets = futures_util::stream::unfold((dl, rx, None::<Bitfield>), |(dl, mut rx, last)| async move {
+            if last.as_ref().is_some_and(Bitfield::is_full) {
+                return None;
+            }
+            if last.is_some() {
+                tokio::time::sleep(WATCH_BATCH).await;
+            }
+            loop {
+                let state = rx.borrow_and_update().state.clone();
+                let now = lock(&dl.pieces).as_ref().map(|h| h.bits.clone());
+                match (&state, now) {
+                    (State::Failed(_), _) => return None,
+                    // The first set, or one with more pieces than the last.
+                    (_, Some(bits)) if last.as_ref().is_none_or(|l| bits.count() > l.count()) => {
+                        return Some((bits.clone(), (dl, rx, Some(bits))));
+                    }
+                    // Done: its committed copy answers from now on.
+                    (State::Done, _) => return None,
+                    _ => {}
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        });
+        Ok(sets.boxed())
     }
 }
 
@@ -140,6 +208,15 @@ impl Local for Resolver {
         Box::pin(self.read_piece(digest, offset, len, wait))
     }
 
+    fn watch_pieces(
+        self: Arc<Self>,
+        digest: Digest,
+        asker: libp2p::PeerId,
+        public: bool,
+    ) -> futures_util::future::BoxFuture<'static, Result<BoxStream<'static, Bitfield>, Refusal>> {
+        Box::pin(self.watch(digest, asker, public))
+    }
+
     fn piece_table(
         self: Arc<Self>,
         digest: Digest,
@@ -176,8 +253,8 @@ impl Local for Resolver {
     }
 }
 
-/// The order a home needs to fetch for this client.
-pub(super) fn order(client: &Client, kind: Kind) -> Order {
+/// The order a home needs to fetch for this client; `exchange`: this node trades pieces out of order.
+pub(super) fn order(client: &Client, kind: Kind, exchange: bool) -> Order {
     Order {
         registry: client.registry.clone(),
         repo: client.repo.clone(),
@@ -186,6 +263,7 @@ pub(super) fn order(client: &Client, kind: Kind) -> Order {
         accept: client.accept.clone(),
         warm: false,
         replica: false,
+        exchange,
     }
 }
 /// Reads `len` bytes at `offset` of `path` (or of `fallback` if `path` was renamed away meanwhile).

@@ -12,10 +12,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-use super::download::Download;
+use super::download::{Download, Held};
 use super::{ResolveError, blocking, lock};
 use crate::oci::Digest;
-use crate::pieces::{PieceHasher, PieceTable, piece_size};
+use crate::pieces::{PieceHasher, PieceTable, piece_count, piece_range, piece_size};
+use crate::swarm::bitfield::Bitfield;
 use crate::swarm::vouch::Sender;
 use crate::transfer::VerifiedPiece;
 
@@ -51,6 +52,17 @@ pub(super) struct Sink<'a> {
     pub(super) trusted: Option<PieceTable>,
     /// Readers wait for the sha256: the pieces rest on one member's word.
     pub(super) hold: bool,
+    /// Pieces written out of order (the exchange): which are there past the prefix, and their hashes. `written`
+    /// stays the prefix readers may follow; the sha256 and the piece table advance over it in order.
+    pub(super) scattered: Option<Scattered>,
+    /// Pieces of the prefix already shared with members.
+    shared: usize,
+}
+
+/// The pieces of a download written in any order.
+pub(super) struct Scattered {
+    pub(super) bits: Bitfield,
+    hashes: Vec<Option<[u8; 32]>>,
 }
 
 /// What a pass over the blob wrote, kept when it is written again from upstream.
@@ -64,8 +76,8 @@ pub(super) struct Pass {
 impl<'a> Sink<'a> {
     pub(super) fn new(file: std::fs::File, path: PathBuf, size: Option<u64>, dl: &'a Download, room: Room) -> Self {
         let pieces = size.map(|s| PieceHasher::new(piece_size(s)));
-        if let Some(h) = &pieces {
-            *lock(&dl.pieces) = Some((h.piece(), Vec::new()));
+        if let Some(s) = size {
+            *lock(&dl.pieces) = Some(Held::new(s, piece_size(s)));
         }
         let writer = Some((file, Sha256::new()));
         Self {
@@ -81,6 +93,8 @@ impl<'a> Sink<'a> {
             vouchers: Vec::new(),
             trusted: None,
             hold: false,
+            scattered: None,
+            shared: 0,
         }
     }
 
@@ -112,10 +126,12 @@ impl<'a> Sink<'a> {
             let _ = file.set_len(0).and_then(|()| io::Seek::seek(file, io::SeekFrom::Start(0)).map(drop));
         }
         self.pieces = self.size.map(|s| PieceHasher::new(piece_size(s)));
-        if let Some(h) = &self.pieces {
-            *lock(&self.dl.pieces) = Some((h.piece(), Vec::new()));
+        if let Some(s) = self.size {
+            *lock(&self.dl.pieces) = Some(Held::new(s, piece_size(s)));
         }
         self.written = 0;
+        self.scattered = None;
+        self.shared = 0;
         // Upstream's bytes now: streamed as any upstream download's are.
         self.hold = false;
         self.trusted = None;
@@ -149,13 +165,19 @@ impl<'a> Sink<'a> {
         self.write_impl(batch, true).await
     }
 
-    async fn write_impl(&mut self, batch: Vec<Bytes>, piece_hash: bool) -> Result<(), ResolveError> {
+    fn check_wanted(&self) -> Result<(), ResolveError> {
         if self.dl.abandoned(Instant::now()) {
             return Err(ResolveError::Unavailable(format!(
                 "abandoned at {} bytes: nobody wanted it for {:?}",
                 self.written, self.dl.abandon_after
             )));
         }
+        Ok(())
+    }
+
+    async fn write_impl(&mut self, batch: Vec<Bytes>, piece_hash: bool) -> Result<(), ResolveError> {
+        debug_assert!(self.scattered.is_none(), "a scattered download writes whole pieces (put_piece)");
+        self.check_wanted()?;
         let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
         let (mut file, mut hasher) = self.writer.take().expect("the writer is put back after every batch");
         let mut pieces = self.pieces.take();
@@ -175,13 +197,26 @@ impl<'a> Sink<'a> {
         self.written += n;
         // Members get pieces of a download that holds its readers only once it is verified: a relay of what rests
         // on one member's word would spread it past this node's check.
-        if let Some(p) = pieces.as_ref().filter(|_| !self.hold) {
-            let mut shared = lock(&self.dl.pieces);
-            if let Some((_, hashes)) = shared.as_mut() {
-                hashes.extend_from_slice(&p.hashes()[hashes.len()..]);
-            }
-        }
         self.pieces = pieces;
+        self.share_prefix();
+        self.tell_written();
+        Ok(())
+    }
+
+    /// Members get pieces of a download that holds its readers only once it is verified: a relay of what rests
+    /// on one member's word would spread it past this node's check.
+    fn share_prefix(&mut self) {
+        let Some(p) = self.pieces.as_ref().filter(|_| !self.hold) else { return };
+        let mut shared = lock(&self.dl.pieces);
+        if let Some(held) = shared.as_mut() {
+            for (i, h) in p.hashes().iter().enumerate().skip(self.shared) {
+                held.set(i, *h);
+            }
+            self.shared = p.hashes().len();
+        }
+    }
+
+    fn tell_written(&self) {
         let (written, hold) = (self.written, self.hold);
         self.dl.progress.send_modify(|p| {
             p.written = written;
@@ -189,6 +224,136 @@ impl<'a> Sink<'a> {
                 p.released = written;
             }
         });
+    }
+
+    /// From now on pieces are written in any order ([`Sink::put_piece`]). With a known size, at a piece boundary.
+    pub(super) fn scatter(&mut self) {
+        let Some(size) = self.size else { return };
+        if self.scattered.is_some() {
+            return;
+        }
+        let piece = piece_size(size);
+        let count = piece_count(size, piece);
+        let done = self.written / u64::from(piece);
+        let mut hashes = vec![None; count as usize];
+        for (i, h) in self.pieces.as_ref().map(|p| p.hashes()).unwrap_or_default().iter().enumerate() {
+            hashes[i] = Some(*h);
+        }
+        self.scattered = Some(Scattered { bits: Bitfield::prefix(count, done), hashes });
+    }
+
+    /// Which pieces are here (the prefix, or with [`Sink::scatter`], every piece written).
+    pub(super) fn have(&self) -> Bitfield {
+        match (&self.scattered, self.size) {
+            (Some(s), _) => s.bits.clone(),
+            (None, Some(size)) => {
+                let piece = u64::from(piece_size(size));
+                Bitfield::prefix(size.div_ceil(piece), self.written / piece)
+            }
+            (None, None) => Bitfield::new(0),
+        }
+    }
+
+    /// The first run of missing pieces, `[first, end)` (scattered).
+    pub(super) fn missing_run(&self) -> Option<(u64, u64)> {
+        let bits = &self.scattered.as_ref()?.bits;
+        let first = (0..bits.len()).find(|i| !bits.get(*i))?;
+        let end = (first..bits.len()).find(|i| bits.get(*i)).unwrap_or(bits.len());
+        Some((first, end))
+    }
+
+    /// Writes piece `i` (its bytes already checked against `hash`: from a member, or hashed from upstream's
+    /// bytes) at its offset, scattered. The prefix, the sha256 and the piece table advance over every piece now
+    /// contiguous (those written earlier are read back). A piece already here is ignored.
+    pub(super) async fn put_piece(
+        &mut self,
+        i: u64,
+        chunks: Vec<Bytes>,
+        hash: [u8; 32],
+        sender: Option<Sender>,
+    ) -> Result<(), ResolveError> {
+        self.check_wanted()?;
+        let size = self.size.expect("a scattered download has a size");
+        let piece = piece_size(size);
+        let sc = self.scattered.as_ref().expect("put_piece on a scattered sink");
+        if sc.bits.get(i) || i >= sc.bits.len() {
+            return Ok(());
+        }
+        let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let (offset, expect) = piece_range(size, piece, i);
+        if len != expect {
+            return Err(ResolveError::Unavailable(format!("piece {i} of {len} bytes, {expect} expected")));
+        }
+        match &sender {
+            Some(s) => {
+                self.dl.tally.peers.fetch_add(len, Ordering::Relaxed);
+                *lock(&self.dl.tally.by_peer).entry(s.peer).or_default() += len;
+                self.senders.resize(self.senders.len().max(i as usize + 1), None);
+                self.senders[i as usize] = sender;
+            }
+            None => {
+                self.dl.tally.upstream.fetch_add(len, Ordering::Relaxed);
+            }
+        }
+        // Pieces the prefix now passes over, with their hashes: this one (hashed from memory) and the ones after it
+        // written before (read back from the file).
+        let mut advance = Vec::new();
+        let mut k = self.written / u64::from(piece);
+        while k == i || sc.bits.get(k) {
+            let h = if k == i { hash } else { sc.hashes[k as usize].expect("a piece written has its hash") };
+            advance.push((k, piece_range(size, piece, k), h));
+            k += 1;
+            if k >= sc.bits.len() {
+                break;
+            }
+        }
+        let (file, mut hasher) = self.writer.take().expect("the writer is put back after every batch");
+        let mut pieces = self.pieces.take();
+        let path = self.path.clone();
+        let io_err = |op: &'static str, path: &std::path::Path, source| crate::store::StoreError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        };
+        let result = blocking(move || {
+            use std::os::unix::fs::FileExt as _;
+            let mut at = offset;
+            for c in &chunks {
+                file.write_all_at(c, at).map_err(|e| io_err("write", &path, e))?;
+                at += c.len() as u64;
+            }
+            let mut buf = Vec::new();
+            for (k, (off, n), h) in advance {
+                if k == i {
+                    for c in &chunks {
+                        hasher.update(c);
+                    }
+                } else {
+                    buf.resize(n as usize, 0);
+                    file.read_exact_at(&mut buf, off).map_err(|e| io_err("read", &path, e))?;
+                    hasher.update(&buf);
+                }
+                if let Some(p) = pieces.as_mut() {
+                    p.push_verified(h, n, Some(size));
+                }
+            }
+            Ok((file, hasher, pieces))
+        })
+        .await?;
+        let (file, hasher, pieces) = result;
+        self.writer = Some((file, hasher));
+        self.pieces = pieces;
+        let sc = self.scattered.as_mut().expect("still scattered");
+        sc.bits.set(i);
+        sc.hashes[i as usize] = Some(hash);
+        self.written = (self.pieces.as_ref().map_or(0, |p| p.hashes().len() as u64) * u64::from(piece)).min(size);
+        if !self.hold
+            && let Some(held) = lock(&self.dl.pieces).as_mut()
+        {
+            held.set(i as usize, hash);
+        }
+        self.share_prefix();
+        self.tell_written();
         Ok(())
     }
 }

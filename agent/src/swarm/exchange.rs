@@ -172,6 +172,11 @@ impl Exchange {
         has.words().iter().zip(have.words()).any(|(h, m)| h & !m != 0)
     }
 
+    /// Whether `peer` was seen to hold every piece.
+    pub fn peer_has_every_piece(&self, peer: usize) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.has.is_full())
+    }
+
     /// Whether this node lacks a piece `peer` has (it is worth hearing from).
     pub fn wants_from(&self, peer: usize) -> bool {
         self.peers.get(peer).is_some_and(|p| !p.failed && Self::wants(&self.have, &p.has))
@@ -199,6 +204,18 @@ impl Exchange {
     pub fn peer_has_all(&mut self, peer: usize, has: &Bitfield) {
         for i in has.ones() {
             self.peer_has(peer, i);
+        }
+    }
+
+    /// `peer` is gone (it left, or holds nothing of the blob any more): it gets no request from now on, and its
+    /// pieces no longer count as available. Its requests out still end as delivered or failed.
+    pub fn peer_gone(&mut self, peer: usize) {
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        if !p.failed {
+            p.failed = true;
+            for i in p.has.ones() {
+                self.avail[i as usize] -= 1;
+            }
         }
     }
 
@@ -317,13 +334,10 @@ impl Exchange {
     /// `peer` failed `piece` (refused, stalled, a bad hash, gone): it gets nothing more here, and the piece is
     /// requested elsewhere unless another request for it is still out.
     pub fn failed(&mut self, piece: u64, peer: usize) {
-        let Some(p) = self.peers.get_mut(peer) else { return };
-        if !p.failed {
-            p.failed = true;
-            for i in p.has.ones() {
-                self.avail[i as usize] -= 1;
-            }
+        if peer >= self.peers.len() {
+            return;
         }
+        self.peer_gone(peer);
         let Some(f) = self.flights.get_mut(&piece) else { return };
         let Some(at) = f.iter().position(|(p, _)| *p == peer) else { return };
         f.remove(at);

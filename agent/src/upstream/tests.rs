@@ -94,7 +94,7 @@ fn request<'a>(
     head: bool,
     client_auth: Option<&'a HeaderValue>,
 ) -> Request<'a> {
-    Request { registry: host, repo, target, head, accept: None, client_auth, offset: 0 }
+    Request { registry: host, repo, target, head, accept: None, client_auth, offset: 0, end: None }
 }
 
 fn digest() -> Digest {

@@ -1,0 +1,217 @@
+//! A download's pieces traded out of order (`swarm = "exchange"`): the [`Exchange`] decides which peer gives which
+//! piece (only pieces a peer is known to have, rarest first); this loop watches every peer's pieces (their sets as
+//! they grow), sends the requests it decides, checks what arrives as [`super::from_peers`] does, and writes each
+//! piece at its offset ([`Sink::put_piece`]). Peers are the holders the home handed out, and members downloading
+//! the same blob that watch this node's pieces (trading goes both ways).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::{BoxStream, FuturesUnordered, SelectAll};
+use libp2p::PeerId;
+use tokio_util::sync::CancellationToken;
+
+use super::download::Traders;
+use super::sink::Sink;
+use super::{ResolveError, Resolver, lock};
+use crate::mesh::{Mesh, Tier};
+use crate::oci::Digest;
+use crate::pieces::{piece_count, piece_range, piece_size};
+use crate::swarm::bitfield::Bitfield;
+use crate::swarm::exchange::{Action, Exchange, ExchangeConfig};
+use crate::swarm::vouch::Sender;
+use crate::transfer::{FetchError, VerifiedPiece};
+
+/// Peers one download trades with, at most (handed out, and members that came to trade).
+const MAX_PEERS: usize = 32;
+
+/// What a peer's watch said: its set of pieces now, or that it ended.
+type Watch<'a> = BoxStream<'a, (usize, Option<Result<Bitfield, FetchError>>)>;
+
+/// Takes the trader channel out of the download when the exchange ends.
+struct Untrade<'a>(&'a std::sync::Mutex<Option<Traders>>);
+
+impl Drop for Untrade<'_> {
+    fn drop(&mut self) {
+        *lock(self.0) = None;
+    }
+}
+
+impl Resolver {
+    /// Trades pieces with the tier's holders, and with members that come to trade, until the blob is here, no
+    /// peer can give more (every one gone or holding nothing new), nothing arrived nor was heard of for the
+    /// stall timeout, or the digest's home moved. Pieces are written where they belong; what is missing at the
+    /// end comes from upstream ([`Resolver::fill_missing_from_upstream`]).
+    pub(super) async fn fill_by_exchange(
+        &self,
+        mesh: &Mesh,
+        digest: &Digest,
+        sink: &mut Sink<'_>,
+        tier: &Tier,
+        public: bool,
+    ) -> Result<(), ResolveError> {
+        let size = tier.located.size;
+        let piece = piece_size(size);
+        let count = piece_count(size, piece);
+        sink.scatter();
+        let me = mesh.id();
+        let mut cfg = ExchangeConfig::for_piece(piece);
+        if mesh.home_of(digest) == me {
+            // The home trades only to bring the blob in (from another zone, or after the previous home died): the
+            // whole zone waits on its intake.
+            cfg = cfg.across_zones();
+        }
+        let seed = {
+            let h = blake3::hash(&[me.to_bytes(), digest.to_string().into_bytes()].concat());
+            u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+        };
+        let mut ex = Exchange::new(cfg, count, &sink.have(), seed);
+        let (tell, mut told) = tokio::sync::mpsc::unbounded_channel();
+        *lock(&sink.dl.traders) = Some(Traders { public, tell: tell.clone() });
+        let _untrade = Untrade(&sink.dl.traders);
+        for (p, _) in &tier.located.holders {
+            let _ = tell.send(*p);
+        }
+        let mut peers: Vec<PeerId> = Vec::new();
+        // Per peer: its first set (or the watch's end) came.
+        let mut first: Vec<bool> = Vec::new();
+        let mut watches: SelectAll<Watch<'_>> = SelectAll::new();
+        let fetch = |i: u64, source: usize, peer: PeerId, stop: CancellationToken| {
+            let (offset, len) = piece_range(size, piece, i);
+            async move {
+                let r = tokio::select! {
+                    r = mesh.fetch_piece(peer, digest, (offset, len as u32), Duration::ZERO) => Some(r),
+                    () = stop.cancelled() => None,
+                };
+                (i, source, r)
+            }
+        };
+        let mut inflight = FuturesUnordered::new();
+        let mut stops: HashMap<(u64, usize), CancellationToken> = HashMap::new();
+        let stall = self.upstream.stall_timeout();
+        let mut heard = Instant::now();
+        // Whether pieces may still come to peers that lack them: from a home fetching from outside (a followed
+        // tier: the digest's home zone's home), or, on a member, from its zone's home. The home itself, given
+        // only partial holders of its zone (the previous home died), waits for nobody: it fetches the rest.
+        let news = tier.follow || mesh.home_of(digest) != me;
+        // Peers whose first set (or end) is not in yet.
+        let mut unheard = 0usize;
+        let home = mesh.home_of(digest);
+        let moved = mesh.home_moved(digest, home);
+        tokio::pin!(moved);
+        loop {
+            for a in ex.poll(Instant::now()) {
+                if let Action::Fetch { piece: i, source } = a {
+                    let stop = CancellationToken::new();
+                    stops.insert((i, source), stop.clone());
+                    inflight.push(fetch(i, source, peers[source], stop));
+                }
+            }
+            if ex.is_complete() {
+                return Ok(());
+            }
+            // Nothing out, nobody to hear from, and nobody has what is missing: nothing more can come.
+            if ex.requests() == 0
+                && (watches.is_empty() || (!news && unheard == 0))
+                && !ex.can_progress()
+                && told.is_empty()
+            {
+                tracing::info!(have = ex.have().count(), count, "no peer has more of this blob");
+                return Ok(());
+            }
+            if heard.elapsed() >= stall {
+                tracing::info!(have = ex.have().count(), count, ?stall, "no piece nor news from any peer");
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                Some((i, source, result)) = inflight.next() => {
+                    stops.remove(&(i, source));
+                    let peer = peers[source];
+                    match result {
+                        // Cancelled (another peer delivered it first), or a late copy.
+                        None => {}
+                        Some(Ok(_)) if !ex.awaits(i, source) => {}
+                        Some(Ok(p)) if self.contradicts_vouched(mesh, sink, peer, i, &p) => ex.failed(i, source),
+                        Some(Ok(p)) => {
+                            heard = Instant::now();
+                            for c in ex.delivered(i, source, Instant::now()) {
+                                if let Action::Cancel { piece: ci, source: cs } = c
+                                    && let Some(stop) = stops.remove(&(ci, cs))
+                                {
+                                    stop.cancel();
+                                }
+                            }
+                            sink.peers_used.insert(peer);
+                            let complete = sink.vouchers.iter().any(|(v, _)| *v == peer);
+                            let VerifiedPiece { chunks, hash } = p;
+                            sink.put_piece(i, chunks, hash, Some(Sender { peer, complete })).await?;
+                        }
+                        Some(Err(e)) => {
+                            tracing::info!(%peer, piece = i, error = %e, "peer failed a piece");
+                            sink.dl.tally.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            ex.failed(i, source);
+                        }
+                    }
+                }
+                Some((k, update)) = watches.next() => match update {
+                    Some(Ok(bits)) => {
+                        if !first[k] {
+                            first[k] = true;
+                            unheard -= 1;
+                        }
+                        let before = ex.wants_from(k);
+                        ex.peer_has_all(k, &bits);
+                        if ex.wants_from(k) && !before {
+                            heard = Instant::now();
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(peer = %peers[k], error = %e, "a peer's piece watch failed");
+                        if !first[k] {
+                            first[k] = true;
+                            unheard -= 1;
+                        }
+                        ex.peer_gone(k);
+                    }
+                    // Ended after a full set: the peer keeps what it has. Ended otherwise: it holds nothing more.
+                    None => {
+                        if !first[k] {
+                            first[k] = true;
+                            unheard -= 1;
+                        }
+                        if !ex.peer_failed(k) && !ex.peer_has_every_piece(k) {
+                            ex.peer_gone(k);
+                        }
+                    }
+                },
+                Some(p) = told.recv() => {
+                    if p == me || peers.contains(&p) || peers.len() >= MAX_PEERS || mesh.is_quarantined(&p) {
+                        continue;
+                    }
+                    let k = ex.add_peer(&Bitfield::new(count));
+                    peers.push(p);
+                    first.push(false);
+                    unheard += 1;
+                    watches.push(watch(mesh, p, digest, count, public, k));
+                }
+                () = &mut moved => {
+                    tracing::info!(have = ex.have().count(), "the digest's home moved: asking where to continue");
+                    return Ok(());
+                }
+                () = tokio::time::sleep(stall.saturating_sub(heard.elapsed())) => {}
+            }
+        }
+    }
+}
+
+/// `peer`'s piece sets for the exchange's peer `k`, then `None` once the watch ends.
+fn watch<'a>(mesh: &'a Mesh, peer: PeerId, digest: &'a Digest, count: u64, public: bool, k: usize) -> Watch<'a> {
+    let opened = mesh.watch_pieces(peer, digest, count, public);
+    let stream = futures_util::stream::once(opened).flat_map(move |r| match r {
+        Ok(sets) => sets.map(move |s| (k, Some(s))).chain(futures_util::stream::once(async move { (k, None) })).boxed(),
+        Err(e) => futures_util::stream::iter([(k, Some(Err(e))), (k, None)]).boxed(),
+    });
+    stream.boxed()
+}
