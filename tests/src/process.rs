@@ -260,6 +260,33 @@ impl Agent {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The agent's peer id (as it logs it at start).
+    pub fn peer_id(&self) -> Option<String> {
+        let log = self.log();
+        let at = log.find("local_peer_id=")? + "local_peer_id=".len();
+        Some(log[at..].chars().take_while(char::is_ascii_alphanumeric).collect())
+    }
+
+    /// `shoal ARGS --socket <this agent's admin socket>` (the real CLI): (exit success, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = tokio::process::Command::new(shoal_bin()?)
+            .args(args)
+            .arg("--socket")
+            .arg(self.data_dir.join("admin.sock"))
+            .output()
+            .await?;
+        Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+    }
+
+    /// `shoal ARGS -o json`, which must succeed: its output.
+    pub async fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let (ok, out, err) = self.cli(&all).await?;
+        anyhow::ensure!(ok, "shoal {args:?} failed: {err}\n{}", self.log());
+        Ok(serde_json::from_str(&out)?)
+    }
+
     /// `http://ADDR`, the mirror's base URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

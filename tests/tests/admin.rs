@@ -9,25 +9,6 @@ use shoal_testbed::cluster::{Cluster, wait_alive};
 use shoal_testbed::image::{Artifact, Compression, Format, Image, push};
 use shoal_testbed::{Agent, Containerd, shoal_bin};
 
-/// `shoal ARGS --socket <agent's>`: (exit success, stdout, stderr).
-async fn shoal(agent: &Agent, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = tokio::process::Command::new(shoal_bin()?)
-        .args(args)
-        .arg("--socket")
-        .arg(agent.data_dir().join("admin.sock"))
-        .output()
-        .await?;
-    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
-}
-
-async fn json(agent: &Agent, args: &[&str]) -> Result<serde_json::Value> {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    let (ok, out, err) = shoal(agent, &all).await?;
-    anyhow::ensure!(ok, "shoal {args:?} failed: {err}\n{}", agent.log());
-    Ok(serde_json::from_str(&out)?)
-}
-
 fn n(v: &serde_json::Value, path: &[&str]) -> u64 {
     path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or_else(|| panic!("{path:?} in {v}"))
 }
@@ -69,16 +50,16 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
     assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
 
     // Status and peers show the 3-node mesh.
-    let s = json(&a, &["status"]).await?;
+    let s = a.cli_json(&["status"]).await?;
     assert_eq!(n(&s, &["members", "alive"]), 2, "{s}");
     assert!(!s["peer_id"].as_str().unwrap_or("").is_empty());
-    let peers = json(&a, &["peers"]).await?;
+    let peers = a.cli_json(&["peers"]).await?;
     let peers = peers.as_array().expect("a list");
     assert_eq!(peers.len(), 2, "{peers:?}");
     assert!(peers.iter().all(|p| p["state"] == "alive" && p["quarantined"] == false), "{peers:?}");
     // Each was heard from (membership messages) within the last few seconds.
     assert!(peers.iter().all(|p| p["last_heard_ms"].as_u64().is_some_and(|ms| ms < 10_000)), "{peers:?}");
-    let (ok, table, _) = shoal(&a, &["peers"]).await?;
+    let (ok, table, _) = a.cli(&["peers"]).await?;
     assert!(ok && table.starts_with("PEER ID") && table.lines().count() == 3, "{table}");
 
     // A pull warms A: manifest, config and layers, each byte counted once by where it came from.
@@ -88,7 +69,7 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
             Artifact::Image(i) => i.manifest.data.len() as u64,
             Artifact::Index { .. } => unreachable!("one image"),
         };
-    let p = json(&a, &["pull", &reference]).await?;
+    let p = a.cli_json(&["pull", &reference]).await?;
     assert_eq!(p["digest"], digest.as_str(), "{p}");
     assert_eq!(n(&p, &["blobs"]), image.all_blobs().len() as u64 + 1, "{p}");
     assert_eq!(n(&p, &["bytes"]), image_bytes, "{p}");
@@ -97,30 +78,30 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
     assert!(n(&p, &["from", "upstream"]) + n(&p, &["from", "peers"]) > 0, "a cold pull came from somewhere: {p}");
     println!("$ shoal pull {reference} -o json\n{p:#}");
     // Again: all from A's store.
-    let p = json(&a, &["pull", &reference]).await?;
+    let p = a.cli_json(&["pull", &reference]).await?;
     assert_eq!(n(&p, &["from", "store"]), image_bytes, "{p}");
-    let blobs = json(&a, &["blobs"]).await?;
+    let blobs = a.cli_json(&["blobs"]).await?;
     let held: Vec<&str> = blobs.as_array().expect("a list").iter().filter_map(|b| b["digest"].as_str()).collect();
     for blob in image.all_blobs() {
         assert!(held.contains(&blob.digest.as_str()), "A lists {}: {held:?}", blob.digest);
     }
     // By repository: this one's manifest and blobs, none for another.
-    let of_repo = json(&a, &["blobs", "--repo", "team/app"]).await?;
+    let of_repo = a.cli_json(&["blobs", "--repo", "team/app"]).await?;
     assert_eq!(of_repo.as_array().map(Vec::len), Some(image.all_blobs().len() + 1), "{of_repo}");
-    let none = json(&a, &["blobs", "--repo", "team/other"]).await?;
+    let none = a.cli_json(&["blobs", "--repo", "team/other"]).await?;
     assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
-    let (ok, human, _) = shoal(&a, &["pull", &reference]).await?;
+    let (ok, human, _) = a.cli(&["pull", &reference]).await?;
     assert!(ok && human.contains("pulled") && human.contains("store"), "{human}");
     // What an operator sees (docs/operations.md quotes it).
     for args in [&["status"][..], &["peers"], &["blobs"], &["images"]] {
-        let (ok, out, err) = shoal(&a, args).await?;
+        let (ok, out, err) = a.cli(args).await?;
         assert!(ok, "{err}");
         println!("$ shoal {}\n{out}", args.join(" "));
     }
     println!("$ shoal pull {reference}\n{human}");
 
     // Images: the tag, with every blob held.
-    let imgs = json(&a, &["images"]).await?;
+    let imgs = a.cli_json(&["images"]).await?;
     let entry = imgs
         .as_array()
         .expect("a list")
@@ -133,21 +114,21 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
 
     // Evict one layer, then it is gone; again: not found.
     let layer = &image.all_blobs()[1].digest;
-    let e = json(&a, &["evict", layer]).await?;
+    let e = a.cli_json(&["evict", layer]).await?;
     assert_eq!(n(&e, &["freed"]), image.all_blobs()[1].data.len() as u64);
-    let (ok, _, err) = shoal(&a, &["evict", layer]).await?;
+    let (ok, _, err) = a.cli(&["evict", layer]).await?;
     assert!(!ok && err.contains("not found"), "{err}");
-    let v = json(&a, &["verify"]).await?;
+    let v = a.cli_json(&["verify"]).await?;
     assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
 
     // Bad input gets a clear error naming the argument.
-    let (ok, _, err) = shoal(&a, &["pull", "Not/A/Valid:Ref"]).await?;
+    let (ok, _, err) = a.cli(&["pull", "Not/A/Valid:Ref"]).await?;
     assert!(!ok && err.contains("invalid argument: image:"), "{err}");
-    let (ok, _, err) = shoal(&a, &["pull", &format!("{}/team/nothing:v1", cl.proxy.host())]).await?;
+    let (ok, _, err) = a.cli(&["pull", &format!("{}/team/nothing:v1", cl.proxy.host())]).await?;
     assert!(!ok && err.contains("not found"), "{err}");
-    let (ok, _, err) = shoal(&a, &["pull", &reference, "--platform", "linux"]).await?;
+    let (ok, _, err) = a.cli(&["pull", &reference, "--platform", "linux"]).await?;
     assert!(!ok && err.contains("invalid argument: platform:"), "{err}");
-    let (ok, _, err) = shoal(&a, &["evict", "sha256:nothex"]).await?;
+    let (ok, _, err) = a.cli(&["evict", "sha256:nothex"]).await?;
     assert!(!ok && err.contains("invalid argument: digest:"), "{err}");
     let (ok, _, err) = tokio::process::Command::new(shoal_bin()?)
         .args(["status", "--socket", "/nonexistent/admin.sock"])
@@ -157,7 +138,7 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
     assert!(!ok && err.contains("is the agent running"), "{err}");
 
     // Explain names where each blob came from: the members' bytes and upstream's add up to each blob's size.
-    let x = json(&a, &["explain", &reference]).await?;
+    let x = a.cli_json(&["explain", &reference]).await?;
     println!("$ shoal explain {reference} -o json\n{x:#}");
     assert_eq!(x["digest"], digest.as_str(), "{x}");
     for blob in image.all_blobs().iter().filter(|b| b.digest != *layer) {
@@ -168,22 +149,22 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
         assert_eq!(peers + n(b, &["from_upstream"]), blob.data.len() as u64, "{b}");
         assert!(peers == 0 || b["from_peers"][0]["peer_id"].as_str().is_some_and(|p| p.starts_with("12D3")), "{b}");
     }
-    let (ok, human, err) = shoal(&a, &["explain", &reference]).await?;
+    let (ok, human, err) = a.cli(&["explain", &reference]).await?;
     assert!(ok, "{err}");
     println!("$ shoal explain {reference}\n{human}");
 
     // B warms from the members: what A and the homes hold, the rest from upstream, all counted.
-    let p = json(&b, &["pull", &reference]).await?;
+    let p = b.cli_json(&["pull", &reference]).await?;
     let from = ["store", "containerd", "peers", "upstream"].iter().map(|k| n(&p, &["from", k])).sum::<u64>();
     assert_eq!(from, image_bytes, "{p}");
     // What B took from the members is what B's `peers` says it received, and what they say they sent it.
     let received: u64 =
-        json(&b, &["peers"]).await?.as_array().expect("a list").iter().map(|p| n(p, &["bytes_received"])).sum();
+        b.cli_json(&["peers"]).await?.as_array().expect("a list").iter().map(|p| n(p, &["bytes_received"])).sum();
     assert_eq!(received, n(&p, &["from", "peers"]), "{p}");
-    let b_id = json(&b, &["status"]).await?["peer_id"].as_str().expect("an id").to_owned();
+    let b_id = b.cli_json(&["status"]).await?["peer_id"].as_str().expect("an id").to_owned();
     let mut sent = 0;
     for x in [&a, &c] {
-        let ps = json(x, &["peers"]).await?;
+        let ps = x.cli_json(&["peers"]).await?;
         sent += ps
             .as_array()
             .expect("a list")
@@ -193,7 +174,7 @@ async fn the_cli_shows_the_mesh_and_warms_nodes_with_bytes_that_add_up() -> Resu
             .sum::<u64>();
     }
     assert!(sent >= received, "sent {sent} to B, B received {received}");
-    let s = json(&b, &["status"]).await?;
+    let s = b.cli_json(&["status"]).await?;
     assert!(n(&s, &["store", "blobs"]) >= image.all_blobs().len() as u64, "{s}");
     drop(c);
     Ok(())
@@ -213,16 +194,16 @@ async fn preheat_warms_every_zone_through_the_homes_and_then_every_node_pulls_wi
     let reference = format!("{}/team/warm:v1", cl.proxy.host());
 
     // Bad input first: a zone nobody is in, an image upstream lacks.
-    let (ok, _, err) = shoal(&a2, &["preheat", &reference, "--zones", "zone-x"]).await?;
+    let (ok, _, err) = a2.cli(&["preheat", &reference, "--zones", "zone-x"]).await?;
     assert!(!ok && err.contains("invalid argument: zones:"), "{err}");
-    let (ok, _, err) = shoal(&a2, &["preheat", &format!("{}/team/none:v1", cl.proxy.host())]).await?;
+    let (ok, _, err) = a2.cli(&["preheat", &format!("{}/team/none:v1", cl.proxy.host())]).await?;
     assert!(!ok && err.contains("not found"), "{err}");
 
     cl.proxy.reset_counts();
-    let p = json(&a2, &["preheat", &reference, "--pin"]).await?;
+    let p = a2.cli_json(&["preheat", &reference, "--pin"]).await?;
     assert_eq!((p["pinned"].as_bool(), n(&p, &["members_told"])), (Some(true), 2), "{p}");
     for agent in agents {
-        let pins = json(agent, &["pins"]).await?;
+        let pins = agent.cli_json(&["pins"]).await?;
         assert_eq!(pins["pins"][0]["image"], reference.as_str(), "{pins}");
     }
     println!("$ shoal preheat {reference} -o json\n{p:#}");
@@ -237,18 +218,18 @@ async fn preheat_warms_every_zone_through_the_homes_and_then_every_node_pulls_wi
     fetched_once(&cl, &image);
 
     // Replicas: 2 holders of every blob in zone-a (both its members), zone-b's one member; still one crossing.
-    let (ok, _, err) = shoal(&a2, &["preheat", &reference, "--replicas", "17"]).await?;
+    let (ok, _, err) = a2.cli(&["preheat", &reference, "--replicas", "17"]).await?;
     assert!(!ok && err.contains("invalid argument: replicas:"), "{err}");
     let more = Artifact::Image(Image::random(&[1_500_000, 600_000], 49, "amd64", Compression::Gzip)?);
     push(&more, &cl.registry.host(), "team/twice", "v1", None, Format::Oci)?;
     let twice = format!("{}/team/twice:v1", cl.proxy.host());
-    let r = json(&b1, &["preheat", &twice, "--replicas", "2"]).await?;
+    let r = b1.cli_json(&["preheat", &twice, "--replicas", "2"]).await?;
     assert!(
         r["zones"].as_array().expect("zones").iter().all(|z| z["failure"] == "" && z["ready"] == z["blobs"]),
         "{r}"
     );
     for agent in agents {
-        let blobs = json(agent, &["blobs"]).await?;
+        let blobs = agent.cli_json(&["blobs"]).await?;
         let held: Vec<&str> = blobs.as_array().expect("a list").iter().filter_map(|b| b["digest"].as_str()).collect();
         for blob in more.all_blobs() {
             assert!(held.contains(&blob.digest.as_str()), "{} not held by {}: {held:?}", blob.digest, agent.url());
@@ -277,17 +258,17 @@ async fn a_pin_is_told_to_every_member_survives_gc_and_restarts_and_is_refused_p
     let other_ref = format!("{}/team/other:v1", cl.proxy.host());
 
     // Pinned on A: A pulls it and tells B.
-    let p = json(&a, &["pin", &keep]).await?;
+    let p = a.cli_json(&["pin", &keep]).await?;
     assert_eq!((n(&p, &["members_told"]), n(&p, &["members_alive"])), (1, 1), "{p}");
     assert_eq!(p["pin"]["image"], keep.as_str(), "{p}");
-    let pins = json(&b, &["pins"]).await?;
+    let pins = b.cli_json(&["pins"]).await?;
     assert_eq!(pins["pins"].as_array().map(Vec::len), Some(1), "B was told: {pins}");
 
     // B holds the pinned image, then the other one: GC must make room and keeps every pinned blob.
-    json(&b, &["pull", &keep]).await?;
-    json(&b, &["pull", &other_ref]).await?;
+    b.cli_json(&["pull", &keep]).await?;
+    b.cli_json(&["pull", &other_ref]).await?;
     let held = || async {
-        let blobs = json(&b, &["blobs"]).await?;
+        let blobs = b.cli_json(&["blobs"]).await?;
         Ok::<Vec<String>, anyhow::Error>(
             blobs.as_array().expect("a list").iter().filter_map(|x| x["digest"].as_str().map(str::to_owned)).collect(),
         )
@@ -303,19 +284,19 @@ async fn a_pin_is_told_to_every_member_survives_gc_and_restarts_and_is_refused_p
         assert!(h.contains(&x.digest), "pinned {} evicted: {h:?}", x.digest);
     }
     // A pinned blob cannot be evicted by hand either.
-    let (ok, _, err) = shoal(&b, &["evict", &pinned.all_blobs()[1].digest]).await?;
+    let (ok, _, err) = b.cli(&["evict", &pinned.all_blobs()[1].digest]).await?;
     assert!(!ok && err.contains("pinned by"), "{err}");
     // Past the budget: refused with the numbers.
-    let (ok, _, err) = shoal(&b, &["pin", &other_ref]).await?;
+    let (ok, _, err) = b.cli(&["pin", &other_ref]).await?;
     assert!(!ok && err.contains("budget") && err.contains("pinned already"), "{err}");
 
     // A restart keeps the pin and the blobs.
     b.restart().await?;
     wait_alive(&[&a, &b], 1.0, Duration::from_secs(15)).await?;
-    let pins = json(&b, &["pins"]).await?;
+    let pins = b.cli_json(&["pins"]).await?;
     assert_eq!(pins["pins"][0]["image"], keep.as_str(), "{pins}");
     assert_eq!(n(&pins["pins"][0], &["held"]), n(&pins["pins"][0], &["bytes"]), "{pins}");
-    let s = json(&b, &["status"]).await?;
+    let s = b.cli_json(&["status"]).await?;
     assert_eq!(
         n(&s, &["store", "pinned_bytes"]),
         n(&pins["pins"][0], &["bytes"]),
@@ -325,16 +306,16 @@ async fn a_pin_is_told_to_every_member_survives_gc_and_restarts_and_is_refused_p
     // A member that was not there when the pin was told learns it from the others' exchange.
     let c = cl.agent(63, &[&a]).start().await?;
     shoal_testbed::wait_for("C to learn the pin", Duration::from_secs(30), async || {
-        json(&c, &["pins"]).await.is_ok_and(|p| p["pins"][0]["image"] == keep.as_str())
+        c.cli_json(&["pins"]).await.is_ok_and(|p| p["pins"][0]["image"] == keep.as_str())
     })
     .await?;
 
     // Unpinned on A: B is told.
-    let u = json(&a, &["unpin", &keep]).await?;
+    let u = a.cli_json(&["unpin", &keep]).await?;
     assert_eq!(n(&u, &["members_told"]), 2, "{u}");
-    let pins = json(&b, &["pins"]).await?;
+    let pins = b.cli_json(&["pins"]).await?;
     assert_eq!(pins["pins"].as_array().map(Vec::len), Some(0), "{pins}");
-    let (ok, _, err) = shoal(&a, &["unpin", &keep]).await?;
+    let (ok, _, err) = a.cli(&["unpin", &keep]).await?;
     assert!(!ok && err.contains("not pinned"), "{err}");
     Ok(())
 }
@@ -406,7 +387,7 @@ async fn an_image_cache_is_preheated_pinned_and_reported_by_the_home_of_its_name
     // Each layer crossed from upstream once; every member holds the pin.
     fetched_once(&cl, &image);
     for agent in agents {
-        let pins = json(agent, &["pins"]).await?;
+        let pins = agent.cli_json(&["pins"]).await?;
         assert_eq!(pins["pins"][0]["image"], reference.as_str(), "{pins}");
     }
 
@@ -414,7 +395,7 @@ async fn an_image_cache_is_preheated_pinned_and_reported_by_the_home_of_its_name
     api.delete_image_cache("apps", "warm");
     for agent in agents {
         shoal_testbed::wait_for("the pin gone", Duration::from_secs(20), async || {
-            json(agent, &["pins"]).await.is_ok_and(|p| p["pins"].as_array().is_some_and(Vec::is_empty))
+            agent.cli_json(&["pins"]).await.is_ok_and(|p| p["pins"].as_array().is_some_and(Vec::is_empty))
         })
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", agent.log()))?;
@@ -492,10 +473,10 @@ async fn a_private_image_without_the_agents_credentials_and_another_users_connec
     // The admin API never takes a client's credentials, and the agent has none for this registry: refused, and
     // nothing is stored.
     for args in [&["pull", &reference][..], &["pin", &reference]] {
-        let (ok, _, err) = shoal(&agent, args).await?;
+        let (ok, _, err) = agent.cli(args).await?;
         assert!(!ok && err.contains("credentials"), "{args:?}: {err}");
     }
-    let blobs = json(&agent, &["blobs"]).await?;
+    let blobs = agent.cli_json(&["blobs"]).await?;
     assert_eq!(blobs.as_array().map(Vec::len), Some(0), "{blobs}");
 
     // Another user: the socket's mode keeps it out…
@@ -528,6 +509,6 @@ async fn a_private_image_without_the_agents_credentials_and_another_users_connec
     })
     .await?;
     // Root (the owner) is still served.
-    json(&agent, &["status"]).await?;
+    agent.cli_json(&["status"]).await?;
     Ok(())
 }

@@ -252,3 +252,62 @@ async fn a_stalled_upstream_in_a_burst_ends_every_client_in_an_error_not_a_hang(
     );
     Ok(())
 }
+
+/// Five agents configured with `swarm` pull a one-layer image at once, each agent's uploads capped (so the home
+/// alone cannot feed everyone at once; enough upload slots that no request is refused as BUSY, which in a tree
+/// ends a source's part): every pull completes, the layer leaves upstream once, and the answer is
+/// who sent whom bytes of the layer ((receiver, sender) peer ids, from `shoal explain`).
+async fn layer_flows(swarm: &str, first: u8) -> Result<Vec<(String, String)>> {
+    let cl = Cluster::start().await?;
+    let image = push_image(&cl, &[16 << 20], 46).await?;
+    let with = |_, b: AgentBuilder| {
+        b.setting("swarm", &format!("\"{swarm}\"")).setting("upload_rate", "\"6MiB\"").setting("max_uploads", "128")
+    };
+    let agents = cluster_of(&cl, first, 5, with).await?;
+    let http = reqwest::Client::new();
+    let eps: Vec<Endpoint> = agents.iter().map(|a| endpoint(&cl, a)).collect();
+    let pulled = join_all(eps.iter().map(|ep| client::pull(&http, ep, REPO, "v1"))).await;
+    for (i, p) in pulled.into_iter().enumerate() {
+        let p = p.map_err(|e| anyhow::anyhow!("pull on agent {i}: {e:#}\n{}", agents[i].log()))?;
+        assert_pulled_everything(&image, &p);
+    }
+    assert_upstream_once(&cl, &image, agents.len());
+    let layer = image.all_blobs()[1].digest.clone();
+    let reference = format!("{}/{REPO}:v1", cl.proxy.host());
+    let mut flows = Vec::new();
+    for a in &agents {
+        let me = a.peer_id().expect("agents log their peer id");
+        let x = a.cli_json(&["explain", &reference]).await?;
+        let blob = x["blobs"].as_array().into_iter().flatten().find(|b| b["digest"] == layer.as_str());
+        for p in blob.and_then(|b| b["from_peers"].as_array()).into_iter().flatten() {
+            let from = p["peer_id"].as_str().expect("a peer id").to_owned();
+            if p["bytes"].as_u64().unwrap_or(0) > 0 {
+                flows.push((me.clone(), from));
+            }
+        }
+    }
+    println!("{swarm}: layer bytes flowed (receiver, sender): {flows:?}");
+    Ok(flows)
+}
+
+/// Pairs of agents that each sent the other bytes of the layer.
+fn both_ways(flows: &[(String, String)]) -> usize {
+    flows.iter().filter(|(to, from)| flows.contains(&(from.clone(), to.clone()))).count() / 2
+}
+
+#[tokio::test]
+async fn traders_in_a_burst_send_each_other_pieces_of_the_same_blob() -> Result<()> {
+    // Out of order, a node that arrived early takes pieces from one that arrived later, and gives it others.
+    let flows = layer_flows("exchange", 111).await?;
+    assert!(both_ways(&flows) > 0, "no two agents traded pieces both ways: {flows:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn in_a_tree_pieces_of_a_blob_flow_one_way_between_any_two_agents() -> Result<()> {
+    // In order, a node takes pieces only from nodes ahead of it: what the exchange test sees cannot happen here.
+    let flows = layer_flows("tree", 121).await?;
+    assert!(flows.len() >= 4, "the burst fed itself: {flows:?}");
+    assert_eq!(both_ways(&flows), 0, "{flows:?}");
+    Ok(())
+}

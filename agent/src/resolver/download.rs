@@ -432,9 +432,9 @@ impl Resolver {
                         break;
                     }
                     if exchange {
-                        self.fill_by_exchange(mesh, digest, sink, t, client.auth.is_none()).await?;
+                        self.fill_by_exchange(mesh, (req, digest), sink, t, client.auth.is_none()).await?;
                     } else {
-                        self.fill_from_peers(mesh, digest, sink, t).await?;
+                        self.fill_from_peers(mesh, (req, digest), sink, t).await?;
                     }
                 }
                 if sink.complete() {

@@ -139,23 +139,52 @@ impl Resolver {
     }
 
     /// Whether piece `i` from `peer` contradicts the piece table two members vouched for (its bytes match the hash
-    /// it sent, not the table): it is refused and taken from another source. A complete holder that vouched for
-    /// that table itself is not trusted again; a partial holder may have relayed a liar's piece.
-    pub(super) fn contradicts_vouched(
+    /// it sent, not the table): it is refused and taken from another source. A holder that vouched for that table
+    /// itself is not trusted again. A partial holder may have relayed a liar's piece; a `complete` one (it says it
+    /// verified the blob) sends its own bytes: upstream's bytes of the piece settle whether it lied or the two
+    /// that vouched did (then their table is dropped, and readers wait for the sha256).
+    pub(super) async fn contradicts_vouched(
         &self,
         mesh: &Mesh,
-        sink: &Sink<'_>,
-        peer: libp2p::PeerId,
+        req: &Request<'_>,
+        sink: &mut Sink<'_>,
+        (peer, complete): (libp2p::PeerId, bool),
         i: u64,
         p: &VerifiedPiece,
     ) -> bool {
-        if sink.trusted.as_ref().is_none_or(|t| t.hashes.get(i as usize) == Some(&p.hash)) {
+        let Some(vouched) = sink.trusted.as_ref().and_then(|t| t.hashes.get(i as usize)).copied() else {
+            return false;
+        };
+        if vouched == p.hash {
             return false;
         }
         tracing::warn!(%peer, piece = i, "a piece contradicts the vouched piece table");
         let mut blame = vouch::Blame::default();
         if sink.vouchers.iter().any(|(v, _)| *v == peer) {
             blame.liars.insert(peer);
+        } else if let (true, Some(size)) = (complete, sink.size) {
+            match self.upstream_piece(*req, size, i).await {
+                Ok(truth) if truth == vouched => {
+                    blame.liars.insert(peer);
+                }
+                Ok(truth) if truth == p.hash => {
+                    tracing::warn!(
+                        piece = i,
+                        "upstream's bytes match the piece, not the table two members vouched for"
+                    );
+                    blame.liars.extend(sink.vouchers.iter().map(|(v, _)| *v));
+                    sink.vouchers.clear();
+                    sink.trusted = None;
+                    sink.hold = true;
+                }
+                Ok(_) => {
+                    blame.relayed.insert(peer);
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "upstream cannot settle a contradicted piece");
+                    blame.relayed.insert(peer);
+                }
+            }
         } else {
             blame.relayed.insert(peer);
         }
@@ -170,15 +199,15 @@ impl Resolver {
     pub(super) async fn fill_from_peers(
         &self,
         mesh: &Mesh,
-        digest: &Digest,
+        (req, digest): (&Request<'_>, &Digest),
         sink: &mut Sink<'_>,
         tier: &Tier,
     ) -> Result<(), ResolveError> {
         let size = tier.located.size;
         let piece = piece_size(size);
         let count = piece_count(size, piece);
-        let sources: Vec<libp2p::PeerId> =
-            tier.located.holders.iter().map(|(p, _)| *p).filter(|p| !mesh.is_quarantined(p)).collect();
+        let (sources, complete): (Vec<libp2p::PeerId>, Vec<bool>) =
+            tier.located.holders.iter().filter(|(p, _)| !mesh.is_quarantined(p)).map(|(p, s)| (*p, s.complete)).unzip();
         if sources.is_empty() {
             return Ok(());
         }
@@ -237,7 +266,11 @@ impl Resolver {
                 None => {}
                 // A hedge's loser that arrived before its cancellation: already have it.
                 Some(Ok(_)) if !sched.awaits(i) => {}
-                Some(Ok(p)) if self.contradicts_vouched(mesh, sink, sources[source], i, &p) => sched.failed(i, source),
+                Some(Ok(p))
+                    if self.contradicts_vouched(mesh, req, sink, (sources[source], complete[source]), i, &p).await =>
+                {
+                    sched.failed(i, source);
+                }
                 Some(Ok(p)) => {
                     for c in sched.delivered(i, source, Instant::now()) {
                         if let SchedAction::Cancel { piece: ci, source: cs } = c

@@ -365,3 +365,148 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use sha2::Digest as _;
+
+    use super::*;
+    use crate::oci::RegistryHost;
+    use crate::pieces::MIN_PIECE;
+    use crate::resolver::access::Origin;
+    use crate::resolver::download::{Progress, State};
+
+    fn download() -> Download {
+        let origin = Origin {
+            registry: RegistryHost::parse("registry.example").expect("a host"),
+            repo_key: "registry.example/app".into(),
+            cred: None,
+        };
+        let (progress, _) = tokio::sync::watch::channel(Progress {
+            partial: None,
+            header: None,
+            written: 0,
+            verified: false,
+            released: 0,
+            restarts: 0,
+            state: State::Running,
+        });
+        Download::new(origin, progress, Duration::from_secs(600))
+    }
+
+    fn blob(size: u64, seed: u8) -> Vec<u8> {
+        let mut out = vec![0u8; size as usize];
+        blake3::Hasher::new().update(&[seed]).finalize_xof().fill(&mut out);
+        out
+    }
+
+    /// Writes `data`'s pieces in `order` into a scattered sink and checks, after each, that the prefix readers
+    /// see is exactly the pieces contiguous from the first, that members are offered exactly the pieces written,
+    /// and at the end that the sha256, the piece table and the file are the blob's.
+    async fn scatter_in(data: &[u8], order: &[u64], hold: bool) {
+        let size = data.len() as u64;
+        let piece = piece_size(size);
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("partial");
+        let file = std::fs::File::options().create_new(true).read(true).write(true).open(&path).expect("a file");
+        let dl = download();
+        let room = Room { reserved: Arc::new(AtomicU64::new(size)), size, checked: size };
+        let mut sink = Sink::new(file, path.clone(), Some(size), &dl, room);
+        sink.hold = hold;
+        sink.scatter();
+        let mut written = Bitfield::new(piece_count(size, piece));
+        for &i in order {
+            let (offset, len) = piece_range(size, piece, i);
+            let bytes = Bytes::copy_from_slice(&data[offset as usize..(offset + len) as usize]);
+            let hash = *blake3::hash(&bytes).as_bytes();
+            // Split in two chunks, as quinn hands them over.
+            let cut = bytes.len() / 3;
+            let chunks = vec![bytes.slice(..cut), bytes.slice(cut..)];
+            sink.put_piece(i, chunks, hash, None).await.expect("written");
+            written.set(i);
+            let prefix = (written.leading() * u64::from(piece)).min(size);
+            assert_eq!(sink.written, prefix, "after piece {i}");
+            assert_eq!(dl.progress.borrow().written, prefix);
+            assert_eq!(dl.progress.borrow().released, if hold { 0 } else { prefix });
+            let offered = lock(&dl.pieces).as_ref().expect("a size").bits.clone();
+            assert_eq!(offered, if hold { Bitfield::new(written.len()) } else { written.clone() });
+            assert_eq!(sink.have(), written);
+            // A piece written twice is ignored.
+            sink.put_piece(i, vec![Bytes::from_static(b"x")], [0; 32], None).await.expect("ignored");
+        }
+        assert!(sink.complete());
+        assert_eq!(sink.missing_run(), None);
+        let want = Digest::from_sha256(&Sha256::digest(data));
+        assert_eq!(sink.digest(), want);
+        let mut h = PieceHasher::new(piece);
+        h.update(data);
+        assert_eq!(sink.table(), Some(h.finish(size)));
+        assert_eq!(std::fs::read(&path).expect("read back"), data);
+    }
+
+    #[tokio::test]
+    async fn pieces_written_out_of_order_make_up_the_blob_and_readers_see_only_the_prefix() {
+        // Six pieces, the last one short.
+        let data = blob(5 * u64::from(MIN_PIECE) + 1000, 1);
+        scatter_in(&data, &[3, 0, 5, 1, 4, 2], false).await;
+        // Holding readers (one member's word): nothing is released or offered to members before verification.
+        scatter_in(&data, &[5, 4, 3, 2, 1, 0], true).await;
+    }
+
+    #[tokio::test]
+    async fn missing_runs_and_wrong_lengths() {
+        let size = 8 * u64::from(MIN_PIECE);
+        let data = blob(size, 2);
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("partial");
+        let file = std::fs::File::options().create_new(true).read(true).write(true).open(&path).expect("a file");
+        let dl = download();
+        let room = Room { reserved: Arc::new(AtomicU64::new(size)), size, checked: size };
+        let mut sink = Sink::new(file, path, Some(size), &dl, room);
+        sink.scatter();
+        let put = |i: u64| {
+            let (o, l) = piece_range(size, MIN_PIECE, i);
+            let b = Bytes::copy_from_slice(&data[o as usize..(o + l) as usize]);
+            let h = *blake3::hash(&b).as_bytes();
+            (vec![b], h)
+        };
+        assert_eq!(sink.missing_run(), Some((0, 8)));
+        for i in [0, 1, 4, 7] {
+            let (c, h) = put(i);
+            sink.put_piece(i, c, h, None).await.expect("written");
+        }
+        assert_eq!(sink.missing_run(), Some((2, 4)));
+        let (mut c, h) = put(2);
+        c[0].truncate(100);
+        assert!(sink.put_piece(2, c, h, None).await.is_err(), "a piece of the wrong length is refused");
+        for i in [2, 3] {
+            let (c, h) = put(i);
+            sink.put_piece(i, c, h, None).await.expect("written");
+        }
+        assert_eq!(sink.missing_run(), Some((5, 7)));
+        assert_eq!(sink.written, 5 * u64::from(MIN_PIECE));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn any_order_of_pieces_makes_up_the_blob(
+            pieces in 1u64..12,
+            tail in 0u64..u64::from(MIN_PIECE),
+            keys in proptest::collection::vec(any::<u32>(), 12),
+            seed in any::<u8>(),
+        ) {
+            let size = (pieces - 1) * u64::from(MIN_PIECE) + tail.max(1);
+            let count = piece_count(size, piece_size(size));
+            let mut order: Vec<u64> = (0..count).collect();
+            order.sort_by_key(|i| keys[*i as usize % keys.len()] ^ *i as u32);
+            let data = blob(size, seed);
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+            rt.block_on(scatter_in(&data, &order, false));
+        }
+    }
+}

@@ -22,6 +22,7 @@ use crate::swarm::bitfield::Bitfield;
 use crate::swarm::exchange::{Action, Exchange, ExchangeConfig};
 use crate::swarm::vouch::Sender;
 use crate::transfer::{FetchError, VerifiedPiece};
+use crate::upstream::Request;
 
 /// Peers one download trades with, at most (handed out, and members that came to trade).
 const MAX_PEERS: usize = 32;
@@ -46,7 +47,7 @@ impl Resolver {
     pub(super) async fn fill_by_exchange(
         &self,
         mesh: &Mesh,
-        digest: &Digest,
+        (req, digest): (&Request<'_>, &Digest),
         sink: &mut Sink<'_>,
         tier: &Tier,
         public: bool,
@@ -74,6 +75,9 @@ impl Resolver {
             let _ = tell.send(*p);
         }
         let mut peers: Vec<PeerId> = Vec::new();
+        // Per peer: the home said it holds the whole blob, verified (a trader that came to this node does not).
+        let mut complete: Vec<bool> = Vec::new();
+        let said_complete = |p: &PeerId| tier.located.holders.iter().any(|(h, s)| h == p && s.complete);
         // Per peer: its first set (or the watch's end) came.
         let mut first: Vec<bool> = Vec::new();
         let mut watches: SelectAll<Watch<'_>> = SelectAll::new();
@@ -133,7 +137,9 @@ impl Resolver {
                         // Cancelled (another peer delivered it first), or a late copy.
                         None => {}
                         Some(Ok(_)) if !ex.awaits(i, source) => {}
-                        Some(Ok(p)) if self.contradicts_vouched(mesh, sink, peer, i, &p) => ex.failed(i, source),
+                        Some(Ok(p)) if self.contradicts_vouched(mesh, req, sink, (peer, complete[source]), i, &p).await => {
+                            ex.failed(i, source);
+                        }
                         Some(Ok(p)) => {
                             heard = Instant::now();
                             for c in ex.delivered(i, source, Instant::now()) {
@@ -192,6 +198,7 @@ impl Resolver {
                     }
                     let k = ex.add_peer(&Bitfield::new(count));
                     peers.push(p);
+                    complete.push(said_complete(&p));
                     first.push(false);
                     unheard += 1;
                     watches.push(watch(mesh, p, digest, count, public, k));
