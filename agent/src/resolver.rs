@@ -15,7 +15,7 @@
 //! accepted that client's credentials for that repository (cached for `auth_ttl`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -203,6 +203,9 @@ pub struct Resolver {
     gc_running: AtomicBool,
     /// Bytes that running downloads have yet to write (what the free-space check must leave them).
     reserved: Arc<AtomicU64>,
+    /// Downloads this node runs as their digest's home: it brings those blobs into its zone, and its other
+    /// exchanges take one piece at a time meanwhile (`resolver/trade.rs`).
+    bringing_in: AtomicUsize,
     tasks: TaskTracker,
     cancel: CancellationToken,
     mesh: Option<Arc<Mesh>>,
@@ -268,6 +271,7 @@ impl Resolver {
             in_use: Arc::default(),
             gc_running: AtomicBool::new(false),
             reserved: Arc::default(),
+            bringing_in: AtomicUsize::new(0),
             tasks,
             cancel,
             mesh,

@@ -72,26 +72,75 @@ pub(super) struct Download {
 }
 
 /// The pieces of a running download members may be given: each one's BLAKE3 hash as written, and which are there
-/// (not necessarily a prefix: the exchange writes pieces in any order).
+/// (not necessarily a prefix: the exchange writes pieces in any order). A piece this node brought into its zone
+/// (from upstream or another zone) is told to one of the members watching its pieces, in turn, not to all
+/// (super-seeding: the zone spreads it from there, and this node's upload carries new pieces rather than many
+/// copies of the newest one); every piece is served to whoever asks for it.
 #[derive(Debug, Clone)]
 pub(super) struct Held {
     pub(super) piece: u32,
     pub(super) hashes: Vec<Option<[u8; 32]>>,
     pub(super) bits: Bitfield,
+    /// Pieces brought in, and the watcher each was told to.
+    told_to: HashMap<u64, u64>,
+    /// Members of this zone watching, by an id of this download's, in the order they came (those of other zones
+    /// are served, not traded with: they are told every piece).
+    watchers: Vec<u64>,
+    turn: usize,
+    next_watcher: u64,
 }
 
 impl Held {
     pub(super) fn new(size: u64, piece: u32) -> Self {
         let count = crate::pieces::piece_count(size, piece);
-        Self { piece, hashes: vec![None; count as usize], bits: Bitfield::new(count) }
+        Self {
+            piece,
+            hashes: vec![None; count as usize],
+            bits: Bitfield::new(count),
+            told_to: HashMap::new(),
+            watchers: Vec::new(),
+            turn: 0,
+            next_watcher: 0,
+        }
     }
 
-    /// Piece `i` is there, with this hash.
-    pub(super) fn set(&mut self, i: usize, hash: [u8; 32]) {
-        if let Some(h) = self.hashes.get_mut(i) {
-            *h = Some(hash);
-            self.bits.set(i as u64);
+    /// Piece `i` is there, with this hash; `brought_in`: this node brought it into its zone.
+    pub(super) fn set(&mut self, i: usize, hash: [u8; 32], brought_in: bool) {
+        let Some(h) = self.hashes.get_mut(i) else { return };
+        *h = Some(hash);
+        if self.bits.set(i as u64) && brought_in && !self.watchers.is_empty() {
+            self.turn = (self.turn + 1) % self.watchers.len();
+            self.told_to.insert(i as u64, self.watchers[self.turn]);
         }
+    }
+
+    /// A member watches the pieces: its id. `trades`: it is of this zone, and takes its turn at pieces brought in.
+    pub(super) fn watch(&mut self, trades: bool) -> u64 {
+        self.next_watcher += 1;
+        if trades {
+            self.watchers.push(self.next_watcher);
+        }
+        self.next_watcher
+    }
+
+    /// The member stopped watching: what it alone was told is told to everyone.
+    pub(super) fn unwatch(&mut self, watcher: u64) {
+        self.watchers.retain(|w| *w != watcher);
+        self.told_to.retain(|_, w| *w != watcher);
+    }
+
+    /// The pieces `watcher` is told of.
+    pub(super) fn bits_for(&self, watcher: u64) -> Bitfield {
+        let mut b = self.bits.clone();
+        if !self.watchers.contains(&watcher) {
+            return b;
+        }
+        for (i, w) in &self.told_to {
+            if *w != watcher {
+                b.unset(*i);
+            }
+        }
+        b
     }
 }
 
@@ -335,7 +384,7 @@ impl Resolver {
             // Every piece may be served now (a download that held its readers kept its pieces from members).
             let mut held = Held::new(t.size, t.piece);
             for (i, h) in t.hashes.iter().enumerate() {
-                held.set(i, *h);
+                held.set(i, *h, false);
             }
             *lock(&dl.pieces) = Some(held);
         }
@@ -417,6 +466,11 @@ impl Resolver {
         mut tiers: Vec<Tier>,
         first_resp: Option<reqwest::Response>,
     ) -> Result<(), ResolveError> {
+        // As the digest's home, this node brings the blob into its zone (from another zone or upstream).
+        let _bringing_in = self.mesh.as_ref().filter(|m| m.home_of(digest) == m.id()).map(|_| {
+            self.bringing_in.fetch_add(1, Ordering::Relaxed);
+            BringingIn(&self.bringing_in)
+        });
         if let (Some(mesh), Some(size)) = (&self.mesh, sink.size)
             && !tiers.is_empty()
         {
@@ -522,7 +576,7 @@ impl Resolver {
                             h.update(b);
                         }
                         let hash = *h.finalize().as_bytes();
-                        sink.put_piece(k, std::mem::take(&mut buf), hash, None).await?;
+                        sink.put_piece(k, std::mem::take(&mut buf), hash, (None, true)).await?;
                         have = 0;
                         k += 1;
                     }
@@ -616,6 +670,15 @@ impl Resolver {
     }
 }
 
+/// Counts a download in [`Resolver::bringing_in`] while it lives.
+struct BringingIn<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for BringingIn<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub(super) async fn wait_progress(
     rx: &mut watch::Receiver<Progress>,
     ready: impl Fn(&Progress) -> bool,
@@ -628,5 +691,46 @@ pub(super) async fn wait_progress(
     match p.state {
         State::Failed(e) => Err(e),
         _ => Ok(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pieces::MIN_PIECE;
+
+    #[test]
+    fn pieces_brought_in_are_told_to_one_trading_watcher_in_turn() {
+        let mut h = Held::new(8 * u64::from(MIN_PIECE), MIN_PIECE);
+        let (a, b, c) = (h.watch(true), h.watch(true), h.watch(true));
+        let far = h.watch(false);
+        for i in 0..6 {
+            h.set(i, [i as u8; 32], true);
+        }
+        // A piece that came from a member of the zone is told to everyone.
+        h.set(6, [6; 32], false);
+        let told = |h: &Held, w| h.bits_for(w).ones().collect::<Vec<_>>();
+        let (ta, tb, tc) = (told(&h, a), told(&h, b), told(&h, c));
+        for t in [&ta, &tb, &tc] {
+            assert_eq!(t.len(), 3, "two pieces brought in each, and the zone's one: {ta:?} {tb:?} {tc:?}");
+            assert!(t.contains(&6));
+        }
+        for i in 0..6 {
+            let holders = [&ta, &tb, &tc].iter().filter(|t| t.contains(&i)).count();
+            assert_eq!(holders, 1, "piece {i} is told to exactly one trading watcher");
+        }
+        // A member of another zone is served, not traded with: it hears of every piece.
+        assert_eq!(told(&h, far), (0..7).collect::<Vec<_>>());
+        // A watcher that leaves leaves its pieces to everyone.
+        h.unwatch(a);
+        let tb = told(&h, b);
+        for i in ta {
+            assert!(tb.contains(&i), "piece {i} of the watcher that left");
+        }
+        // Without trading watchers, a piece brought in is told to everyone.
+        let mut h = Held::new(u64::from(MIN_PIECE), MIN_PIECE);
+        h.set(0, [0; 32], true);
+        let w = h.watch(true);
+        assert_eq!(h.bits_for(w).count(), 1);
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::download::{Progress, State};
+use super::download::{Download, Progress, State};
 use super::{Client, Kind, ResolveError, Resolver, blocking, lock};
 use crate::containerd::ContainerdError;
 use crate::mesh::{Fetched, Local, Order, Piece, Refusal};
@@ -130,8 +130,10 @@ impl Resolver {
             let _ = t.tell.send(asker);
         }
         let rx = dl.progress.subscribe();
-        // State: the download, its progress, the set last sent (None before the first).
-        let sets = futures_util::stream::unfold((dl, rx, None::<Bitfield>), |(dl, mut rx, last)| async move {
+        let id = lock(&dl.pieces).as_mut().map_or(0, |h| h.watch(same_zone));
+        let watching = Watching { dl, id };
+        // State: the watcher, its download's progress, the set last sent (None before the first).
+        let sets = futures_util::stream::unfold((watching, rx, None::<Bitfield>), |(w, mut rx, last)| async move {
             if last.as_ref().is_some_and(Bitfield::is_full) {
                 return None;
             }
@@ -140,12 +142,12 @@ impl Resolver {
             }
             loop {
                 let state = rx.borrow_and_update().state.clone();
-                let now = lock(&dl.pieces).as_ref().map(|h| h.bits.clone());
+                let now = lock(&w.dl.pieces).as_ref().map(|h| h.bits_for(w.id));
                 match (&state, now) {
                     (State::Failed(_), _) => return None,
                     // The first set, or one with more pieces than the last.
                     (_, Some(bits)) if last.as_ref().is_none_or(|l| bits.count() > l.count()) => {
-                        return Some((bits.clone(), (dl, rx, Some(bits))));
+                        return Some((bits.clone(), (w, rx, Some(bits))));
                     }
                     // Done: its committed copy answers from now on.
                     (State::Done, _) => return None,
@@ -157,6 +159,20 @@ impl Resolver {
             }
         });
         Ok(sets.boxed())
+    }
+}
+
+/// A member watching a running download's pieces; forgotten by the download when the watch ends.
+struct Watching {
+    dl: Arc<Download>,
+    id: u64,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if let Some(h) = lock(&self.dl.pieces).as_mut() {
+            h.unwatch(self.id);
+        }
     }
 }
 

@@ -155,14 +155,14 @@ impl<'a> Sink<'a> {
             self.senders.resize(i + 1, None);
             self.senders[i] = Some(sender);
         }
-        self.write_impl(piece.chunks, !aligned).await
+        self.write_impl(piece.chunks, !aligned, false).await
     }
 
-    /// Hashes and writes a batch off the async workers, then tells readers and the piece table.
+    /// Hashes and writes a batch of upstream's bytes off the async workers, then tells readers and the piece table.
     pub(super) async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), ResolveError> {
         let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
         self.dl.tally.upstream.fetch_add(n, Ordering::Relaxed);
-        self.write_impl(batch, true).await
+        self.write_impl(batch, true, true).await
     }
 
     fn check_wanted(&self) -> Result<(), ResolveError> {
@@ -175,7 +175,8 @@ impl<'a> Sink<'a> {
         Ok(())
     }
 
-    async fn write_impl(&mut self, batch: Vec<Bytes>, piece_hash: bool) -> Result<(), ResolveError> {
+    /// `brought_in`: the bytes come from outside the zone (upstream's).
+    async fn write_impl(&mut self, batch: Vec<Bytes>, piece_hash: bool, brought_in: bool) -> Result<(), ResolveError> {
         debug_assert!(self.scattered.is_none(), "a scattered download writes whole pieces (put_piece)");
         self.check_wanted()?;
         let n: u64 = batch.iter().map(|b| b.len() as u64).sum();
@@ -198,19 +199,19 @@ impl<'a> Sink<'a> {
         // Members get pieces of a download that holds its readers only once it is verified: a relay of what rests
         // on one member's word would spread it past this node's check.
         self.pieces = pieces;
-        self.share_prefix();
+        self.share_prefix(brought_in);
         self.tell_written();
         Ok(())
     }
 
     /// Members get pieces of a download that holds its readers only once it is verified: a relay of what rests
     /// on one member's word would spread it past this node's check.
-    fn share_prefix(&mut self) {
+    fn share_prefix(&mut self, brought_in: bool) {
         let Some(p) = self.pieces.as_ref().filter(|_| !self.hold) else { return };
         let mut shared = lock(&self.dl.pieces);
         if let Some(held) = shared.as_mut() {
             for (i, h) in p.hashes().iter().enumerate().skip(self.shared) {
-                held.set(i, *h);
+                held.set(i, *h, brought_in);
             }
             self.shared = p.hashes().len();
         }
@@ -264,13 +265,14 @@ impl<'a> Sink<'a> {
 
     /// Writes piece `i` (its bytes already checked against `hash`: from a member, or hashed from upstream's
     /// bytes) at its offset, scattered. The prefix, the sha256 and the piece table advance over every piece now
-    /// contiguous (those written earlier are read back). A piece already here is ignored.
+    /// contiguous (those written earlier are read back). A piece already here is ignored. `brought_in`: it came
+    /// from outside the zone (upstream, or a member of another zone).
     pub(super) async fn put_piece(
         &mut self,
         i: u64,
         chunks: Vec<Bytes>,
         hash: [u8; 32],
-        sender: Option<Sender>,
+        (sender, brought_in): (Option<Sender>, bool),
     ) -> Result<(), ResolveError> {
         self.check_wanted()?;
         let size = self.size.expect("a scattered download has a size");
@@ -350,9 +352,9 @@ impl<'a> Sink<'a> {
         if !self.hold
             && let Some(held) = lock(&self.dl.pieces).as_mut()
         {
-            held.set(i as usize, hash);
+            held.set(i as usize, hash, brought_in);
         }
-        self.share_prefix();
+        self.share_prefix(brought_in);
         self.tell_written();
         Ok(())
     }
@@ -426,7 +428,7 @@ mod tests {
             // Split in two chunks, as quinn hands them over.
             let cut = bytes.len() / 3;
             let chunks = vec![bytes.slice(..cut), bytes.slice(cut..)];
-            sink.put_piece(i, chunks, hash, None).await.expect("written");
+            sink.put_piece(i, chunks, hash, (None, true)).await.expect("written");
             written.set(i);
             let prefix = (written.leading() * u64::from(piece)).min(size);
             assert_eq!(sink.written, prefix, "after piece {i}");
@@ -436,7 +438,7 @@ mod tests {
             assert_eq!(offered, if hold { Bitfield::new(written.len()) } else { written.clone() });
             assert_eq!(sink.have(), written);
             // A piece written twice is ignored.
-            sink.put_piece(i, vec![Bytes::from_static(b"x")], [0; 32], None).await.expect("ignored");
+            sink.put_piece(i, vec![Bytes::from_static(b"x")], [0; 32], (None, true)).await.expect("ignored");
         }
         assert!(sink.complete());
         assert_eq!(sink.missing_run(), None);
@@ -477,15 +479,15 @@ mod tests {
         assert_eq!(sink.missing_run(), Some((0, 8)));
         for i in [0, 1, 4, 7] {
             let (c, h) = put(i);
-            sink.put_piece(i, c, h, None).await.expect("written");
+            sink.put_piece(i, c, h, (None, true)).await.expect("written");
         }
         assert_eq!(sink.missing_run(), Some((2, 4)));
         let (mut c, h) = put(2);
         c[0].truncate(100);
-        assert!(sink.put_piece(2, c, h, None).await.is_err(), "a piece of the wrong length is refused");
+        assert!(sink.put_piece(2, c, h, (None, true)).await.is_err(), "a piece of the wrong length is refused");
         for i in [2, 3] {
             let (c, h) = put(i);
-            sink.put_piece(i, c, h, None).await.expect("written");
+            sink.put_piece(i, c, h, (None, true)).await.expect("written");
         }
         assert_eq!(sink.missing_run(), Some((5, 7)));
         assert_eq!(sink.written, 5 * u64::from(MIN_PIECE));

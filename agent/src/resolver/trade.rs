@@ -58,7 +58,8 @@ impl Resolver {
         sink.scatter();
         let me = mesh.id();
         let mut cfg = ExchangeConfig::for_piece(piece);
-        if mesh.home_of(digest) == me {
+        let home_here = mesh.home_of(digest) == me;
+        if home_here {
             // The home trades only to bring the blob in (from another zone, or after the previous home died): the
             // whole zone waits on its intake.
             cfg = cfg.across_zones();
@@ -78,6 +79,9 @@ impl Resolver {
         // Per peer: the home said it holds the whole blob, verified (a trader that came to this node does not).
         let mut complete: Vec<bool> = Vec::new();
         let said_complete = |p: &PeerId| tier.located.holders.iter().any(|(h, s)| h == p && s.complete);
+        // Per peer: it is in another zone (its pieces are brought into this one).
+        let mut far: Vec<bool> = Vec::new();
+        let view = mesh.view();
         // Per peer: its first set (or the watch's end) came.
         let mut first: Vec<bool> = Vec::new();
         let mut watches: SelectAll<Watch<'_>> = SelectAll::new();
@@ -105,6 +109,11 @@ impl Resolver {
         let moved = mesh.home_moved(digest, home);
         tokio::pin!(moved);
         loop {
+            // While this node brings another blob into its zone, this one takes one piece at a time: with a full
+            // window of its own it would take most of the link from that single download, and the whole zone
+            // waits on it (simulated: docs/scale.md).
+            let bringing_in = !home_here && self.bringing_in.load(std::sync::atomic::Ordering::Relaxed) > 0;
+            ex.set_window(if bringing_in { 1 } else { cfg.window });
             for a in ex.poll(Instant::now()) {
                 if let Action::Fetch { piece: i, source } = a {
                     let stop = CancellationToken::new();
@@ -150,9 +159,10 @@ impl Resolver {
                                 }
                             }
                             sink.peers_used.insert(peer);
-                            let complete = sink.vouchers.iter().any(|(v, _)| *v == peer);
+                            let vouched = sink.vouchers.iter().any(|(v, _)| *v == peer);
                             let VerifiedPiece { chunks, hash } = p;
-                            sink.put_piece(i, chunks, hash, Some(Sender { peer, complete })).await?;
+                            let sender = Sender { peer, complete: vouched };
+                            sink.put_piece(i, chunks, hash, (Some(sender), far[source])).await?;
                         }
                         Some(Err(e)) => {
                             tracing::info!(%peer, piece = i, error = %e, "peer failed a piece");
@@ -199,6 +209,7 @@ impl Resolver {
                     let k = ex.add_peer(&Bitfield::new(count));
                     peers.push(p);
                     complete.push(said_complete(&p));
+                    far.push(view.zone_of(&p) != Some(view.zone.as_str()));
                     first.push(false);
                     unheard += 1;
                     watches.push(watch(mesh, p, digest, count, public, k));

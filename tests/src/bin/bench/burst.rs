@@ -1,9 +1,10 @@
-//! `shoal-bench burst`: N nodes pull the same image at the same moment, three contenders in one run on one
+//! `shoal-bench burst`: N nodes pull the same image at the same moment, four contenders in one run on one
 //! topology (each node, the upstream and the central cache in its own network namespace on a bridge, links capped
 //! with `tbf`):
 //! (a) every node pulls directly from upstream; (b) every node pulls through one `docker-registry` in `proxy:`
 //! mode (the usual central pull-through cache); (c) every node pulls through its own Shoal agent, the agents
-//! forming a mesh. The pulls are the testbed's HTTP client doing what containerd does (HEAD the tag, GET the
+//! forming a mesh, trading pieces out of order (`swarm = "exchange"`, the default); (d) the same, pieces in order
+//! (`swarm = "tree"`). The pulls are the testbed's HTTP client doing what containerd does (HEAD the tag, GET the
 //! manifest, config and layers three at a time, every digest checked), run inside each node's namespace.
 //! Upstream bytes are response body bytes counted by the proxy in front of the registry, inside the upstream's
 //! namespace.
@@ -153,7 +154,7 @@ pub(crate) async fn burst(
     Ok(done)
 }
 
-/// Runs the three contenders and prints (and writes) the table and the plot.
+/// Runs the four contenders and prints (and writes) the table and the plot.
 pub(crate) async fn run(args: Args) -> Result<()> {
     let image_bytes = (args.image_mib << 20) as u64;
     let layer = (args.image_mib << 20) / args.layers;
@@ -197,7 +198,9 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     });
     drop(cache);
 
-    outcomes.push(shoal(args.warm, nodes, upstream_host, stats).await?);
+    for swarm in SWARMS {
+        outcomes.push(shoal(args.warm, nodes, upstream_host, stats, swarm).await?);
+    }
 
     let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
     let table = render_table(&args, &outcomes, image_bytes, link_secs);
@@ -271,10 +274,19 @@ pub(crate) async fn mesh_of_agents(
 }
 
 /// The Shoal contender: an agent per node, in a mesh, each node pulling through its own.
-async fn shoal(warm: bool, nodes: &[Netns], upstream_host: &str, stats: &ProxyStats) -> Result<Outcome> {
-    eprintln!("(c) through Shoal on every node…");
+/// How the Shoal contenders' agents take pieces from each other (`swarm`).
+const SWARMS: [(&str, &str); 2] = [("exchange", "Shoal (exchange)"), ("tree", "Shoal (tree)")];
+
+async fn shoal(
+    warm: bool,
+    nodes: &[Netns],
+    upstream_host: &str,
+    stats: &ProxyStats,
+    (swarm, name): (&str, &'static str),
+) -> Result<Outcome> {
+    eprintln!("through Shoal on every node, swarm = {swarm}…");
     stats.reset();
-    let (_dir, agents) = mesh_of_agents(nodes, upstream_host, |b| b).await?;
+    let (_dir, agents) = mesh_of_agents(nodes, upstream_host, |b| b.setting("swarm", &format!("\"{swarm}\""))).await?;
     let urls: Vec<String> = agents.iter().map(Agent::url).collect();
     let pids: Vec<u32> = agents.iter().filter_map(Agent::pid).collect();
     let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;
@@ -287,7 +299,7 @@ async fn shoal(warm: bool, nodes: &[Netns], upstream_host: &str, stats: &ProxySt
         memory = memory.max(a.pid().map(peak_rss).transpose()?.unwrap_or(0));
     }
     Ok(Outcome {
-        name: "Shoal",
+        name,
         done,
         upstream_bytes: stats.body_bytes(),
         peer_bytes: Some(peer_bytes as u64),
@@ -303,9 +315,12 @@ async fn shoal_only(
     stats: &ProxyStats,
     image_bytes: u64,
 ) -> Result<()> {
-    let o = shoal(args.warm, nodes, upstream_host, stats).await?;
+    let mut outcomes = Vec::new();
+    for swarm in SWARMS {
+        outcomes.push(shoal(args.warm, nodes, upstream_host, stats, swarm).await?);
+    }
     let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
-    println!("{}", render_table(args, &[o], image_bytes, link_secs));
+    println!("{}", render_table(args, &outcomes, image_bytes, link_secs));
     Ok(())
 }
 
@@ -357,11 +372,22 @@ fn render_table(args: &Args, outcomes: &[Outcome], image_bytes: u64, link_secs: 
         );
     }
     let by_name = |n: &str| outcomes.iter().find(|o| o.name == n);
-    if let (Some(shoal), Some(direct)) = (by_name("Shoal"), by_name("direct")) {
+    let last = |o: &Outcome| percentile(&o.done, 1.0);
+    for (_, name) in SWARMS {
+        if let (Some(shoal), Some(direct)) = (by_name(name), by_name("direct")) {
+            let _ = writeln!(
+                t,
+                "\n{name}: last node in {:.2}× the time of direct pulls' last node (same run).",
+                last(shoal) / last(direct)
+            );
+        }
+    }
+    if let (Some(ex), Some(tree)) = (by_name(SWARMS[0].1), by_name(SWARMS[1].1)) {
         let _ = writeln!(
             t,
-            "\nShoal's last node finished in {:.2}× the time of direct pulls' last node (same run).",
-            percentile(&shoal.done, 1.0) / percentile(&direct.done, 1.0)
+            "\nExchange vs tree (same run): last node {:.2}×, p50 {:.2}×.",
+            last(ex) / last(tree),
+            percentile(&ex.done, 0.5) / percentile(&tree.done, 0.5)
         );
     }
     t
@@ -377,7 +403,7 @@ fn render_svg(outcomes: &[Outcome], link_secs: f64) -> String {
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"18\" font-weight=\"bold\">Completion time per node (s)</text>\n"
     );
-    let colors = ["#d62728", "#ff7f0e", "#1f77b4"];
+    let colors = ["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c"];
     for (i, o) in outcomes.iter().enumerate() {
         let y = 40.0 + lane * i as f64 + lane / 2.0;
         let _ = writeln!(svg, "<text x=\"10\" y=\"{}\">{}</text>", y + 4.0, o.name);
