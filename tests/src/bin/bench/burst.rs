@@ -203,13 +203,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     }
 
     let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
-    let table = render_table(&args, &outcomes, image_bytes, link_secs);
-    println!("{table}");
-    if let Some(prefix) = &args.out {
-        std::fs::write(prefix.with_extension("md"), &table)?;
-        std::fs::write(prefix.with_extension("svg"), render_svg(&outcomes, link_secs))?;
-        eprintln!("wrote {}.md and .svg", prefix.display());
-    }
+    write_out(&args, &outcomes, image_bytes, link_secs)?;
     drop(cache_ns);
     drop(net);
     Ok(())
@@ -320,7 +314,18 @@ async fn shoal_only(
         outcomes.push(shoal(args.warm, nodes, upstream_host, stats, swarm).await?);
     }
     let link_secs = image_bytes as f64 / Rate::mbit(args.upstream_mbit).bytes_per_sec();
-    println!("{}", render_table(args, &outcomes, image_bytes, link_secs));
+    write_out(args, &outcomes, image_bytes, link_secs)
+}
+
+/// Prints the table, and with `--out` writes it and the plot.
+fn write_out(args: &Args, outcomes: &[Outcome], image_bytes: u64, link_secs: f64) -> Result<()> {
+    let table = render_table(args, outcomes, image_bytes, link_secs);
+    println!("{table}");
+    if let Some(prefix) = &args.out {
+        std::fs::write(prefix.with_extension("md"), &table)?;
+        std::fs::write(prefix.with_extension("svg"), render_svg(outcomes, link_secs))?;
+        eprintln!("wrote {}.md and .svg", prefix.display());
+    }
     Ok(())
 }
 
