@@ -23,8 +23,9 @@ pub enum Carry {
 
 #[derive(Debug, Clone)]
 struct Flow {
-    /// The connection it travels on.
+    /// The connection it travels on, and that connection's slot in [`Net::conn_flows`].
     conn: u64,
+    slot: usize,
     links: [LinkId; 5],
     nlinks: u8,
     size: f64,
@@ -53,8 +54,11 @@ pub struct Net {
     finished: Vec<FlowId>,
     live: usize,
     dirty: bool,
-    /// Flows per connection.
-    conns: HashMap<u64, u32>,
+    /// Each connection's slot in `conn_flows` (looked up as flows start; recomputations read the slot).
+    conns: HashMap<u64, usize>,
+    /// Flows per connection slot.
+    conn_flows: Vec<u32>,
+    free_slots: Vec<usize>,
     /// Buffers of [`Net::recompute`], kept between calls.
     scratch: Scratch,
     /// Bytes carried per link (for reports).
@@ -100,8 +104,28 @@ impl Net {
     pub fn start(&mut self, conn: u64, links: &[LinkId], bytes: f64, carry: Carry) -> FlowId {
         let mut ls = [0; 5];
         ls[..links.len()].copy_from_slice(links);
-        let f = Flow { conn, links: ls, nlinks: links.len() as u8, size: bytes.max(1.0), done: 0.0, rate: 0.0, carry };
-        *self.conns.entry(conn).or_default() += 1;
+        let slot = match self.conns.get(&conn) {
+            Some(&slot) => slot,
+            None => {
+                let slot = self.free_slots.pop().unwrap_or_else(|| {
+                    self.conn_flows.push(0);
+                    self.conn_flows.len() - 1
+                });
+                self.conns.insert(conn, slot);
+                slot
+            }
+        };
+        self.conn_flows[slot] += 1;
+        let f = Flow {
+            conn,
+            slot,
+            links: ls,
+            nlinks: links.len() as u8,
+            size: bytes.max(1.0),
+            done: 0.0,
+            rate: 0.0,
+            carry,
+        };
         self.dirty = true;
         self.live += 1;
         match self.free.pop() {
@@ -119,20 +143,19 @@ impl Net {
     /// Stops a flow; returns the bytes it had carried.
     pub fn stop(&mut self, id: FlowId) -> Option<f64> {
         let f = self.flows.get_mut(id)?.take()?;
-        self.forget_conn(f.conn);
+        self.forget_conn(f.conn, f.slot);
         self.free.push(id);
         self.live -= 1;
         self.dirty = true;
         Some(f.done)
     }
 
-    /// One flow of `conn` fewer.
-    fn forget_conn(&mut self, conn: u64) {
-        if let std::collections::hash_map::Entry::Occupied(mut e) = self.conns.entry(conn) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
+    /// One flow of `conn` (in `slot`) fewer.
+    fn forget_conn(&mut self, conn: u64, slot: usize) {
+        self.conn_flows[slot] -= 1;
+        if self.conn_flows[slot] == 0 {
+            self.conns.remove(&conn);
+            self.free_slots.push(slot);
         }
     }
 
@@ -178,7 +201,7 @@ impl Net {
         s.count.resize(nl, 0);
         for (id, f) in self.flows.iter().enumerate() {
             let Some(f) = f else { continue };
-            let w = 1.0 / f64::from(self.conns[&f.conn]);
+            let w = 1.0 / f64::from(self.conn_flows[f.slot]);
             s.weight[id] = w;
             for &l in &f.links[..f.nlinks as usize] {
                 s.on[s.fill[l]] = id as u32;
@@ -242,8 +265,8 @@ impl Net {
             if f.done >= f.size {
                 let at = if f.rate > 0.0 { (f.size - before) / f.rate } else { dt };
                 out.push(Finished { at: at.min(dt), carry: f.carry });
-                let conn = f.conn;
-                self.forget_conn(conn);
+                let (conn, slot) = (f.conn, f.slot);
+                self.forget_conn(conn, slot);
                 self.flows[id] = None;
                 self.finished.push(id);
                 self.live -= 1;

@@ -375,6 +375,9 @@ pub struct Sim {
     index: HashMap<PeerId, usize>,
     layers: Vec<Layer>,
     views: Vec<(MembersView, Vec<bool>)>,
+    /// Homes already looked up: (view, zone, layer) → the home, if the zone has members (a lookup hashes the
+    /// digest against the ring; the exchange's drivers ask for every layer at every step).
+    homes: std::cell::RefCell<HashMap<(usize, usize, usize), Option<usize>>>,
     zone_in: Vec<LinkId>,
     zone_out: Vec<LinkId>,
     upstream: LinkId,
@@ -472,6 +475,7 @@ impl Sim {
             index,
             layers,
             views,
+            homes: std::cell::RefCell::default(),
             zone_in,
             zone_out,
             upstream,
@@ -551,8 +555,12 @@ impl Sim {
 
     /// The home of layer `b` in `n`'s zone, as `n` sees it.
     fn home_of(&self, n: usize, b: usize) -> usize {
-        let v = &self.view(n).0;
-        v.home_in(&self.zone_name(n), &self.layers[b].digest).and_then(|id| self.index.get(&id).copied()).unwrap_or(n)
+        let key = (self.nodes[n].view, self.nodes[n].zone, b);
+        let home = *self.homes.borrow_mut().entry(key).or_insert_with(|| {
+            let v = &self.view(n).0;
+            v.home_in(&self.zone_name(n), &self.layers[b].digest).and_then(|id| self.index.get(&id).copied())
+        });
+        home.unwrap_or(n)
     }
 
     fn links(&self, src: usize, dst: usize) -> Vec<LinkId> {

@@ -284,6 +284,12 @@ impl Exchange {
             return out;
         }
         let start = (self.next_rand() % n as u64) as usize;
+        // A full window, or no peer with a free slot: nothing to ask (checked before any allocation: a driver
+        // polls after every event).
+        let per_peer = self.cfg.per_peer;
+        if self.out >= self.cfg.window || !self.peers.iter().any(|p| !p.failed && p.inflight < per_peer) {
+            return out;
+        }
         let mut open: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
         while !open.is_empty() {
             open.retain(|&i| !self.peers[i].failed && self.peers[i].inflight < self.cfg.per_peer);
