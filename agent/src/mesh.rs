@@ -101,6 +101,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().expect("mesh locks are never poisoned: no code panics while holding one")
 }
 
+/// A peer's piece set for a blob of `count` pieces, checked: the same count, exactly enough words, no bit past the
+/// end (else a protocol error: the watch ends and the peer is asked nothing more).
+fn piece_set(count: u64, b: peer::PieceBits) -> Result<Bitfield, FetchError> {
+    if b.count != count {
+        return Err(FetchError::Protocol(format!("a set of {} pieces for a blob of {count}", b.count)));
+    }
+    Bitfield::from_words(count, b.words)
+        .ok_or_else(|| FetchError::Protocol("a piece set of the wrong size or with bits past the blob's end".into()))
+}
+
 /// Loads this node's identity from `path`, creating it on first start.
 fn node_key(path: &Path) -> Result<identity::Keypair, MeshError> {
     let err = |reason: String| MeshError::Key { path: path.to_owned(), reason };
@@ -584,14 +594,7 @@ impl Mesh {
             let mut recv = recv?;
             let r = match crate::transfer::read_frame::<peer::Response, _>(&mut recv, crate::transfer::MAX_FRAME).await
             {
-                Ok(peer::Response { kind: Some(response::Kind::Bits(b)) }) => {
-                    if b.count == count {
-                        Bitfield::from_words(count, b.words)
-                            .ok_or_else(|| FetchError::Protocol("a piece set with bits past the blob's end".into()))
-                    } else {
-                        Err(FetchError::Protocol(format!("a set of {} pieces for a blob of {count}", b.count)))
-                    }
-                }
+                Ok(peer::Response { kind: Some(response::Kind::Bits(b)) }) => piece_set(count, b),
                 Ok(peer::Response { kind: Some(response::Kind::Error(e)) }) => {
                     Err(FetchError::Refused { code: e.code(), message: e.message })
                 }
@@ -655,5 +658,23 @@ impl Mesh {
     /// Says goodbye: closes the transfer endpoint (gossip announces the leave itself when cancelled).
     pub async fn close(&self) {
         self.transfer.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_piece_set_is_checked_before_it_is_believed() {
+        let set = |count, words: Vec<u64>| piece_set(100, peer::PieceBits { count, words });
+        let ok = set(100, vec![u64::MAX, (1 << 36) - 1]).expect("every piece of 100");
+        assert!(ok.is_full());
+        assert!(matches!(set(99, vec![0, 0]), Err(FetchError::Protocol(_))), "another blob's count");
+        assert!(matches!(set(100, vec![0]), Err(FetchError::Protocol(_))), "too few words");
+        assert!(matches!(set(100, vec![0, 0, 0]), Err(FetchError::Protocol(_))), "too many words");
+        assert!(matches!(set(100, vec![0, 1 << 36]), Err(FetchError::Protocol(_))), "a bit past the end");
+        let huge = set(100, vec![0; 1 << 16]);
+        assert!(matches!(huge, Err(FetchError::Protocol(_))), "a flood of words");
     }
 }

@@ -102,7 +102,7 @@ impl Resolver {
         // Whether pieces may still come to peers that lack them: from a home fetching from outside (a followed
         // tier: the digest's home zone's home), or, on a member, from its zone's home. The home itself, given
         // only partial holders of its zone (the previous home died), waits for nobody: it fetches the rest.
-        let news = tier.follow || mesh.home_of(digest) != me;
+        let news = tier.follow || !home_here;
         // Peers whose first set (or end) is not in yet.
         let mut unheard = 0usize;
         let home = mesh.home_of(digest);
