@@ -38,7 +38,7 @@ mod upkeep;
 use access::{Access, Decision, Provenance};
 pub use body::{Opened, RESPONSE_BUFFERS, ResponseBudget, Served};
 use body::{OpenedSource, PassThrough};
-use download::{Download, Progress, State, wait_progress};
+use download::{Download, Progress, wait_progress};
 pub use download::{FETCHES_KEPT, FetchRecord, Tally};
 use peers::order;
 use sink::Room;
@@ -505,15 +505,7 @@ impl Resolver {
                 Some(dl) => Some((dl.clone(), false)),
                 None if !start => None,
                 None => {
-                    let progress = watch::Sender::new(Progress {
-                        partial: None,
-                        header: None,
-                        written: 0,
-                        verified: false,
-                        released: 0,
-                        restarts: 0,
-                        state: State::Running,
-                    });
+                    let progress = watch::Sender::new(Progress::starting());
                     let dl = Arc::new(Download::new(origin.clone(), progress, self.cfg.abandon_after));
                     map.insert(digest.clone(), dl.clone());
                     Some((dl, true))

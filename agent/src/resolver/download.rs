@@ -54,6 +54,21 @@ pub(super) struct Progress {
     pub(super) state: State,
 }
 
+impl Progress {
+    /// A download that has nothing yet.
+    pub(super) fn starting() -> Self {
+        Self {
+            partial: None,
+            header: None,
+            written: 0,
+            verified: false,
+            released: 0,
+            restarts: 0,
+            state: State::Running,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Download {
     pub(super) origin: Origin,

@@ -380,7 +380,7 @@ mod tests {
     use crate::oci::RegistryHost;
     use crate::pieces::MIN_PIECE;
     use crate::resolver::access::Origin;
-    use crate::resolver::download::{Progress, State};
+    use crate::resolver::download::Progress;
 
     fn download() -> Download {
         let origin = Origin {
@@ -388,15 +388,7 @@ mod tests {
             repo_key: "registry.example/app".into(),
             cred: None,
         };
-        let (progress, _) = tokio::sync::watch::channel(Progress {
-            partial: None,
-            header: None,
-            written: 0,
-            verified: false,
-            released: 0,
-            restarts: 0,
-            state: State::Running,
-        });
+        let (progress, _) = tokio::sync::watch::channel(Progress::starting());
         Download::new(origin, progress, Duration::from_secs(600))
     }
 
