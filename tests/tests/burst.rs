@@ -253,15 +253,16 @@ async fn a_stalled_upstream_in_a_burst_ends_every_client_in_an_error_not_a_hang(
     Ok(())
 }
 
-/// Five agents configured with `swarm` pull a one-layer image at once, each agent's uploads capped (so the home
-/// alone cannot feed everyone at once; enough upload slots that no request is refused as BUSY, which in a tree
-/// ends a source's part): every pull completes, the layer leaves upstream once, and the answer is
-/// who sent whom bytes of the layer ((receiver, sender) peer ids, from `shoal explain`).
-async fn layer_flows(swarm: &str, first: u8) -> Result<Vec<(String, String)>> {
+/// Five agents configured with `swarm` and `max_uploads` pull a one-layer image at once, each agent's uploads
+/// capped (so the home alone cannot feed everyone at once): every pull completes, the layer leaves upstream once,
+/// and the answer is what the burst did with the layer.
+async fn layer_flows(swarm: &str, first: u8, max_uploads: u32) -> Result<Flows> {
     let cl = Cluster::start().await?;
     let image = push_image(&cl, &[16 << 20], 46).await?;
     let with = |_, b: AgentBuilder| {
-        b.setting("swarm", &format!("\"{swarm}\"")).setting("upload_rate", "\"6MiB\"").setting("max_uploads", "128")
+        b.setting("swarm", &format!("\"{swarm}\""))
+            .setting("upload_rate", "\"6MiB\"")
+            .setting("max_uploads", &max_uploads.to_string())
     };
     let agents = cluster_of(&cl, first, 5, with).await?;
     let http = reqwest::Client::new();
@@ -274,11 +275,12 @@ async fn layer_flows(swarm: &str, first: u8) -> Result<Vec<(String, String)>> {
     assert_upstream_once(&cl, &image, agents.len());
     let layer = image.all_blobs()[1].digest.clone();
     let reference = format!("{}/{REPO}:v1", cl.proxy.host());
-    let mut flows = Vec::new();
+    let (mut flows, mut failed_sources) = (Vec::new(), 0);
     for a in &agents {
         let me = a.peer_id().expect("agents log their peer id");
         let x = a.cli_json(&["explain", &reference]).await?;
         let blob = x["blobs"].as_array().into_iter().flatten().find(|b| b["digest"] == layer.as_str());
+        failed_sources += blob.and_then(|b| b["source_failures"].as_u64()).unwrap_or(0);
         for p in blob.and_then(|b| b["from_peers"].as_array()).into_iter().flatten() {
             let from = p["peer_id"].as_str().expect("a peer id").to_owned();
             if p["bytes"].as_u64().unwrap_or(0) > 0 {
@@ -286,8 +288,18 @@ async fn layer_flows(swarm: &str, first: u8) -> Result<Vec<(String, String)>> {
             }
         }
     }
-    println!("{swarm}: layer bytes flowed (receiver, sender): {flows:?}");
-    Ok(flows)
+    println!("{swarm}: layer bytes flowed (receiver, sender): {flows:?}; failed sources {failed_sources}");
+    Ok(Flows { pairs: flows, refused: sum(&agents, "shoal_peer_uploads_refused_total").await, failed_sources })
+}
+
+/// What a burst did with its layer.
+struct Flows {
+    /// (receiver, sender) peer ids of the layer's bytes (from `shoal explain`).
+    pairs: Vec<(String, String)>,
+    /// Piece requests the agents refused for want of an upload slot.
+    refused: f64,
+    /// Sources the downloads of the layer counted as failed (`shoal explain`).
+    failed_sources: u64,
 }
 
 /// Pairs of agents that each sent the other bytes of the layer.
@@ -298,7 +310,7 @@ fn both_ways(flows: &[(String, String)]) -> usize {
 #[tokio::test]
 async fn traders_in_a_burst_send_each_other_pieces_of_the_same_blob() -> Result<()> {
     // Out of order, a node that arrived early takes pieces from one that arrived later, and gives it others.
-    let flows = layer_flows("exchange", 111).await?;
+    let flows = layer_flows("exchange", 111, 128).await?.pairs;
     assert!(both_ways(&flows) > 0, "no two agents traded pieces both ways: {flows:?}");
     Ok(())
 }
@@ -306,8 +318,20 @@ async fn traders_in_a_burst_send_each_other_pieces_of_the_same_blob() -> Result<
 #[tokio::test]
 async fn in_a_tree_pieces_of_a_blob_flow_one_way_between_any_two_agents() -> Result<()> {
     // In order, a node takes pieces only from nodes ahead of it: what the exchange test sees cannot happen here.
-    let flows = layer_flows("tree", 121).await?;
+    // Enough upload slots that no request is refused as BUSY (in a tree that ends a source's part).
+    let Flows { pairs: flows, refused, .. } = layer_flows("tree", 121, 128).await?;
+    assert_eq!(refused, 0.0);
     assert!(flows.len() >= 4, "the burst fed itself: {flows:?}");
     assert_eq!(both_ways(&flows), 0, "{flows:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn traders_refused_for_want_of_an_upload_slot_ask_again_and_the_blob_leaves_upstream_once() -> Result<()> {
+    // One upload slot per agent: holders refuse most requests as BUSY; the exchange rests them and asks again.
+    let f = layer_flows("exchange", 131, 1).await?;
+    assert!(f.refused > 0.0, "no request was refused: the test shows nothing");
+    assert_eq!(f.failed_sources, 0, "a busy holder was taken for a failed one");
+    assert!(f.pairs.len() >= 4, "the burst fed itself: {:?}", f.pairs);
     Ok(())
 }

@@ -23,9 +23,12 @@ use crate::swarm::exchange::{Action, Exchange, ExchangeConfig};
 use crate::swarm::vouch::Sender;
 use crate::transfer::{FetchError, VerifiedPiece};
 use crate::upstream::Request;
+use shoal_proto::peer::error::Code;
 
 /// Peers one download trades with, at most (handed out, and members that came to trade).
 const MAX_PEERS: usize = 32;
+/// How long a peer that answered BUSY (no upload slot free) is left alone.
+const BUSY_REST: Duration = Duration::from_millis(100);
 
 /// What a peer's watch said: its set of pieces now, or that it ended.
 type Watch<'a> = BoxStream<'a, (usize, Option<Result<Bitfield, FetchError>>)>;
@@ -137,6 +140,8 @@ impl Resolver {
                 tracing::info!(have = ex.have().count(), count, ?stall, "no piece nor news from any peer");
                 return Ok(());
             }
+            // The stall's end, or a resting peer's.
+            let wake = ex.rest_ends(Instant::now()).map_or(heard + stall, |r| r.min(heard + stall));
             tokio::select! {
                 biased;
                 Some((i, source, result)) = inflight.next() => {
@@ -163,6 +168,10 @@ impl Resolver {
                             let VerifiedPiece { chunks, hash } = p;
                             let sender = Sender { peer, complete: vouched };
                             sink.put_piece(i, chunks, hash, (Some(sender), far[source])).await?;
+                        }
+                        // Out of upload slots: asked again a little later, not dropped.
+                        Some(Err(FetchError::Refused { code: Code::Busy, .. })) => {
+                            ex.refused(i, source, Instant::now() + BUSY_REST);
                         }
                         Some(Err(e)) => {
                             tracing::info!(%peer, piece = i, error = %e, "peer failed a piece");
@@ -218,7 +227,7 @@ impl Resolver {
                     tracing::info!(have = ex.have().count(), "the digest's home moved: asking where to continue");
                     return Ok(());
                 }
-                () = tokio::time::sleep(stall.saturating_sub(heard.elapsed())) => {}
+                () = tokio::time::sleep_until(wake.into()) => {}
             }
         }
     }

@@ -61,6 +61,8 @@ struct Peer {
     inflight: usize,
     delivered: u32,
     busy: Duration,
+    /// It refused a request for want of an upload slot: asked nothing before then.
+    resting_until: Option<Instant>,
 }
 
 /// The exchange of one download.
@@ -188,7 +190,14 @@ impl Exchange {
         for i in has.ones() {
             self.avail[i as usize] += 1;
         }
-        self.peers.push(Peer { has, failed: false, inflight: 0, delivered: 0, busy: Duration::ZERO });
+        self.peers.push(Peer {
+            has,
+            failed: false,
+            inflight: 0,
+            delivered: 0,
+            busy: Duration::ZERO,
+            resting_until: None,
+        });
         self.peers.len() - 1
     }
 
@@ -287,12 +296,13 @@ impl Exchange {
         // A full window, or no peer with a free slot: nothing to ask (checked before any allocation: a driver
         // polls after every event).
         let per_peer = self.cfg.per_peer;
-        if self.out >= self.cfg.window || !self.peers.iter().any(|p| !p.failed && p.inflight < per_peer) {
+        let askable = |p: &Peer| !p.failed && p.inflight < per_peer && p.resting_until.is_none_or(|t| t <= now);
+        if self.out >= self.cfg.window || !self.peers.iter().any(askable) {
             return out;
         }
         let mut open: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
         while !open.is_empty() {
-            open.retain(|&i| !self.peers[i].failed && self.peers[i].inflight < self.cfg.per_peer);
+            open.retain(|&i| askable(&self.peers[i]));
             let mut next = Vec::with_capacity(open.len());
             for i in open {
                 if self.out >= self.cfg.window {
@@ -337,13 +347,22 @@ impl Exchange {
         cancel
     }
 
-    /// `peer` failed `piece` (refused, stalled, a bad hash, gone): it gets nothing more here, and the piece is
-    /// requested elsewhere unless another request for it is still out.
-    pub fn failed(&mut self, piece: u64, peer: usize) {
-        if peer >= self.peers.len() {
-            return;
-        }
-        self.peer_gone(peer);
+    /// `peer` refused `piece` for want of an upload slot (`BUSY`): the piece is requested elsewhere unless another
+    /// request for it is out, and `peer` is asked nothing until `until` — it is not failed: a holder many members
+    /// trade with refuses some of them at times, and is asked again once it may have a free slot.
+    pub fn refused(&mut self, piece: u64, peer: usize, until: Instant) {
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        p.resting_until = Some(until);
+        self.drop_flight(piece, peer);
+    }
+
+    /// When the earliest resting peer may be asked again (after `now`), if one rests.
+    pub fn rest_ends(&self, now: Instant) -> Option<Instant> {
+        self.peers.iter().filter(|p| !p.failed).filter_map(|p| p.resting_until).filter(|t| *t > now).min()
+    }
+
+    /// Removes `peer`'s request of `piece`, if out.
+    fn drop_flight(&mut self, piece: u64, peer: usize) {
         let Some(f) = self.flights.get_mut(&piece) else { return };
         let Some(at) = f.iter().position(|(p, _)| *p == peer) else { return };
         f.remove(at);
@@ -353,6 +372,16 @@ impl Exchange {
             self.flights.remove(&piece);
             self.requested.unset(piece);
         }
+    }
+
+    /// `peer` failed `piece` (refused, stalled, a bad hash, gone): it gets nothing more here, and the piece is
+    /// requested elsewhere unless another request for it is still out.
+    pub fn failed(&mut self, piece: u64, peer: usize) {
+        if peer >= self.peers.len() {
+            return;
+        }
+        self.peer_gone(peer);
+        self.drop_flight(piece, peer);
     }
 
     /// The time `peer` took per piece delivered, if it delivered any.
@@ -437,6 +466,23 @@ mod tests {
         let cancel = x.delivered(0, b, t0);
         assert!(cancel.is_empty());
         assert!(x.is_complete());
+    }
+
+    #[test]
+    fn a_busy_peer_rests_and_is_asked_again_not_dropped() {
+        let t0 = Instant::now();
+        let mut x = Exchange::new(cfg(1, 8), 2, &Bitfield::new(2), 5);
+        let a = x.add_peer(&Bitfield::full(2));
+        let first = fetches(&x.poll(t0));
+        assert_eq!(first.len(), 1);
+        let until = t0 + Duration::from_millis(100);
+        x.refused(first[0].0, a, until);
+        assert!(!x.peer_failed(a) && x.can_progress());
+        assert_eq!(x.requests(), 0);
+        assert!(x.poll(t0 + Duration::from_millis(50)).is_empty(), "resting");
+        assert_eq!(x.rest_ends(t0), Some(until));
+        assert_eq!(fetches(&x.poll(until)).len(), 1, "asked again once its rest is over");
+        assert_eq!(x.rest_ends(until), None);
     }
 
     #[test]
