@@ -33,6 +33,18 @@ const BUSY_REST: Duration = Duration::from_millis(100);
 /// What a peer's watch said: its set of pieces now, or that it ended.
 type Watch<'a> = BoxStream<'a, (usize, Option<Result<Bitfield, FetchError>>)>;
 
+/// A peer of one exchange.
+#[derive(Debug, Clone, Copy)]
+struct Trader {
+    peer: PeerId,
+    /// The home said it holds the whole blob, verified (a member that came to trade does not).
+    complete: bool,
+    /// It is in another zone: its pieces are brought into this one.
+    far: bool,
+    /// Its first piece set, or the end of its watch, came.
+    heard: bool,
+}
+
 /// Takes the trader channel out of the download when the exchange ends.
 struct Untrade<'a>(&'a std::sync::Mutex<Option<Traders>>);
 
@@ -61,7 +73,8 @@ impl Resolver {
         sink.scatter();
         let me = mesh.id();
         let mut cfg = ExchangeConfig::for_piece(piece);
-        let home_here = mesh.home_of(digest) == me;
+        let home = mesh.home_of(digest);
+        let home_here = home == me;
         if home_here {
             // The home trades only to bring the blob in (from another zone, or after the previous home died): the
             // whole zone waits on its intake.
@@ -78,15 +91,10 @@ impl Resolver {
         for (p, _) in &tier.located.holders {
             let _ = tell.send(*p);
         }
-        let mut peers: Vec<PeerId> = Vec::new();
-        // Per peer: the home said it holds the whole blob, verified (a trader that came to this node does not).
-        let mut complete: Vec<bool> = Vec::new();
+        // The exchange's peers, by its index.
+        let mut traders: Vec<Trader> = Vec::new();
         let said_complete = |p: &PeerId| tier.located.holders.iter().any(|(h, s)| h == p && s.complete);
-        // Per peer: it is in another zone (its pieces are brought into this one).
-        let mut far: Vec<bool> = Vec::new();
         let view = mesh.view();
-        // Per peer: its first set (or the watch's end) came.
-        let mut first: Vec<bool> = Vec::new();
         let mut watches: SelectAll<Watch<'_>> = SelectAll::new();
         let fetch = |i: u64, source: usize, peer: PeerId, stop: CancellationToken| {
             let (offset, len) = piece_range(size, piece, i);
@@ -106,9 +114,6 @@ impl Resolver {
         // tier: the digest's home zone's home), or, on a member, from its zone's home. The home itself, given
         // only partial holders of its zone (the previous home died), waits for nobody: it fetches the rest.
         let news = tier.follow || !home_here;
-        // Peers whose first set (or end) is not in yet.
-        let mut unheard = 0usize;
-        let home = mesh.home_of(digest);
         let moved = mesh.home_moved(digest, home);
         tokio::pin!(moved);
         loop {
@@ -121,7 +126,7 @@ impl Resolver {
                 if let Action::Fetch { piece: i, source } = a {
                     let stop = CancellationToken::new();
                     stops.insert((i, source), stop.clone());
-                    inflight.push(fetch(i, source, peers[source], stop));
+                    inflight.push(fetch(i, source, traders[source].peer, stop));
                 }
             }
             if ex.is_complete() {
@@ -129,7 +134,7 @@ impl Resolver {
             }
             // Nothing out, nobody to hear from, and nobody has what is missing: nothing more can come.
             if ex.requests() == 0
-                && (watches.is_empty() || (!news && unheard == 0))
+                && (watches.is_empty() || (!news && traders.iter().all(|t| t.heard)))
                 && !ex.can_progress()
                 && told.is_empty()
             {
@@ -146,12 +151,12 @@ impl Resolver {
                 biased;
                 Some((i, source, result)) = inflight.next() => {
                     stops.remove(&(i, source));
-                    let peer = peers[source];
+                    let Trader { peer, complete, far, .. } = traders[source];
                     match result {
                         // Cancelled (another peer delivered it first), or a late copy.
                         None => {}
                         Some(Ok(_)) if !ex.awaits(i, source) => {}
-                        Some(Ok(p)) if self.contradicts_vouched(mesh, req, sink, (peer, complete[source]), i, &p).await => {
+                        Some(Ok(p)) if self.contradicts_vouched(mesh, req, sink, (peer, complete), i, &p).await => {
                             ex.failed(i, source);
                         }
                         Some(Ok(p)) => {
@@ -167,7 +172,7 @@ impl Resolver {
                             let vouched = sink.vouchers.iter().any(|(v, _)| *v == peer);
                             let VerifiedPiece { chunks, hash } = p;
                             let sender = Sender { peer, complete: vouched };
-                            sink.put_piece(i, chunks, hash, (Some(sender), far[source])).await?;
+                            sink.put_piece(i, chunks, hash, (Some(sender), far)).await?;
                         }
                         // Out of upload slots: asked again a little later, not dropped.
                         Some(Err(FetchError::Refused { code: Code::Busy, .. })) => {
@@ -180,12 +185,11 @@ impl Resolver {
                         }
                     }
                 }
-                Some((k, update)) = watches.next() => match update {
+                Some((k, update)) = watches.next() => {
+                    // Its first set, an error or the watch's end: heard from either way.
+                    traders[k].heard = true;
+                    match update {
                     Some(Ok(bits)) => {
-                        if !first[k] {
-                            first[k] = true;
-                            unheard -= 1;
-                        }
                         let before = ex.wants_from(k);
                         ex.peer_has_all(k, &bits);
                         if ex.wants_from(k) && !before {
@@ -193,34 +197,29 @@ impl Resolver {
                         }
                     }
                     Some(Err(e)) => {
-                        tracing::debug!(peer = %peers[k], error = %e, "a peer's piece watch failed");
-                        if !first[k] {
-                            first[k] = true;
-                            unheard -= 1;
-                        }
+                        tracing::debug!(peer = %traders[k].peer, error = %e, "a peer's piece watch failed");
                         ex.peer_gone(k);
                     }
                     // Ended after a full set: the peer keeps what it has. Ended otherwise: it holds nothing more.
                     None => {
-                        if !first[k] {
-                            first[k] = true;
-                            unheard -= 1;
-                        }
                         if !ex.peer_failed(k) && !ex.peer_has_every_piece(k) {
                             ex.peer_gone(k);
                         }
                     }
-                },
+                    }
+                }
                 Some(p) = told.recv() => {
-                    if p == me || peers.contains(&p) || peers.len() >= MAX_PEERS || mesh.is_quarantined(&p) {
+                    let known = traders.iter().any(|t| t.peer == p);
+                    if p == me || known || traders.len() >= MAX_PEERS || mesh.is_quarantined(&p) {
                         continue;
                     }
                     let k = ex.add_peer(&Bitfield::new(count));
-                    peers.push(p);
-                    complete.push(said_complete(&p));
-                    far.push(view.zone_of(&p) != Some(view.zone.as_str()));
-                    first.push(false);
-                    unheard += 1;
+                    traders.push(Trader {
+                        peer: p,
+                        complete: said_complete(&p),
+                        far: view.zone_of(&p) != Some(view.zone.as_str()),
+                        heard: false,
+                    });
                     watches.push(watch(mesh, p, digest, count, public, k));
                 }
                 () = &mut moved => {
